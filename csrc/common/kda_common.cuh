@@ -1,0 +1,68 @@
+// Device helpers shared by the KDA decode and prefill kernels. No torch headers here.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cstdint>
+
+namespace kda {
+
+constexpr int kHeadDim = 128;   // K = V = 128
+constexpr int kThreads = 128;   // 4 warps per CTA
+constexpr int kWarps = kThreads / 32;
+
+__device__ __forceinline__ float bf2f(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+// Stable forms: every exp argument is <= 0, so nothing overflows.
+__device__ __forceinline__ float sigmoid_stable(float z) {
+  if (z >= 0.f) return 1.f / (1.f + expf(-z));
+  const float e = expf(z);
+  return e / (1.f + e);
+}
+
+__device__ __forceinline__ float softplus_stable(float x) {
+  return fmaxf(x, 0.f) + log1pf(expf(-fabsf(x)));
+}
+
+// Log-decay of one channel (always <= 0). a = exp(A_log[h]).
+__device__ __forceinline__ float kda_gate(float x, float a, bool bounded, float lower_bound) {
+  return bounded ? lower_bound * sigmoid_stable(a * x) : -a * softplus_stable(x);
+}
+
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+
+// Four consecutive channels of one row of a state (fp32 or bf16), vectorised.
+template <typename T> struct StateIO;
+
+template <> struct StateIO<float> {
+  static __device__ __forceinline__ void load(const float* p, float (&x)[4]) {
+    const float4 v = *reinterpret_cast<const float4*>(p);
+    x[0] = v.x; x[1] = v.y; x[2] = v.z; x[3] = v.w;
+  }
+  static __device__ __forceinline__ void store(float* p, const float (&x)[4]) {
+    *reinterpret_cast<float4*>(p) = make_float4(x[0], x[1], x[2], x[3]);
+  }
+};
+
+template <> struct StateIO<__nv_bfloat16> {
+  static __device__ __forceinline__ void load(const __nv_bfloat16* p, float (&x)[4]) {
+    const uint2 raw = *reinterpret_cast<const uint2*>(p);
+    const __nv_bfloat162 a = *reinterpret_cast<const __nv_bfloat162*>(&raw.x);
+    const __nv_bfloat162 b = *reinterpret_cast<const __nv_bfloat162*>(&raw.y);
+    const float2 fa = __bfloat1622float2(a), fb = __bfloat1622float2(b);
+    x[0] = fa.x; x[1] = fa.y; x[2] = fb.x; x[3] = fb.y;
+  }
+  static __device__ __forceinline__ void store(__nv_bfloat16* p, const float (&x)[4]) {
+    const __nv_bfloat162 a = __floats2bfloat162_rn(x[0], x[1]);
+    const __nv_bfloat162 b = __floats2bfloat162_rn(x[2], x[3]);
+    uint2 raw;
+    raw.x = *reinterpret_cast<const uint32_t*>(&a);
+    raw.y = *reinterpret_cast<const uint32_t*>(&b);
+    *reinterpret_cast<uint2*>(p) = raw;
+  }
+};
+
+}  // namespace kda

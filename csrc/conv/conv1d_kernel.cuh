@@ -1,0 +1,183 @@
+// Causal depthwise conv1d kernels (width W <= 4) with a slot-indexed conv-state pool.
+//
+// Pool rows are oldest first. Prefill: the history before a sequence is rows [0, W-1) of
+// pool[slot] (zeros without initial state); afterwards those rows hold the last W-1 inputs
+// of (history ++ sequence). Update: with off = num_accepted-1 (0 without it) the window
+// history is rows [off, off+W-1), and the new rows are (pool[off:] ++ zeros(off) ++ x)[T:T+R].
+#pragma once
+
+#include <cuda_bf16.h>
+#include "conv1d.h"
+
+namespace kda {
+
+constexpr int kConvThreads = 128;
+constexpr int kConvMaxWidth = 4;
+constexpr int kConvTokensPerCta = 32;
+
+__device__ __forceinline__ float ld_any(const void* p, int64_t i, bool is_bf16) {
+  return is_bf16 ? __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i])
+                 : static_cast<const float*>(p)[i];
+}
+
+__device__ __forceinline__ void st_any(void* p, int64_t i, float v, bool is_bf16) {
+  if (is_bf16) static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16(v);
+  else static_cast<float*>(p)[i] = v;
+}
+
+__device__ __forceinline__ float conv_act(float y, bool silu) {
+  // x * sigmoid(x) with a non-positive exponent.
+  if (!silu) return y;
+  if (y >= 0.f) return y / (1.f + expf(-y));
+  const float e = expf(y);
+  return y * e / (1.f + e);
+}
+
+__device__ __forceinline__ int64_t conv_index(const void* p, bool is64, int i) {
+  return is64 ? static_cast<const int64_t*>(p)[i] : (int64_t) static_cast<const int32_t*>(p)[i];
+}
+
+struct ConvWeights {
+  float w[kConvMaxWidth];
+  float b;
+  __device__ __forceinline__ ConvWeights(const Conv1dParams& p, int d) {
+#pragma unroll
+    for (int j = 0; j < kConvMaxWidth; ++j)
+      w[j] = j < p.W ? ld_any(p.weight, (int64_t)d * p.W + j, p.weight_bf16) : 0.f;
+    b = p.bias ? ld_any(p.bias, d, p.weight_bf16) : 0.f;
+  }
+};
+
+// Outputs. grid = (ceil(D / 128), ceil(Ttot / 32)). Each thread owns one channel of a
+// token tile; the owning sequence is found by binary search once per tile.
+__global__ void __launch_bounds__(kConvThreads) conv1d_prefill_out_kernel(const Conv1dParams p) {
+  const int d = blockIdx.x * kConvThreads + threadIdx.x;
+  if (d >= p.D) return;
+  const int64_t t_begin = (int64_t)blockIdx.y * kConvTokensPerCta;
+  const int64_t t_end = min(t_begin + kConvTokensPerCta, p.total_tokens);
+  __nv_bfloat16* y = static_cast<__nv_bfloat16*>(p.y);
+  if (p.N == 0) {  // every row is padding
+    for (int64_t t = t_begin; t < t_end; ++t) y[t * p.y_st + d] = __float2bfloat16(0.f);
+    return;
+  }
+  const ConvWeights cw(p, d);
+  const __nv_bfloat16* x = static_cast<const __nv_bfloat16*>(p.x);
+
+  // Rows of x are counted from cu_seqlens[0]; cu(i) below is relative to it.
+  const int64_t cu0 = conv_index(p.cu_seqlens, p.cu_seqlens_64, 0);
+  auto cu = [&](int i) { return conv_index(p.cu_seqlens, p.cu_seqlens_64, i) - cu0; };
+  // Last n with cu(n) <= t_begin.
+  int lo = 0, hi = p.N;
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) / 2;
+    if (cu(mid) <= t_begin) lo = mid; else hi = mid;
+  }
+  int n = lo;
+  int64_t bos = cu(n);
+  int64_t eos = cu(n + 1);
+  const int64_t end_all = cu(p.N);
+
+  for (int64_t t = t_begin; t < t_end; ++t) {
+    while (t >= eos && n < p.N - 1) {
+      ++n;
+      bos = eos;
+      eos = cu(n + 1);
+    }
+    const int slot = (t < end_all && t >= bos) ? p.slots[n] : 0;
+    if (slot <= 0) {  // null slot or padding row
+      y[t * p.y_st + d] = __float2bfloat16(0.f);
+      continue;
+    }
+    const bool init = p.has_initial_state[n];
+    float acc = cw.b;
+#pragma unroll
+    for (int j = 0; j < kConvMaxWidth; ++j) {
+      if (j >= p.W) break;
+      const int64_t src = t - (p.W - 1) + j;
+      float xv;
+      if (src >= bos) {
+        xv = __bfloat162float(x[src * p.x_st + d]);
+      } else {
+        // History row (W-1) + (src - bos) of rows [0, W-1).
+        const int64_t r = (p.W - 1) + (src - bos);
+        xv = init ? ld_any(p.pool, (int64_t)slot * p.pool_ss + r * p.pool_sr + d * p.pool_sd, p.pool_bf16) : 0.f;
+      }
+      acc += cw.w[j] * xv;
+    }
+    y[t * p.y_st + d] = __float2bfloat16(conv_act(acc, p.silu));
+  }
+}
+
+// State shift-in, launched after the output kernel so that every history read is done.
+// grid = (ceil(D / 128), N). Row i gets element len+i of (history ++ sequence), i < W-1;
+// reading index len+i >= i keeps the ascending in-place update safe.
+__global__ void __launch_bounds__(kConvThreads) conv1d_prefill_state_kernel(const Conv1dParams p) {
+  const int d = blockIdx.x * kConvThreads + threadIdx.x;
+  const int n = blockIdx.y;
+  if (d >= p.D) return;
+  const int slot = p.slots[n];
+  if (slot <= 0) return;
+  const int64_t bos = conv_index(p.cu_seqlens, p.cu_seqlens_64, n) -
+                      conv_index(p.cu_seqlens, p.cu_seqlens_64, 0);
+  const int64_t len = conv_index(p.cu_seqlens, p.cu_seqlens_64, n + 1) -
+                      conv_index(p.cu_seqlens, p.cu_seqlens_64, n);
+  const bool init = p.has_initial_state[n];
+  const int hist = p.W - 1;
+  const __nv_bfloat16* x = static_cast<const __nv_bfloat16*>(p.x);
+  const int64_t base = (int64_t)slot * p.pool_ss + d * p.pool_sd;
+  for (int i = 0; i < hist; ++i) {
+    const int64_t c = len + i;
+    float v;
+    if (c < hist) v = init ? ld_any(p.pool, base + c * p.pool_sr, p.pool_bf16) : 0.f;
+    else v = __bfloat162float(x[(bos + c - hist) * p.x_st + d]);
+    st_any(p.pool, base + i * p.pool_sr, v, p.pool_bf16);
+  }
+}
+
+// Decode update for x [B, T, D]. grid = (ceil(D / 128), B); one thread per (row, channel)
+// reads its window first, then rewrites its pool column in place.
+__global__ void __launch_bounds__(kConvThreads) conv1d_update_kernel(const Conv1dParams p) {
+  const int d = blockIdx.x * kConvThreads + threadIdx.x;
+  const int b = blockIdx.y;
+  if (d >= p.D) return;
+  const __nv_bfloat16* x = static_cast<const __nv_bfloat16*>(p.x) + (int64_t)b * p.x_sb + d;
+  __nv_bfloat16* y = static_cast<__nv_bfloat16*>(p.y) + (int64_t)b * p.y_sb + d;
+  const int slot = p.slots[b];
+  const int off = p.num_accepted ? p.num_accepted[b] - 1 : 0;
+  // Null slot, or an offset whose window leaves the pool: zero output, pool untouched.
+  if (slot <= 0 || off < 0 || off + p.W - 1 > p.R) {
+    for (int t = 0; t < p.T; ++t) y[(int64_t)t * p.y_st] = __float2bfloat16(0.f);
+    return;
+  }
+  const int64_t base = (int64_t)slot * p.pool_ss + d * p.pool_sd;
+  const ConvWeights cw(p, d);
+  float win[kConvMaxWidth];  // win[0..W-2] history, oldest first
+#pragma unroll
+  for (int j = 0; j < kConvMaxWidth - 1; ++j)
+    win[j] = j < p.W - 1 ? ld_any(p.pool, base + (int64_t)(off + j) * p.pool_sr, p.pool_bf16) : 0.f;
+  for (int t = 0; t < p.T; ++t) {
+    const float xt = __bfloat162float(x[(int64_t)t * p.x_st]);
+    float acc = cw.b;
+#pragma unroll
+    for (int j = 0; j < kConvMaxWidth - 1; ++j)
+      if (j < p.W - 1) acc += cw.w[j] * win[j];
+#pragma unroll
+    for (int j = 0; j < kConvMaxWidth; ++j)
+      if (j == p.W - 1) acc += cw.w[j] * xt;  // constant indices keep win/w in registers
+    y[(int64_t)t * p.y_st] = __float2bfloat16(conv_act(acc, p.silu));
+#pragma unroll
+    for (int j = 0; j < kConvMaxWidth - 1; ++j)
+      win[j] = j < p.W - 2 ? win[(j + 1) % (kConvMaxWidth - 1)] : (j == p.W - 2 ? xt : win[j]);
+  }
+  // Row i <- element T+i of (pool[off:] ++ zeros(off) ++ x); source index off+T+i >= i.
+  for (int i = 0; i < p.R; ++i) {
+    const int c = p.T + i;  // index into the R-row history, then x
+    float v;
+    if (c < p.R - off) v = ld_any(p.pool, base + (int64_t)(off + c) * p.pool_sr, p.pool_bf16);
+    else if (c < p.R) v = 0.f;
+    else v = __bfloat162float(x[(int64_t)(c - p.R) * p.x_st]);
+    st_any(p.pool, base + (int64_t)i * p.pool_sr, v, p.pool_bf16);
+  }
+}
+
+}  // namespace kda

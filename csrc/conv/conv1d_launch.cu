@@ -1,0 +1,24 @@
+// Launch code for the causal conv1d kernels.
+#include "conv1d_kernel.cuh"
+
+namespace kda {
+
+cudaError_t conv1d_prefill_launch(const Conv1dParams& p, cudaStream_t stream) {
+  if (p.D == 0) return cudaSuccess;
+  const int dblocks = (p.D + kConvThreads - 1) / kConvThreads;
+  if (p.total_tokens > 0) {
+    const int64_t tiles = (p.total_tokens + kConvTokensPerCta - 1) / kConvTokensPerCta;
+    conv1d_prefill_out_kernel<<<dim3(dblocks, (unsigned)tiles), kConvThreads, 0, stream>>>(p);
+  }
+  if (p.N > 0) conv1d_prefill_state_kernel<<<dim3(dblocks, p.N), kConvThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+cudaError_t conv1d_update_launch(const Conv1dParams& p, cudaStream_t stream) {
+  if (p.D == 0 || p.N == 0) return cudaSuccess;
+  const int dblocks = (p.D + kConvThreads - 1) / kConvThreads;
+  conv1d_update_kernel<<<dim3(dblocks, p.N), kConvThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace kda

@@ -1,0 +1,60 @@
+// KDA decode and speculative verify on a slot-indexed state pool, updated in place.
+#pragma once
+
+#include "../common/kda_recurrent.cuh"
+#include "kda_decode.h"
+
+namespace kda {
+
+// grid = (V / BV, H, B)
+template <int BV, typename StateT>
+__global__ void __launch_bounds__(kThreads) kda_decode_kernel(const KdaDecodeParams p) {
+  __shared__ RecurrentSmem<BV> sm;
+  const int v0 = blockIdx.x * BV, h = blockIdx.y, n = blockIdx.z;
+  auto bf = [](const void* x) { return static_cast<const __nv_bfloat16*>(x); };
+
+  TokenView tv;
+  tv.q = bf(p.q) + n * p.q_sb + h * p.q_sh;
+  tv.k = bf(p.k) + n * p.k_sb + h * p.k_sh;
+  tv.g = bf(p.g) + n * p.g_sb + h * p.g_sh;
+  tv.v = bf(p.v) + n * p.v_sb + h * p.v_sh + v0;
+  tv.beta = bf(p.beta) + n * p.beta_sb + h * p.beta_sh;
+  tv.sq = p.q_st; tv.sk = p.k_st; tv.sg = p.g_st; tv.sv = p.v_st; tv.sb = p.beta_st;
+  tv.o = static_cast<__nv_bfloat16*>(p.o) + n * p.o_sb + h * p.o_sh + v0;
+  tv.so = p.o_st;
+  tv.len = p.T;
+
+  const int32_t* srow = p.slots + n * p.slots_sb;
+  int start = 0;
+  if (p.verify) {
+    const int a = p.num_accepted ? p.num_accepted[n] : 1;
+    start = (a >= 1 && a <= p.slot_cols) ? srow[a - 1] : 0;  // out of range: treat as null
+  } else {
+    start = srow[0];
+  }
+  if (start <= 0) {
+    zero_output<BV>(tv);
+    return;
+  }
+
+  StateT* pool = static_cast<StateT*>(p.state);
+  const int64_t row_off = ((int64_t)h * kHeadDim + v0) * kHeadDim;
+  auto slot_rows = [&](int s) { return pool + (int64_t)s * p.state_ss + row_off; };
+
+  GateArgs ga{expf(p.A_log[h]), p.has_lower_bound, p.lower_bound, p.scale, p.dt_bias + h * kHeadDim};
+  RowBlock<BV, StateT> rb;
+  rb.load(slot_rows(start));
+  if (p.verify) {
+    rb.run(tv, ga, sm, [&](int t, const RowBlock<BV, StateT>& b) {
+      const int s = srow[t];
+      if (s > 0) b.store(slot_rows(s));
+    });
+  } else {
+    const int last = p.T - 1;
+    rb.run(tv, ga, sm, [&](int t, const RowBlock<BV, StateT>& b) {
+      if (t == last) b.store(slot_rows(start));
+    });
+  }
+}
+
+}  // namespace kda

@@ -1,0 +1,44 @@
+// Params crossing the C++ border for varlen KDA prefill. No torch headers.
+#pragma once
+
+#include <cstdint>
+#include <cuda_runtime_api.h>
+
+namespace kda {
+
+struct KdaPrefillParams {
+  // bf16 inputs: q, k, g [Ttot, H, K]; v [Ttot, H, V]; beta [Ttot, H]. Strides in elements,
+  // last dim contiguous.
+  const void *q, *k, *v, *g, *beta;
+  int64_t q_st, q_sh, k_st, k_sh, v_st, v_sh, g_st, g_sh, beta_st, beta_sh;
+  const float* A_log;    // [H]
+  const float* dt_bias;  // [H*K]
+  const void* cu_seqlens;  // [N+1], int32 or int64
+  bool cu_seqlens_64;
+  // State pool [S, H, V, K]; H, V, K contiguous, slot stride in elements.
+  void* state;
+  int64_t state_ss;
+  bool state_bf16;
+  const int32_t* slots;            // [N]
+  const bool* has_initial_state;   // [N]
+  // Optional checkpoints [M, H, V, K] (pool dtype): state after token 64(i+1)-1 of sequence n
+  // goes to row inter_offsets[n] + i.
+  void* inter;
+  int64_t inter_ss;
+  const void* inter_offsets;  // [N], int32 or int64
+  bool inter_offsets_64;
+  // Output o [Ttot, H, V] bf16.
+  void* o;
+  int64_t o_st, o_sh;
+  int N, H;
+  float scale;
+  bool has_lower_bound;
+  float lower_bound;
+  int num_sms;
+};
+
+constexpr int kCheckpointEvery = 64;
+
+cudaError_t kda_prefill_launch(const KdaPrefillParams& p, cudaStream_t stream);
+
+}  // namespace kda

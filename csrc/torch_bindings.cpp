@@ -1,0 +1,379 @@
+// Torch op registration for kda_serving._C.
+//
+// Every op writes into caller-provided tensors, runs on the current CUDA stream, never
+// synchronises and never allocates. Shapes: Ttot packed tokens, N sequences, B batch rows,
+// T tokens per row, H heads, K = V = 128, S pool slots, D conv channels, W conv width <= 4,
+// R conv-state rows (>= W-1). A slot <= 0 means null: zero output, no state access.
+//
+// kda_prefill(Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, Tensor A_log,
+//             Tensor dt_bias, Tensor cu_seqlens, Tensor(a!) state_pool, Tensor slots,
+//             Tensor has_initial_state, float? lower_bound, float scale,
+//             Tensor(b!)? inter, Tensor? inter_offsets, Tensor(c!) out) -> ()
+//   q, k, g [Ttot, H, K] bf16; v [Ttot, H, V] bf16; beta [Ttot, H] bf16 (row strides free,
+//   last dim contiguous); A_log [H] fp32; dt_bias [H*K] or [H, K] fp32; cu_seqlens [N+1]
+//   int32/int64; state_pool [S, H, V, K] fp32/bf16; slots [N] int32; has_initial_state [N]
+//   bool; inter [M, H, V, K] pool dtype, inter_offsets [N] int32/int64 (state after token
+//   64(i+1)-1 of sequence n goes to inter[inter_offsets[n] + i]); out [Ttot, H, V] bf16.
+//
+// kda_decode(Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, Tensor A_log,
+//            Tensor dt_bias, Tensor(a!) state_pool, Tensor slots, Tensor? num_accepted,
+//            float? lower_bound, float scale, Tensor(b!) out) -> ()
+//   q, k, g [B, T, H, K]; v [B, T, H, V]; beta [B, T, H]; out [B, T, H, V]. slots [B]: start
+//   from and write the final state to slots[n]. slots [B, C >= T] (verify): start from
+//   slots[n, num_accepted[n]-1] (column 0 without num_accepted), state after token t goes
+//   to slots[n, t] when > 0.
+//
+// causal_conv1d_prefill(Tensor x, Tensor weight, Tensor? bias, Tensor cu_seqlens,
+//                       Tensor(a!) conv_pool, Tensor slots, Tensor has_initial_state,
+//                       bool silu, Tensor(b!) out) -> ()
+//   x, out [Ttot, D] bf16; weight [D, W] fp32/bf16, bias [D] same dtype; conv_pool [S, R, D]
+//   fp32/bf16 (any strides). History = pool rows [0, W-1) (zeros without initial state);
+//   afterwards those rows hold the last W-1 inputs.
+//
+// causal_conv1d_update(Tensor x, Tensor weight, Tensor? bias, Tensor(a!) conv_pool,
+//                      Tensor slots, Tensor? num_accepted, bool silu, Tensor(b!) out) -> ()
+//   x, out [B, T, D] bf16; slots [B] int32. off = num_accepted[b]-1 (0 without): window
+//   history = pool rows [off, off+W-1); new rows = (pool[off:] ++ zeros(off) ++ x)[T:T+R].
+
+#include <Python.h>
+
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <utility>
+
+#include "conv/conv1d.h"
+#include "decode/kda_decode.h"
+#include "prefill/kda_prefill.h"
+
+namespace {
+
+using at::Tensor;
+using Named = std::pair<const Tensor*, const char*>;
+constexpr int64_t kDim = 128;  // K = V
+
+#define KDA_CHECK(cond, ...) TORCH_CHECK(cond, "kda_serving: ", __VA_ARGS__)
+
+void check_cuda(const Tensor& t, const char* name, const Tensor& ref) {
+  KDA_CHECK(t.is_cuda(), name, " must be a CUDA tensor");
+  KDA_CHECK(t.device() == ref.device(), name, " must be on ", ref.device(), ", got ", t.device());
+}
+
+void check_dtype(const Tensor& t, const char* name, at::ScalarType want) {
+  KDA_CHECK(t.scalar_type() == want, name, " must be ", want, ", got ", t.scalar_type());
+}
+
+void check_last_contig(const Tensor& t, const char* name) {
+  KDA_CHECK(t.stride(-1) == 1, name, " must have a contiguous last dim");
+}
+
+bool check_index_tensor(const Tensor& t, const char* name) {
+  KDA_CHECK(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong, name,
+            " must be int32 or int64, got ", t.scalar_type());
+  KDA_CHECK(t.dim() == 1 && t.is_contiguous(), name, " must be a contiguous 1-D tensor");
+  return t.scalar_type() == at::kLong;
+}
+
+// Pool [S, H, V, K] with H, V, K packed and 16-byte aligned rows for vector access.
+void check_state(const Tensor& s, const char* name, int64_t H, const Tensor& ref) {
+  check_cuda(s, name, ref);
+  KDA_CHECK(s.scalar_type() == at::kFloat || s.scalar_type() == at::kBFloat16, name,
+            " must be float32 or bfloat16, got ", s.scalar_type());
+  KDA_CHECK(s.dim() == 4 && s.size(1) == H && s.size(2) == kDim && s.size(3) == kDim,
+            name, " must be [S, ", H, ", 128, 128], got ", s.sizes());
+  KDA_CHECK(s.stride(3) == 1 && s.stride(2) == 128 && s.stride(1) == 128 * 128, name,
+            " must have packed [H, V, K] per slot");
+  KDA_CHECK(s.stride(0) % 8 == 0 && reinterpret_cast<uintptr_t>(s.data_ptr()) % 16 == 0, name,
+            " slot stride must be a multiple of 8 elements and data 16-byte aligned");
+}
+
+int num_sms() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+
+void check_gate_params(const Tensor& A_log, const Tensor& dt_bias, int64_t H, const Tensor& ref) {
+  check_cuda(A_log, "A_log", ref);
+  check_cuda(dt_bias, "dt_bias", ref);
+  check_dtype(A_log, "A_log", at::kFloat);
+  check_dtype(dt_bias, "dt_bias", at::kFloat);
+  KDA_CHECK(A_log.numel() == H && A_log.is_contiguous(), "A_log must be contiguous [H]");
+  KDA_CHECK(dt_bias.numel() == H * kDim && dt_bias.is_contiguous(),
+            "dt_bias must be contiguous [H*K]");
+}
+
+void kda_prefill(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
+                 const Tensor& beta, const Tensor& A_log, const Tensor& dt_bias,
+                 const Tensor& cu_seqlens, Tensor& state_pool, const Tensor& slots,
+                 const Tensor& has_initial_state, std::optional<double> lower_bound, double scale,
+                 const std::optional<Tensor>& inter, const std::optional<Tensor>& inter_offsets,
+                 Tensor& out) {
+  KDA_CHECK(q.dim() == 3 && q.size(2) == kDim, "q must be [Ttot, H, 128], got ", q.sizes());
+  const int64_t Tt = q.size(0), H = q.size(1);
+  const Named tensors[] = {{&q, "q"}, {&k, "k"}, {&g, "g"}, {&v, "v"}, {&out, "out"}};
+  for (const auto& [t, name] : tensors) {
+    KDA_CHECK(t->dim() == 3 && t->size(0) == Tt && t->size(1) == H && t->size(2) == kDim,
+              name, " must be [", Tt, ", ", H, ", 128], got ", t->sizes());
+    check_cuda(*t, name, q);
+    check_dtype(*t, name, at::kBFloat16);
+    check_last_contig(*t, name);
+  }
+  KDA_CHECK(beta.dim() == 2 && beta.size(0) == Tt && beta.size(1) == H, "beta must be [Ttot, H]");
+  check_cuda(beta, "beta", q);
+  check_dtype(beta, "beta", at::kBFloat16);
+  check_gate_params(A_log, dt_bias, H, q);
+  check_cuda(cu_seqlens, "cu_seqlens", q);
+  const bool cu64 = check_index_tensor(cu_seqlens, "cu_seqlens");
+  const int64_t N = cu_seqlens.numel() - 1;
+  KDA_CHECK(N >= 0, "cu_seqlens must have at least one element");
+  check_state(state_pool, "state_pool", H, q);
+  check_cuda(slots, "slots", q);
+  check_dtype(slots, "slots", at::kInt);
+  KDA_CHECK(slots.dim() == 1 && slots.numel() == N && slots.is_contiguous(), "slots must be contiguous [N]");
+  check_cuda(has_initial_state, "has_initial_state", q);
+  check_dtype(has_initial_state, "has_initial_state", at::kBool);
+  KDA_CHECK(has_initial_state.numel() == N && has_initial_state.is_contiguous(),
+            "has_initial_state must be contiguous [N]");
+
+  kda::KdaPrefillParams p{};
+  p.q = q.data_ptr(); p.k = k.data_ptr(); p.v = v.data_ptr(); p.g = g.data_ptr(); p.beta = beta.data_ptr();
+  p.q_st = q.stride(0); p.q_sh = q.stride(1);
+  p.k_st = k.stride(0); p.k_sh = k.stride(1);
+  p.v_st = v.stride(0); p.v_sh = v.stride(1);
+  p.g_st = g.stride(0); p.g_sh = g.stride(1);
+  p.beta_st = beta.stride(0); p.beta_sh = beta.stride(1);
+  p.A_log = A_log.data_ptr<float>();
+  p.dt_bias = dt_bias.data_ptr<float>();
+  p.cu_seqlens = cu_seqlens.data_ptr();
+  p.cu_seqlens_64 = cu64;
+  p.state = state_pool.data_ptr();
+  p.state_ss = state_pool.stride(0);
+  p.state_bf16 = state_pool.scalar_type() == at::kBFloat16;
+  p.slots = slots.data_ptr<int32_t>();
+  p.has_initial_state = has_initial_state.data_ptr<bool>();
+  if (inter.has_value()) {
+    KDA_CHECK(inter_offsets.has_value(), "inter_offsets is required with inter");
+    check_state(*inter, "inter", H, q);
+    KDA_CHECK(inter->scalar_type() == state_pool.scalar_type(), "inter must have the pool dtype");
+    check_cuda(*inter_offsets, "inter_offsets", q);
+    p.inter_offsets_64 = check_index_tensor(*inter_offsets, "inter_offsets");
+    KDA_CHECK(inter_offsets->numel() == N, "inter_offsets must be [N]");
+    p.inter = inter->data_ptr();
+    p.inter_ss = inter->stride(0);
+    p.inter_offsets = inter_offsets->data_ptr();
+  }
+  p.o = out.data_ptr(); p.o_st = out.stride(0); p.o_sh = out.stride(1);
+  p.N = (int)N; p.H = (int)H;
+  p.scale = (float)scale;
+  p.has_lower_bound = lower_bound.has_value();
+  p.lower_bound = lower_bound.has_value() ? (float)*lower_bound : 0.f;
+  const c10::cuda::CUDAGuard guard(q.device());
+  p.num_sms = num_sms();
+  const cudaError_t err = kda::kda_prefill_launch(p, at::cuda::getCurrentCUDAStream());
+  KDA_CHECK(err == cudaSuccess, "kda_prefill launch failed: ", cudaGetErrorString(err));
+}
+
+void kda_decode(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
+                const Tensor& beta, const Tensor& A_log, const Tensor& dt_bias, Tensor& state_pool,
+                const Tensor& slots, const std::optional<Tensor>& num_accepted,
+                std::optional<double> lower_bound, double scale, Tensor& out) {
+  KDA_CHECK(q.dim() == 4 && q.size(3) == kDim, "q must be [B, T, H, 128], got ", q.sizes());
+  const int64_t B = q.size(0), T = q.size(1), H = q.size(2);
+  const Named tensors[] = {{&q, "q"}, {&k, "k"}, {&g, "g"}, {&v, "v"}, {&out, "out"}};
+  for (const auto& [t, name] : tensors) {
+    KDA_CHECK(t->dim() == 4 && t->size(0) == B && t->size(1) == T && t->size(2) == H &&
+              t->size(3) == kDim, name, " must be [", B, ", ", T, ", ", H, ", 128], got ", t->sizes());
+    check_cuda(*t, name, q);
+    check_dtype(*t, name, at::kBFloat16);
+    check_last_contig(*t, name);
+  }
+  KDA_CHECK(beta.dim() == 3 && beta.size(0) == B && beta.size(1) == T && beta.size(2) == H,
+            "beta must be [B, T, H]");
+  check_cuda(beta, "beta", q);
+  check_dtype(beta, "beta", at::kBFloat16);
+  check_gate_params(A_log, dt_bias, H, q);
+  check_state(state_pool, "state_pool", H, q);
+  check_cuda(slots, "slots", q);
+  check_dtype(slots, "slots", at::kInt);
+  KDA_CHECK(slots.size(0) == B && slots.stride(-1) == 1 && (slots.dim() == 1 || slots.dim() == 2),
+            "slots must be [B] or [B, C] with a contiguous last dim");
+  const bool verify = slots.dim() == 2;
+  if (verify) KDA_CHECK(slots.size(1) >= T, "slots [B, C] needs C >= T");
+
+  kda::KdaDecodeParams p{};
+  p.q = q.data_ptr(); p.k = k.data_ptr(); p.v = v.data_ptr(); p.g = g.data_ptr(); p.beta = beta.data_ptr();
+  p.q_sb = q.stride(0); p.q_st = q.stride(1); p.q_sh = q.stride(2);
+  p.k_sb = k.stride(0); p.k_st = k.stride(1); p.k_sh = k.stride(2);
+  p.v_sb = v.stride(0); p.v_st = v.stride(1); p.v_sh = v.stride(2);
+  p.g_sb = g.stride(0); p.g_st = g.stride(1); p.g_sh = g.stride(2);
+  p.beta_sb = beta.stride(0); p.beta_st = beta.stride(1); p.beta_sh = beta.stride(2);
+  p.A_log = A_log.data_ptr<float>();
+  p.dt_bias = dt_bias.data_ptr<float>();
+  p.state = state_pool.data_ptr();
+  p.state_ss = state_pool.stride(0);
+  p.state_bf16 = state_pool.scalar_type() == at::kBFloat16;
+  p.slots = slots.data_ptr<int32_t>();
+  p.slots_sb = slots.stride(0);
+  p.slot_cols = verify ? (int)slots.size(1) : 1;
+  p.verify = verify;
+  if (verify && num_accepted.has_value()) {
+    check_cuda(*num_accepted, "num_accepted", q);
+    check_dtype(*num_accepted, "num_accepted", at::kInt);
+    KDA_CHECK(num_accepted->numel() == B && num_accepted->is_contiguous(), "num_accepted must be contiguous [B]");
+    p.num_accepted = num_accepted->data_ptr<int32_t>();
+  }
+  p.o = out.data_ptr(); p.o_sb = out.stride(0); p.o_st = out.stride(1); p.o_sh = out.stride(2);
+  p.B = (int)B; p.T = (int)T; p.H = (int)H;
+  p.scale = (float)scale;
+  p.has_lower_bound = lower_bound.has_value();
+  p.lower_bound = lower_bound.has_value() ? (float)*lower_bound : 0.f;
+  const c10::cuda::CUDAGuard guard(q.device());
+  p.num_sms = num_sms();
+  const cudaError_t err = kda::kda_decode_launch(p, at::cuda::getCurrentCUDAStream());
+  KDA_CHECK(err == cudaSuccess, "kda_decode launch failed: ", cudaGetErrorString(err));
+}
+
+void fill_conv_common(kda::Conv1dParams& p, const Tensor& x, const Tensor& weight,
+                      const std::optional<Tensor>& bias, Tensor& conv_pool, const Tensor& slots,
+                      int64_t D, bool silu) {
+  check_cuda(weight, "weight", x);
+  KDA_CHECK(weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kBFloat16,
+            "weight must be float32 or bfloat16");
+  KDA_CHECK(weight.dim() == 2 && weight.size(0) == D && weight.size(1) >= 1 && weight.size(1) <= 4 &&
+            weight.is_contiguous(), "weight must be contiguous [D, W] with W <= 4, got ", weight.sizes());
+  if (bias.has_value()) {
+    check_cuda(*bias, "bias", x);
+    KDA_CHECK(bias->scalar_type() == weight.scalar_type() && bias->numel() == D && bias->is_contiguous(),
+              "bias must be contiguous [D] with the weight dtype");
+  }
+  check_cuda(conv_pool, "conv_pool", x);
+  KDA_CHECK(conv_pool.scalar_type() == at::kFloat || conv_pool.scalar_type() == at::kBFloat16,
+            "conv_pool must be float32 or bfloat16");
+  const int64_t W = weight.size(1);
+  KDA_CHECK(conv_pool.dim() == 3 && conv_pool.size(2) == D && conv_pool.size(1) >= W - 1,
+            "conv_pool must be [S, R >= W-1, D], got ", conv_pool.sizes());
+  check_cuda(slots, "slots", x);
+  check_dtype(slots, "slots", at::kInt);
+  KDA_CHECK(slots.dim() == 1 && slots.is_contiguous(), "slots must be contiguous 1-D");
+  p.weight = weight.data_ptr();
+  p.bias = bias.has_value() ? bias->data_ptr() : nullptr;
+  p.weight_bf16 = weight.scalar_type() == at::kBFloat16;
+  p.pool = conv_pool.data_ptr();
+  p.pool_ss = conv_pool.stride(0); p.pool_sr = conv_pool.stride(1); p.pool_sd = conv_pool.stride(2);
+  p.pool_bf16 = conv_pool.scalar_type() == at::kBFloat16;
+  p.slots = slots.data_ptr<int32_t>();
+  p.D = (int)D; p.W = (int)W; p.R = (int)conv_pool.size(1);
+  p.silu = silu;
+}
+
+void causal_conv1d_prefill(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
+                           const Tensor& cu_seqlens, Tensor& conv_pool, const Tensor& slots,
+                           const Tensor& has_initial_state, bool silu, Tensor& out) {
+  KDA_CHECK(x.is_cuda() && x.dim() == 2, "x must be a CUDA [Ttot, D] tensor");
+  check_dtype(x, "x", at::kBFloat16);
+  check_last_contig(x, "x");
+  KDA_CHECK(out.sizes() == x.sizes(), "out must match x");
+  check_cuda(out, "out", x);
+  check_dtype(out, "out", at::kBFloat16);
+  check_last_contig(out, "out");
+  kda::Conv1dParams p{};
+  fill_conv_common(p, x, weight, bias, conv_pool, slots, x.size(1), silu);
+  check_cuda(cu_seqlens, "cu_seqlens", x);
+  p.cu_seqlens_64 = check_index_tensor(cu_seqlens, "cu_seqlens");
+  const int64_t N = cu_seqlens.numel() - 1;
+  KDA_CHECK(N >= 0 && slots.numel() == N, "slots must be [N] for cu_seqlens [N+1]");
+  check_cuda(has_initial_state, "has_initial_state", x);
+  check_dtype(has_initial_state, "has_initial_state", at::kBool);
+  KDA_CHECK(has_initial_state.numel() == N && has_initial_state.is_contiguous(),
+            "has_initial_state must be contiguous [N]");
+  p.x = x.data_ptr(); p.x_st = x.stride(0);
+  p.y = out.data_ptr(); p.y_st = out.stride(0);
+  p.cu_seqlens = cu_seqlens.data_ptr();
+  p.has_initial_state = has_initial_state.data_ptr<bool>();
+  p.total_tokens = x.size(0);
+  p.N = (int)N;
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaError_t err = kda::conv1d_prefill_launch(p, at::cuda::getCurrentCUDAStream());
+  KDA_CHECK(err == cudaSuccess, "causal_conv1d_prefill launch failed: ", cudaGetErrorString(err));
+}
+
+void causal_conv1d_update(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
+                          Tensor& conv_pool, const Tensor& slots,
+                          const std::optional<Tensor>& num_accepted, bool silu, Tensor& out) {
+  KDA_CHECK(x.is_cuda() && x.dim() == 3, "x must be a CUDA [B, T, D] tensor");
+  check_dtype(x, "x", at::kBFloat16);
+  check_last_contig(x, "x");
+  KDA_CHECK(out.sizes() == x.sizes(), "out must match x");
+  check_cuda(out, "out", x);
+  check_dtype(out, "out", at::kBFloat16);
+  check_last_contig(out, "out");
+  kda::Conv1dParams p{};
+  fill_conv_common(p, x, weight, bias, conv_pool, slots, x.size(2), silu);
+  KDA_CHECK(slots.numel() == x.size(0), "slots must be [B]");
+  if (num_accepted.has_value()) {
+    check_cuda(*num_accepted, "num_accepted", x);
+    check_dtype(*num_accepted, "num_accepted", at::kInt);
+    KDA_CHECK(num_accepted->numel() == x.size(0) && num_accepted->is_contiguous(),
+              "num_accepted must be contiguous [B]");
+    p.num_accepted = num_accepted->data_ptr<int32_t>();
+  }
+  p.x = x.data_ptr(); p.x_sb = x.stride(0); p.x_st = x.stride(1);
+  p.y = out.data_ptr(); p.y_sb = out.stride(0); p.y_st = out.stride(1);
+  p.N = (int)x.size(0); p.T = (int)x.size(1);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaError_t err = kda::conv1d_update_launch(p, at::cuda::getCurrentCUDAStream());
+  KDA_CHECK(err == cudaSuccess, "causal_conv1d_update launch failed: ", cudaGetErrorString(err));
+}
+
+// Meta kernels: the ops only mutate their arguments, so tracing needs nothing more.
+void kda_prefill_meta(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                      const Tensor&, const Tensor&, const Tensor&, Tensor&, const Tensor&,
+                      const Tensor&, std::optional<double>, double, const std::optional<Tensor>&,
+                      const std::optional<Tensor>&, Tensor&) {}
+void kda_decode_meta(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                     const Tensor&, const Tensor&, Tensor&, const Tensor&,
+                     const std::optional<Tensor>&, std::optional<double>, double, Tensor&) {}
+void conv_prefill_meta(const Tensor&, const Tensor&, const std::optional<Tensor>&, const Tensor&,
+                       Tensor&, const Tensor&, const Tensor&, bool, Tensor&) {}
+void conv_update_meta(const Tensor&, const Tensor&, const std::optional<Tensor>&, Tensor&,
+                      const Tensor&, const std::optional<Tensor>&, bool, Tensor&) {}
+
+}  // namespace
+
+TORCH_LIBRARY(kda_serving, m) {
+  m.def(
+      "kda_prefill(Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, Tensor A_log, "
+      "Tensor dt_bias, Tensor cu_seqlens, Tensor(a!) state_pool, Tensor slots, "
+      "Tensor has_initial_state, float? lower_bound, float scale, Tensor(b!)? inter, "
+      "Tensor? inter_offsets, Tensor(c!) out) -> ()");
+  m.def(
+      "kda_decode(Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, Tensor A_log, "
+      "Tensor dt_bias, Tensor(a!) state_pool, Tensor slots, Tensor? num_accepted, "
+      "float? lower_bound, float scale, Tensor(b!) out) -> ()");
+  m.def(
+      "causal_conv1d_prefill(Tensor x, Tensor weight, Tensor? bias, Tensor cu_seqlens, "
+      "Tensor(a!) conv_pool, Tensor slots, Tensor has_initial_state, bool silu, "
+      "Tensor(b!) out) -> ()");
+  m.def(
+      "causal_conv1d_update(Tensor x, Tensor weight, Tensor? bias, Tensor(a!) conv_pool, "
+      "Tensor slots, Tensor? num_accepted, bool silu, Tensor(b!) out) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(kda_serving, CUDA, m) {
+  m.impl("kda_prefill", &kda_prefill);
+  m.impl("kda_decode", &kda_decode);
+  m.impl("causal_conv1d_prefill", &causal_conv1d_prefill);
+  m.impl("causal_conv1d_update", &causal_conv1d_update);
+}
+
+TORCH_LIBRARY_IMPL(kda_serving, Meta, m) {
+  m.impl("kda_prefill", &kda_prefill_meta);
+  m.impl("kda_decode", &kda_decode_meta);
+  m.impl("causal_conv1d_prefill", &conv_prefill_meta);
+  m.impl("causal_conv1d_update", &conv_update_meta);
+}
+
+// Importing kda_serving._C loads this library, which runs the registrations above.
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", nullptr, 0, nullptr};
+  return PyModule_Create(&def);
+}

@@ -1,0 +1,3 @@
+"""kda-serving: Kimi Delta Attention kernels and engine plugins."""
+
+__version__ = "0.1.0"

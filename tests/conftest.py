@@ -1,0 +1,23 @@
+import pytest
+import torch
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (SM90) and the built extension")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed():
+    # fresh random inputs each run, but reproducible within a run when a failure is printed
+    seed = torch.seed() % (2**31)
+    torch.manual_seed(seed)
+    yield seed
+
+
+def rel_rms(x, ref):
+    """||x - ref|| / ||ref||, in fp64; NaN anywhere gives inf so it never passes."""
+    x, ref = x.double(), ref.double()
+    if not torch.isfinite(x).all():
+        return float("inf")
+    d = ref.norm()
+    return float((x - ref).norm() / d) if d > 0 else float((x - ref).norm())
