@@ -3,7 +3,7 @@
 // Pool rows are oldest first. Prefill: the history before a sequence is rows [0, W-1) of
 // pool[slot] (zeros without initial state); afterwards those rows hold the last W-1 inputs
 // of (history ++ sequence). Update: with off = num_accepted-1 (0 without it) the window
-// history is rows [off, off+W-1), and the new rows are (pool[off:] ++ zeros(off) ++ x)[T:T+R].
+// history is rows [off, off+W-1), and the new rows are the last R of (window ++ x).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -151,10 +151,13 @@ __global__ void __launch_bounds__(kConvThreads) conv1d_update_kernel(const Conv1
   }
   const int64_t base = (int64_t)slot * p.pool_ss + d * p.pool_sd;
   const ConvWeights cw(p, d);
-  float win[kConvMaxWidth];  // win[0..W-2] history, oldest first
+  float win[kConvMaxWidth];   // win[0..W-2] history, oldest first
+  float hist[kConvMaxWidth];  // the window as read, for the state write-back
 #pragma unroll
-  for (int j = 0; j < kConvMaxWidth - 1; ++j)
+  for (int j = 0; j < kConvMaxWidth - 1; ++j) {
     win[j] = j < p.W - 1 ? ld_any(p.pool, base + (int64_t)(off + j) * p.pool_sr, p.pool_bf16) : 0.f;
+    hist[j] = win[j];
+  }
   for (int t = 0; t < p.T; ++t) {
     const float xt = __bfloat162float(x[(int64_t)t * p.x_st]);
     float acc = cw.b;
@@ -169,13 +172,18 @@ __global__ void __launch_bounds__(kConvThreads) conv1d_update_kernel(const Conv1
     for (int j = 0; j < kConvMaxWidth - 1; ++j)
       win[j] = j < p.W - 2 ? win[(j + 1) % (kConvMaxWidth - 1)] : (j == p.W - 2 ? xt : win[j]);
   }
-  // Row i <- element T+i of (pool[off:] ++ zeros(off) ++ x); source index off+T+i >= i.
+  // New rows = last R elements of (window ++ x), zeros in front when shorter; built from the
+  // registers so no row is read after being overwritten.
   for (int i = 0; i < p.R; ++i) {
-    const int c = p.T + i;  // index into the R-row history, then x
-    float v;
-    if (c < p.R - off) v = ld_any(p.pool, base + (int64_t)(off + c) * p.pool_sr, p.pool_bf16);
-    else if (c < p.R) v = 0.f;
-    else v = __bfloat162float(x[(int64_t)(c - p.R) * p.x_st]);
+    const int e = p.W - 1 + p.T - p.R + i;  // index into window ++ x
+    float v = 0.f;
+    if (e >= p.W - 1) {
+      v = __bfloat162float(x[(int64_t)(e - (p.W - 1)) * p.x_st]);
+    } else {
+#pragma unroll
+      for (int j = 0; j < kConvMaxWidth - 1; ++j)
+        if (j == e) v = hist[j];
+    }
     st_any(p.pool, base + (int64_t)i * p.pool_sr, v, p.pool_bf16);
   }
 }

@@ -17,7 +17,10 @@ FORCE_ABOVE_BYTES = 10 * 1000**3
 
 def make_checkpoint_main(argv: list[str]) -> int:
     """Run ``make-checkpoint`` with ``argv`` (without the subcommand); returns an exit code."""
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as e:  # --help or a usage error: hand the code back to the caller
+        return int(e.code or 0)
     try:
         config = load_preset(args.preset)
         if args.num_layers is not None:

@@ -69,8 +69,8 @@ for i in range(10):
 The quick brown fox jumps over the lazy dog. The lazy dog sleeps in the sun all day long.
 Numbers such as 12, 345, 6789 and 3.14159 are split into groups of at most three digits.
 Hello, world! How are you today? I'm fine, thanks. We've been testing the tokenizer; it's working.
-User: what is the capital of France? Assistant: The capital of France is Paris.
-User: write a haiku about the sea. Assistant: waves fold into foam / the tide forgets the sand / salt wind carries on
+Q: what is the capital of France? A: The capital of France is Paris.
+Q: write a haiku about the sea. A: waves fold into foam / the tide forgets the sand / salt wind carries on
 Recurrent state is stored per head as a matrix of keys by values, updated by the delta rule at every token.
 Prefill processes the prompt in chunks of sixty-four tokens; decode advances the state one token at a time.
 Speculative decoding verifies several draft tokens at once and keeps the state after each accepted token.

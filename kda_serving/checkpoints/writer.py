@@ -39,7 +39,7 @@ def write_checkpoint(
 
     Args:
         config: a config.json dict (e.g. from ``load_preset``); written with the
-            same key set, ``dtype`` set from ``dtype``.
+            same key set, ``dtype`` (or ``torch_dtype``) set from ``dtype``.
         seed: each tensor draws from its own generator seeded by ``(seed, name)``,
             so values do not depend on sharding or write order.
         dtype: dtype of every tensor except ``A_log`` and ``dt_bias`` (always fp32).
@@ -55,7 +55,8 @@ def write_checkpoint(
     out.mkdir(parents=True, exist_ok=True)
     overrides = dict(overrides or {})
     config = copy.deepcopy(config)
-    config["dtype"] = _DTYPE_NAMES[dtype]
+    # keep the caller's key set: older configs spell the key torch_dtype
+    config["torch_dtype" if "torch_dtype" in config and "dtype" not in config else "dtype"] = _DTYPE_NAMES[dtype]
     specs = expected_tensors(config, dtype)
     unknown = set(overrides) - set(specs)
     if unknown:

@@ -20,12 +20,16 @@ __all__ = ["kda_prefill", "kda_decode", "causal_conv1d_prefill", "causal_conv1d_
            "gated_rms_norm", "op_path"]
 
 
-def _run(op, x, *args):
-    path = op_path(x)
-    log_path_once(op, path)
-    if path == "cuda":
-        from . import _ext
-        return getattr(_ext, op)(*args)
+def _kernel_ready(x, *tensors) -> bool:
+    """The CUDA kernels take bf16 activations with head dim 128 and packed state rows."""
+    return op_path(x) == "cuda" and all(t is None or t.dtype == torch.bfloat16 for t in tensors)
+
+
+def _run(op, cuda: bool, args, ext_call):
+    """Run the kernel (``ext_call``) when ``cuda`` else the reference ``reference.<op>(*args)``."""
+    log_path_once(op, "cuda" if cuda else "reference")
+    if cuda:
+        return ext_call()
     return getattr(reference, op)(*args)
 
 
@@ -89,8 +93,16 @@ def kda_prefill(q, k, v, g, beta, A_log, dt_bias, *, cu_seqlens, state_pool, slo
         out = torch.empty(T, H, V, dtype=q.dtype, device=dev)
     else:
         check_tensor("out", out, dtypes=FLOAT_INPUTS, shape=(T, H, V), device=dev)
-    return _run("kda_prefill", q, q, k, v, g, beta, A_log, dt_bias, cu_seqlens, state_pool, slots,
-                has_initial_state, lower_bound, scale, intermediate_states, intermediate_offsets, out)
+    args = (q, k, v, g, beta, A_log, dt_bias, cu_seqlens, state_pool, slots, has_initial_state,
+            lower_bound, scale, intermediate_states, intermediate_offsets, out)
+    cuda = _kernel_ready(q, q, k, v, g, beta, out) and V == 128 and state_pool[0].is_contiguous()
+
+    def kernel():
+        from . import _ext
+        return _ext.prefill(q, k, v, g, beta, A_log, dt_bias, cu_seqlens, state_pool, slots,
+                            has_initial_state, lower_bound=lower_bound, scale=scale,
+                            inter=intermediate_states, inter_offsets=intermediate_offsets, out=out)
+    return _run("kda_prefill", cuda, args, kernel)
 
 
 def kda_decode(q, k, v, g, beta, A_log, dt_bias, *, state_pool, slots, num_accepted_tokens=None,
@@ -129,8 +141,15 @@ def kda_decode(q, k, v, g, beta, A_log, dt_bias, *, state_pool, slots, num_accep
         out = torch.empty(B, T, H, V, dtype=q.dtype, device=dev)
     else:
         check_tensor("out", out, dtypes=FLOAT_INPUTS, shape=(B, T, H, V), device=dev)
-    return _run("kda_decode", q, q, k, v, g, beta, A_log, dt_bias, state_pool, slots,
-                num_accepted_tokens, lower_bound, scale, out)
+    args = (q, k, v, g, beta, A_log, dt_bias, state_pool, slots, num_accepted_tokens, lower_bound,
+            scale, out)
+    cuda = _kernel_ready(q, q, k, v, g, beta, out) and V == 128 and state_pool[0].is_contiguous()
+
+    def kernel():
+        from . import _ext
+        return _ext.decode(q, k, v, g, beta, A_log, dt_bias, state_pool, slots, num_accepted_tokens,
+                           lower_bound=lower_bound, scale=scale, out=out)
+    return _run("kda_decode", cuda, args, kernel)
 
 
 def _check_conv(x, weight, bias, conv_pool, D):
@@ -171,8 +190,13 @@ def causal_conv1d_prefill(x, weight, bias=None, *, cu_seqlens, conv_pool, slots,
     check_tensor("has_initial_state", has_initial_state, dtypes=(torch.bool,), shape=(N,), device=x.device)
     out = torch.empty(T, D, dtype=x.dtype, device=x.device) if out is None else \
         check_tensor("out", out, dtypes=FLOAT_INPUTS, shape=(T, D), device=x.device)
-    return _run("causal_conv1d_prefill", x, x, weight, bias, cu_seqlens, conv_pool, slots,
-                has_initial_state, activation, out)
+    args = (x, weight, bias, cu_seqlens, conv_pool, slots, has_initial_state, activation, out)
+
+    def kernel():
+        from . import _ext
+        return _ext.conv_prefill(x, weight, bias, cu_seqlens, conv_pool, slots, has_initial_state,
+                                 activation=activation, out=out)
+    return _run("causal_conv1d_prefill", _kernel_ready(x, x, out), args, kernel)
 
 
 def causal_conv1d_update(x, weight, bias=None, *, conv_pool, slots, num_accepted_tokens=None,
@@ -193,8 +217,13 @@ def causal_conv1d_update(x, weight, bias=None, *, conv_pool, slots, num_accepted
         check_tensor("num_accepted_tokens", num_accepted_tokens, dtypes=INDEX_DTYPES, shape=(B,), device=x.device)
     out = torch.empty(B, T, D, dtype=x.dtype, device=x.device) if out is None else \
         check_tensor("out", out, dtypes=FLOAT_INPUTS, shape=(B, T, D), device=x.device)
-    return _run("causal_conv1d_update", x, x, weight, bias, conv_pool, slots, num_accepted_tokens,
-                activation, out)
+    args = (x, weight, bias, conv_pool, slots, num_accepted_tokens, activation, out)
+
+    def kernel():
+        from . import _ext
+        return _ext.conv_update(x, weight, bias, conv_pool, slots, num_accepted_tokens,
+                                activation=activation, out=out)
+    return _run("causal_conv1d_update", _kernel_ready(x, x, out), args, kernel)
 
 
 def gated_rms_norm(x, gate, weight, eps=1e-6, out=None):

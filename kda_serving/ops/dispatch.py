@@ -12,10 +12,7 @@ _logged: set[str] = set()
 
 
 def extension_loaded() -> bool:
-    try:
-        from . import _ext
-    except ImportError:
-        return False
+    from . import _ext
     return _ext.load()
 
 

@@ -1,0 +1,86 @@
+"""Thin wrappers over the compiled ``kda_serving._C`` ops (``torch.ops.kda_serving.*``).
+
+Arguments are assumed validated by ``kda_serving.ops``; these only allocate outputs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_loaded: bool | None = None
+
+
+def load() -> bool:
+    """Import the built extension once; True when its ops are registered."""
+    global _loaded
+    if _loaded is None:
+        try:
+            import kda_serving._C  # noqa: F401  (registers torch.ops.kda_serving)
+            _loaded = True
+        except ImportError:
+            _loaded = False
+    return _loaded
+
+
+def available(device=None) -> bool:
+    """Extension built, CUDA present and the device is Hopper (sm_90) or newer."""
+    if not load() or not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_device_capability(device) >= (9, 0)
+
+
+def _scale(q, scale):
+    return q.shape[-1] ** -0.5 if scale is None else float(scale)
+
+
+def _i32(t):
+    """The kernels index with int32; engines often hand int64 (a no-op when already int32)."""
+    return None if t is None else t.to(torch.int32).contiguous()
+
+
+def _silu(activation) -> bool:
+    if activation not in (None, "silu", "swish"):
+        raise ValueError(f"activation must be 'silu' or None, got {activation!r}")
+    return activation is not None
+
+
+def prefill(q, k, v, g, beta, A_log, dt_bias, cu_seqlens, state_pool, slots, has_initial_state,
+            *, lower_bound=None, scale=None, inter=None, inter_offsets=None, out=None):
+    """q, k, g [T, H, K]; v [T, H, V]; beta [T, H] -> o [T, H, V] bf16; pool updated in place."""
+    if out is None:
+        out = torch.empty(v.shape, dtype=torch.bfloat16, device=v.device)
+    torch.ops.kda_serving.kda_prefill(
+        q, k, v, g, beta, A_log, dt_bias.reshape(-1), cu_seqlens, state_pool, _i32(slots),
+        has_initial_state.contiguous(), lower_bound, _scale(q, scale), inter, inter_offsets, out)
+    return out
+
+
+def decode(q, k, v, g, beta, A_log, dt_bias, state_pool, slots, num_accepted=None,
+           *, lower_bound=None, scale=None, out=None):
+    """q, k, g [B, T, H, K]; v [B, T, H, V]; beta [B, T, H]; slots [B] or [B, T] (verify)."""
+    if out is None:
+        out = torch.empty(v.shape, dtype=torch.bfloat16, device=v.device)
+    torch.ops.kda_serving.kda_decode(
+        q, k, v, g, beta, A_log, dt_bias.reshape(-1), state_pool, _i32(slots), _i32(num_accepted),
+        lower_bound, _scale(q, scale), out)
+    return out
+
+
+def conv_prefill(x, weight, bias, cu_seqlens, conv_pool, slots, has_initial_state,
+                 *, activation="silu", out=None):
+    """x [T, D] bf16 -> y [T, D] bf16; conv_pool [S, R, D] rows [0, W-1) updated in place."""
+    if out is None:
+        out = torch.empty(x.shape, dtype=torch.bfloat16, device=x.device)
+    torch.ops.kda_serving.causal_conv1d_prefill(
+        x, weight, bias, cu_seqlens, conv_pool, _i32(slots), has_initial_state.contiguous(),
+        _silu(activation), out)
+    return out
+
+
+def conv_update(x, weight, bias, conv_pool, slots, num_accepted=None, *, activation="silu", out=None):
+    """x [B, T, D] bf16 -> y [B, T, D] bf16; conv_pool [S, R, D] updated in place."""
+    if out is None:
+        out = torch.empty(x.shape, dtype=torch.bfloat16, device=x.device)
+    torch.ops.kda_serving.causal_conv1d_update(
+        x, weight, bias, conv_pool, _i32(slots), _i32(num_accepted), _silu(activation), out)
+    return out

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Compile-only check of every csrc/**/*.cu for sm_90a; needs nvcc, not torch or a GPU.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+NVCC=${NVCC:-nvcc}
+JOBS=${JOBS:-$(nproc)}
+OUT=$(mktemp -d)
+trap 'rm -rf "$OUT"' EXIT
+
+compile_one() {
+  local src=$1 out=$2 nvcc=$3
+  local obj="$out/$(echo "$src" | tr '/' '_').o" log="$out/$(echo "$src" | tr '/' '_').log"
+  local t0=$SECONDS
+  if "$nvcc" -std=c++17 -O3 -c -gencode arch=compute_90a,code=sm_90a -Icsrc "$src" -o "$obj" >"$log" 2>&1; then
+    echo "ok    $src ($((SECONDS - t0))s)"
+  else
+    echo "FAIL  $src"
+    sed 's/^/      /' "$log"
+    return 1
+  fi
+}
+export -f compile_one
+
+mapfile -t FILES < <(find csrc -name '*.cu' | sort)
+if [ ${#FILES[@]} -eq 0 ]; then echo "no .cu files under csrc"; exit 1; fi
+start=$SECONDS
+printf '%s\n' "${FILES[@]}" | xargs -P "$JOBS" -I{} bash -c 'compile_one "$1" "$2" "$3"' _ {} "$OUT" "$NVCC"
+rc=$?
+echo "compile_check: ${#FILES[@]} files, $((SECONDS - start))s, $([ $rc -eq 0 ] && echo passed || echo FAILED)"
+exit $rc

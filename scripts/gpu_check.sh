@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# On a Hopper GPU machine: build the extension with every core, run the GPU tests, then the
+# CPU suite, writing logs (and any benchmark JSON) to OUTDIR.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-gpu-check-out}
+mkdir -p "$OUT"
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+rc=0
+KDA_SERVING_CUDA=1 python3 setup.py build_ext --inplace >"$OUT/build.log" 2>&1 || { echo "build failed: $OUT/build.log"; exit 1; }
+python3 -m kda_serving.cli doctor | tee "$OUT/doctor.txt"
+python3 -m pytest -q -ra -m gpu tests >"$OUT/pytest-gpu.log" 2>&1 || rc=1
+tail -3 "$OUT/pytest-gpu.log"
+for b in scripts/bench_*.py; do
+  [ -e "$b" ] || continue
+  python3 "$b" --out "$OUT" >"$OUT/$(basename "$b" .py).log" 2>&1 || rc=1
+  tail -20 "$OUT/$(basename "$b" .py).log"
+done
+exit $rc

@@ -1,0 +1,270 @@
+"""CUDA kernels vs the fp64 recurrence and the torch reference (needs Hopper + kda_serving._C)."""
+
+import math
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from kda_serving.ops import _ext  # noqa: E402
+
+if not _ext.available():
+    pytest.skip("CUDA extension or a Hopper GPU is not available", allow_module_level=True)
+
+from kda_serving.ops import reference  # noqa: E402
+from kda_serving.ops.naive import naive_kda  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+
+DEV = "cuda"
+D = 128
+POISON = 1e30
+TOL = 5e-3
+
+
+def rel_rms(out, ref):
+    out, ref = out.double().cpu(), ref.double().cpu()
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def make_gate(shape, center):
+    """Raw gate logits around ``center`` (None: U(-8, 8)) with spikes of +-30."""
+    if center is None:
+        g = torch.empty(shape).uniform_(-8, 8)
+    else:
+        g = center + torch.randn(shape)
+    spikes = torch.rand(shape) < 0.05
+    g[spikes] = torch.where(torch.rand(shape) < 0.5, -30.0, 30.0)[spikes]
+    return g
+
+
+def make_inputs(T, H, lead=(), center=0.0):
+    shp = (*lead, T, H)
+    q = torch.randn(*shp, D).bfloat16().to(DEV)
+    k = torch.randn(*shp, D).bfloat16().to(DEV)
+    v = torch.randn(*shp, D).bfloat16().to(DEV)
+    g = make_gate((*shp, D), center).bfloat16().to(DEV)
+    beta = (torch.randn(*shp) * 3).bfloat16().to(DEV)
+    A_log = torch.full((H,), math.log(16.0), device=DEV)
+    dt_bias = (torch.randn(H * D) * 8).to(DEV)
+    return q, k, v, g, beta, A_log, dt_bias
+
+
+def make_pool(S, H, dtype):
+    return torch.full((S, H, D, D), POISON, dtype=dtype, device=DEV)
+
+
+def run_naive(q, k, v, g, beta, A_log, dt_bias, cu, init, lower_bound, every=None):
+    args = [t.cpu() for t in (q, k, v, g, beta, A_log, dt_bias)]
+    kw = dict(cu_seqlens=cu.cpu(), initial_state=init.cpu().double(), lower_bound=lower_bound)
+    if every:
+        kw["checkpoint_every"] = every
+    return naive_kda(*args, **kw)
+
+
+@pytest.mark.parametrize("lower_bound", [None, -5.0])
+@pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("center", [-8.0, 0.0, 8.0, None])
+@pytest.mark.parametrize("H", [1, 4, 32])
+def test_prefill_vs_naive(lower_bound, pool_dtype, center, H):
+    torch.manual_seed(hash((lower_bound, str(pool_dtype), center, H)) % 2**31)
+    lens = [0, 1, 15, 16, 17, 64, 65] + ([3000] if H <= 4 else [300])
+    lens += [5, 9]  # null sequences
+    N = len(lens)
+    cu = torch.tensor([0] + lens).cumsum(0).to(DEV, torch.int32)
+    q, k, v, g, beta, A_log, dt_bias = make_inputs(int(cu[-1]), H, center=center)
+    S = N + 4
+    pool = make_pool(S, H, pool_dtype)
+    slots = torch.arange(2, N + 2, dtype=torch.int32, device=DEV)
+    slots[-2], slots[-1] = 0, -1
+    has_init = torch.rand(N, device=DEV) < 0.6
+    init = torch.zeros(N, H, D, D, device=DEV)
+    for n in range(N):
+        if has_init[n] and slots[n] > 0:
+            pool[slots[n]] = (torch.randn(H, D, D, device=DEV) * 0.3).to(pool_dtype)
+            init[n] = pool[slots[n]].float()
+    before = pool.clone()
+    out = torch.full(v.shape, float("nan"), dtype=torch.bfloat16, device=DEV)
+    _ext.prefill(q, k, v, g, beta, A_log, dt_bias, cu, pool, slots, has_init,
+                 lower_bound=lower_bound, out=out)
+    torch.cuda.synchronize()
+    o_ref, s_ref = run_naive(q, k, v, g, beta, A_log, dt_bias, cu, init, lower_bound)
+    assert not out.isnan().any()
+    valid = slots > 0
+    for n in range(N):
+        a, b = int(cu[n]), int(cu[n + 1])
+        if not valid[n]:
+            assert (out[a:b] == 0).all()
+        elif b > a:
+            assert rel_rms(out[a:b], o_ref[a:b]) <= TOL, n
+        if valid[n]:
+            st = pool[slots[n]]
+            assert not st.isnan().any()
+            assert rel_rms(st, s_ref[n]) <= TOL or s_ref[n].abs().max() == 0
+    used = set(int(s) for s in slots[valid])
+    for s in range(S):
+        if s not in used:
+            assert torch.equal(pool[s], before[s]), s
+
+
+@pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("idx_dtype", [torch.int32, torch.int64])
+def test_prefill_intermediate_states(pool_dtype, idx_dtype):
+    torch.manual_seed(7)
+    H, lens = 4, [0, 1, 63, 64, 65, 200]
+    N = len(lens)
+    cu = torch.tensor([0] + lens).cumsum(0).to(DEV, idx_dtype)
+    q, k, v, g, beta, A_log, dt_bias = make_inputs(int(cu[-1]), H, center=None)
+    counts = [n // 64 for n in lens]
+    offsets = torch.tensor([0] + counts[:-1]).cumsum(0).to(DEV, idx_dtype)
+    inter = torch.full((sum(counts) + 1, H, D, D), POISON, dtype=pool_dtype, device=DEV)
+    pool = make_pool(N + 1, H, pool_dtype)
+    slots = torch.arange(1, N + 1, dtype=torch.int32, device=DEV)
+    has_init = torch.zeros(N, dtype=torch.bool, device=DEV)
+    out = torch.full(v.shape, float("nan"), dtype=torch.bfloat16, device=DEV)
+    _ext.prefill(q, k, v, g, beta, A_log, dt_bias, cu, pool, slots, has_init,
+                 inter=inter, inter_offsets=offsets, out=out)
+    torch.cuda.synchronize()
+    _, _, ckpts = run_naive(q, k, v, g, beta, A_log, dt_bias, cu, torch.zeros(N, H, D, D), None, every=64)
+    for n in range(N):
+        for i in range(counts[n]):
+            got = inter[int(offsets[n]) + i]
+            assert rel_rms(got, ckpts[n][i]) <= TOL, (n, i)
+    assert (inter[-1].float() == POISON).all()  # spare row untouched
+
+
+@pytest.mark.parametrize("lower_bound", [None, -5.0])
+@pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T", [1, 3])
+def test_decode_vs_naive(lower_bound, pool_dtype, T):
+    torch.manual_seed(11 + T)
+    B, H = 6, 4
+    q, k, v, g, beta, A_log, dt_bias = make_inputs(T, H, lead=(B,), center=None)
+    pool = make_pool(B + 3, H, pool_dtype)
+    slots = torch.tensor([3, 0, 5, -1, 1, 7], dtype=torch.int32, device=DEV)
+    init = torch.zeros(B, H, D, D, device=DEV)
+    for n in range(B):
+        if slots[n] > 0:
+            pool[slots[n]] = (torch.randn(H, D, D, device=DEV) * 0.3).to(pool_dtype)
+            init[n] = pool[slots[n]].float()
+    before = pool.clone()
+    # Strided q/k/v, as column slices of a fused projection.
+    fused = torch.cat([q, k, v], dim=-1)
+    qs, ks, vs = fused[..., :D], fused[..., D:2 * D], fused[..., 2 * D:]
+    out = torch.full(v.shape, float("nan"), dtype=torch.bfloat16, device=DEV)
+    _ext.decode(qs, ks, vs, g, beta, A_log, dt_bias, pool, slots, lower_bound=lower_bound, out=out)
+    torch.cuda.synchronize()
+    cu = torch.arange(B + 1) * T
+    flat = lambda t: t.reshape(B * T, *t.shape[2:])  # noqa: E731
+    o_ref, s_ref = run_naive(flat(q), flat(k), flat(v), flat(g), flat(beta), A_log, dt_bias, cu, init,
+                             lower_bound)
+    o_ref = o_ref.reshape(B, T, H, D)
+    assert not out.isnan().any()
+    for n in range(B):
+        if slots[n] > 0:
+            assert rel_rms(out[n], o_ref[n]) <= TOL
+            assert rel_rms(pool[slots[n]], s_ref[n]) <= TOL
+        else:
+            assert (out[n] == 0).all()
+    used = {int(s) for s in slots if s > 0}
+    for s in range(pool.shape[0]):
+        if s not in used:
+            assert torch.equal(pool[s], before[s])
+
+
+@pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16])
+def test_verify_equals_sequential_decodes(pool_dtype):
+    torch.manual_seed(5)
+    B, T, H = 4, 4, 4
+    q, k, v, g, beta, A_log, dt_bias = make_inputs(T, H, lead=(B,), center=0.0)
+    S = 1 + B * T + B
+    pool = make_pool(S, H, pool_dtype)
+    slots = torch.arange(1, 1 + B * T, dtype=torch.int32, device=DEV).reshape(B, T)
+    slots[3] = torch.tensor([0, 0, 0, 0])  # null row
+    num_acc = torch.tensor([1, 2, 4, 1], dtype=torch.int32, device=DEV)
+    for n in range(B):
+        a = int(num_acc[n])
+        if slots[n, a - 1] > 0:
+            pool[slots[n, a - 1]] = (torch.randn(H, D, D, device=DEV) * 0.3).to(pool_dtype)
+    seq_pool = pool.clone()
+    out = torch.full(v.shape, float("nan"), dtype=torch.bfloat16, device=DEV)
+    _ext.decode(q, k, v, g, beta, A_log, dt_bias, pool, slots, num_acc, out=out)
+
+    # Sequential single-token decodes through scratch slots.
+    scratch = torch.arange(1 + B * T, 1 + B * T + B, dtype=torch.int32, device=DEV)
+    start = slots.gather(1, (num_acc.long() - 1)[:, None]).squeeze(1)
+    valid = start > 0
+    seq_pool[scratch[valid]] = seq_pool[start[valid].long()]
+    run_slots = torch.where(valid, scratch, torch.zeros_like(scratch))
+    seq_out = torch.empty_like(out)
+    for t in range(T):
+        seq_out[:, t:t + 1] = _ext.decode(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], g[:, t:t + 1],
+                                          beta[:, t:t + 1], A_log, dt_bias, seq_pool, run_slots)
+        for n in range(B):
+            if valid[n] and slots[n, t] > 0:
+                seq_pool[slots[n, t]] = seq_pool[scratch[n]]
+    torch.cuda.synchronize()
+    assert not out.isnan().any()
+    assert rel_rms(out, seq_out) <= TOL
+    assert (out[3] == 0).all()
+    for n in range(B):
+        for t in range(T):
+            s = int(slots[n, t])
+            if s > 0 and valid[n]:
+                assert rel_rms(pool[s], seq_pool[s]) <= TOL
+
+
+def conv_case(W, R, D_, pool_dtype, w_dtype):
+    weight = torch.randn(D_, W, device=DEV).to(w_dtype)
+    bias = torch.randn(D_, device=DEV).to(w_dtype)
+    return weight, bias
+
+
+@pytest.mark.parametrize("W", [2, 3, 4])
+@pytest.mark.parametrize("extra_rows", [0, 3])
+@pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16])
+def test_conv_prefill(W, extra_rows, pool_dtype, w_dtype):
+    torch.manual_seed(W * 10 + extra_rows)
+    D_, R = 384, W - 1 + extra_rows
+    lens = [0, 1, 2, 5, 40, 3, 7]
+    N = len(lens)
+    cu = torch.tensor([0] + lens).cumsum(0).to(DEV, torch.int32)
+    x = torch.randn(int(cu[-1]), D_, device=DEV).bfloat16()
+    weight, bias = conv_case(W, R, D_, pool_dtype, w_dtype)
+    pool = torch.randn(N + 3, R, D_, device=DEV).to(pool_dtype)
+    slots = torch.tensor([1, 2, 3, 4, 5, 0, -1], dtype=torch.int32, device=DEV)
+    has_init = torch.tensor([1, 0, 1, 1, 0, 1, 1], dtype=torch.bool, device=DEV)
+    ref_pool = pool.clone()
+    ref = torch.empty_like(x)
+    reference.causal_conv1d_prefill(x, weight, bias, cu, ref_pool, slots, has_init, "silu", ref)
+    out = torch.full_like(x, float("nan"))
+    _ext.conv_prefill(x, weight, bias, cu, pool, slots, has_init, out=out)
+    torch.cuda.synchronize()
+    assert not out.isnan().any()
+    assert rel_rms(out, ref) <= TOL
+    assert torch.equal(pool, ref_pool)
+
+
+@pytest.mark.parametrize("W", [2, 4])
+@pytest.mark.parametrize("T", [1, 3])
+@pytest.mark.parametrize("spec", [False, True])
+@pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16])
+def test_conv_update(W, T, spec, pool_dtype):
+    torch.manual_seed(W + 10 * T)
+    B, D_ = 5, 256
+    R = W - 1 + (T - 1 if spec else 0)
+    x = torch.randn(B, T, D_, device=DEV).bfloat16()
+    weight, bias = conv_case(W, R, D_, pool_dtype, torch.float32)
+    pool = torch.randn(B + 2, R, D_, device=DEV).to(pool_dtype)
+    slots = torch.tensor([1, 0, 3, -1, 5], dtype=torch.int32, device=DEV)
+    num_acc = torch.randint(1, T + 1, (B,), dtype=torch.int32, device=DEV) if spec else None
+    ref_pool = pool.clone()
+    ref = torch.empty_like(x)
+    reference.causal_conv1d_update(x, weight, bias, ref_pool, slots, num_acc, "silu", ref)
+    out = torch.full_like(x, float("nan"))
+    _ext.conv_update(x, weight, bias, pool, slots, num_acc, out=out)
+    torch.cuda.synchronize()
+    assert not out.isnan().any()
+    assert rel_rms(out, ref) <= TOL
+    assert torch.equal(pool, ref_pool)
