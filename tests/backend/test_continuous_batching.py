@@ -8,47 +8,58 @@ import torch
 from kda_serving.backend import KDALayerParams, KDAStateCache, build_kda_batch, kda_mixer_forward
 from tests.conftest import rel_rms
 
-H, D, W = 2, 32, 4
+H, W = 2, 4
+D = 32
+# (device, activation dtype, head dim, tolerance): the CPU reference in fp32, and on a Hopper GPU
+# the CUDA kernels, which take bf16 activations and head dim 128
+SETUPS = [pytest.param(("cpu", torch.float32, 32, 1e-5), id="cpu"),
+          pytest.param(("cuda", torch.bfloat16, 128, 5e-3), id="cuda", marks=[
+              pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])]
 
 
-def make_params(lb):
-    return KDALayerParams(num_heads=H, head_dim=D, conv_weight=torch.randn(3 * H * D, W) * 0.5,
-                          conv_bias=torch.randn(3 * H * D) * 0.1, A_log=torch.rand(H) - 0.5,
-                          dt_bias=torch.randn(H * D), norm_weight=torch.rand(D) + 0.5,
+def make_params(lb, device="cpu", d=D):
+    return KDALayerParams(num_heads=H, head_dim=d, conv_weight=torch.randn(3 * H * d, W, device=device) * 0.5,
+                          conv_bias=torch.randn(3 * H * d, device=device) * 0.1,
+                          A_log=torch.rand(H, device=device) - 0.5,
+                          dt_bias=torch.randn(H * d, device=device), norm_weight=torch.rand(d, device=device) + 0.5,
                           norm_eps=1e-6, lower_bound=lb)
 
 
-def make_stream(n):
-    return dict(x=torch.randn(n, 3 * H * D), g=torch.randn(n, H, D) * 4, beta=torch.randn(n, H) * 2,
-                gate=torch.randn(n, H, D))
+def make_stream(n, device="cpu", dtype=torch.float32, d=D):
+    f = dict(device=device, dtype=dtype)
+    return dict(x=torch.randn(n, 3 * H * d, **f), g=torch.randn(n, H, d, **f) * 4,
+                beta=torch.randn(n, H, **f) * 2, gate=torch.randn(n, H, d, **f))
 
 
-def make_cache(max_requests, spec):
-    return KDAStateCache(num_layers=1, max_requests=max_requests, num_heads=H, head_dim=D,
-                         conv_width=W, num_spec_tokens=spec, conv_dtype=torch.float32)
+def make_cache(max_requests, spec, device="cpu", d=D, conv_dtype=torch.float32):
+    return KDAStateCache(num_layers=1, max_requests=max_requests, num_heads=H, head_dim=d,
+                         conv_width=W, num_spec_tokens=spec, conv_dtype=conv_dtype, device=device)
 
 
-def run_alone(stream, params, spec):
-    cache = make_cache(1, spec)
+def run_alone(stream, params, spec, device="cpu", d=D, conv_dtype=torch.float32):
+    cache = make_cache(1, spec, device, d, conv_dtype)
     slots = cache.allocate("r")
     n = stream["x"].shape[0]
-    st = torch.tensor([slots] if spec else slots[:1], dtype=torch.int32)
+    st = torch.tensor([slots] if spec else slots[:1], dtype=torch.int32, device=device)
     batch = build_kda_batch([0, n], [0], st, num_spec_tokens=spec, num_decodes=0 if spec else None)
     return kda_mixer_forward(stream["x"], stream["g"], stream["beta"], stream["gate"], params, batch,
                              cache.conv[0], cache.state[0])
 
 
+@pytest.mark.parametrize("setup", SETUPS)
 @pytest.mark.parametrize("spec", [0, 2])
 @pytest.mark.parametrize("lb", [None, -5.0])
-def test_every_request_matches_running_alone(spec, lb):
+def test_every_request_matches_running_alone(setup, spec, lb):
+    device, dtype, d, tol = setup
     rng = random.Random(torch.initial_seed())
-    params = make_params(lb)
+    params = make_params(lb, device, d)
     L = 1 + spec
-    reqs = {i: dict(stream=make_stream(rng.randint(3, 40)), prompt=None, pos=0, acc=1, outs=[])
-            for i in range(12)}
+    reqs = {i: dict(stream=make_stream(rng.randint(3, 40), device, dtype, d), prompt=None, pos=0,
+                    acc=1, outs=[]) for i in range(12)}
     for r in reqs.values():
         r["prompt"] = rng.randint(1, r["stream"]["x"].shape[0])
-    cache = make_cache(6, spec)
+    cache = make_cache(6, spec, device, d, dtype)
     waiting, running = list(reqs), []
     steps = 0
     while waiting or running:
@@ -67,7 +78,7 @@ def test_every_request_matches_running_alone(spec, lb):
             left = s["x"].shape[0] - r["pos"]
             a = rng.randint(1, min(L, left))
             idx = list(range(r["pos"], r["pos"] + a))
-            junk = make_stream(L - a)
+            junk = make_stream(L - a, device, dtype, d)
             rows.append({k: torch.cat([s[k][idx], junk[k]]) for k in s})
             keep.append((i, qsl[-1], a))
             qsl.append(qsl[-1] + L)
@@ -86,16 +97,16 @@ def test_every_request_matches_running_alone(spec, lb):
         if not rows:
             continue
         pad_tokens = rng.randint(0, 3)
-        rows.append(make_stream(pad_tokens))     # padding tokens at the end of the step
+        rows.append(make_stream(pad_tokens, device, dtype, d))   # padding tokens at the end of the step
         qsl.append(qsl[-1])                       # and a zero-length padding request on slot 0
         ncomp.append(0)
         slots.append([0] * L)
         step = {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
-        st = torch.tensor(slots if spec else [s[0] for s in slots], dtype=torch.int32)
+        st = torch.tensor(slots if spec else [s[0] for s in slots], dtype=torch.int32, device=device)
         batch = build_kda_batch(qsl, ncomp, st, num_spec_tokens=spec, num_decodes=len(dec),
                                 num_accepted_tokens=torch.tensor(acc + [1] * (len(qsl) - 1 - len(acc)),
                                                                  dtype=torch.int32))
-        out = torch.full((step["x"].shape[0], H, D), float("nan"))
+        out = torch.full((step["x"].shape[0], H, d), float("nan"), device=device, dtype=dtype)
         kda_mixer_forward(step["x"], step["g"], step["beta"], step["gate"], params, batch,
                           cache.conv[0], cache.state[0], out=out)
         assert torch.equal(out[qsl[-1]:], torch.zeros_like(out[qsl[-1]:]))
@@ -109,8 +120,8 @@ def test_every_request_matches_running_alone(spec, lb):
                 cache.release(i)
                 running.remove(i)
     for i, r in reqs.items():
-        alone = run_alone(r["stream"], params, spec)
-        assert rel_rms(torch.cat(r["outs"]), alone) <= 1e-5, f"request {i}"
+        alone = run_alone(r["stream"], params, spec, device, d, dtype)
+        assert rel_rms(torch.cat(r["outs"]), alone) <= tol, f"request {i}"
     assert cache.num_free_slots == cache.num_slots - 1
 
 
