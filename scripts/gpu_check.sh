@@ -11,7 +11,7 @@ KDA_SERVING_CUDA=1 python3 setup.py build_ext --inplace >"$OUT/build.log" 2>&1 |
 python3 -m kda_serving.cli doctor | tee "$OUT/doctor.txt"
 python3 -m pytest -q -ra -m gpu tests >"$OUT/pytest-gpu.log" 2>&1 || rc=1
 tail -3 "$OUT/pytest-gpu.log"
-for b in scripts/bench_*.py; do
+for b in scripts/bench_prefill.py scripts/bench_decode.py scripts/bench_layer.py; do
   [ -e "$b" ] || continue
   python3 "$b" --out "$OUT" >"$OUT/$(basename "$b" .py).log" 2>&1 || rc=1
   tail -20 "$OUT/$(basename "$b" .py).log"

@@ -1,0 +1,156 @@
+"""Prefill: ``kda_serving.ops.kda_prefill`` against fla ``chunk_kda``, on the state pool.
+
+Timed region, per call (CUDA events, median): ours is one ``ops.kda_prefill`` call on bf16
+q, k, v, g [T, H, 128], beta [T, H] and an fp32 pool [S, H, V, K] updated in place at ``slots``
+(has_initial_state True). fla is ``kda_serving.baselines.fla_ops.kda_prefill``: gather the
+initial states from the pool, ``chunk_kda`` (V-first fp32 states, gate / L2 norm / beta sigmoid in
+the kernel; the bounded gate with safe_gate=True, lower_bound=-5), scatter the final states back.
+Both allocate their output inside the timed call.
+
+HBM floor: q, k, v, g, beta read once, o written once, the states read and written once, at the
+copy bandwidth measured in the same run. Extra memory: peak device memory allocated during one
+call, output included, per token.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import bench_common as bc
+import torch
+
+from kda_serving import ops
+from kda_serving.baselines import fla_ops
+
+D = 128
+GATES = {"kimi": None, "bounded": -5.0}
+K32, K128 = 32 * 1024, 128 * 1024
+CASES = [(96, [8192]), (96, [1024] * 8), (32, [32768]), (32, [4096] * 8), (8, [131072])]
+LONG_CASES = [(H, [T]) for H in (4, 8, 16, 32) for T in (K32, K128, 512 * 1024, 1024 * 1024)] + \
+             [(H, [K128] + [1024] * 63) for H in (4, 8, 16, 32)]
+SMOKE_CASES = [(2, [64]), (2, [40, 0, 24])]
+SMOKE_D = 32
+
+
+def describe(seqlens: list[int]) -> str:
+    """[8192] -> '1x8192'; [131072] + [1024]*63 -> '1x131072+63x1024'."""
+    parts, i = [], 0
+    while i < len(seqlens):
+        j = i
+        while j < len(seqlens) and seqlens[j] == seqlens[i]:
+            j += 1
+        parts.append(f"{j - i}x{seqlens[i]}")
+        i = j
+    return "+".join(parts)
+
+
+def make_inputs(H, d, seqlens, device):
+    T, N = sum(seqlens), len(seqlens)
+    bf = dict(dtype=torch.bfloat16, device=device)
+    x = dict(q=torch.randn(T, H, d, **bf), k=torch.randn(T, H, d, **bf), v=torch.randn(T, H, d, **bf),
+             g=torch.randn(T, H, d, **bf), beta=torch.randn(T, H, **bf),
+             A_log=torch.rand(H, device=device), dt_bias=torch.rand(H * d, device=device))
+    cu_cpu = torch.tensor([0] + seqlens, dtype=torch.int64).cumsum(0)
+    pool = 0.1 * torch.randn(N + 1, H, d, d, device=device)  # row 0: the null slot
+    return x, dict(cu_seqlens=cu_cpu.to(device), state_pool=pool,
+                   slots=torch.arange(1, N + 1, dtype=torch.int32, device=device),
+                   has_initial_state=torch.ones(N, dtype=torch.bool, device=device)), cu_cpu
+
+
+def io_bytes(x: dict, pool: torch.Tensor, N: int) -> int:
+    """Essential HBM traffic: inputs once, output (bf16, v's shape) once, N states read + written."""
+    inputs = sum(x[n].numel() * x[n].element_size() for n in ("q", "k", "v", "g", "beta"))
+    state = pool[0].numel() * pool.element_size()
+    return inputs + x["v"].numel() * x["v"].element_size() + 2 * N * state
+
+
+def run_case(H, d, seqlens, gate, device, bandwidth, fla_reason, iters, warmup):
+    T, N = sum(seqlens), len(seqlens)
+    lb = GATES[gate]
+    row = dict(case=f"H{H} {describe(seqlens)} {gate}", gate=gate, lower_bound=lb,
+               shape=dict(H=H, K=d, V=d, tokens=T, num_seqs=N, seqlens=describe(seqlens),
+                          dtype="bfloat16", pool_dtype="float32"),
+               ours_ms=None, fla_ms=None, ours_extra_bytes_per_token=None, fla_extra_bytes_per_token=None)
+    need = 7 * T * H * d * 2  # q, k, v, g in, two outputs alive during the cross-check, slack
+    if need > bc.free_bytes(device):
+        row["skipped"] = f"needs about {need / 2**30:.1f} GiB, {bc.free_bytes(device) / 2**30:.1f} GiB free"
+        return row
+    x, pool_args, cu_cpu = make_inputs(H, d, seqlens, device)
+    args = [x[n] for n in ("q", "k", "v", "g", "beta", "A_log", "dt_bias")]
+    pool, slots = pool_args["state_pool"], pool_args["slots"].long()
+    impls = {"ours": lambda: ops.kda_prefill(*args, **pool_args, lower_bound=lb)}
+    if fla_reason is None:
+        impls["fla"] = lambda: fla_ops.kda_prefill(*args, **pool_args, lower_bound=lb, cu_seqlens_cpu=cu_cpu)
+        row["fla_backend"] = fla_ops.chunk_backend(lb)
+    row["floor_ms"] = bc.floor_ms(io_bytes(x, pool, N), bandwidth)
+
+    # cross-check from the same starting pool, then time (timing keeps updating the pool)
+    pool0, results = pool.clone(), {}
+    for name, fn in impls.items():
+        pool.copy_(pool0)
+        try:
+            results[name] = (fn(), pool[slots].clone())
+        except (torch.cuda.OutOfMemoryError, RuntimeError, ValueError) as e:
+            row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    if "ours" in results and "fla" in results:
+        row["fla_vs_ours_out_rel_rms"] = bc.rel_rms(results["fla"][0], results["ours"][0])
+        row["fla_vs_ours_state_rel_rms"] = bc.rel_rms(results["fla"][1], results["ours"][1])
+    del results, pool0
+    for name, fn in impls.items():
+        if f"{name}_error" in row:
+            continue
+        try:
+            row[f"{name}_ms"] = bc.time_ms(fn, device, iters=iters, warmup=warmup)
+            extra = bc.peak_extra_bytes(fn, device)
+            row[f"{name}_extra_bytes_per_token"] = extra / T if extra is not None else None
+        except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
+            row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    row["speedup_vs_fla"] = bc.ratio(row.get("fla_ms"), row.get("ours_ms"))
+    row["hbm_floor_fraction"] = bc.ratio(row["floor_ms"], row.get("ours_ms"))
+    row["fla_hbm_floor_fraction"] = bc.ratio(row["floor_ms"], row.get("fla_ms"))
+    return row
+
+
+COLUMNS = [("case", "case"), ("ours_ms", "ours ms"), ("fla_ms", "fla ms"), ("speedup_vs_fla", "speedup"),
+           ("floor_ms", "floor ms"), ("hbm_floor_fraction", "floor frac"),
+           ("fla_hbm_floor_fraction", "fla floor frac"), ("ours_extra_bytes_per_token", "extra B/tok"),
+           ("fla_extra_bytes_per_token", "fla extra B/tok"), ("fla_vs_ours_out_rel_rms", "o rel rms")]
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    p = bc.base_parser(__doc__.splitlines()[0])
+    p.add_argument("--long", action="store_true",
+                   help="long single sequences: H in {4,8,16,32} x {32K,128K,512K,1M}, and 1x128K+63x1K")
+    p.add_argument("--gates", nargs="+", choices=list(GATES), default=list(GATES))
+    p.add_argument("--iters", type=int, default=50, help="timing samples per shape (at most)")
+    args = p.parse_args(argv)
+    device = bc.pick_device(args.device)
+    torch.manual_seed(0)
+    d, iters, warmup = (SMOKE_D, 2, 1) if args.smoke else (D, args.iters, 3)
+    cases = SMOKE_CASES if args.smoke else (LONG_CASES if args.long else CASES)
+    bandwidth = bc.copy_bandwidth(device)
+    fla_reason = fla_ops.unavailable_reason(device)
+    if fla_reason:
+        print(f"fla skipped: {fla_reason}")
+    rows = []
+    with torch.inference_mode():
+        for H, seqlens in cases:
+            for gate in args.gates:
+                rows.append(run_case(H, d, seqlens, gate, device, bandwidth, fla_reason, iters, warmup))
+                print(f"done: {rows[-1]['case']}", flush=True)
+    meta = bc.run_metadata("bench_prefill", device, argv, bandwidth)
+    print(f"\n{meta['device']}  copy bandwidth {meta['copy_bandwidth_gbps']:.0f} GB/s  commit {meta['commit']}")
+    bc.print_table(rows, COLUMNS)
+    for r in rows:
+        for key in ("skipped", "ours_error", "fla_error"):
+            if key in r:
+                print(f"{r['case']}: {key}: {r[key]}")
+    path = bc.write_json(args.out, meta, rows, mode="smoke" if args.smoke else ("long" if args.long else "default"),
+                         fla_skipped=fla_reason)
+    print(f"wrote {path}")
+    return path
+
+
+if __name__ == "__main__":
+    main()
