@@ -34,6 +34,19 @@
 //                      Tensor slots, Tensor? num_accepted, bool silu, Tensor(b!) out) -> ()
 //   x, out [B, T, D] bf16; slots [B] int32. off = num_accepted[b]-1 (0 without): window
 //   history = pool rows [off, off+W-1); new rows = (pool[off:] ++ zeros(off) ++ x)[T:T+R].
+//
+// kda_decode_fused(Tensor mixed_qkv, Tensor g, Tensor beta, Tensor A_log, Tensor dt_bias,
+//                  Tensor conv_weight, Tensor? conv_bias, Tensor(a!) conv_pool,
+//                  Tensor(b!) state_pool, Tensor slots, Tensor? num_accepted,
+//                  float? lower_bound, float scale, Tensor? out_gate, Tensor? norm_weight,
+//                  float norm_eps, Tensor(c!) out) -> ()
+//   causal_conv1d_update (SiLU) of mixed_qkv [B, T, 3*H*128] bf16 (row strides free) with
+//   conv_weight [3*H*128, W], conv_pool [S, R, 3*H*128] and the conv slot slots[n, 0], then
+//   kda_decode of the q | k | v column blocks with g [B, T, H, 128], beta [B, T, H] on
+//   state_pool, then, with out_gate [B, T, H, 128] bf16 and norm_weight [128] fp32/bf16,
+//   out = RMSNorm(out)·norm_weight·sigmoid(out_gate) per head. slots / num_accepted as for
+//   kda_decode; a row whose start slot or conv slot is <= 0 (or whose conv window leaves the
+//   pool) gets zero output and touches neither pool.
 
 #include <Python.h>
 
@@ -46,6 +59,7 @@
 
 #include "conv/conv1d.h"
 #include "decode/kda_decode.h"
+#include "decode/kda_decode_fused.h"
 #include "prefill/kda_prefill.h"
 
 namespace {
@@ -172,38 +186,36 @@ void kda_prefill(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor
   KDA_CHECK(err == cudaSuccess, "kda_prefill launch failed: ", cudaGetErrorString(err));
 }
 
-void kda_decode(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
-                const Tensor& beta, const Tensor& A_log, const Tensor& dt_bias, Tensor& state_pool,
-                const Tensor& slots, const std::optional<Tensor>& num_accepted,
-                std::optional<double> lower_bound, double scale, Tensor& out) {
-  KDA_CHECK(q.dim() == 4 && q.size(3) == kDim, "q must be [B, T, H, 128], got ", q.sizes());
-  const int64_t B = q.size(0), T = q.size(1), H = q.size(2);
-  const Named tensors[] = {{&q, "q"}, {&k, "k"}, {&g, "g"}, {&v, "v"}, {&out, "out"}};
+// Checks and fills everything of a decode call but q, k, v: g [B, T, H, 128], beta [B, T, H],
+// gate params, state pool, slots, num_accepted, out [B, T, H, 128], scale and gate bound.
+void fill_decode_common(kda::KdaDecodeParams& p, const Tensor& g, const Tensor& beta,
+                        const Tensor& A_log, const Tensor& dt_bias, Tensor& state_pool,
+                        const Tensor& slots, const std::optional<Tensor>& num_accepted,
+                        std::optional<double> lower_bound, double scale, Tensor& out) {
+  KDA_CHECK(g.dim() == 4 && g.size(3) == kDim, "g must be [B, T, H, 128], got ", g.sizes());
+  const int64_t B = g.size(0), T = g.size(1), H = g.size(2);
+  const Named tensors[] = {{&g, "g"}, {&out, "out"}};
   for (const auto& [t, name] : tensors) {
     KDA_CHECK(t->dim() == 4 && t->size(0) == B && t->size(1) == T && t->size(2) == H &&
               t->size(3) == kDim, name, " must be [", B, ", ", T, ", ", H, ", 128], got ", t->sizes());
-    check_cuda(*t, name, q);
+    check_cuda(*t, name, g);
     check_dtype(*t, name, at::kBFloat16);
     check_last_contig(*t, name);
   }
   KDA_CHECK(beta.dim() == 3 && beta.size(0) == B && beta.size(1) == T && beta.size(2) == H,
             "beta must be [B, T, H]");
-  check_cuda(beta, "beta", q);
+  check_cuda(beta, "beta", g);
   check_dtype(beta, "beta", at::kBFloat16);
-  check_gate_params(A_log, dt_bias, H, q);
-  check_state(state_pool, "state_pool", H, q);
-  check_cuda(slots, "slots", q);
+  check_gate_params(A_log, dt_bias, H, g);
+  check_state(state_pool, "state_pool", H, g);
+  check_cuda(slots, "slots", g);
   check_dtype(slots, "slots", at::kInt);
   KDA_CHECK(slots.size(0) == B && slots.stride(-1) == 1 && (slots.dim() == 1 || slots.dim() == 2),
             "slots must be [B] or [B, C] with a contiguous last dim");
   const bool verify = slots.dim() == 2;
   if (verify) KDA_CHECK(slots.size(1) >= T, "slots [B, C] needs C >= T");
 
-  kda::KdaDecodeParams p{};
-  p.q = q.data_ptr(); p.k = k.data_ptr(); p.v = v.data_ptr(); p.g = g.data_ptr(); p.beta = beta.data_ptr();
-  p.q_sb = q.stride(0); p.q_st = q.stride(1); p.q_sh = q.stride(2);
-  p.k_sb = k.stride(0); p.k_st = k.stride(1); p.k_sh = k.stride(2);
-  p.v_sb = v.stride(0); p.v_st = v.stride(1); p.v_sh = v.stride(2);
+  p.g = g.data_ptr(); p.beta = beta.data_ptr();
   p.g_sb = g.stride(0); p.g_st = g.stride(1); p.g_sh = g.stride(2);
   p.beta_sb = beta.stride(0); p.beta_st = beta.stride(1); p.beta_sh = beta.stride(2);
   p.A_log = A_log.data_ptr<float>();
@@ -216,7 +228,7 @@ void kda_decode(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor&
   p.slot_cols = verify ? (int)slots.size(1) : 1;
   p.verify = verify;
   if (verify && num_accepted.has_value()) {
-    check_cuda(*num_accepted, "num_accepted", q);
+    check_cuda(*num_accepted, "num_accepted", g);
     check_dtype(*num_accepted, "num_accepted", at::kInt);
     KDA_CHECK(num_accepted->numel() == B && num_accepted->is_contiguous(), "num_accepted must be contiguous [B]");
     p.num_accepted = num_accepted->data_ptr<int32_t>();
@@ -226,15 +238,36 @@ void kda_decode(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor&
   p.scale = (float)scale;
   p.has_lower_bound = lower_bound.has_value();
   p.lower_bound = lower_bound.has_value() ? (float)*lower_bound : 0.f;
-  const c10::cuda::CUDAGuard guard(q.device());
+}
+
+void kda_decode(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
+                const Tensor& beta, const Tensor& A_log, const Tensor& dt_bias, Tensor& state_pool,
+                const Tensor& slots, const std::optional<Tensor>& num_accepted,
+                std::optional<double> lower_bound, double scale, Tensor& out) {
+  kda::KdaDecodeParams p{};
+  fill_decode_common(p, g, beta, A_log, dt_bias, state_pool, slots, num_accepted, lower_bound,
+                     scale, out);
+  const Named tensors[] = {{&q, "q"}, {&k, "k"}, {&v, "v"}};
+  for (const auto& [t, name] : tensors) {
+    KDA_CHECK(t->sizes() == g.sizes(), name, " must be [", p.B, ", ", p.T, ", ", p.H,
+              ", 128], got ", t->sizes());
+    check_cuda(*t, name, g);
+    check_dtype(*t, name, at::kBFloat16);
+    check_last_contig(*t, name);
+  }
+  p.q = q.data_ptr(); p.k = k.data_ptr(); p.v = v.data_ptr();
+  p.q_sb = q.stride(0); p.q_st = q.stride(1); p.q_sh = q.stride(2);
+  p.k_sb = k.stride(0); p.k_st = k.stride(1); p.k_sh = k.stride(2);
+  p.v_sb = v.stride(0); p.v_st = v.stride(1); p.v_sh = v.stride(2);
+  const c10::cuda::CUDAGuard guard(g.device());
   p.num_sms = num_sms();
   const cudaError_t err = kda::kda_decode_launch(p, at::cuda::getCurrentCUDAStream());
   KDA_CHECK(err == cudaSuccess, "kda_decode launch failed: ", cudaGetErrorString(err));
 }
 
-void fill_conv_common(kda::Conv1dParams& p, const Tensor& x, const Tensor& weight,
-                      const std::optional<Tensor>& bias, Tensor& conv_pool, const Tensor& slots,
-                      int64_t D, bool silu) {
+// Weight, bias and pool of a conv call on x with D channels.
+void fill_conv_layer(kda::Conv1dParams& p, const Tensor& x, const Tensor& weight,
+                     const std::optional<Tensor>& bias, Tensor& conv_pool, int64_t D, bool silu) {
   check_cuda(weight, "weight", x);
   KDA_CHECK(weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kBFloat16,
             "weight must be float32 or bfloat16");
@@ -251,18 +284,24 @@ void fill_conv_common(kda::Conv1dParams& p, const Tensor& x, const Tensor& weigh
   const int64_t W = weight.size(1);
   KDA_CHECK(conv_pool.dim() == 3 && conv_pool.size(2) == D && conv_pool.size(1) >= W - 1,
             "conv_pool must be [S, R >= W-1, D], got ", conv_pool.sizes());
-  check_cuda(slots, "slots", x);
-  check_dtype(slots, "slots", at::kInt);
-  KDA_CHECK(slots.dim() == 1 && slots.is_contiguous(), "slots must be contiguous 1-D");
   p.weight = weight.data_ptr();
   p.bias = bias.has_value() ? bias->data_ptr() : nullptr;
   p.weight_bf16 = weight.scalar_type() == at::kBFloat16;
   p.pool = conv_pool.data_ptr();
   p.pool_ss = conv_pool.stride(0); p.pool_sr = conv_pool.stride(1); p.pool_sd = conv_pool.stride(2);
   p.pool_bf16 = conv_pool.scalar_type() == at::kBFloat16;
-  p.slots = slots.data_ptr<int32_t>();
   p.D = (int)D; p.W = (int)W; p.R = (int)conv_pool.size(1);
   p.silu = silu;
+}
+
+void fill_conv_common(kda::Conv1dParams& p, const Tensor& x, const Tensor& weight,
+                      const std::optional<Tensor>& bias, Tensor& conv_pool, const Tensor& slots,
+                      int64_t D, bool silu) {
+  fill_conv_layer(p, x, weight, bias, conv_pool, D, silu);
+  check_cuda(slots, "slots", x);
+  check_dtype(slots, "slots", at::kInt);
+  KDA_CHECK(slots.dim() == 1 && slots.is_contiguous(), "slots must be contiguous 1-D");
+  p.slots = slots.data_ptr<int32_t>();
 }
 
 void causal_conv1d_prefill(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
@@ -324,6 +363,53 @@ void causal_conv1d_update(const Tensor& x, const Tensor& weight, const std::opti
   KDA_CHECK(err == cudaSuccess, "causal_conv1d_update launch failed: ", cudaGetErrorString(err));
 }
 
+void kda_decode_fused(const Tensor& mixed_qkv, const Tensor& g, const Tensor& beta,
+                      const Tensor& A_log, const Tensor& dt_bias, const Tensor& conv_weight,
+                      const std::optional<Tensor>& conv_bias, Tensor& conv_pool, Tensor& state_pool,
+                      const Tensor& slots, const std::optional<Tensor>& num_accepted,
+                      std::optional<double> lower_bound, double scale,
+                      const std::optional<Tensor>& out_gate, const std::optional<Tensor>& norm_weight,
+                      double norm_eps, Tensor& out) {
+  kda::KdaDecodeFusedParams p{};
+  fill_decode_common(p.dec, g, beta, A_log, dt_bias, state_pool, slots, num_accepted, lower_bound,
+                     scale, out);
+  const int64_t B = p.dec.B, T = p.dec.T, D = 3 * p.dec.H * kDim;
+  KDA_CHECK(mixed_qkv.dim() == 3 && mixed_qkv.size(0) == B && mixed_qkv.size(1) == T &&
+            mixed_qkv.size(2) == D, "mixed_qkv must be [", B, ", ", T, ", ", D, "], got ",
+            mixed_qkv.sizes());
+  check_cuda(mixed_qkv, "mixed_qkv", g);
+  check_dtype(mixed_qkv, "mixed_qkv", at::kBFloat16);
+  check_last_contig(mixed_qkv, "mixed_qkv");
+  fill_conv_layer(p.conv, mixed_qkv, conv_weight, conv_bias, conv_pool, D, /*silu=*/true);
+  p.conv.x = mixed_qkv.data_ptr(); p.conv.x_sb = mixed_qkv.stride(0); p.conv.x_st = mixed_qkv.stride(1);
+  p.conv.num_accepted = p.dec.num_accepted;
+  p.conv.N = (int)B; p.conv.T = (int)T;
+  KDA_CHECK(out_gate.has_value() == norm_weight.has_value(),
+            "out_gate and norm_weight must be given together");
+  if (out_gate.has_value()) {
+    KDA_CHECK(out_gate->sizes() == out.sizes(), "out_gate must be [", B, ", ", T, ", ", p.dec.H,
+              ", 128], got ", out_gate->sizes());
+    check_cuda(*out_gate, "out_gate", g);
+    check_dtype(*out_gate, "out_gate", at::kBFloat16);
+    check_last_contig(*out_gate, "out_gate");
+    check_cuda(*norm_weight, "norm_weight", g);
+    KDA_CHECK(norm_weight->scalar_type() == at::kFloat || norm_weight->scalar_type() == at::kBFloat16,
+              "norm_weight must be float32 or bfloat16, got ", norm_weight->scalar_type());
+    KDA_CHECK(norm_weight->numel() == kDim && norm_weight->is_contiguous(),
+              "norm_weight must be contiguous [128]");
+    KDA_CHECK(norm_eps > 0.0, "norm_eps must be positive");
+    p.out_gate = out_gate->data_ptr();
+    p.gate_sb = out_gate->stride(0); p.gate_st = out_gate->stride(1); p.gate_sh = out_gate->stride(2);
+    p.norm_weight = norm_weight->data_ptr();
+    p.norm_weight_bf16 = norm_weight->scalar_type() == at::kBFloat16;
+    p.norm_eps = (float)norm_eps;
+  }
+  const c10::cuda::CUDAGuard guard(g.device());
+  p.dec.num_sms = num_sms();
+  const cudaError_t err = kda::kda_decode_fused_launch(p, at::cuda::getCurrentCUDAStream());
+  KDA_CHECK(err == cudaSuccess, "kda_decode_fused launch failed: ", cudaGetErrorString(err));
+}
+
 // Meta kernels: the ops only mutate their arguments, so tracing needs nothing more.
 void kda_prefill_meta(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                       const Tensor&, const Tensor&, const Tensor&, Tensor&, const Tensor&,
@@ -332,6 +418,11 @@ void kda_prefill_meta(const Tensor&, const Tensor&, const Tensor&, const Tensor&
 void kda_decode_meta(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                      const Tensor&, const Tensor&, Tensor&, const Tensor&,
                      const std::optional<Tensor>&, std::optional<double>, double, Tensor&) {}
+void kda_decode_fused_meta(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                           const Tensor&, const Tensor&, const std::optional<Tensor>&, Tensor&,
+                           Tensor&, const Tensor&, const std::optional<Tensor>&,
+                           std::optional<double>, double, const std::optional<Tensor>&,
+                           const std::optional<Tensor>&, double, Tensor&) {}
 void conv_prefill_meta(const Tensor&, const Tensor&, const std::optional<Tensor>&, const Tensor&,
                        Tensor&, const Tensor&, const Tensor&, bool, Tensor&) {}
 void conv_update_meta(const Tensor&, const Tensor&, const std::optional<Tensor>&, Tensor&,
@@ -356,6 +447,11 @@ TORCH_LIBRARY(kda_serving, m) {
   m.def(
       "causal_conv1d_update(Tensor x, Tensor weight, Tensor? bias, Tensor(a!) conv_pool, "
       "Tensor slots, Tensor? num_accepted, bool silu, Tensor(b!) out) -> ()");
+  m.def(
+      "kda_decode_fused(Tensor mixed_qkv, Tensor g, Tensor beta, Tensor A_log, Tensor dt_bias, "
+      "Tensor conv_weight, Tensor? conv_bias, Tensor(a!) conv_pool, Tensor(b!) state_pool, "
+      "Tensor slots, Tensor? num_accepted, float? lower_bound, float scale, Tensor? out_gate, "
+      "Tensor? norm_weight, float norm_eps, Tensor(c!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(kda_serving, CUDA, m) {
@@ -363,6 +459,7 @@ TORCH_LIBRARY_IMPL(kda_serving, CUDA, m) {
   m.impl("kda_decode", &kda_decode);
   m.impl("causal_conv1d_prefill", &causal_conv1d_prefill);
   m.impl("causal_conv1d_update", &causal_conv1d_update);
+  m.impl("kda_decode_fused", &kda_decode_fused);
 }
 
 TORCH_LIBRARY_IMPL(kda_serving, Meta, m) {
@@ -370,6 +467,7 @@ TORCH_LIBRARY_IMPL(kda_serving, Meta, m) {
   m.impl("kda_decode", &kda_decode_meta);
   m.impl("causal_conv1d_prefill", &conv_prefill_meta);
   m.impl("causal_conv1d_update", &conv_update_meta);
+  m.impl("kda_decode_fused", &kda_decode_fused_meta);
 }
 
 // Importing kda_serving._C loads this library, which runs the registrations above.

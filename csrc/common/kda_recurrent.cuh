@@ -24,12 +24,26 @@ struct RecurrentSmem {
 
 // Inputs of one (sequence, head) at its first token; strides are per token, in elements.
 // v and o already point at the CTA's first value row.
+//
+// TokenView is also the default *source* of q, k and v for RowBlock::run: bf16 rows in global
+// memory. Another source (e.g. the fused decode, which computes q, k, v from the conv window)
+// provides the same two members:
+//   load_qk(t, c, q, k): raw q and k of token t, channels c..c+3 (before the L2 norm);
+//   load_v(t, j):        raw v of token t, row j of the CTA's block.
 struct TokenView {
   const __nv_bfloat16 *q, *k, *g, *v, *beta;
   int64_t sq, sk, sg, sv, sb;
   __nv_bfloat16* o;
   int64_t so;
   int len;
+
+  __device__ __forceinline__ void load_qk(int64_t t, int c, float (&qv)[4], float (&kv)[4]) const {
+    const __nv_bfloat16* qp = q + t * sq + c;
+    const __nv_bfloat16* kp = k + t * sk + c;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) { qv[j] = bf2f(qp[j]); kv[j] = bf2f(kp[j]); }
+  }
+  __device__ __forceinline__ float load_v(int64_t t, int j) const { return bf2f(v[t * sv + j]); }
 };
 
 struct GateArgs {
@@ -147,9 +161,16 @@ struct RowBlock {
   }
 
   // Runs all tokens of tv; sink(t, *this) is called after token t (uniform across the CTA)
-  // so callers can store checkpoints or per-token states.
+  // so callers can store checkpoints or per-token states. q, k, v come from tv's rows.
   template <class Sink>
   __device__ __forceinline__ void run(const TokenView& tv, const GateArgs& ga,
+                                      RecurrentSmem<BV>& sm, Sink&& sink) {
+    run(tv, tv, ga, sm, static_cast<Sink&&>(sink));
+  }
+
+  // As above with q, k, v taken from src (see TokenView); g, beta, o and len from tv.
+  template <class Src, class Sink>
+  __device__ __forceinline__ void run(const TokenView& tv, const Src& src, const GateArgs& ga,
                                       RecurrentSmem<BV>& sm, Sink&& sink) {
     const int c = lane * 4;
     float dtb[4];
@@ -161,12 +182,11 @@ struct RowBlock {
       __syncthreads();  // previous chunk fully consumed
       for (int i = warp; i < n; i += kWarps) {
         const int64_t t = t0 + i;
-        const __nv_bfloat16* qp = tv.q + t * tv.sq + c;
-        const __nv_bfloat16* kp = tv.k + t * tv.sk + c;
         const __nv_bfloat16* gp = tv.g + t * tv.sg + c;
         float qv[4], kv[4], gv[4];
+        src.load_qk(t, c, qv, kv);
 #pragma unroll
-        for (int j = 0; j < 4; ++j) { qv[j] = bf2f(qp[j]); kv[j] = bf2f(kp[j]); gv[j] = bf2f(gp[j]); }
+        for (int j = 0; j < 4; ++j) gv[j] = bf2f(gp[j]);
         float sq = 0.f, sk = 0.f;
 #pragma unroll
         for (int j = 0; j < 4; ++j) { sq += qv[j] * qv[j]; sk += kv[j] * kv[j]; }
@@ -183,7 +203,7 @@ struct RowBlock {
         if (lane == 0) sm.beta[i] = sigmoid_stable(bf2f(tv.beta[t * tv.sb]));
       }
       for (int idx = threadIdx.x; idx < n * BV; idx += kThreads)
-        sm.v[idx / BV][idx % BV] = bf2f(tv.v[(int64_t)(t0 + idx / BV) * tv.sv + idx % BV]);
+        sm.v[idx / BV][idx % BV] = src.load_v(t0 + idx / BV, idx % BV);
       __syncthreads();
       for (int i = 0; i < n; ++i) {
         step(sm, i);

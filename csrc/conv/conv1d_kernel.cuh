@@ -6,47 +6,16 @@
 // history is rows [off, off+W-1), and the new rows are the last R of (window ++ x).
 #pragma once
 
-#include <cuda_bf16.h>
-#include "conv1d.h"
+#include "../common/conv_window.cuh"
 
 namespace kda {
 
 constexpr int kConvThreads = 128;
-constexpr int kConvMaxWidth = 4;
 constexpr int kConvTokensPerCta = 32;
-
-__device__ __forceinline__ float ld_any(const void* p, int64_t i, bool is_bf16) {
-  return is_bf16 ? __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i])
-                 : static_cast<const float*>(p)[i];
-}
-
-__device__ __forceinline__ void st_any(void* p, int64_t i, float v, bool is_bf16) {
-  if (is_bf16) static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16(v);
-  else static_cast<float*>(p)[i] = v;
-}
-
-__device__ __forceinline__ float conv_act(float y, bool silu) {
-  // x * sigmoid(x) with a non-positive exponent.
-  if (!silu) return y;
-  if (y >= 0.f) return y / (1.f + expf(-y));
-  const float e = expf(y);
-  return y * e / (1.f + e);
-}
 
 __device__ __forceinline__ int64_t conv_index(const void* p, bool is64, int i) {
   return is64 ? static_cast<const int64_t*>(p)[i] : (int64_t) static_cast<const int32_t*>(p)[i];
 }
-
-struct ConvWeights {
-  float w[kConvMaxWidth];
-  float b;
-  __device__ __forceinline__ ConvWeights(const Conv1dParams& p, int d) {
-#pragma unroll
-    for (int j = 0; j < kConvMaxWidth; ++j)
-      w[j] = j < p.W ? ld_any(p.weight, (int64_t)d * p.W + j, p.weight_bf16) : 0.f;
-    b = p.bias ? ld_any(p.bias, d, p.weight_bf16) : 0.f;
-  }
-};
 
 // Outputs. grid = (ceil(D / 128), ceil(Ttot / 32)). Each thread owns one channel of a
 // token tile; the owning sequence is found by binary search once per tile.
@@ -172,20 +141,8 @@ __global__ void __launch_bounds__(kConvThreads) conv1d_update_kernel(const Conv1
     for (int j = 0; j < kConvMaxWidth - 1; ++j)
       win[j] = j < p.W - 2 ? win[(j + 1) % (kConvMaxWidth - 1)] : (j == p.W - 2 ? xt : win[j]);
   }
-  // New rows = last R elements of (window ++ x), zeros in front when shorter; built from the
-  // registers so no row is read after being overwritten.
-  for (int i = 0; i < p.R; ++i) {
-    const int e = p.W - 1 + p.T - p.R + i;  // index into window ++ x
-    float v = 0.f;
-    if (e >= p.W - 1) {
-      v = __bfloat162float(x[(int64_t)(e - (p.W - 1)) * p.x_st]);
-    } else {
-#pragma unroll
-      for (int j = 0; j < kConvMaxWidth - 1; ++j)
-        if (j == e) v = hist[j];
-    }
-    st_any(p.pool, base + (int64_t)i * p.pool_sr, v, p.pool_bf16);
-  }
+  // New rows from the registers: no row is read after being overwritten.
+  conv_update_store(p, base, hist, x, p.x_st);
 }
 
 }  // namespace kda

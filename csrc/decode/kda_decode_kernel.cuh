@@ -6,37 +6,24 @@
 
 namespace kda {
 
-// grid = (V / BV, H, B)
-template <int BV, typename StateT>
-__global__ void __launch_bounds__(kThreads) kda_decode_kernel(const KdaDecodeParams p) {
-  __shared__ RecurrentSmem<BV> sm;
-  const int v0 = blockIdx.x * BV, h = blockIdx.y, n = blockIdx.z;
-  auto bf = [](const void* x) { return static_cast<const __nv_bfloat16*>(x); };
-
-  TokenView tv;
-  tv.q = bf(p.q) + n * p.q_sb + h * p.q_sh;
-  tv.k = bf(p.k) + n * p.k_sb + h * p.k_sh;
-  tv.g = bf(p.g) + n * p.g_sb + h * p.g_sh;
-  tv.v = bf(p.v) + n * p.v_sb + h * p.v_sh + v0;
-  tv.beta = bf(p.beta) + n * p.beta_sb + h * p.beta_sh;
-  tv.sq = p.q_st; tv.sk = p.k_st; tv.sg = p.g_st; tv.sv = p.v_st; tv.sb = p.beta_st;
-  tv.o = static_cast<__nv_bfloat16*>(p.o) + n * p.o_sb + h * p.o_sh + v0;
-  tv.so = p.o_st;
-  tv.len = p.T;
-
+// Slot the start state of row n is read from; <= 0 means null (zero output, no state access).
+// Verify: slots[n, num_accepted[n]-1] (column 0 without num_accepted); an out-of-range count is null.
+__device__ __forceinline__ int decode_start_slot(const KdaDecodeParams& p, int n) {
   const int32_t* srow = p.slots + n * p.slots_sb;
-  int start = 0;
-  if (p.verify) {
-    const int a = p.num_accepted ? p.num_accepted[n] : 1;
-    start = (a >= 1 && a <= p.slot_cols) ? srow[a - 1] : 0;  // out of range: treat as null
-  } else {
-    start = srow[0];
-  }
-  if (start <= 0) {
-    zero_output<BV>(tv);
-    return;
-  }
+  if (!p.verify) return srow[0];
+  const int a = p.num_accepted ? p.num_accepted[n] : 1;
+  return (a >= 1 && a <= p.slot_cols) ? srow[a - 1] : 0;
+}
 
+// The recurrence of one CTA = (V block blockIdx.x, head blockIdx.y, row blockIdx.z) from the
+// state in slot ``start`` (> 0): plain decode writes the final state back to ``start``, verify
+// writes the state after token t to slots[n, t] when > 0. q, k, v come from ``src`` (see
+// TokenView in kda_recurrent.cuh); g, beta and the output from tv.
+template <int BV, typename StateT, class Src>
+__device__ __forceinline__ void decode_rows(const KdaDecodeParams& p, const TokenView& tv,
+                                            const Src& src, int start, RecurrentSmem<BV>& sm) {
+  const int v0 = blockIdx.x * BV, h = blockIdx.y, n = blockIdx.z;
+  const int32_t* srow = p.slots + n * p.slots_sb;
   StateT* pool = static_cast<StateT*>(p.state);
   const int64_t row_off = ((int64_t)h * kHeadDim + v0) * kHeadDim;
   auto slot_rows = [&](int s) { return pool + (int64_t)s * p.state_ss + row_off; };
@@ -45,16 +32,50 @@ __global__ void __launch_bounds__(kThreads) kda_decode_kernel(const KdaDecodePar
   RowBlock<BV, StateT> rb;
   rb.load(slot_rows(start));
   if (p.verify) {
-    rb.run(tv, ga, sm, [&](int t, const RowBlock<BV, StateT>& b) {
+    rb.run(tv, src, ga, sm, [&](int t, const RowBlock<BV, StateT>& b) {
       const int s = srow[t];
       if (s > 0) b.store(slot_rows(s));
     });
   } else {
     const int last = p.T - 1;
-    rb.run(tv, ga, sm, [&](int t, const RowBlock<BV, StateT>& b) {
+    rb.run(tv, src, ga, sm, [&](int t, const RowBlock<BV, StateT>& b) {
       if (t == last) b.store(slot_rows(start));
     });
   }
+}
+
+// g, beta and output of row n, head h, from the CTA's first value row v0. q, k, v are left null.
+__device__ __forceinline__ TokenView decode_token_view(const KdaDecodeParams& p, int n, int h, int v0) {
+  auto bf = [](const void* x) { return static_cast<const __nv_bfloat16*>(x); };
+  TokenView tv{};
+  tv.g = bf(p.g) + n * p.g_sb + h * p.g_sh;
+  tv.beta = bf(p.beta) + n * p.beta_sb + h * p.beta_sh;
+  tv.sg = p.g_st; tv.sb = p.beta_st;
+  tv.o = static_cast<__nv_bfloat16*>(p.o) + n * p.o_sb + h * p.o_sh + v0;
+  tv.so = p.o_st;
+  tv.len = p.T;
+  return tv;
+}
+
+// grid = (V / BV, H, B)
+template <int BV, typename StateT>
+__global__ void __launch_bounds__(kThreads) kda_decode_kernel(const KdaDecodeParams p) {
+  __shared__ RecurrentSmem<BV> sm;
+  const int v0 = blockIdx.x * BV, h = blockIdx.y, n = blockIdx.z;
+  auto bf = [](const void* x) { return static_cast<const __nv_bfloat16*>(x); };
+
+  TokenView tv = decode_token_view(p, n, h, v0);
+  tv.q = bf(p.q) + n * p.q_sb + h * p.q_sh;
+  tv.k = bf(p.k) + n * p.k_sb + h * p.k_sh;
+  tv.v = bf(p.v) + n * p.v_sb + h * p.v_sh + v0;
+  tv.sq = p.q_st; tv.sk = p.k_st; tv.sv = p.v_st;
+
+  const int start = decode_start_slot(p, n);
+  if (start <= 0) {
+    zero_output<BV>(tv);
+    return;
+  }
+  decode_rows<BV, StateT>(p, tv, tv, start, sm);
 }
 
 }  // namespace kda

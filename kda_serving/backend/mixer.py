@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import ops
+from ..ops.fused_decode import fused_decode_ready
 from ..ops.validation import check_slot_values
 from .batch import KDABatch
 
@@ -63,16 +64,30 @@ def kda_mixer_forward(mixed_qkv, g_raw, beta_raw, out_gate, params: KDALayerPara
         out = torch.empty(T, H, D, dtype=mixed_qkv.dtype, device=mixed_qkv.device)
     common = dict(lower_bound=params.lower_bound, scale=params.scale)
     nd, nt = batch.num_decode_tokens, batch.num_tokens
+    norm = out_gate is not None and params.norm_weight is not None
+    normed = 0  # leading rows already normalised (by the fused decode)
     if batch.num_decodes:
         B, L = batch.num_decodes, batch.decode_len
-        x = ops.causal_conv1d_update(mixed_qkv[:nd].view(B, L, -1), params.conv_weight, params.conv_bias,
-                                     conv_pool=conv_pool, slots=batch.decode_conv_slots,
-                                     num_accepted_tokens=batch.num_accepted_tokens)
-        q, k, v = _split_qkv(x, H, D)
-        ops.kda_decode(q, k, v, g[:nd].view(B, L, H, D), beta[:nd].view(B, L, H), params.A_log,
-                       params.dt_bias, state_pool=state_pool, slots=batch.decode_slots,
-                       num_accepted_tokens=batch.num_accepted_tokens,
-                       out=out[:nd].view(B, L, H, D), **common)
+        xd, gd, bd = mixed_qkv[:nd].view(B, L, -1), g[:nd].view(B, L, H, D), beta[:nd].view(B, L, H)
+        od = out[:nd].view(B, L, H, D)
+        gate_d = out_gate.reshape(T, H, D)[:nd].view(B, L, H, D) if norm else None
+        nw = params.norm_weight if norm else None
+        if fused_decode_ready(xd, gd, bd, state_pool, params.conv_weight, params.conv_bias, conv_pool,
+                              gate_d, nw, od):
+            ops.kda_decode_fused(xd, gd, bd, params.A_log, params.dt_bias, conv_weight=params.conv_weight,
+                                 conv_bias=params.conv_bias, conv_pool=conv_pool, state_pool=state_pool,
+                                 slots=batch.decode_slots, num_accepted_tokens=batch.num_accepted_tokens,
+                                 out_gate=gate_d, norm_weight=nw, norm_eps=params.norm_eps, out=od,
+                                 **common)
+            normed = nd if norm else 0
+        else:
+            x = ops.causal_conv1d_update(xd, params.conv_weight, params.conv_bias, conv_pool=conv_pool,
+                                         slots=batch.decode_conv_slots,
+                                         num_accepted_tokens=batch.num_accepted_tokens)
+            q, k, v = _split_qkv(x, H, D)
+            ops.kda_decode(q, k, v, gd, bd, params.A_log, params.dt_bias, state_pool=state_pool,
+                           slots=batch.decode_slots, num_accepted_tokens=batch.num_accepted_tokens,
+                           out=od, **common)
     if batch.num_prefills:
         x = ops.causal_conv1d_prefill(mixed_qkv[nd:nt], params.conv_weight, params.conv_bias,
                                       cu_seqlens=batch.prefill_cu_seqlens, conv_pool=conv_pool,
@@ -85,7 +100,7 @@ def kda_mixer_forward(mixed_qkv, g_raw, beta_raw, out_gate, params: KDALayerPara
                         out=out[nd:nt], **common)
     if nt < T:
         out[nt:] = 0
-    if out_gate is not None and params.norm_weight is not None and nt:
-        ops.gated_rms_norm(out[:nt], out_gate.reshape(T, H, D)[:nt], params.norm_weight,
-                           params.norm_eps, out=out[:nt])
+    if norm and nt > normed:
+        ops.gated_rms_norm(out[normed:nt], out_gate.reshape(T, H, D)[normed:nt], params.norm_weight,
+                           params.norm_eps, out=out[normed:nt])
     return out

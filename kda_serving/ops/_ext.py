@@ -84,3 +84,20 @@ def conv_update(x, weight, bias, conv_pool, slots, num_accepted=None, *, activat
     torch.ops.kda_serving.causal_conv1d_update(
         x, weight, bias, conv_pool, _i32(slots), _i32(num_accepted), _silu(activation), out)
     return out
+
+
+def decode_fused(mixed_qkv, g, beta, A_log, dt_bias, conv_weight, conv_bias, conv_pool, state_pool,
+                 slots, num_accepted=None, *, lower_bound=None, scale=None, out_gate=None,
+                 norm_weight=None, norm_eps=1e-6, out=None):
+    """Conv update + SiLU of mixed_qkv [B, T, 3·H·K], KDA decode/verify, optional gated RMSNorm.
+
+    g [B, T, H, K]; beta [B, T, H]; conv_pool [S, R, 3·H·K] and state_pool updated in place;
+    slots [B] or [B, T] (verify, conv slot = column 0) -> o [B, T, H, K] bf16.
+    """
+    if out is None:
+        out = torch.empty(g.shape, dtype=torch.bfloat16, device=g.device)
+    torch.ops.kda_serving.kda_decode_fused(
+        mixed_qkv, g, beta, A_log, dt_bias.reshape(-1), conv_weight, conv_bias, conv_pool, state_pool,
+        _i32(slots), _i32(num_accepted), lower_bound, _scale(g, scale), out_gate, norm_weight,
+        float(norm_eps), out)
+    return out

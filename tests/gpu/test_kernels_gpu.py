@@ -268,3 +268,149 @@ def test_conv_update(W, T, spec, pool_dtype):
     assert not out.isnan().any()
     assert rel_rms(out, ref) <= TOL
     assert torch.equal(pool, ref_pool)
+
+
+def fused_case(B, T, H, W, pool_dtype, verify):
+    """Layer tensors for the fused decode: strided mixed_qkv, conv/state pools poisoned with 1e30
+    except the rows a live sequence reads. Returns a dict of kernel arguments."""
+    C = 3 * H * D
+    R = W - 1 + (T - 1 if verify else 0)
+    raw = torch.randn(B, T, C + 64, device=DEV).bfloat16()
+    mixed = raw[..., 32:32 + C]  # rows strided, as a column slice of a wider projection
+    _, _, _, g, beta, A_log, dt_bias = make_inputs(T, H, lead=(B,), center=None)
+    conv_weight = torch.randn(C, W, device=DEV) * 0.5
+    conv_bias = torch.randn(C, device=DEV)
+    if verify:
+        S = 2 + B * T
+        slots = torch.arange(2, 2 + B * T, dtype=torch.int32, device=DEV).reshape(B, T)
+        if B > 1:
+            slots[1] = 0  # null row
+        num_acc = torch.randint(1, T + 1, (B,), dtype=torch.int32, device=DEV)
+        start = slots.gather(1, (num_acc.long() - 1)[:, None]).squeeze(1)
+        conv_slots = slots[:, 0]
+    else:
+        S = B + 4
+        slots = torch.arange(2, 2 + B, dtype=torch.int32, device=DEV)
+        slots[1::3] = 0
+        slots[2::4] = -1
+        num_acc, start, conv_slots = None, slots, slots
+    state_pool = make_pool(S, H, pool_dtype)
+    conv_pool = torch.full((S, R, C), POISON, device=DEV).to(pool_dtype)
+    init = torch.zeros(B, H, D, D, device=DEV)
+    for n in range(B):
+        if start[n] > 0 and conv_slots[n] > 0:
+            state_pool[start[n]] = (torch.randn(H, D, D, device=DEV) * 0.3).to(pool_dtype)
+            init[n] = state_pool[start[n]].float()
+            conv_pool[conv_slots[n]] = torch.randn(R, C, device=DEV).to(pool_dtype)
+    return dict(mixed=mixed, g=g, beta=beta, A_log=A_log, dt_bias=dt_bias, conv_weight=conv_weight,
+                conv_bias=conv_bias, conv_pool=conv_pool, state_pool=state_pool, slots=slots,
+                num_acc=num_acc, init=init, live=(start > 0) & (conv_slots > 0))
+
+
+def fused_reference(c, lower_bound, out_gate, norm_weight, eps):
+    """conv update -> decode -> gated norm from the reference ops, on clones of the pools.
+    Returns (out, conv_pool, state_pool, conv output x)."""
+    conv_pool, state_pool = c["conv_pool"].clone(), c["state_pool"].clone()
+    slots, num_acc = c["slots"], c["num_acc"]
+    B, T = c["g"].shape[:2]
+    H = c["g"].shape[2]
+    x = torch.empty(B, T, 3 * H * D, dtype=torch.bfloat16, device=DEV)
+    conv_slots = slots[:, 0] if slots.dim() == 2 else slots
+    reference.causal_conv1d_update(c["mixed"], c["conv_weight"], c["conv_bias"], conv_pool, conv_slots,
+                                   num_acc, "silu", x)
+    q, k, v = (x[..., i * H * D:(i + 1) * H * D].unflatten(-1, (H, D)) for i in range(3))
+    out = torch.empty(B, T, H, D, dtype=torch.bfloat16, device=DEV)
+    reference.kda_decode(q, k, v, c["g"], c["beta"], c["A_log"], c["dt_bias"], state_pool, slots, num_acc,
+                         lower_bound, D ** -0.5, out)
+    if out_gate is not None:
+        reference.gated_rms_norm(out, out_gate, norm_weight, eps, out)
+    return out, conv_pool, state_pool, x
+
+
+def run_fused(c, lower_bound=None, out_gate=None, norm_weight=None, eps=1e-6, out=None):
+    return _ext.decode_fused(c["mixed"], c["g"], c["beta"], c["A_log"], c["dt_bias"], c["conv_weight"],
+                             c["conv_bias"], c["conv_pool"], c["state_pool"], c["slots"], c["num_acc"],
+                             lower_bound=lower_bound, out_gate=out_gate, norm_weight=norm_weight,
+                             norm_eps=eps, out=out)
+
+
+@pytest.mark.parametrize("lower_bound", [None, -5.0])
+@pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("norm", [False, True])
+@pytest.mark.parametrize("W,T,verify", [(4, 1, False), (2, 1, False), (4, 3, True), (3, 4, True)])
+@pytest.mark.parametrize("B,H", [(6, 4), (1, 1), (8, 32)])  # row blocks 16, 8 and 32
+def test_decode_fused_vs_reference_and_gold(lower_bound, pool_dtype, norm, W, T, verify, B, H):
+    torch.manual_seed(hash((lower_bound, str(pool_dtype), norm, W, T, B, H)) % 2**31)
+    c = fused_case(B, T, H, W, pool_dtype, verify)
+    out_gate = torch.randn(B, T, H, D, device=DEV).bfloat16() if norm else None
+    norm_weight = (torch.rand(D, device=DEV) + 0.5) if norm else None
+    ref_out, ref_conv, ref_state, x = fused_reference(c, lower_bound, out_gate, norm_weight, 1e-6)
+    conv_before, state_before = c["conv_pool"].clone(), c["state_pool"].clone()
+    out = torch.full((B, T, H, D), float("nan"), dtype=torch.bfloat16, device=DEV)
+    run_fused(c, lower_bound, out_gate, norm_weight, out=out)
+    torch.cuda.synchronize()
+    live = c["live"].cpu()
+    assert not out.isnan().any()
+    assert rel_rms(out, ref_out) <= TOL
+    # the conv pool holds copies of inputs and window rows: exact
+    assert torch.equal(c["conv_pool"], ref_conv)
+    written = set()
+    slots = c["slots"].cpu()
+    for n in range(B):
+        row = slots[n].reshape(-1).tolist()
+        if not live[n]:
+            assert (out[n] == 0).all()
+            continue
+        for s in (row if verify else row[:1]):
+            if s > 0:
+                written.add(s)
+                assert rel_rms(c["state_pool"][s], ref_state[s]) <= TOL
+    for s in range(c["state_pool"].shape[0]):  # untouched slots bit-identical (1e30 fill)
+        if s not in written:
+            assert torch.equal(c["state_pool"][s], state_before[s])
+    # fp64 gold on the (bf16) conv outputs, from each live row's start state
+    q, k, v = (x[..., i * H * D:(i + 1) * H * D].unflatten(-1, (H, D)) for i in range(3))
+    flat = lambda t: t.reshape(B * T, *t.shape[2:])  # noqa: E731
+    cu = torch.arange(B + 1) * T
+    o_gold, s_gold = run_naive(flat(q), flat(k), flat(v), flat(c["g"]), flat(c["beta"]), c["A_log"],
+                               c["dt_bias"], cu, c["init"], lower_bound)
+    o_gold = o_gold.reshape(B, T, H, D)
+    if norm:
+        o_gold = o_gold * torch.rsqrt(o_gold.pow(2).mean(-1, keepdim=True) + 1e-6) * norm_weight.cpu().double() \
+            * torch.sigmoid(out_gate.cpu().double())
+    for n in range(B):
+        if live[n]:
+            assert rel_rms(out[n], o_gold[n]) <= TOL
+            last = int(slots[n, T - 1]) if verify else int(slots[n])
+            if last > 0:
+                assert rel_rms(c["state_pool"][last], s_gold[n]) <= TOL
+
+
+@pytest.mark.parametrize("verify", [False, True])
+@pytest.mark.parametrize("norm", [False, True])
+def test_decode_fused_cuda_graph_replay_equals_eager(verify, norm):
+    torch.manual_seed(7 + verify + 2 * norm)
+    B, T, H, W = 8, (3 if verify else 1), 4, 4
+    c = fused_case(B, T, H, W, torch.float32, verify)
+    out_gate = torch.randn(B, T, H, D, device=DEV).bfloat16() if norm else None
+    norm_weight = torch.rand(D, device=DEV) + 0.5 if norm else None
+    eager = dict(c, conv_pool=c["conv_pool"].clone(), state_pool=c["state_pool"].clone())
+    scratch = dict(c, conv_pool=c["conv_pool"].clone(), state_pool=c["state_pool"].clone())
+    out_eager = torch.full((B, T, H, D), float("nan"), dtype=torch.bfloat16, device=DEV)
+    run_fused(eager, out_gate=out_gate, norm_weight=norm_weight, out=out_eager)
+    out = torch.full((B, T, H, D), float("nan"), dtype=torch.bfloat16, device=DEV)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up on scratch pools (lazy module loading)
+        run_fused(scratch, out_gate=out_gate, norm_weight=norm_weight, out=torch.empty_like(out))
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run_fused(c, out_gate=out_gate, norm_weight=norm_weight, out=out)
+    torch.cuda.synchronize()
+    assert out.isnan().all()  # capture runs nothing
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, out_eager)
+    assert torch.equal(c["conv_pool"], eager["conv_pool"])
+    assert torch.equal(c["state_pool"], eager["state_pool"])

@@ -1,0 +1,33 @@
+// Params crossing the C++ border for the fused decode / verify: conv1d update + SiLU on
+// mixed_qkv, KDA decode on the state pool, optional gated RMSNorm. No torch headers.
+#pragma once
+
+#include <cstdint>
+#include <cuda_runtime_api.h>
+
+#include "../conv/conv1d.h"
+#include "kda_decode.h"
+
+namespace kda {
+
+struct KdaDecodeFusedParams {
+  // g, beta, A_log, dt_bias, state pool, slots, num_accepted, output, B, T, H, scale and gate
+  // bound exactly as for kda_decode; q, k, v are unused (they come from the conv).
+  KdaDecodeParams dec;
+  // conv.x = mixed_qkv [B, T, 3*H*128] bf16 (x_sb, x_st; channels contiguous; q | k | v
+  // column blocks of H*128 each); conv.weight [D, W], conv.bias, conv.pool [S, R, D] with
+  // D = 3*H*128; conv.T = T; conv.num_accepted = dec.num_accepted; conv.silu = true.
+  // conv.y, conv.slots and the prefill fields are unused: the conv slot is slots[n, 0].
+  Conv1dParams conv;
+  // Optional gated RMSNorm of the output over V: out_gate [B, T, H, V] bf16 (last dim
+  // contiguous) and norm_weight [V] fp32/bf16; out_gate == nullptr skips it.
+  const void* out_gate;
+  int64_t gate_sb, gate_st, gate_sh;
+  const void* norm_weight;
+  bool norm_weight_bf16;
+  float norm_eps;
+};
+
+cudaError_t kda_decode_fused_launch(const KdaDecodeFusedParams& p, cudaStream_t stream);
+
+}  // namespace kda

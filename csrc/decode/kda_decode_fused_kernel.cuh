@@ -1,0 +1,137 @@
+// Fused decode / verify: causal conv1d update + SiLU on mixed_qkv, then the KDA recurrence on
+// the state pool in place, then (optionally) the gated RMSNorm of the output.
+//
+// Three stream-ordered kernels, none allocating or syncing with the host (CUDA-graph safe):
+//
+//  1. kda_decode_fused_kernel, grid (V / BV, H, B) as kda_decode. The CTA computes the conv
+//     outputs it needs straight from the conv window and mixed_qkv (all 2·K q/k channels of its
+//     head, its own BV v channels), rounds them to bf16 as the unfused conv op stores them, and
+//     feeds them to the shared recurrence (decode_rows). It only *reads* the conv pool.
+//  2. kda_fused_conv_state_kernel rewrites the conv pool rows of every live row, one thread per
+//     channel. The write-back cannot sit in kernel 1: a head's q/k windows are read by all
+//     V / BV CTAs of that head, and CTAs of one grid have no ordering, so a CTA writing them
+//     could overwrite a window a sibling CTA has not read yet. Running after kernel 1 on the
+//     same stream, this kernel sees every read done; each channel has exactly one writer
+//     thread, which reads its window into registers before rewriting the column.
+//  3. kda_fused_norm_kernel (only with out_gate): RMSNorm(o)·w·sigmoid(out_gate) over V per
+//     (row, token, head), one warp per 128-wide row, in place on the bf16 output, as the
+//     unfused gated_rms_norm does on the output of kda_decode.
+//
+// Row n is live when its start slot (decode_start_slot) and its conv slot slots[n, 0] are > 0
+// and its conv window [off, off+W-1), off = num_accepted[n]-1 (0 without), lies in the R pool
+// rows. A row that is not live gets zero output and touches neither pool.
+#pragma once
+
+#include "../common/conv_window.cuh"
+#include "kda_decode_fused.h"
+#include "kda_decode_kernel.cuh"
+
+namespace kda {
+
+struct FusedRow {
+  int start;      // state slot to start from
+  int conv_slot;  // conv pool row
+  int off;        // first window row
+  bool live;
+};
+
+__device__ __forceinline__ FusedRow fused_row(const KdaDecodeFusedParams& p, int n) {
+  FusedRow r;
+  r.start = decode_start_slot(p.dec, n);
+  r.conv_slot = p.dec.slots[n * p.dec.slots_sb];
+  r.off = p.conv.num_accepted ? p.conv.num_accepted[n] - 1 : 0;
+  r.live = r.start > 0 && r.conv_slot > 0 && r.off >= 0 && r.off + p.conv.W - 1 <= p.conv.R;
+  return r;
+}
+
+// Source of q, k, v for RowBlock::run: conv + SiLU of mixed_qkv row n with the conv window of
+// its slot, head h, value rows from v0. Channel blocks: q at h*K, k at H*K + h*K, v at 2*H*K + h*V.
+struct ConvQKVSource {
+  const Conv1dParams& cp;
+  const __nv_bfloat16* x;  // mixed_qkv row n, token 0, channel 0
+  int64_t pool_base;       // conv_slot * pool_ss
+  int off;
+  int cq, ck, cv;          // first q, k, v channel of this CTA
+
+  __device__ __forceinline__ float tap(int d, int64_t t) const {
+    const float y = conv_update_tap(cp, d, pool_base + (int64_t)d * cp.pool_sd, off, x + d, cp.x_st, (int)t);
+    return bf2f(__float2bfloat16(y));  // the unfused conv op stores bf16
+  }
+  __device__ __forceinline__ void load_qk(int64_t t, int c, float (&qv)[4], float (&kv)[4]) const {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) { qv[j] = tap(cq + c + j, t); kv[j] = tap(ck + c + j, t); }
+  }
+  __device__ __forceinline__ float load_v(int64_t t, int j) const { return tap(cv + j, t); }
+};
+
+// grid = (V / BV, H, B)
+template <int BV, typename StateT>
+__global__ void __launch_bounds__(kThreads)
+kda_decode_fused_kernel(const __grid_constant__ KdaDecodeFusedParams p) {
+  __shared__ RecurrentSmem<BV> sm;
+  const int v0 = blockIdx.x * BV, h = blockIdx.y, n = blockIdx.z;
+  const TokenView tv = decode_token_view(p.dec, n, h, v0);
+  const FusedRow r = fused_row(p, n);
+  if (!r.live) {
+    zero_output<BV>(tv);
+    return;
+  }
+  const int HK = p.dec.H * kHeadDim;
+  const ConvQKVSource src{p.conv,
+                          static_cast<const __nv_bfloat16*>(p.conv.x) + n * p.conv.x_sb,
+                          (int64_t)r.conv_slot * p.conv.pool_ss,
+                          r.off,
+                          h * kHeadDim,
+                          HK + h * kHeadDim,
+                          2 * HK + h * kHeadDim + v0};
+  decode_rows<BV, StateT>(p.dec, tv, src, r.start, sm);
+}
+
+// Conv pool write-back after kernel 1. grid = (ceil(D / kThreads), B).
+__global__ void __launch_bounds__(kThreads)
+kda_fused_conv_state_kernel(const __grid_constant__ KdaDecodeFusedParams p) {
+  const Conv1dParams& cp = p.conv;
+  const int d = blockIdx.x * kThreads + threadIdx.x;
+  const int n = blockIdx.y;
+  if (d >= cp.D) return;
+  const FusedRow r = fused_row(p, n);
+  if (!r.live) return;
+  const int64_t base = (int64_t)r.conv_slot * cp.pool_ss + (int64_t)d * cp.pool_sd;
+  float hist[kConvMaxWidth];
+#pragma unroll
+  for (int j = 0; j < kConvMaxWidth; ++j)
+    hist[j] = j < cp.W - 1 ? ld_any(cp.pool, base + (int64_t)(r.off + j) * cp.pool_sr, cp.pool_bf16) : 0.f;
+  conv_update_store(cp, base, hist, static_cast<const __nv_bfloat16*>(cp.x) + n * cp.x_sb + d, cp.x_st);
+}
+
+// Gated RMSNorm of the output, in place. One warp per (n, t, h); grid = ceil(B*T*H / kWarps).
+__global__ void __launch_bounds__(kThreads)
+kda_fused_norm_kernel(const __grid_constant__ KdaDecodeFusedParams p) {
+  const KdaDecodeParams& dp = p.dec;
+  const int64_t row = (int64_t)blockIdx.x * kWarps + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= (int64_t)dp.B * dp.T * dp.H) return;
+  const int h = (int)(row % dp.H);
+  const int64_t nt = row / dp.H;
+  const int t = (int)(nt % dp.T);
+  const int64_t n = nt / dp.T;
+  __nv_bfloat16* o = static_cast<__nv_bfloat16*>(dp.o) + n * dp.o_sb + t * dp.o_st + h * dp.o_sh;
+  const __nv_bfloat16* gt = static_cast<const __nv_bfloat16*>(p.out_gate) + n * p.gate_sb +
+                            t * p.gate_st + h * p.gate_sh;
+  float x[4], ss = 0.f;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    x[j] = bf2f(o[lane * 4 + j]);
+    ss += x[j] * x[j];
+  }
+  ss = warp_sum(ss);
+  const float r = rsqrtf(ss / kHeadDim + p.norm_eps);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int c = lane * 4 + j;
+    const float w = ld_any(p.norm_weight, c, p.norm_weight_bf16);
+    o[c] = __float2bfloat16(x[j] * r * w * sigmoid_stable(bf2f(gt[c])));
+  }
+}
+
+}  // namespace kda

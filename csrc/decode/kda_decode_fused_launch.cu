@@ -1,0 +1,39 @@
+// Launch code for the fused decode: main kernel (row block and state dtype instantiations),
+// then the conv pool write-back and the optional gated RMSNorm, in stream order.
+#include "kda_decode_fused_kernel.cuh"
+#include "../common/launch_utils.h"
+
+namespace kda {
+
+template <int BV, typename StateT>
+static void launch_main(const KdaDecodeFusedParams& p, cudaStream_t stream) {
+  const dim3 grid(kHeadDim / BV, p.dec.H, p.dec.B);
+  kda_decode_fused_kernel<BV, StateT><<<grid, kThreads, 0, stream>>>(p);
+}
+
+template <typename StateT>
+static void launch_rows(const KdaDecodeFusedParams& p, cudaStream_t stream) {
+  switch (pick_block_rows((long long)p.dec.B * p.dec.H, p.dec.num_sms)) {
+    case 32: launch_main<32, StateT>(p, stream); break;
+    case 16: launch_main<16, StateT>(p, stream); break;
+    default: launch_main<8, StateT>(p, stream); break;
+  }
+}
+
+cudaError_t kda_decode_fused_launch(const KdaDecodeFusedParams& p, cudaStream_t stream) {
+  if (p.dec.B == 0 || p.dec.T == 0 || p.dec.H == 0) return cudaSuccess;
+  if (p.dec.state_bf16) launch_rows<__nv_bfloat16>(p, stream);
+  else launch_rows<float>(p, stream);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  // Only after every CTA of the main kernel has read its conv windows (see the kernel header).
+  const dim3 conv_grid((p.conv.D + kThreads - 1) / kThreads, p.dec.B);
+  kda_fused_conv_state_kernel<<<conv_grid, kThreads, 0, stream>>>(p);
+  if (p.out_gate) {
+    const long long rows = (long long)p.dec.B * p.dec.T * p.dec.H;
+    kda_fused_norm_kernel<<<(unsigned)((rows + kWarps - 1) / kWarps), kThreads, 0, stream>>>(p);
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace kda
