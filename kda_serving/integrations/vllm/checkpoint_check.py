@@ -50,6 +50,8 @@ def check_kda_layer_tensors(vllm_config, config, prefix: str) -> None:
     checkpoint; other sources (hub names, dummy weights) are left to vLLM."""
     if os.environ.get("KDA_SERVING_SKIP_CHECKPOINT_CHECK") == "1":
         return
+    if not prefix.startswith("model.layers."):  # a draft model's layers come from another folder
+        return
     model = getattr(vllm_config.model_config, "model", None)
     load_format = str(getattr(vllm_config.load_config, "load_format", "auto"))
     if not model or not Path(model).is_dir() or load_format not in ("auto", "safetensors"):

@@ -19,10 +19,11 @@ from vllm.model_executor.layers.mamba.gdn.kimi_gdn_linear_attn import KimiGatedD
 from vllm.model_executor.layers.mamba.mamba_utils import is_conv_state_dim_first
 
 from kda_serving import ops
-from kda_serving.backend import KDALayerParams, kda_mixer_forward
+from kda_serving.backend import KDALayerParams
 
 from .checkpoint_check import check_kda_layer_tensors
 from .metadata import PlanCache
+from .step import run_step
 
 logger = logging.getLogger("kda_serving")
 
@@ -72,22 +73,6 @@ class KDAServingKimiDeltaAttention(KimiGatedDeltaNetAttention):
         if m is None:  # warmup runs skip mamba metadata
             return
         plan = _PLANS.get(m, self.num_spec)
-        out = core_attn_out[0]           # [n, H, D]
-        g = g1[0]                        # [n, H, D]
-        b = beta[0]                      # [n, H]
         conv_pool, state_pool = self.state_pools()
-        params = self.layer_params()
-        if plan.token_order is None:
-            n = min(plan.num_rows, out.shape[0])
-            kda_mixer_forward(mixed_qkv[:n], g[:n], b[:n], g2[:n], params, plan.batch,
-                              conv_pool, state_pool, out=out[:n])
-            if n < out.shape[0]:
-                out[n:] = 0
-            return
-        # mixed verify + other rows: run in mixer order, scatter back to token order
-        idx = plan.token_order
-        res = kda_mixer_forward(mixed_qkv.index_select(0, idx), g.index_select(0, idx),
-                                b.index_select(0, idx), g2.index_select(0, idx), params,
-                                plan.batch, conv_pool, state_pool)
-        out.zero_()
-        out.index_copy_(0, idx, res)
+        run_step(plan, self.layer_params(), mixed_qkv, g1[0], beta[0], g2, conv_pool, state_pool,
+                 out=core_attn_out[0])

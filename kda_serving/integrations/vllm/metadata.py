@@ -1,13 +1,14 @@
-"""vLLM's GDNAttentionMetadata → one KDABatch per engine step.
+"""vLLM's GDNAttentionMetadata → a StepPlan (KDABatch + verify groups) per engine step.
 
 vLLM builds one ``GDNAttentionMetadata`` per KV-cache group and step, and every KDA layer of
 the group receives the same object; the translation is cached on that object so the layers
 share it. Only tensors vLLM already holds on the device are sliced, and only host integers
-are read, so no device sync happens (except for ragged speculative rows, see below).
+are read, so no device sync happens, except for steps whose verify rows have different
+lengths (their lengths are read back once for the step).
 
 Token order: with speculative decoding the step's tokens may interleave verify rows and
-other rows. The mixer wants verify rows first, so the plan carries the permutation
-``cat(spec_token_indx, non_spec_token_indx)``; outputs are scattered back with it.
+other rows; the plan carries ``spec_token_indx`` (per verify group) and
+``non_spec_token_indx`` (for the KDABatch part) to gather inputs and scatter outputs.
 """
 
 from __future__ import annotations
@@ -20,11 +21,21 @@ from kda_serving.backend import KDABatch
 
 
 @dataclass
+class VerifyGroup:
+    """Speculative verify rows of one query length (vLLM lets rows draft fewer tokens)."""
+    length: int
+    token_index: torch.Tensor   # [B*length] step rows of these tokens, row-major
+    slots: torch.Tensor         # [B, 1+num_spec] int32: state after token t -> slots[:, t]
+    num_accepted: torch.Tensor  # [B] int32: start state in slots[:, n-1], conv window at row n-1
+
+
+@dataclass
 class StepPlan:
-    batch: KDABatch
-    # rows of the step's tensors fed to the mixer, in mixer order; None: rows [0, num_rows)
+    batch: KDABatch | None       # non-speculative rows (decodes first, then prefills)
+    # step rows of those tokens in mixer order; None: rows [0, num_rows)
     token_order: torch.Tensor | None
     num_rows: int
+    verify: list[VerifyGroup]
 
 
 _EMPTY = {}
@@ -79,29 +90,48 @@ def plan_from_gdn_metadata(m, num_spec: int = 0) -> StepPlan:
                          num_accepted_tokens=None, num_prefills=np_,
                          num_prefill_tokens=m.num_prefill_tokens, prefill_cu_seqlens=cu,
                          prefill_slots=pslots, prefill_has_initial_state=has_init)
-        return StepPlan(batch=batch, token_order=None, num_rows=m.num_actual_tokens)
+        return StepPlan(batch=batch, token_order=None, num_rows=m.num_actual_tokens, verify=[])
 
-    # speculative decoding: verify rows run as decode rows of 1 + num_spec tokens each
     n_spec = m.num_spec_decodes
-    L = 1 + num_spec
-    if m.num_spec_decode_tokens != n_spec * L:
-        raise NotImplementedError(
-            f"kda_serving: verify rows of different lengths ({m.num_spec_decode_tokens} tokens "
-            f"for {n_spec} rows of up to {L}) are not supported yet")
-    spec_slots = m.spec_state_indices_tensor[:n_spec, :L].to(torch.int32)
-    accepted = m.num_accepted_tokens[:n_spec].to(torch.int32)
     # vLLM reclassifies plain decodes as prefills when verify rows exist, so the non-spec
     # rows here are all prefill rows (1-token ones included, with their initial state)
     np_ = m.num_prefills + m.num_decodes
     n_ns_tokens = m.num_prefill_tokens + m.num_decode_tokens
+    spec_only = np_ == 0
+    spec_tokens = (torch.arange(m.num_spec_decode_tokens, device=device) if spec_only
+                   else m.spec_token_indx[:m.num_spec_decode_tokens].long())
+    verify = _verify_groups(m, n_spec, num_spec, spec_tokens, device)
+    if spec_only:
+        return StepPlan(batch=None, token_order=None, num_rows=0, verify=verify)
     cu, pslots, has_init = _prefill_part(m, 0, np_, 0, device)
-    batch = KDABatch(num_decodes=n_spec, decode_len=L, decode_slots=spec_slots,
-                     num_accepted_tokens=accepted, num_prefills=np_, num_prefill_tokens=n_ns_tokens,
-                     prefill_cu_seqlens=cu, prefill_slots=pslots, prefill_has_initial_state=has_init)
-    if np_ == 0:
-        return StepPlan(batch=batch, token_order=None, num_rows=m.num_actual_tokens)
-    order = torch.cat([m.spec_token_indx[:n_spec * L], m.non_spec_token_indx[:n_ns_tokens]]).long()
-    return StepPlan(batch=batch, token_order=order, num_rows=n_spec * L + n_ns_tokens)
+    batch = KDABatch(num_decodes=0, decode_len=1, decode_slots=_empty_i32(device), num_accepted_tokens=None,
+                     num_prefills=np_, num_prefill_tokens=n_ns_tokens, prefill_cu_seqlens=cu,
+                     prefill_slots=pslots, prefill_has_initial_state=has_init)
+    order = m.non_spec_token_indx[:n_ns_tokens].long()
+    return StepPlan(batch=batch, token_order=order, num_rows=n_ns_tokens, verify=verify)
+
+
+def _verify_groups(m, n_spec, num_spec, spec_tokens, device) -> list[VerifyGroup]:
+    L = 1 + num_spec
+    slots = m.spec_state_indices_tensor[:n_spec, :L].to(torch.int32)
+    accepted = m.num_accepted_tokens[:n_spec].to(torch.int32)
+    uniform = m.uniform_spec_sequence_length
+    if uniform is None and m.num_spec_decode_tokens == n_spec * L:
+        uniform = L
+    if uniform is not None:
+        return [VerifyGroup(uniform, spec_tokens, slots, accepted)]
+    # ragged rows: their lengths are needed on the host (a sync on GPUs, only for such steps)
+    qsl = m.spec_query_start_loc[:n_spec + 1].cpu()
+    lens = (qsl[1:] - qsl[:-1]).tolist()
+    groups = []
+    for length in sorted(set(lens)):
+        if length == 0:
+            continue
+        rows = [r for r, n in enumerate(lens) if n == length]
+        tok = torch.tensor([int(qsl[r]) + j for r in rows for j in range(length)], dtype=torch.long)
+        rows_t = torch.tensor(rows, dtype=torch.long, device=device)
+        groups.append(VerifyGroup(length, spec_tokens[tok.to(device)], slots[rows_t], accepted[rows_t]))
+    return groups
 
 
 class PlanCache:
