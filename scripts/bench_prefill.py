@@ -2,7 +2,10 @@
 
 Timed region, per call (CUDA events, median): ours is one ``ops.kda_prefill`` call on bf16
 q, k, v, g [T, H, 128], beta [T, H] and an fp32 pool [S, H, V, K] updated in place at ``slots``
-(has_initial_state True). fla is ``kda_serving.baselines.fla_ops.kda_prefill``: gather the
+(has_initial_state True), with the host cu_seqlens so long sequences may be split into segments
+(``kda_serving/ops/split_plan.py``; the chosen segment length and the split scratch in bytes per
+token are recorded). With --long, ``ours_unsplit`` times the same call without the host
+cu_seqlens, i.e. with splitting disabled. fla is ``kda_serving.baselines.fla_ops.kda_prefill``: gather the
 initial states from the pool, ``chunk_kda`` (V-first fp32 states, gate / L2 norm / beta sigmoid in
 the kernel; the bounded gate with safe_gate=True, lower_bound=-5), scatter the final states back.
 Both allocate their output inside the timed call.
@@ -21,6 +24,7 @@ import torch
 
 from kda_serving import ops
 from kda_serving.baselines import fla_ops
+from kda_serving.ops.split_prefill import describe_split
 
 D = 128
 GATES = {"kimi": None, "bounded": -5.0}
@@ -64,21 +68,31 @@ def io_bytes(x: dict, pool: torch.Tensor, N: int) -> int:
     return inputs + x["v"].numel() * x["v"].element_size() + 2 * N * state
 
 
-def run_case(H, d, seqlens, gate, device, bandwidth, fla_reason, iters, warmup):
+def run_case(H, d, seqlens, gate, device, bandwidth, fla_reason, iters, warmup, unsplit=False):
     T, N = sum(seqlens), len(seqlens)
     lb = GATES[gate]
     row = dict(case=f"H{H} {describe(seqlens)} {gate}", gate=gate, lower_bound=lb,
                shape=dict(H=H, K=d, V=d, tokens=T, num_seqs=N, seqlens=describe(seqlens),
                           dtype="bfloat16", pool_dtype="float32"),
                ours_ms=None, fla_ms=None, ours_extra_bytes_per_token=None, fla_extra_bytes_per_token=None)
-    need = 7 * T * H * d * 2  # q, k, v, g in, two outputs alive during the cross-check, slack
+    if unsplit:
+        row.update(ours_unsplit_ms=None, ours_unsplit_extra_bytes_per_token=None)
+    cu_cpu = torch.tensor([0] + seqlens, dtype=torch.int64).cumsum(0)
+    kernel_path = ops.op_path(torch.empty(0, device=device)) == "cuda"
+    split = describe_split(cu_cpu, H, d, device, kernel_path)
+    row.update(split_segment=split["segment"], split_workspace_bytes_per_token=split["workspace_bytes_per_token"],
+               split_workspace_bytes_per_token_head=split["workspace_bytes_per_token_head"])
+    # q, k, v, g in, the outputs alive during the cross-check, slack; the split scratch
+    need = (7 + unsplit) * T * H * d * 2 + split["workspace_bytes"]
     if need > bc.free_bytes(device):
         row["skipped"] = f"needs about {need / 2**30:.1f} GiB, {bc.free_bytes(device) / 2**30:.1f} GiB free"
         return row
     x, pool_args, cu_cpu = make_inputs(H, d, seqlens, device)
     args = [x[n] for n in ("q", "k", "v", "g", "beta", "A_log", "dt_bias")]
     pool, slots = pool_args["state_pool"], pool_args["slots"].long()
-    impls = {"ours": lambda: ops.kda_prefill(*args, **pool_args, lower_bound=lb)}
+    impls = {"ours": lambda: ops.kda_prefill(*args, **pool_args, lower_bound=lb, cu_seqlens_cpu=cu_cpu)}
+    if unsplit:  # without the host lengths the op never splits on the GPU
+        impls["ours_unsplit"] = lambda: ops.kda_prefill(*args, **pool_args, lower_bound=lb)
     if fla_reason is None:
         impls["fla"] = lambda: fla_ops.kda_prefill(*args, **pool_args, lower_bound=lb, cu_seqlens_cpu=cu_cpu)
         row["fla_backend"] = fla_ops.chunk_backend(lb)
@@ -95,6 +109,9 @@ def run_case(H, d, seqlens, gate, device, bandwidth, fla_reason, iters, warmup):
     if "ours" in results and "fla" in results:
         row["fla_vs_ours_out_rel_rms"] = bc.rel_rms(results["fla"][0], results["ours"][0])
         row["fla_vs_ours_state_rel_rms"] = bc.rel_rms(results["fla"][1], results["ours"][1])
+    if "ours" in results and "ours_unsplit" in results:
+        row["unsplit_vs_ours_out_rel_rms"] = bc.rel_rms(results["ours_unsplit"][0], results["ours"][0])
+        row["unsplit_vs_ours_state_rel_rms"] = bc.rel_rms(results["ours_unsplit"][1], results["ours"][1])
     del results, pool0
     for name, fn in impls.items():
         if f"{name}_error" in row:
@@ -106,15 +123,19 @@ def run_case(H, d, seqlens, gate, device, bandwidth, fla_reason, iters, warmup):
         except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
             row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
     row["speedup_vs_fla"] = bc.ratio(row.get("fla_ms"), row.get("ours_ms"))
+    if unsplit:
+        row["split_speedup"] = bc.ratio(row.get("ours_unsplit_ms"), row.get("ours_ms"))
     row["hbm_floor_fraction"] = bc.ratio(row["floor_ms"], row.get("ours_ms"))
     row["fla_hbm_floor_fraction"] = bc.ratio(row["floor_ms"], row.get("fla_ms"))
     return row
 
 
-COLUMNS = [("case", "case"), ("ours_ms", "ours ms"), ("fla_ms", "fla ms"), ("speedup_vs_fla", "speedup"),
+COLUMNS = [("case", "case"), ("ours_ms", "ours ms"), ("ours_unsplit_ms", "unsplit ms"), ("split_segment", "segment"),
+           ("fla_ms", "fla ms"), ("speedup_vs_fla", "speedup"),
            ("floor_ms", "floor ms"), ("hbm_floor_fraction", "floor frac"),
            ("fla_hbm_floor_fraction", "fla floor frac"), ("ours_extra_bytes_per_token", "extra B/tok"),
-           ("fla_extra_bytes_per_token", "fla extra B/tok"), ("fla_vs_ours_out_rel_rms", "o rel rms")]
+           ("fla_extra_bytes_per_token", "fla extra B/tok"), ("split_workspace_bytes_per_token", "split B/tok"),
+           ("fla_vs_ours_out_rel_rms", "o rel rms")]
 
 
 def main(argv=None):
@@ -137,13 +158,14 @@ def main(argv=None):
     with torch.inference_mode():
         for H, seqlens in cases:
             for gate in args.gates:
-                rows.append(run_case(H, d, seqlens, gate, device, bandwidth, fla_reason, iters, warmup))
+                rows.append(run_case(H, d, seqlens, gate, device, bandwidth, fla_reason, iters, warmup,
+                                     unsplit=args.long))
                 print(f"done: {rows[-1]['case']}", flush=True)
     meta = bc.run_metadata("bench_prefill", device, argv, bandwidth)
     print(f"\n{meta['device']}  copy bandwidth {meta['copy_bandwidth_gbps']:.0f} GB/s  commit {meta['commit']}")
     bc.print_table(rows, COLUMNS)
     for r in rows:
-        for key in ("skipped", "ours_error", "fla_error"):
+        for key in ("skipped", "ours_error", "ours_unsplit_error", "fla_error"):
             if key in r:
                 print(f"{r['case']}: {key}: {r[key]}")
     path = bc.write_json(args.out, meta, rows, mode="smoke" if args.smoke else ("long" if args.long else "default"),

@@ -2,7 +2,8 @@
 // shared by the conv kernels and the fused decode. No torch headers, no kernels here.
 //
 // Pool rows are oldest first. An update of T new tokens with window offset off reads the history
-// rows [off, off+W-1) of pool[slot]; the row then holds the last R rows of (window ++ x).
+// rows [off, off+W-1) of pool[slot]; rows [0, n) then hold the last n of (window ++ x), with
+// n = W-1 for plain updates and min(R, W-2+T) for speculative ones (see conv_update_store).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -58,14 +59,17 @@ __device__ __forceinline__ float conv_update_tap(const Conv1dParams& p, int d, i
   return conv_act(acc, p.silu);
 }
 
-// Rewrites one channel's pool column after an update of p.T tokens: row i gets element
-// W-1+T-R+i of (window ++ x), zero when that index is negative. ``hist`` holds the window as read
-// before any write (hist[0..W-2], oldest first), so no row is read after being overwritten.
+// Rewrites one channel's pool column after an update of p.T tokens: rows [0, n) get the last n
+// elements of (window ++ x), n = W-1 for plain updates and min(R, W-2+T) with num_accepted
+// (vLLM's speculative layout: window[1:] ++ x, so next step's window at row a-1 ends at the
+// a-th accepted input); later rows are left alone. ``hist`` holds the window as read before any
+// write (hist[0..W-2], oldest first), so no row is read after being overwritten.
 __device__ __forceinline__ void conv_update_store(const Conv1dParams& p, int64_t base,
                                                   const float (&hist)[kConvMaxWidth],
                                                   const __nv_bfloat16* x, int64_t x_st) {
-  for (int i = 0; i < p.R; ++i) {
-    const int e = p.W - 1 + p.T - p.R + i;  // index into window ++ x
+  const int n = p.num_accepted ? min(p.R, p.W - 2 + p.T) : p.W - 1;
+  for (int i = 0; i < n; ++i) {
+    const int e = p.W - 1 + p.T - n + i;  // index into window ++ x, always >= 0
     float v = 0.f;
     if (e >= p.W - 1) {
       v = __bfloat162float(x[(int64_t)(e - (p.W - 1)) * x_st]);

@@ -52,7 +52,7 @@ def _check_qkvgb(q, k, v, g, beta, lead):
 
 def kda_prefill(q, k, v, g, beta, A_log, dt_bias, *, cu_seqlens, state_pool, slots,
                 has_initial_state=None, lower_bound=None, scale=None,
-                intermediate_states=None, intermediate_offsets=None, out=None):
+                intermediate_states=None, intermediate_offsets=None, out=None, cu_seqlens_cpu=None):
     """KDA forward over packed varlen sequences, on the state pool in place.
 
     Args:
@@ -67,6 +67,9 @@ def kda_prefill(q, k, v, g, beta, A_log, dt_bias, *, cu_seqlens, state_pool, slo
         intermediate_states: optional [M, H, V, K] pool-dtype buffer; the state after the
             (64·(i+1))-th token of sequence n goes to row intermediate_offsets[n] + i.
         out: optional [T, H, V] output (default: new tensor of q's dtype).
+        cu_seqlens_cpu: optional host copy of cu_seqlens. With it (or a CPU cu_seqlens) long
+            sequences may be split into segments run in parallel and combined exactly
+            (``split_plan.py``; ``KDA_SERVING_PREFILL_SPLIT``); never with intermediate_states.
     Returns: out [T, H, V]. Final states are written to state_pool[slots].
     """
     H, K, V = _check_qkvgb(q, k, v, g, beta, ("T",))
@@ -95,7 +98,18 @@ def kda_prefill(q, k, v, g, beta, A_log, dt_bias, *, cu_seqlens, state_pool, slo
         check_tensor("out", out, dtypes=FLOAT_INPUTS, shape=(T, H, V), device=dev)
     args = (q, k, v, g, beta, A_log, dt_bias, cu_seqlens, state_pool, slots, has_initial_state,
             lower_bound, scale, intermediate_states, intermediate_offsets, out)
+    if cu_seqlens_cpu is not None:
+        check_tensor("cu_seqlens_cpu", cu_seqlens_cpu, dtypes=INDEX_DTYPES, shape=(N + 1,),
+                     device=torch.device("cpu"))
     cuda = _kernel_ready(q, q, k, v, g, beta, out) and V == 128 and state_pool[0].is_contiguous()
+    if intermediate_states is None:
+        from .split_prefill import choose_segment, host_bounds, split_prefill
+        bounds = host_bounds(cu_seqlens, cu_seqlens_cpu)
+        segment = choose_segment(bounds, H, K, V, dev, cuda)
+        if segment is not None:
+            return split_prefill(q, k, v, g, beta, A_log, dt_bias, bounds=bounds, segment=segment,
+                                 state_pool=state_pool, slots=slots, has_initial_state=has_initial_state,
+                                 lower_bound=lower_bound, scale=scale, out=out, cuda=cuda)
 
     def kernel():
         from . import _ext
@@ -111,9 +125,10 @@ def kda_decode(q, k, v, g, beta, A_log, dt_bias, *, state_pool, slots, num_accep
 
     Args:
         q, k, g: [B, T, H, K]; v: [B, T, H, V]; beta: [B, T, H]; A_log, dt_bias as for prefill.
-        slots: [B] (state read from and final state written to slots[n]) or [B, T] (verify:
-            the state after token t goes to slots[n, t]; the start state is read from
-            slots[n, num_accepted_tokens[n] - 1], or slots[n, 0] without num_accepted_tokens).
+        slots: [B] (state read from and final state written to slots[n]) or [B, C] with C >= T
+            (verify: the state after token t goes to slots[n, t]; the start state is read from
+            slots[n, num_accepted_tokens[n] - 1], or slots[n, 0] without num_accepted_tokens;
+            C > T lets a row draft fewer tokens than the previous step accepted).
             A start slot <= 0 is null: zero output, no state access.
         num_accepted_tokens: optional [B] int32/int64, only with 2-D slots.
     Returns: out [B, T, H, V].
@@ -123,8 +138,10 @@ def kda_decode(q, k, v, g, beta, A_log, dt_bias, *, state_pool, slots, num_accep
     B, T = q.shape[:2]
     check_gate_params(A_log, dt_bias, H, K, dev)
     check_state_pool(state_pool, H, V, K, dev)
-    if slots is not None and isinstance(slots, torch.Tensor) and slots.dim() == 2:
-        check_tensor("slots", slots, dtypes=INDEX_DTYPES, shape=(B, T), device=dev)
+    if isinstance(slots, torch.Tensor) and slots.dim() == 2:
+        check_tensor("slots", slots, dtypes=INDEX_DTYPES, shape=(B, None), device=dev)
+        if slots.shape[1] < T:
+            raise ValueError(f"slots: expected shape [{B}, C >= {T}] for verify, got {list(slots.shape)}")
     else:
         check_tensor("slots", slots, dtypes=INDEX_DTYPES, shape=(B,), device=dev)
     check_slot_values("slots", slots, state_pool.shape[0])
@@ -132,8 +149,9 @@ def kda_decode(q, k, v, g, beta, A_log, dt_bias, *, state_pool, slots, num_accep
         if slots.dim() != 2:
             raise ValueError("num_accepted_tokens: only valid with 2-D slots [B, T], got 1-D slots")
         check_tensor("num_accepted_tokens", num_accepted_tokens, dtypes=INDEX_DTYPES, shape=(B,), device=dev)
-        if dev.type == "cpu" and B and (int(num_accepted_tokens.min()) < 1 or int(num_accepted_tokens.max()) > T):
-            raise ValueError(f"num_accepted_tokens: expected values in [1, {T}], "
+        C = slots.shape[1]
+        if dev.type == "cpu" and B and (int(num_accepted_tokens.min()) < 1 or int(num_accepted_tokens.max()) > C):
+            raise ValueError(f"num_accepted_tokens: expected values in [1, {C}], "
                              f"got {num_accepted_tokens.tolist()}")
     lower_bound = check_lower_bound(lower_bound)
     scale = check_scale(scale, K)
@@ -204,8 +222,9 @@ def causal_conv1d_update(x, weight, bias=None, *, conv_pool, slots, num_accepted
     """Conv for T new tokens per sequence: x [B, T, D]; slots [B]; returns out [B, T, D].
 
     The history window is rows [off, off+W-1) of the pool row, off = num_accepted-1 with
-    ``num_accepted_tokens`` [B] (speculative decoding, R = W-1+num_spec) else 0; the row then
-    holds the last R rows of window ++ x.
+    ``num_accepted_tokens`` [B] (speculative decoding, R = W-1+num_spec) else 0. Afterwards rows
+    [0, n) hold the last n rows of window ++ x: n = W-1 for plain updates (the rows prefill
+    uses), n = min(R, W-2+T) with num_accepted_tokens (vLLM's layout window[1:] ++ x).
     """
     check_tensor("x", x, dtypes=FLOAT_INPUTS, ndim=3)
     B, T, D = x.shape

@@ -74,10 +74,11 @@ def kda_decode_fused(mixed_qkv, g, beta, A_log, dt_bias, *, conv_weight, conv_bi
         g: [B, T, H, K] raw gate; beta: [B, T, H] logits; A_log: [H] fp32; dt_bias: [H·K] fp32.
         conv_weight: [3·H·K, W] (W in 2..4); conv_bias: [3·H·K] (weight dtype) or None.
         conv_pool: [S, R, 3·H·K] with R >= W-1, updated in place as ``causal_conv1d_update``
-            does (window rows [off, off+W-1), off = num_accepted-1 or 0; the row then holds the
-            last R rows of window ++ x) in the row's conv slot ``slots[n, 0]`` (``slots[n]``).
+            does (window rows [off, off+W-1), off = num_accepted-1 or 0; rows [0, n) then hold
+            the last n of window ++ x, n = W-1 plain or min(R, W-2+T) with num_accepted) in the
+            row's conv slot ``slots[n, 0]`` (``slots[n]``).
         state_pool: [S, H, K, K] fp32/bf16 (V-first), updated in place as ``kda_decode`` does.
-        slots: [B] or [B, T] (verify: the state after token t goes to slots[n, t]; the start
+        slots: [B] or [B, C >= T] (verify: the state after token t goes to slots[n, t]; the start
             state comes from slots[n, num_accepted_tokens[n] - 1]). A row whose start slot or
             conv slot is <= 0 is null: zero output, neither pool read or written.
         num_accepted_tokens: optional [B] int32/int64, only with 2-D slots.
@@ -102,7 +103,9 @@ def kda_decode_fused(mixed_qkv, g, beta, A_log, dt_bias, *, conv_weight, conv_bi
     _check_conv_layer(mixed_qkv, conv_weight, conv_bias, conv_pool)
     check_state_pool(state_pool, H, K, K, dev)
     if isinstance(slots, torch.Tensor) and slots.dim() == 2:
-        check_tensor("slots", slots, dtypes=INDEX_DTYPES, shape=(B, T), device=dev)
+        check_tensor("slots", slots, dtypes=INDEX_DTYPES, shape=(B, None), device=dev)
+        if slots.shape[1] < T:
+            raise ValueError(f"slots: expected shape [{B}, C >= {T}] for verify, got {list(slots.shape)}")
     else:
         check_tensor("slots", slots, dtypes=INDEX_DTYPES, shape=(B,), device=dev)
     check_slot_values("slots", slots, min(state_pool.shape[0], conv_pool.shape[0]))
@@ -111,10 +114,10 @@ def kda_decode_fused(mixed_qkv, g, beta, A_log, dt_bias, *, conv_weight, conv_bi
         if slots.dim() != 2:
             raise ValueError("num_accepted_tokens: only valid with 2-D slots [B, T], got 1-D slots")
         check_tensor("num_accepted_tokens", num_accepted_tokens, dtypes=INDEX_DTYPES, shape=(B,), device=dev)
-        hi = min(T, R - W + 2)  # the conv window [a-1, a-1+W-1) must lie in the R pool rows
+        hi = min(slots.shape[1], R - W + 2)  # the conv window [a-1, a-1+W-1) must lie in the R rows
         if debug_checks_enabled(num_accepted_tokens) and B and (
                 int(num_accepted_tokens.min()) < 1 or int(num_accepted_tokens.max()) > hi):
-            raise ValueError(f"num_accepted_tokens: expected values in [1, {hi}] (T={T}, conv_pool "
+            raise ValueError(f"num_accepted_tokens: expected values in [1, {hi}] (C={slots.shape[1]}, conv_pool "
                              f"R={R}, W={W}), got {num_accepted_tokens.tolist()}")
     lower_bound = check_lower_bound(lower_bound)
     scale = check_scale(scale, K)

@@ -189,23 +189,24 @@ def causal_conv1d_update(x, weight, bias, conv_pool, slots, num_accepted_tokens,
     """Conv for [B, T, D] new tokens; the history window is rows [off, off+W-1) of the pool row,
     off = num_accepted-1 (speculative decoding) or 0.
 
-    The new pool row is the last R rows of ``window ++ x`` (zeros in front if shorter): after a
-    verify step of 1+s tokens with R = W-1+s, accepting a tokens puts the next window at a-1.
+    Afterwards rows [0, n) hold the last n rows of ``window ++ x``: n = W-1 for plain updates
+    (the same rows prefill uses), n = min(R, W-2+T) with ``num_accepted_tokens`` — vLLM's
+    speculative layout ``window[1:] ++ x``, so that accepting a tokens puts the next window at
+    row a-1. Later rows are left alone.
     """
     B, T, D = x.shape
     W, R = weight.shape[1], conv_pool.shape[1]
+    n_keep = W - 1 if num_accepted_tokens is None else min(R, W - 2 + T)
     w = weight.float()
-    for n in range(B):
-        slot = int(slots[n])
+    for b in range(B):
+        slot = int(slots[b])
         if slot <= 0:
-            out[n] = 0
+            out[b] = 0
             continue
-        off = int(num_accepted_tokens[n]) - 1 if num_accepted_tokens is not None else 0
-        full = torch.cat([conv_pool[slot, off:off + W - 1].float(), x[n].float()])
-        out[n] = _conv_windows(full, w, bias, T, activation).to(out.dtype)
-        if full.shape[0] < R:
-            full = torch.cat([full.new_zeros(R - full.shape[0], D), full])
-        conv_pool[slot] = full[-R:].to(conv_pool.dtype)
+        off = int(num_accepted_tokens[b]) - 1 if num_accepted_tokens is not None else 0
+        full = torch.cat([conv_pool[slot, off:off + W - 1].float(), x[b].float()])
+        out[b] = _conv_windows(full, w, bias, T, activation).to(out.dtype)
+        conv_pool[slot, :n_keep] = full[-n_keep:].to(conv_pool.dtype)
     return out
 
 

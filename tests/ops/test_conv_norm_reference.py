@@ -76,3 +76,34 @@ def test_gated_rms_norm_formula():
     y = ops.gated_rms_norm(x, gate, w, eps=1e-5)
     ref = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * w * torch.sigmoid(gate)
     assert torch.allclose(y, ref, atol=1e-6)
+
+
+def test_plain_updates_use_the_history_rows_of_a_wider_pool():
+    """With R > W-1 (pools sized for speculative decoding) plain steps keep rows [0, W-1)."""
+    D, W, R, L = 6, 4, 6, 9
+    x = torch.randn(L + 2, D)
+    w = torch.randn(D, W)
+    pool = torch.randn(2, R, D)
+    tail_before = pool[1, W - 1:].clone()
+    ops.causal_conv1d_prefill(x[:L], w, cu_seqlens=cu_from_lens([L]), conv_pool=pool, slots=torch.tensor([1]))
+    for t in (L, L + 1):
+        y = ops.causal_conv1d_update(x[t][None, None], w, conv_pool=pool, slots=torch.tensor([1]))[0, 0]
+        assert torch.allclose(y, direct_conv(x[t:t + 1], w, None, x[t - (W - 1):t])[0], atol=1e-5)
+    assert torch.equal(pool[1, :W - 1], x[L + 2 - (W - 1):L + 2])
+    assert torch.equal(pool[1, W - 1:], tail_before)
+
+
+def test_speculative_row_with_fewer_tokens_than_drafts():
+    """T < 1+s: rows [0, W-2+T) become window[1:] ++ x, as vLLM lays them out."""
+    D, W, s = 4, 4, 3
+    R = W - 1 + s
+    w = torch.randn(D, W)
+    pool = torch.randn(2, R, D)
+    old = pool[1].clone()
+    x = torch.randn(1, 2, D)
+    off = 2
+    ops.causal_conv1d_update(x, w, conv_pool=pool, slots=torch.tensor([1]),
+                             num_accepted_tokens=torch.tensor([off + 1]))
+    window = old[off:off + W - 1]
+    assert torch.equal(pool[1, :W], torch.cat([window[1:], x[0]]))
+    assert torch.equal(pool[1, W:], old[W:])

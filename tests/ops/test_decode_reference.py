@@ -64,3 +64,20 @@ def test_verify_null_start_slot_is_skipped():
                          num_accepted_tokens=torch.tensor([1, 2]))
     assert torch.equal(out, torch.zeros_like(out))
     assert torch.equal(pool, before)
+
+
+def test_verify_row_shorter_than_its_slot_columns():
+    """A row drafting fewer tokens (T=2) than last step accepted (3) starts from slots[n, 2]."""
+    H, K = 1, 32
+    q, k, v, g, beta, A_log, dt = kda_inputs(2, H, K, lead=(1,))
+    pool = torch.full((6, H, K, K), 1e30)
+    pool[3] = torch.randn(H, K, K)
+    before = pool.clone()
+    slots = torch.tensor([[1, 2, 3]], dtype=torch.int32)
+    out = ops.kda_decode(q, k, v, g, beta, A_log, dt, state_pool=pool, slots=slots,
+                         num_accepted_tokens=torch.tensor([3]))
+    ref_o, ref_s = naive_kda(q[0], k[0], v[0], g[0], beta[0], A_log, dt, cu_seqlens=cu_from_lens([2]),
+                             initial_state=before[3][None])
+    assert rel_rms(out[0], ref_o) <= 1e-5
+    assert rel_rms(pool[2], ref_s[0]) <= 1e-5          # state after the last token
+    assert torch.equal(pool[3], before[3]) and torch.equal(pool[4:], before[4:])

@@ -183,7 +183,7 @@ BAD = [
     ("conv_pool", lambda a: a["conv_pool"][:, :2], ValueError, "conv_pool: expected shape [S, R >= 3, 192]"),
     ("conv_pool", lambda a: a["conv_pool"].int(), TypeError, "conv_pool: expected dtype"),
     ("state_pool", lambda a: a["state_pool"][:, :1], ValueError, "state_pool: expected shape"),
-    ("slots", lambda a: a["slots"][:, :1], ValueError, "slots: expected shape [2, 2]"),
+    ("slots", lambda a: a["slots"][:, :1], ValueError, "slots: expected shape [2, C >= 2] for verify"),
     ("slots", lambda a: torch.tensor([[1, 2], [3, 6]], dtype=torch.int32), ValueError, "slots: slot 6 out of range"),
     ("slots", lambda a: torch.tensor([[1, 2], [2, 4]], dtype=torch.int32), ValueError, "more than once"),
     ("num_accepted_tokens", lambda a: torch.tensor([1, 3], dtype=torch.int32), ValueError,

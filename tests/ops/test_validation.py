@@ -67,8 +67,8 @@ def test_bad_decode_arguments():
     q, k, v, g, beta, A_log, dt = kda_inputs(2, 2, 32, lead=(3,))
     pool = torch.full((8, 2, 32, 32), 1e30)
     before = pool.clone()
-    with pytest.raises(ValueError, match=r"slots: expected shape \[3, 2\]"):
-        ops.kda_decode(q, k, v, g, beta, A_log, dt, state_pool=pool, slots=torch.zeros(3, 3, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"slots: expected shape \[3, C >= 2\] for verify"):
+        ops.kda_decode(q, k, v, g, beta, A_log, dt, state_pool=pool, slots=torch.zeros(3, 1, dtype=torch.int32))
     with pytest.raises(ValueError, match="num_accepted_tokens: only valid with 2-D slots"):
         ops.kda_decode(q[:, :1], k[:, :1], v[:, :1], g[:, :1], beta[:, :1], A_log, dt, state_pool=pool,
                        slots=torch.tensor([1, 2, 3]), num_accepted_tokens=torch.ones(3, dtype=torch.int32))

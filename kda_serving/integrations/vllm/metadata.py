@@ -114,7 +114,8 @@ def plan_from_gdn_metadata(m, num_spec: int = 0) -> StepPlan:
 def _verify_groups(m, n_spec, num_spec, spec_tokens, device) -> list[VerifyGroup]:
     L = 1 + num_spec
     slots = m.spec_state_indices_tensor[:n_spec, :L].to(torch.int32)
-    accepted = m.num_accepted_tokens[:n_spec].to(torch.int32)
+    # padding rows may carry 0; the ops read slots[n, a-1], so keep a >= 1 (their slots are null)
+    accepted = m.num_accepted_tokens[:n_spec].to(torch.int32).clamp(min=1)
     uniform = m.uniform_spec_sequence_length
     if uniform is None and m.num_spec_decode_tokens == n_spec * L:
         uniform = L
