@@ -37,13 +37,24 @@ def register() -> None:
     apply_cpu_fixes()
     if _LAYER_KEY in op_registry_oot:
         return
-    from vllm.model_executor.layers.mamba.gdn.kimi_gdn_linear_attn import KimiGatedDeltaNetAttention
+    log = logging.getLogger("kda_serving")
+    try:
+        from vllm.model_executor.layers.mamba.gdn.kimi_gdn_linear_attn import KimiGatedDeltaNetAttention
+    except ImportError as e:  # a vLLM whose Kimi-Linear KDA layer lives elsewhere
+        log.error("kda_serving: this vLLM has no shared KimiGatedDeltaNetAttention (%s); "
+                  "Kimi-Linear keeps vLLM's own KDA layers", e)
+        return
 
-    from .layer import KDAServingKimiDeltaAttention
+    from .version_adapter import UnsupportedVLLMError
+    try:
+        from .layer import FORWARD_API, KDAServingKimiDeltaAttention
+    except UnsupportedVLLMError as e:
+        log.error("kda_serving: %s; Kimi-Linear keeps vLLM's own KDA layers", e)
+        return
 
     KimiGatedDeltaNetAttention.register_oot(KDAServingKimiDeltaAttention)
-    logging.getLogger("kda_serving").info(
-        "kda_serving: registered %s for Kimi-Linear KDA layers", KDAServingKimiDeltaAttention.__name__)
+    log.info("kda_serving: registered %s for Kimi-Linear KDA layers (vLLM %s _forward API)",
+             KDAServingKimiDeltaAttention.__name__, FORWARD_API.name)
 
 
 def is_registered() -> bool:
