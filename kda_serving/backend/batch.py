@@ -23,6 +23,9 @@ class KDABatch:
     prefill_cu_seqlens: torch.Tensor      # [Np+1] int32, starting at 0
     prefill_slots: torch.Tensor           # [Np] int32
     prefill_has_initial_state: torch.Tensor  # [Np] bool
+    # host copy of prefill_cu_seqlens when the engine has one: lets long prompts be split
+    # across SMs without a device sync (ops/split_prefill.py)
+    prefill_cu_seqlens_cpu: torch.Tensor | None = None
 
     @property
     def num_decode_tokens(self) -> int:
@@ -104,9 +107,10 @@ def build_kda_batch(query_start_loc, num_computed_tokens, state_slots, *, num_sp
             raise ValueError("num_accepted_tokens: required for verify rows with num_spec_tokens > 0")
         acc = num_accepted_tokens[:nd].to(device=device, dtype=torch.int32)
     pre_slots = slots[nd:, 0] if num_spec_tokens else slots[nd:]
-    cu = torch.tensor([q - qsl[nd] for q in qsl[nd:]], dtype=torch.int32, device=device)
+    cu_cpu = torch.tensor([q - qsl[nd] for q in qsl[nd:]], dtype=torch.int32)
+    cu = cu_cpu.to(device)
     has_init = torch.tensor([c > 0 for c in ncomp[nd:]], dtype=torch.bool, device=device)
     return KDABatch(num_decodes=nd, decode_len=L, decode_slots=slots[:nd], num_accepted_tokens=acc,
                     num_prefills=R - nd, num_prefill_tokens=qsl[-1] - qsl[nd],
                     prefill_cu_seqlens=cu, prefill_slots=pre_slots.contiguous(),
-                    prefill_has_initial_state=has_init)
+                    prefill_has_initial_state=has_init, prefill_cu_seqlens_cpu=cu_cpu)

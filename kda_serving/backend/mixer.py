@@ -95,7 +95,8 @@ def kda_mixer_forward(mixed_qkv, g_raw, beta_raw, out_gate, params: KDALayerPara
                                       has_initial_state=batch.prefill_has_initial_state)
         q, k, v = _split_qkv(x, H, D)
         ops.kda_prefill(q, k, v, g[nd:nt], beta[nd:nt], params.A_log, params.dt_bias,
-                        cu_seqlens=batch.prefill_cu_seqlens, state_pool=state_pool,
+                        cu_seqlens=batch.prefill_cu_seqlens, cu_seqlens_cpu=batch.prefill_cu_seqlens_cpu,
+                        state_pool=state_pool,
                         slots=batch.prefill_slots, has_initial_state=batch.prefill_has_initial_state,
                         out=out[nd:nt], **common)
     if nt < T:
