@@ -15,6 +15,11 @@
 //   bool; inter [M, H, V, K] pool dtype, inter_offsets [N] int32/int64 (state after token
 //   64(i+1)-1 of sequence n goes to inter[inter_offsets[n] + i]); out [Ttot, H, V] bf16.
 //
+// kda_prefill_chunked(<same arguments as kda_prefill>) -> ()
+//   Same contract, computed by the chunked kernel (csrc/prefill/kda_prefill_chunked_*). Opt-in
+//   and not yet validated on a GPU: kda_serving.ops.kda_prefill calls it only when
+//   KDA_SERVING_PREFILL_KERNEL=chunked (docs/kernels.md); the default is the token-serial kernel.
+//
 // kda_decode(Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, Tensor A_log,
 //            Tensor dt_bias, Tensor(a!) state_pool, Tensor slots, Tensor? num_accepted,
 //            float? lower_bound, float scale, Tensor(b!) out) -> ()
@@ -61,6 +66,11 @@
 #include "decode/kda_decode.h"
 #include "decode/kda_decode_fused.h"
 #include "prefill/kda_prefill.h"
+
+namespace kda {
+// csrc/prefill/kda_prefill_chunked_launch.cu
+cudaError_t launch_kda_prefill_chunked(const KdaPrefillParams& p, cudaStream_t stream);
+}  // namespace kda
 
 namespace {
 
@@ -115,12 +125,15 @@ void check_gate_params(const Tensor& A_log, const Tensor& dt_bias, int64_t H, co
             "dt_bias must be contiguous [H*K]");
 }
 
-void kda_prefill(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
-                 const Tensor& beta, const Tensor& A_log, const Tensor& dt_bias,
-                 const Tensor& cu_seqlens, Tensor& state_pool, const Tensor& slots,
-                 const Tensor& has_initial_state, std::optional<double> lower_bound, double scale,
-                 const std::optional<Tensor>& inter, const std::optional<Tensor>& inter_offsets,
-                 Tensor& out) {
+using PrefillLaunch = cudaError_t (*)(const kda::KdaPrefillParams&, cudaStream_t);
+
+void prefill_common(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
+                    const Tensor& beta, const Tensor& A_log, const Tensor& dt_bias,
+                    const Tensor& cu_seqlens, Tensor& state_pool, const Tensor& slots,
+                    const Tensor& has_initial_state, std::optional<double> lower_bound,
+                    double scale, const std::optional<Tensor>& inter,
+                    const std::optional<Tensor>& inter_offsets, Tensor& out,
+                    PrefillLaunch launch, const char* op) {
   KDA_CHECK(q.dim() == 3 && q.size(2) == kDim, "q must be [Ttot, H, 128], got ", q.sizes());
   const int64_t Tt = q.size(0), H = q.size(1);
   const Named tensors[] = {{&q, "q"}, {&k, "k"}, {&g, "g"}, {&v, "v"}, {&out, "out"}};
@@ -182,8 +195,30 @@ void kda_prefill(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor
   p.lower_bound = lower_bound.has_value() ? (float)*lower_bound : 0.f;
   const c10::cuda::CUDAGuard guard(q.device());
   p.num_sms = num_sms();
-  const cudaError_t err = kda::kda_prefill_launch(p, at::cuda::getCurrentCUDAStream());
-  KDA_CHECK(err == cudaSuccess, "kda_prefill launch failed: ", cudaGetErrorString(err));
+  const cudaError_t err = launch(p, at::cuda::getCurrentCUDAStream());
+  KDA_CHECK(err == cudaSuccess, op, " launch failed: ", cudaGetErrorString(err));
+}
+
+void kda_prefill(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
+                 const Tensor& beta, const Tensor& A_log, const Tensor& dt_bias,
+                 const Tensor& cu_seqlens, Tensor& state_pool, const Tensor& slots,
+                 const Tensor& has_initial_state, std::optional<double> lower_bound, double scale,
+                 const std::optional<Tensor>& inter, const std::optional<Tensor>& inter_offsets,
+                 Tensor& out) {
+  prefill_common(q, k, v, g, beta, A_log, dt_bias, cu_seqlens, state_pool, slots,
+                 has_initial_state, lower_bound, scale, inter, inter_offsets, out,
+                 &kda::kda_prefill_launch, "kda_prefill");
+}
+
+void kda_prefill_chunked(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
+                         const Tensor& beta, const Tensor& A_log, const Tensor& dt_bias,
+                         const Tensor& cu_seqlens, Tensor& state_pool, const Tensor& slots,
+                         const Tensor& has_initial_state, std::optional<double> lower_bound,
+                         double scale, const std::optional<Tensor>& inter,
+                         const std::optional<Tensor>& inter_offsets, Tensor& out) {
+  prefill_common(q, k, v, g, beta, A_log, dt_bias, cu_seqlens, state_pool, slots,
+                 has_initial_state, lower_bound, scale, inter, inter_offsets, out,
+                 &kda::launch_kda_prefill_chunked, "kda_prefill_chunked");
 }
 
 // Checks and fills everything of a decode call but q, k, v: g [B, T, H, 128], beta [B, T, H],
@@ -437,6 +472,11 @@ TORCH_LIBRARY(kda_serving, m) {
       "Tensor has_initial_state, float? lower_bound, float scale, Tensor(b!)? inter, "
       "Tensor? inter_offsets, Tensor(c!) out) -> ()");
   m.def(
+      "kda_prefill_chunked(Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, Tensor A_log, "
+      "Tensor dt_bias, Tensor cu_seqlens, Tensor(a!) state_pool, Tensor slots, "
+      "Tensor has_initial_state, float? lower_bound, float scale, Tensor(b!)? inter, "
+      "Tensor? inter_offsets, Tensor(c!) out) -> ()");
+  m.def(
       "kda_decode(Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, Tensor A_log, "
       "Tensor dt_bias, Tensor(a!) state_pool, Tensor slots, Tensor? num_accepted, "
       "float? lower_bound, float scale, Tensor(b!) out) -> ()");
@@ -456,6 +496,7 @@ TORCH_LIBRARY(kda_serving, m) {
 
 TORCH_LIBRARY_IMPL(kda_serving, CUDA, m) {
   m.impl("kda_prefill", &kda_prefill);
+  m.impl("kda_prefill_chunked", &kda_prefill_chunked);
   m.impl("kda_decode", &kda_decode);
   m.impl("causal_conv1d_prefill", &causal_conv1d_prefill);
   m.impl("causal_conv1d_update", &causal_conv1d_update);
@@ -464,6 +505,7 @@ TORCH_LIBRARY_IMPL(kda_serving, CUDA, m) {
 
 TORCH_LIBRARY_IMPL(kda_serving, Meta, m) {
   m.impl("kda_prefill", &kda_prefill_meta);
+  m.impl("kda_prefill_chunked", &kda_prefill_meta);
   m.impl("kda_decode", &kda_decode_meta);
   m.impl("causal_conv1d_prefill", &conv_prefill_meta);
   m.impl("causal_conv1d_update", &conv_update_meta);

@@ -8,6 +8,8 @@ S = pool slots, D = channels, W = conv width.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from . import reference
@@ -113,9 +115,12 @@ def kda_prefill(q, k, v, g, beta, A_log, dt_bias, *, cu_seqlens, state_pool, slo
 
     def kernel():
         from . import _ext
-        return _ext.prefill(q, k, v, g, beta, A_log, dt_bias, cu_seqlens, state_pool, slots,
-                            has_initial_state, lower_bound=lower_bound, scale=scale,
-                            inter=intermediate_states, inter_offsets=intermediate_offsets, out=out)
+        # Opt-in chunked kernel (not yet validated on a GPU; docs/kernels.md).
+        chunked = os.environ.get("KDA_SERVING_PREFILL_KERNEL") == "chunked"
+        fn = _ext.prefill_chunked if chunked else _ext.prefill
+        return fn(q, k, v, g, beta, A_log, dt_bias, cu_seqlens, state_pool, slots,
+                  has_initial_state, lower_bound=lower_bound, scale=scale,
+                  inter=intermediate_states, inter_offsets=intermediate_offsets, out=out)
     return _run("kda_prefill", cuda, args, kernel)
 
 

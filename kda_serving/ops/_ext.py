@@ -44,15 +44,30 @@ def _silu(activation) -> bool:
     return activation is not None
 
 
+def _prefill_with(op, q, k, v, g, beta, A_log, dt_bias, cu_seqlens, state_pool, slots,
+                  has_initial_state, lower_bound, scale, inter, inter_offsets, out):
+    if out is None:
+        out = torch.empty(v.shape, dtype=torch.bfloat16, device=v.device)
+    op(q, k, v, g, beta, A_log, dt_bias.reshape(-1), cu_seqlens, state_pool, _i32(slots),
+       has_initial_state.contiguous(), lower_bound, _scale(q, scale), inter, inter_offsets, out)
+    return out
+
+
 def prefill(q, k, v, g, beta, A_log, dt_bias, cu_seqlens, state_pool, slots, has_initial_state,
             *, lower_bound=None, scale=None, inter=None, inter_offsets=None, out=None):
     """q, k, g [T, H, K]; v [T, H, V]; beta [T, H] -> o [T, H, V] bf16; pool updated in place."""
-    if out is None:
-        out = torch.empty(v.shape, dtype=torch.bfloat16, device=v.device)
-    torch.ops.kda_serving.kda_prefill(
-        q, k, v, g, beta, A_log, dt_bias.reshape(-1), cu_seqlens, state_pool, _i32(slots),
-        has_initial_state.contiguous(), lower_bound, _scale(q, scale), inter, inter_offsets, out)
-    return out
+    return _prefill_with(torch.ops.kda_serving.kda_prefill, q, k, v, g, beta, A_log, dt_bias,
+                         cu_seqlens, state_pool, slots, has_initial_state, lower_bound, scale,
+                         inter, inter_offsets, out)
+
+
+def prefill_chunked(q, k, v, g, beta, A_log, dt_bias, cu_seqlens, state_pool, slots,
+                    has_initial_state, *, lower_bound=None, scale=None, inter=None,
+                    inter_offsets=None, out=None):
+    """As ``prefill``, computed by the chunked kernel (opt-in, see docs/kernels.md)."""
+    return _prefill_with(torch.ops.kda_serving.kda_prefill_chunked, q, k, v, g, beta, A_log, dt_bias,
+                         cu_seqlens, state_pool, slots, has_initial_state, lower_bound, scale,
+                         inter, inter_offsets, out)
 
 
 def decode(q, k, v, g, beta, A_log, dt_bias, state_pool, slots, num_accepted=None,

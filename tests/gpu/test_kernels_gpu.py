@@ -12,30 +12,10 @@ if not _ext.available():
     pytest.skip("CUDA extension or a Hopper GPU is not available", allow_module_level=True)
 
 from kda_serving.ops import reference  # noqa: E402
-from kda_serving.ops.naive import naive_kda  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
-DEV = "cuda"
-D = 128
-POISON = 1e30
-TOL = 5e-3
-
-
-def rel_rms(out, ref):
-    out, ref = out.double().cpu(), ref.double().cpu()
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-
-
-def make_gate(shape, center):
-    """Raw gate logits around ``center`` (None: U(-8, 8)) with spikes of +-30."""
-    if center is None:
-        g = torch.empty(shape).uniform_(-8, 8)
-    else:
-        g = center + torch.randn(shape)
-    spikes = torch.rand(shape) < 0.05
-    g[spikes] = torch.where(torch.rand(shape) < 0.5, -30.0, 30.0)[spikes]
-    return g
+from tests.gpu.common import D, DEV, POISON, TOL, make_gate, rel_rms, run_naive  # noqa: E402
 
 
 def make_inputs(T, H, lead=(), center=0.0):
@@ -52,14 +32,6 @@ def make_inputs(T, H, lead=(), center=0.0):
 
 def make_pool(S, H, dtype):
     return torch.full((S, H, D, D), POISON, dtype=dtype, device=DEV)
-
-
-def run_naive(q, k, v, g, beta, A_log, dt_bias, cu, init, lower_bound, every=None):
-    args = [t.cpu() for t in (q, k, v, g, beta, A_log, dt_bias)]
-    kw = dict(cu_seqlens=cu.cpu(), initial_state=init.cpu().double(), lower_bound=lower_bound)
-    if every:
-        kw["checkpoint_every"] = every
-    return naive_kda(*args, **kw)
 
 
 @pytest.mark.parametrize("lower_bound", [None, -5.0])
@@ -345,7 +317,7 @@ def test_decode_fused_vs_reference_and_gold(lower_bound, pool_dtype, norm, W, T,
     out_gate = torch.randn(B, T, H, D, device=DEV).bfloat16() if norm else None
     norm_weight = (torch.rand(D, device=DEV) + 0.5) if norm else None
     ref_out, ref_conv, ref_state, x = fused_reference(c, lower_bound, out_gate, norm_weight, 1e-6)
-    conv_before, state_before = c["conv_pool"].clone(), c["state_pool"].clone()
+    state_before = c["state_pool"].clone()
     out = torch.full((B, T, H, D), float("nan"), dtype=torch.bfloat16, device=DEV)
     run_fused(c, lower_bound, out_gate, norm_weight, out=out)
     torch.cuda.synchronize()

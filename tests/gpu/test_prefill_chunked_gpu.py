@@ -1,0 +1,189 @@
+"""Chunked prefill kernel vs the fp64 recurrence and the token-serial kernel (needs Hopper + _C)."""
+
+import math
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from kda_serving.ops import _ext  # noqa: E402
+
+if not _ext.available():
+    pytest.skip("CUDA extension or a Hopper GPU is not available", allow_module_level=True)
+
+
+pytestmark = pytest.mark.gpu
+
+from tests.gpu.common import D, DEV, POISON, TOL, make_gate, rel_rms, run_naive  # noqa: E402
+
+
+def make_inputs(T, H, center=0.0, strided=False):
+    """bf16 q, k, v, g [T, H, D], beta [T, H]; strided: row-strided column slices of wider rows."""
+    if strided:
+        mixed = torch.randn(T, 3 * H * D + 64).bfloat16().to(DEV)
+        q, k, v = (mixed[:, i * H * D:(i + 1) * H * D].view(T, H, D) for i in range(3))
+        beta = (torch.randn(T, 2 * H) * 3).bfloat16().to(DEV)[:, :H]
+    else:
+        q, k, v = (torch.randn(T, H, D).bfloat16().to(DEV) for _ in range(3))
+        beta = (torch.randn(T, H) * 3).bfloat16().to(DEV)
+    g = make_gate((T, H, D), center).bfloat16().to(DEV)
+    A_log = torch.full((H,), math.log(16.0), device=DEV)
+    dt_bias = (torch.randn(H * D) * 8).to(DEV)
+    return q, k, v, g, beta, A_log, dt_bias
+
+
+def setup_pool(lens, H, pool_dtype, idx_dtype=torch.int32, n_null=2):
+    """Pool poisoned everywhere, random initial states for ~60% of the live sequences."""
+    N = len(lens)
+    cu = torch.tensor([0] + lens).cumsum(0).to(DEV, idx_dtype)
+    S = N + 4
+    pool = torch.full((S, H, D, D), POISON, dtype=pool_dtype, device=DEV)
+    slots = torch.arange(2, N + 2, dtype=torch.int32, device=DEV)
+    for i in range(1, n_null + 1):
+        slots[-i] = 1 - i  # 0, -1, ...
+    has_init = torch.rand(N, device=DEV) < 0.6
+    init = torch.zeros(N, H, D, D, device=DEV)
+    for n in range(N):
+        if has_init[n] and slots[n] > 0:
+            pool[slots[n]] = (torch.randn(H, D, D, device=DEV) * 0.3).to(pool_dtype)
+            init[n] = pool[slots[n]].float()
+    return cu, pool, slots, has_init, init
+
+
+def check_against(out, pool, before, cu, slots, o_ref, s_ref):
+    assert not out.isnan().any()
+    valid = slots > 0
+    N = slots.numel()
+    for n in range(N):
+        a, b = int(cu[n]), int(cu[n + 1])
+        if not valid[n]:
+            assert (out[a:b] == 0).all(), n
+        elif b > a:
+            assert rel_rms(out[a:b], o_ref[a:b]) <= TOL, n
+        if valid[n]:
+            st = pool[slots[n]]
+            assert not st.isnan().any(), n
+            assert rel_rms(st, s_ref[n]) <= TOL or s_ref[n].abs().max() == 0, n
+    used = set(int(s) for s in slots[valid])
+    for s in range(pool.shape[0]):
+        if s not in used:
+            assert torch.equal(pool[s], before[s]), s
+
+
+LENS = [0, 1, 15, 16, 17, 64, 65, 1000]
+
+
+@pytest.mark.parametrize("lower_bound", [None, -5.0])
+@pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("center", [-30.0, -8.0, 0.0, 8.0, 30.0, None])
+@pytest.mark.parametrize("H", [1, 4])
+def test_chunked_vs_naive(lower_bound, pool_dtype, center, H):
+    torch.manual_seed(hash((lower_bound, str(pool_dtype), center, H)) % 2**31)
+    lens = LENS + [5, 9]  # the last two are null
+    cu, pool, slots, has_init, init = setup_pool(lens, H, pool_dtype)
+    q, k, v, g, beta, A_log, dt_bias = make_inputs(int(cu[-1]), H, center=center)
+    before = pool.clone()
+    out = torch.full(v.shape, float("nan"), dtype=torch.bfloat16, device=DEV)
+    _ext.prefill_chunked(q, k, v, g, beta, A_log, dt_bias, cu, pool, slots, has_init,
+                         lower_bound=lower_bound, out=out)
+    torch.cuda.synchronize()
+    o_ref, s_ref = run_naive(q, k, v, g, beta, A_log, dt_bias, cu, init, lower_bound)
+    check_against(out, pool, before, cu, slots, o_ref, s_ref)
+
+
+@pytest.mark.parametrize("idx_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("lower_bound", [None, -5.0])
+def test_chunked_strided_inputs(idx_dtype, lower_bound):
+    torch.manual_seed(3)
+    H = 4
+    cu, pool, slots, has_init, init = setup_pool([17, 0, 130, 64, 3], H, torch.float32, idx_dtype, n_null=1)
+    q, k, v, g, beta, A_log, dt_bias = make_inputs(int(cu[-1]), H, center=None, strided=True)
+    assert not q.is_contiguous() and not beta.is_contiguous()
+    before = pool.clone()
+    out = torch.full(v.shape, float("nan"), dtype=torch.bfloat16, device=DEV)
+    _ext.prefill_chunked(q, k, v, g, beta, A_log, dt_bias, cu, pool, slots, has_init,
+                         lower_bound=lower_bound, out=out)
+    torch.cuda.synchronize()
+    o_ref, s_ref = run_naive(q, k, v, g, beta, A_log, dt_bias, cu, init, lower_bound)
+    check_against(out, pool, before, cu, slots, o_ref, s_ref)
+
+
+@pytest.mark.parametrize("lower_bound", [None, -5.0])
+@pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("H", [1, 4, 32])
+def test_chunked_vs_token_serial(lower_bound, pool_dtype, H):
+    torch.manual_seed(17 + H)
+    lens = LENS + [5]
+    cu, pool, slots, has_init, _ = setup_pool(lens, H, pool_dtype, n_null=1)
+    q, k, v, g, beta, A_log, dt_bias = make_inputs(int(cu[-1]), H, center=None)
+    pool2 = pool.clone()
+    out1 = torch.full(v.shape, float("nan"), dtype=torch.bfloat16, device=DEV)
+    out2 = out1.clone()
+    _ext.prefill(q, k, v, g, beta, A_log, dt_bias, cu, pool, slots, has_init,
+                 lower_bound=lower_bound, out=out1)
+    _ext.prefill_chunked(q, k, v, g, beta, A_log, dt_bias, cu, pool2, slots, has_init,
+                         lower_bound=lower_bound, out=out2)
+    torch.cuda.synchronize()
+    assert not out2.isnan().any()
+    for n in range(len(lens)):
+        a, b = int(cu[n]), int(cu[n + 1])
+        if b > a and slots[n] > 0:
+            assert rel_rms(out2[a:b], out1[a:b]) <= TOL, n
+    used = set(int(x) for x in slots[slots > 0])
+    for s in range(pool.shape[0]):
+        if s in used:
+            assert not pool2[s].isnan().any(), s
+            assert rel_rms(pool2[s], pool[s]) <= TOL or torch.equal(pool2[s], pool[s]), s
+        else:
+            assert torch.equal(pool2[s], pool[s]), s
+
+
+@pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("idx_dtype", [torch.int32, torch.int64])
+def test_chunked_intermediate_states(pool_dtype, idx_dtype):
+    torch.manual_seed(7)
+    H, lens = 4, [0, 1, 63, 64, 65, 200]
+    N = len(lens)
+    cu = torch.tensor([0] + lens).cumsum(0).to(DEV, idx_dtype)
+    q, k, v, g, beta, A_log, dt_bias = make_inputs(int(cu[-1]), H, center=None)
+    counts = [n // 64 for n in lens]
+    offsets = torch.tensor([0] + counts[:-1]).cumsum(0).to(DEV, idx_dtype)
+    inter = torch.full((sum(counts) + 1, H, D, D), POISON, dtype=pool_dtype, device=DEV)
+    pool = torch.full((N + 1, H, D, D), POISON, dtype=pool_dtype, device=DEV)
+    slots = torch.arange(1, N + 1, dtype=torch.int32, device=DEV)
+    has_init = torch.zeros(N, dtype=torch.bool, device=DEV)
+    out = torch.full(v.shape, float("nan"), dtype=torch.bfloat16, device=DEV)
+    _ext.prefill_chunked(q, k, v, g, beta, A_log, dt_bias, cu, pool, slots, has_init,
+                         inter=inter, inter_offsets=offsets, out=out)
+    torch.cuda.synchronize()
+    _, _, ckpts = run_naive(q, k, v, g, beta, A_log, dt_bias, cu, torch.zeros(N, H, D, D), None, every=64)
+    for n in range(N):
+        for i in range(counts[n]):
+            assert rel_rms(inter[int(offsets[n]) + i], ckpts[n][i]) <= TOL, (n, i)
+    assert (inter[-1].float() == POISON).all()  # spare row untouched
+
+
+def test_env_var_selects_chunked(monkeypatch):
+    """kda_serving.ops.kda_prefill runs the chunked kernel only with KDA_SERVING_PREFILL_KERNEL=chunked."""
+    from kda_serving.ops import kda_prefill
+    torch.manual_seed(5)
+    H = 2
+    cu, pool, slots, has_init, _ = setup_pool([40, 7], H, torch.float32, n_null=0)
+    q, k, v, g, beta, A_log, dt_bias = make_inputs(int(cu[-1]), H, center=None)
+
+    def run(fn_pool, env):
+        if env is None:
+            monkeypatch.delenv("KDA_SERVING_PREFILL_KERNEL", raising=False)
+        else:
+            monkeypatch.setenv("KDA_SERVING_PREFILL_KERNEL", env)
+        return kda_prefill(q, k, v, g, beta, A_log, dt_bias, cu_seqlens=cu, state_pool=fn_pool,
+                           slots=slots, has_initial_state=has_init)
+
+    pools = [pool.clone() for _ in range(4)]
+    o_default = run(pools[0], None)
+    o_chunked = run(pools[1], "chunked")
+    o_serial = _ext.prefill(q, k, v, g, beta, A_log, dt_bias, cu, pools[2], slots, has_init)
+    o_direct = _ext.prefill_chunked(q, k, v, g, beta, A_log, dt_bias, cu, pools[3], slots, has_init)
+    torch.cuda.synchronize()
+    assert torch.equal(o_default, o_serial) and torch.equal(pools[0], pools[2])
+    assert torch.equal(o_chunked, o_direct) and torch.equal(pools[1], pools[3])
