@@ -34,6 +34,22 @@ __device__ __forceinline__ float warp_sum(float x) {
   return x;
 }
 
+// Reciprocal L2 norms (eps inside the sqrt) of one token's q and k, each lane holding four
+// channels; rq also carries the attention scale.
+__device__ __forceinline__ void qk_inv_norms(const float (&qv)[4], const float (&kv)[4], float scale,
+                                             float& rq, float& rk) {
+  float sq = 0.f, sk = 0.f;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) { sq += qv[j] * qv[j]; sk += kv[j] * kv[j]; }
+  rq = rsqrtf(warp_sum(sq) + 1e-6f) * scale;
+  rk = rsqrtf(warp_sum(sk) + 1e-6f);
+}
+
+// An element of an int32 or int64 index tensor (cu_seqlens, checkpoint offsets).
+__device__ __forceinline__ int64_t load_index(const void* p, bool is64, int i) {
+  return is64 ? static_cast<const int64_t*>(p)[i] : (int64_t) static_cast<const int32_t*>(p)[i];
+}
+
 // Four consecutive channels of one row of a state (fp32 or bf16), vectorised.
 template <typename T> struct StateIO;
 

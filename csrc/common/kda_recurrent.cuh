@@ -187,13 +187,8 @@ struct RowBlock {
         src.load_qk(t, c, qv, kv);
 #pragma unroll
         for (int j = 0; j < 4; ++j) gv[j] = bf2f(gp[j]);
-        float sq = 0.f, sk = 0.f;
-#pragma unroll
-        for (int j = 0; j < 4; ++j) { sq += qv[j] * qv[j]; sk += kv[j] * kv[j]; }
-        sq = warp_sum(sq);
-        sk = warp_sum(sk);
-        const float rq = rsqrtf(sq + 1e-6f) * ga.scale;
-        const float rk = rsqrtf(sk + 1e-6f);
+        float rq, rk;
+        qk_inv_norms(qv, kv, ga.scale, rq, rk);
         float al[4];
 #pragma unroll
         for (int j = 0; j < 4; ++j) al[j] = expf(kda_gate(gv[j] + dtb[j], ga.a, ga.bounded, ga.lower_bound));

@@ -42,10 +42,6 @@ struct ChunkSmem {
   float beta[kCC];
 };
 
-__device__ __forceinline__ int64_t chunked_load_index(const void* p, bool is64, int i) {
-  return is64 ? static_cast<const int64_t*>(p)[i] : (int64_t) static_cast<const int32_t*>(p)[i];
-}
-
 // grid = (V / BV, H, N), kThreads threads, dynamic smem sizeof(ChunkSmem<BV>).
 template <int BV, typename StateT>
 __global__ void __launch_bounds__(kThreads) kda_prefill_chunked_kernel(const KdaPrefillParams p) {
@@ -54,9 +50,9 @@ __global__ void __launch_bounds__(kThreads) kda_prefill_chunked_kernel(const Kda
   const int v0 = blockIdx.x * BV, h = blockIdx.y, n = blockIdx.z;
   auto bf = [](const void* x) { return static_cast<const __nv_bfloat16*>(x); };
 
-  const int64_t base = chunked_load_index(p.cu_seqlens, p.cu_seqlens_64, 0);
-  const int64_t bos = chunked_load_index(p.cu_seqlens, p.cu_seqlens_64, n) - base;
-  const int64_t eos = chunked_load_index(p.cu_seqlens, p.cu_seqlens_64, n + 1) - base;
+  const int64_t base = load_index(p.cu_seqlens, p.cu_seqlens_64, 0);
+  const int64_t bos = load_index(p.cu_seqlens, p.cu_seqlens_64, n) - base;
+  const int64_t eos = load_index(p.cu_seqlens, p.cu_seqlens_64, n + 1) - base;
   const int len = (int)(eos - bos);
 
   const __nv_bfloat16* qg = bf(p.q) + bos * p.q_st + h * p.q_sh;
@@ -79,7 +75,7 @@ __global__ void __launch_bounds__(kThreads) kda_prefill_chunked_kernel(const Kda
   StateT* ckpt = nullptr;
   if (p.inter) {
     ckpt = static_cast<StateT*>(p.inter) +
-           chunked_load_index(p.inter_offsets, p.inter_offsets_64, n) * p.inter_ss + row_off;
+           load_index(p.inter_offsets, p.inter_offsets_64, n) * p.inter_ss + row_off;
   }
 
   const float a = expf(p.A_log[h]);
@@ -110,13 +106,8 @@ __global__ void __launch_bounds__(kThreads) kda_prefill_chunked_kernel(const Kda
         kv[j] = bf2f(kg[t * p.k_st + c + j]);
         gv[j] = bf2f(gg[t * p.g_st + c + j]);
       }
-      float sq = 0.f, sk = 0.f;
-#pragma unroll
-      for (int j = 0; j < 4; ++j) { sq += qv[j] * qv[j]; sk += kv[j] * kv[j]; }
-      sq = warp_sum(sq);
-      sk = warp_sum(sk);
-      const float rq = rsqrtf(sq + 1e-6f) * p.scale;
-      const float rk = rsqrtf(sk + 1e-6f);
+      float rq, rk;
+      qk_inv_norms(qv, kv, p.scale, rq, rk);
 #pragma unroll
       for (int j = 0; j < 4; ++j) gv[j] = kda_gate(gv[j] + dtb[j], a, bounded, lb);
       *reinterpret_cast<float4*>(&sm.q[i][c]) = make_float4(qv[0] * rq, qv[1] * rq, qv[2] * rq, qv[3] * rq);

@@ -7,10 +7,6 @@
 
 namespace kda {
 
-__device__ __forceinline__ int64_t load_index(const void* p, bool is64, int i) {
-  return is64 ? static_cast<const int64_t*>(p)[i] : (int64_t) static_cast<const int32_t*>(p)[i];
-}
-
 // grid = (V / BV, H, N)
 template <int BV, typename StateT>
 __global__ void __launch_bounds__(kThreads) kda_prefill_kernel(const KdaPrefillParams p) {

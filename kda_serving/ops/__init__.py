@@ -14,9 +14,9 @@ import torch
 
 from . import reference
 from .dispatch import log_path_once, op_path
-from .validation import (FLOAT_INPUTS, INDEX_DTYPES, check_cu_seqlens, check_gate_params,
-                         check_lower_bound, check_scale, check_slot_values, check_state_pool,
-                         check_tensor)
+from .validation import (FLOAT_INPUTS, INDEX_DTYPES, check_cu_seqlens, check_decode_slots,
+                         check_gate_params, check_lower_bound, check_scale, check_slot_values,
+                         check_state_pool, check_tensor)
 
 __all__ = ["kda_prefill", "kda_decode", "causal_conv1d_prefill", "causal_conv1d_update",
            "gated_rms_norm", "op_path"]
@@ -143,12 +143,7 @@ def kda_decode(q, k, v, g, beta, A_log, dt_bias, *, state_pool, slots, num_accep
     B, T = q.shape[:2]
     check_gate_params(A_log, dt_bias, H, K, dev)
     check_state_pool(state_pool, H, V, K, dev)
-    if isinstance(slots, torch.Tensor) and slots.dim() == 2:
-        check_tensor("slots", slots, dtypes=INDEX_DTYPES, shape=(B, None), device=dev)
-        if slots.shape[1] < T:
-            raise ValueError(f"slots: expected shape [{B}, C >= {T}] for verify, got {list(slots.shape)}")
-    else:
-        check_tensor("slots", slots, dtypes=INDEX_DTYPES, shape=(B,), device=dev)
+    check_decode_slots(slots, B, T, dev)
     check_slot_values("slots", slots, state_pool.shape[0])
     if num_accepted_tokens is not None:
         if slots.dim() != 2:

@@ -13,9 +13,9 @@ import torch
 
 from . import _kernel_ready, _run, reference
 from .dispatch import log_path_once
-from .validation import (FLOAT_INPUTS, INDEX_DTYPES, check_gate_params, check_lower_bound,
-                         check_scale, check_slot_values, check_state_pool, check_tensor,
-                         debug_checks_enabled)
+from .validation import (FLOAT_INPUTS, INDEX_DTYPES, check_decode_slots, check_gate_params,
+                         check_lower_bound, check_scale, check_slot_values, check_state_pool,
+                         check_tensor, debug_checks_enabled)
 
 __all__ = ["kda_decode_fused", "fused_decode_ready"]
 
@@ -102,12 +102,7 @@ def kda_decode_fused(mixed_qkv, g, beta, A_log, dt_bias, *, conv_weight, conv_bi
     check_gate_params(A_log, dt_bias, H, K, dev)
     _check_conv_layer(mixed_qkv, conv_weight, conv_bias, conv_pool)
     check_state_pool(state_pool, H, K, K, dev)
-    if isinstance(slots, torch.Tensor) and slots.dim() == 2:
-        check_tensor("slots", slots, dtypes=INDEX_DTYPES, shape=(B, None), device=dev)
-        if slots.shape[1] < T:
-            raise ValueError(f"slots: expected shape [{B}, C >= {T}] for verify, got {list(slots.shape)}")
-    else:
-        check_tensor("slots", slots, dtypes=INDEX_DTYPES, shape=(B,), device=dev)
+    check_decode_slots(slots, B, T, dev)
     check_slot_values("slots", slots, min(state_pool.shape[0], conv_pool.shape[0]))
     W, R = conv_weight.shape[1], conv_pool.shape[1]
     if num_accepted_tokens is not None:

@@ -87,3 +87,13 @@ def check_cu_seqlens(cu_seqlens, total, device):
         if int(c[0]) != 0 or bool((c[1:] < c[:-1]).any()) or int(c[-1]) != total:
             raise ValueError(f"cu_seqlens: expected non-decreasing offsets from 0 to {total} tokens, "
                              f"got {c.tolist()[:8]}{'...' if c.numel() > 8 else ''}")
+
+
+def check_decode_slots(slots, B, T, device):
+    """Decode slots: [B], or [B, C >= T] for speculative verify (C > T: a row drafted fewer tokens)."""
+    if isinstance(slots, torch.Tensor) and slots.dim() == 2:
+        check_tensor("slots", slots, dtypes=INDEX_DTYPES, shape=(B, None), device=device)
+        if slots.shape[1] < T:
+            raise ValueError(f"slots: expected shape [{B}, C >= {T}] for verify, got {list(slots.shape)}")
+    else:
+        check_tensor("slots", slots, dtypes=INDEX_DTYPES, shape=(B,), device=device)

@@ -15,7 +15,7 @@ from kda_serving.ops import reference  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
-from tests.gpu.common import D, DEV, POISON, TOL, make_gate, rel_rms, run_naive  # noqa: E402
+from tests.gpu.common import D, DEV, POISON, TOL, check_against, make_gate, rel_rms, run_naive  # noqa: E402
 
 
 def make_inputs(T, H, lead=(), center=0.0):
@@ -61,27 +61,13 @@ def test_prefill_vs_naive(lower_bound, pool_dtype, center, H):
                  lower_bound=lower_bound, out=out)
     torch.cuda.synchronize()
     o_ref, s_ref = run_naive(q, k, v, g, beta, A_log, dt_bias, cu, init, lower_bound)
-    assert not out.isnan().any()
-    valid = slots > 0
-    for n in range(N):
-        a, b = int(cu[n]), int(cu[n + 1])
-        if not valid[n]:
-            assert (out[a:b] == 0).all()
-        elif b > a:
-            assert rel_rms(out[a:b], o_ref[a:b]) <= TOL, n
-        if valid[n]:
-            st = pool[slots[n]]
-            assert not st.isnan().any()
-            assert rel_rms(st, s_ref[n]) <= TOL or s_ref[n].abs().max() == 0
-    used = set(int(s) for s in slots[valid])
-    for s in range(S):
-        if s not in used:
-            assert torch.equal(pool[s], before[s]), s
+    check_against(out, pool, before, cu, slots, o_ref, s_ref)
 
 
+@pytest.mark.parametrize("kernel", ["prefill", "prefill_chunked"])
 @pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("idx_dtype", [torch.int32, torch.int64])
-def test_prefill_intermediate_states(pool_dtype, idx_dtype):
+def test_prefill_intermediate_states(pool_dtype, idx_dtype, kernel):
     torch.manual_seed(7)
     H, lens = 4, [0, 1, 63, 64, 65, 200]
     N = len(lens)
@@ -94,8 +80,8 @@ def test_prefill_intermediate_states(pool_dtype, idx_dtype):
     slots = torch.arange(1, N + 1, dtype=torch.int32, device=DEV)
     has_init = torch.zeros(N, dtype=torch.bool, device=DEV)
     out = torch.full(v.shape, float("nan"), dtype=torch.bfloat16, device=DEV)
-    _ext.prefill(q, k, v, g, beta, A_log, dt_bias, cu, pool, slots, has_init,
-                 inter=inter, inter_offsets=offsets, out=out)
+    getattr(_ext, kernel)(q, k, v, g, beta, A_log, dt_bias, cu, pool, slots, has_init,
+                          inter=inter, inter_offsets=offsets, out=out)
     torch.cuda.synchronize()
     _, _, ckpts = run_naive(q, k, v, g, beta, A_log, dt_bias, cu, torch.zeros(N, H, D, D), None, every=64)
     for n in range(N):
