@@ -109,6 +109,30 @@ def test_extend_matches_sglang_reference(case, track):
                 assert torch.isnan(track_state[i]).all()  # untracked rows are not written
 
 
+@pytest.mark.parametrize("case", sorted(EXTEND_CASES))
+def test_extend_passes_host_lengths_and_splits_long_sequences_exactly(case, monkeypatch):
+    from kda_serving import ops
+    from kda_serving.ops import split_prefill as split_mod
+    seen, calls = [], []
+    real_prefill, real_split = ops.kda_prefill, split_mod.split_prefill
+    monkeypatch.setattr(ops, "kda_prefill", lambda *a, **k: seen.append(k.get("cu_seqlens_cpu")) or real_prefill(*a, **k))
+    monkeypatch.setattr(split_mod, "split_prefill", lambda *a, **k: calls.append(k["bounds"]) or real_split(*a, **k))
+    monkeypatch.setenv("KDA_SERVING_PREFILL_SPLIT", "64")
+    test_extend_matches_sglang_reference(case, track=False)
+    lens = EXTEND_CASES[case][0]
+    bounds = [sum(lens[:i]) for i in range(len(lens) + 1)]
+    assert [c.tolist() for c in seen] == [bounds] and calls == [bounds]
+
+
+def test_host_lengths_only_when_they_describe_the_call():
+    from kda_serving.integrations.sglang.kernel import _host_offsets
+    assert _host_offsets({"extend_seq_lens_cpu": [3, 0, 5]}, 3, 8).tolist() == [0, 3, 3, 8]
+    assert _host_offsets({"extend_seq_lens_cpu": torch.tensor([3, 5])}, 2, 9).tolist() == [0, 3, 8]
+    for lens, n, t in (([3, 5], 3, 8), ([3, 6], 2, 8), ([3, -1], 2, 8)):
+        assert _host_offsets({"extend_seq_lens_cpu": lens}, n, t) is None
+    assert _host_offsets({"extend_seq_lens_cpu": None}, 2, 8) is None and _host_offsets({}, 2, 8) is None
+
+
 def test_extend_then_decode_equals_longer_extend():
     """Chunked prefill continuation + decode steps on the same slot equal one reference pass."""
     L = Layer()

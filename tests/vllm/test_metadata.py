@@ -231,3 +231,72 @@ def test_plain_rows_use_only_the_history_rows_when_spec_is_configured():
                  has_initial_state=torch.tensor([True, True]))
     run_and_compare(m, [dict(tokens=[0], kind="decode", slot=4),
                         dict(tokens=list(range(1, 10)), kind="prefill", slot=7, has_init=True)], 10, num_spec=3)
+
+
+def test_host_offsets_of_mixed_and_speculative_steps():
+    from types import SimpleNamespace
+
+    from kda_serving.integrations.vllm.host_lengths import non_spec_qsl_cpu
+    common = SimpleNamespace(query_start_loc_cpu=i32([0, 3, 4, 10, 13]))
+    plain = metadata(num_actual_tokens=13, non_spec_query_start_loc=i32([0, 3, 4, 10, 13]))
+    assert non_spec_qsl_cpu(plain, common).tolist() == [0, 3, 4, 10, 13]
+    masks = torch.tensor([True, False, False, True])
+    spec = metadata(num_actual_tokens=13, spec_sequence_masks=masks, spec_sequence_masks_cpu=masks)
+    assert non_spec_qsl_cpu(spec, common).tolist() == [0, 1, 7]
+    # masks that do not fit the offsets, or no host offsets at all: nothing is guessed
+    bad = metadata(num_actual_tokens=13, spec_sequence_masks=masks, spec_sequence_masks_cpu=masks[:3])
+    assert non_spec_qsl_cpu(bad, common) is None
+    assert non_spec_qsl_cpu(plain, SimpleNamespace()) is None
+
+
+def test_install_wraps_the_gdn_builder_once():
+    from vllm.v1.attention.backends.gdn_attn import GDNAttentionMetadataBuilder
+
+    from kda_serving.integrations.vllm.host_lengths import install
+    assert install()
+    wrapped = GDNAttentionMetadataBuilder.build
+    assert install() and GDNAttentionMetadataBuilder.build is wrapped
+
+
+@pytest.mark.parametrize("spec", [False, True])
+def test_host_offsets_reach_the_prefill_batch_and_long_prompts_split_exactly(monkeypatch, spec):
+    # one decode (or verify row) and two prefills of 150 and 70 tokens; with the host offsets
+    # attached, a forced 64-token segment splits both prefills and must not change anything
+    from kda_serving.integrations.vllm.host_lengths import ATTR
+    from kda_serving.ops import split_prefill as split_mod
+    calls = []
+    real = split_mod.split_prefill
+    monkeypatch.setattr(split_mod, "split_prefill", lambda *a, **k: calls.append(k["bounds"]) or real(*a, **k))
+    real_step = run_step
+
+    def split_step(*a, **k):  # the forced segment for the step only; the oracle runs unsplit
+        with monkeypatch.context() as mp:
+            mp.setenv("KDA_SERVING_PREFILL_SPLIT", "64")
+            return real_step(*a, **k)
+
+    monkeypatch.setitem(globals(), "run_step", split_step)
+    if not spec:
+        m = metadata(num_decodes=1, num_decode_tokens=1, num_prefills=2, num_prefill_tokens=220, num_actual_tokens=221,
+                     non_spec_query_start_loc=i32([0, 1, 151, 221]), non_spec_state_indices_tensor=i32([4, 6, 8]),
+                     has_initial_state=torch.tensor([True, False, True]))
+        setattr(m, ATTR, i32([0, 1, 151, 221]))
+        reqs = [dict(tokens=[0], kind="decode", slot=4),
+                dict(tokens=list(range(1, 151)), kind="prefill", slot=6, has_init=False),
+                dict(tokens=list(range(151, 221)), kind="prefill", slot=8, has_init=True)]
+        n, ns = 221, 0
+    else:
+        spec_slots = i32([[2, 3, 4]])
+        m = metadata(num_prefills=2, num_prefill_tokens=220, num_spec_decodes=1, num_spec_decode_tokens=3,
+                     num_actual_tokens=223, spec_query_start_loc=i32([0, 3]), spec_state_indices_tensor=spec_slots,
+                     spec_sequence_masks=torch.tensor([True, False, False]), spec_token_indx=i32([0, 1, 2]),
+                     non_spec_token_indx=torch.arange(3, 223, dtype=torch.int32), num_accepted_tokens=i32([2]),
+                     non_spec_query_start_loc=i32([0, 150, 220]), non_spec_state_indices_tensor=i32([6, 8]),
+                     has_initial_state=torch.tensor([False, True]))
+        setattr(m, ATTR, i32([0, 150, 220]))
+        reqs = [dict(tokens=[0, 1, 2], kind="verify", slot=2, slots_row=spec_slots[0], accepted=2),
+                dict(tokens=list(range(3, 153)), kind="prefill", slot=6, has_init=False),
+                dict(tokens=list(range(153, 223)), kind="prefill", slot=8, has_init=True)]
+        n, ns = 223, 2
+    plan = run_and_compare(m, reqs, n, num_spec=ns)
+    assert plan.batch.prefill_cu_seqlens_cpu.tolist() == plan.batch.prefill_cu_seqlens.tolist() == [0, 150, 220]
+    assert calls == [[0, 150, 220]]

@@ -74,6 +74,21 @@ def _lower_bound_ok(lower_bound) -> bool:
     return lower_bound is None or (isinstance(lower_bound, (int, float)) and -5.0 <= float(lower_bound) < 0.0)
 
 
+def _host_offsets(kwargs: dict, N: int, T: int) -> Optional[torch.Tensor]:
+    """Host cu_seqlens from SGLang's ``extend_seq_lens_cpu`` (lets ``kda_prefill`` split long
+    prompts without a device sync), or None when it is absent or does not describe these N
+    sequences of at most T tokens."""
+    lens = kwargs.get("extend_seq_lens_cpu")
+    if lens is None:
+        return None
+    lens = [int(x) for x in (lens.tolist() if torch.is_tensor(lens) else lens)]
+    if len(lens) != N or min(lens, default=0) < 0 or sum(lens) > T:
+        return None
+    cu = torch.zeros(N + 1, dtype=torch.int64)
+    torch.cumsum(torch.tensor(lens, dtype=torch.int64), 0, out=cu[1:])
+    return cu
+
+
 class KDAServingKernel(_kda_triton.TritonKDAKernel):
     """kda-serving KDA kernels behind SGLang's ``KDAKernelDispatcher``.
 
@@ -216,7 +231,7 @@ class KDAServingKernel(_kda_triton.TritonKDAKernel):
         common = dict(cu_seqlens=query_start_loc, state_pool=ssm_states, slots=slots,
                       has_initial_state=torch.ones(N, dtype=torch.bool, device=dev), lower_bound=lower_bound)
         if not return_intermediate_states and track_state is None:
-            return ops.kda_prefill(*args, **common).unsqueeze(0)
+            return ops.kda_prefill(*args, **common, cu_seqlens_cpu=_host_offsets(kwargs, N, T)).unsqueeze(0)
 
         # Per-chunk states. Row layout of `hbuf` is SGLang's h: sequence n owns rows
         # boh[n] .. boh[n] + ceil(L_n/64) - 1, row boh[n] + j = state after 64*j tokens. The op's

@@ -52,6 +52,8 @@ def register() -> None:
         log.error("kda_serving: %s; Kimi-Linear keeps vLLM's own KDA layers", e)
         return
 
+    from .host_lengths import install as keep_host_lengths
+    keep_host_lengths()  # lets long prompts be split across SMs without a device sync
     KimiGatedDeltaNetAttention.register_oot(KDAServingKimiDeltaAttention)
     log.info("kda_serving: registered %s for Kimi-Linear KDA layers (vLLM %s _forward API)",
              KDAServingKimiDeltaAttention.__name__, FORWARD_API.name)

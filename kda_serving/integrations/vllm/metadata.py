@@ -3,7 +3,8 @@
 vLLM builds one ``GDNAttentionMetadata`` per KV-cache group and step, and every KDA layer of
 the group receives the same object; the translation is cached on that object so the layers
 share it. Only tensors vLLM already holds on the device are sliced, and only host integers
-are read, so no device sync happens, except for steps whose verify rows have different
+are read (plus the host offsets ``host_lengths.py`` attaches, which let long prompts be split),
+so no device sync happens, except for steps whose verify rows have different
 lengths (their lengths are read back once for the step).
 
 Token order: with speculative decoding the step's tokens may interleave verify rows and
@@ -18,6 +19,10 @@ from dataclasses import dataclass
 import torch
 
 from kda_serving.backend import KDABatch
+
+from kda_serving.ops.dispatch import log_path_once
+
+from .host_lengths import ATTR
 
 
 @dataclass
@@ -56,18 +61,25 @@ def _empty_bool(device):
 
 
 def _prefill_part(m, first_row: int, num_rows: int, token_base: int, device):
-    """cu_seqlens (rebased to 0), slots and has_initial_state of non-spec rows [first, first+n)."""
+    """cu_seqlens (rebased to 0) with its host copy when the metadata carries one
+    (``host_lengths.py``), slots and has_initial_state of non-spec rows [first, first+n)."""
     if num_rows == 0:
-        return torch.zeros(1, dtype=torch.int32, device=device), _empty_i32(device), _empty_bool(device)
+        return (torch.zeros(1, dtype=torch.int32, device=device), None, _empty_i32(device),
+                _empty_bool(device))
     qsl = m.non_spec_query_start_loc[first_row:first_row + num_rows + 1]
     cu = (qsl - token_base).to(torch.int32)
+    host = getattr(m, ATTR, None)
+    cu_cpu = None
+    if host is not None and host.numel() >= first_row + num_rows + 1:
+        cu_cpu = (host[first_row:first_row + num_rows + 1] - token_base).to(torch.int32)
+        log_path_once("prefill_offsets", "host")
     slots = m.non_spec_state_indices_tensor[first_row:first_row + num_rows].to(torch.int32)
     has_init = m.has_initial_state
     if has_init is None:
         has_init = torch.zeros(num_rows, dtype=torch.bool, device=device)
     else:
         has_init = has_init[first_row:first_row + num_rows]
-    return cu, slots, has_init
+    return cu, cu_cpu, slots, has_init
 
 
 def plan_from_gdn_metadata(m, num_spec: int = 0) -> StepPlan:
@@ -85,11 +97,12 @@ def plan_from_gdn_metadata(m, num_spec: int = 0) -> StepPlan:
         nd, np_ = m.num_decodes, m.num_prefills
         decode_slots = (m.non_spec_state_indices_tensor[:nd].to(torch.int32) if nd
                         else _empty_i32(device))
-        cu, pslots, has_init = _prefill_part(m, nd, np_, m.num_decode_tokens, device)
+        cu, cu_cpu, pslots, has_init = _prefill_part(m, nd, np_, m.num_decode_tokens, device)
         batch = KDABatch(num_decodes=nd, decode_len=1, decode_slots=decode_slots,
                          num_accepted_tokens=None, num_prefills=np_,
                          num_prefill_tokens=m.num_prefill_tokens, prefill_cu_seqlens=cu,
-                         prefill_slots=pslots, prefill_has_initial_state=has_init)
+                         prefill_slots=pslots, prefill_has_initial_state=has_init,
+                         prefill_cu_seqlens_cpu=cu_cpu)
         return StepPlan(batch=batch, token_order=None, num_rows=m.num_actual_tokens, verify=[])
 
     n_spec = m.num_spec_decodes
@@ -103,10 +116,10 @@ def plan_from_gdn_metadata(m, num_spec: int = 0) -> StepPlan:
     verify = _verify_groups(m, n_spec, num_spec, spec_tokens, device)
     if spec_only:
         return StepPlan(batch=None, token_order=None, num_rows=0, verify=verify)
-    cu, pslots, has_init = _prefill_part(m, 0, np_, 0, device)
+    cu, cu_cpu, pslots, has_init = _prefill_part(m, 0, np_, 0, device)
     batch = KDABatch(num_decodes=0, decode_len=1, decode_slots=_empty_i32(device), num_accepted_tokens=None,
                      num_prefills=np_, num_prefill_tokens=n_ns_tokens, prefill_cu_seqlens=cu,
-                     prefill_slots=pslots, prefill_has_initial_state=has_init)
+                     prefill_slots=pslots, prefill_has_initial_state=has_init, prefill_cu_seqlens_cpu=cu_cpu)
     order = m.non_spec_token_indx[:n_ns_tokens].long()
     return StepPlan(batch=batch, token_order=order, num_rows=n_ns_tokens, verify=verify)
 
