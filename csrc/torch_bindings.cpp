@@ -20,6 +20,10 @@
 //   and not yet validated on a GPU: kda_serving.ops.kda_prefill calls it only when
 //   KDA_SERVING_PREFILL_KERNEL=chunked (docs/kernels.md); the default is the token-serial kernel.
 //
+// kda_prefill_tc(<same arguments as kda_prefill>) -> ()
+//   Same contract, computed by the tensor-core chunked kernel (csrc/prefill/kda_prefill_tc_*,
+//   64-token chunks, TF32 WMMA). Opt-in (KDA_SERVING_PREFILL_KERNEL=tc), not yet validated on a GPU.
+//
 // kda_decode(Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, Tensor A_log,
 //            Tensor dt_bias, Tensor(a!) state_pool, Tensor slots, Tensor? num_accepted,
 //            float? lower_bound, float scale, Tensor(b!) out) -> ()
@@ -70,6 +74,8 @@
 namespace kda {
 // csrc/prefill/kda_prefill_chunked_launch.cu
 cudaError_t launch_kda_prefill_chunked(const KdaPrefillParams& p, cudaStream_t stream);
+// csrc/prefill/kda_prefill_tc_launch.cu
+cudaError_t launch_kda_prefill_tc(const KdaPrefillParams& p, cudaStream_t stream);
 }  // namespace kda
 
 namespace {
@@ -199,27 +205,20 @@ void prefill_common(const Tensor& q, const Tensor& k, const Tensor& v, const Ten
   KDA_CHECK(err == cudaSuccess, op, " launch failed: ", cudaGetErrorString(err));
 }
 
-void kda_prefill(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
-                 const Tensor& beta, const Tensor& A_log, const Tensor& dt_bias,
-                 const Tensor& cu_seqlens, Tensor& state_pool, const Tensor& slots,
-                 const Tensor& has_initial_state, std::optional<double> lower_bound, double scale,
-                 const std::optional<Tensor>& inter, const std::optional<Tensor>& inter_offsets,
-                 Tensor& out) {
-  prefill_common(q, k, v, g, beta, A_log, dt_bias, cu_seqlens, state_pool, slots,
-                 has_initial_state, lower_bound, scale, inter, inter_offsets, out,
-                 &kda::kda_prefill_launch, "kda_prefill");
+// One TORCH_LIBRARY entry per prefill kernel; all share the kda_prefill signature and checks.
+template <cudaError_t (*Launch)(const kda::KdaPrefillParams&, cudaStream_t), const char* Name>
+void prefill_op(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g, const Tensor& beta,
+                const Tensor& A_log, const Tensor& dt_bias, const Tensor& cu_seqlens, Tensor& state_pool,
+                const Tensor& slots, const Tensor& has_initial_state, std::optional<double> lower_bound,
+                double scale, const std::optional<Tensor>& inter, const std::optional<Tensor>& inter_offsets,
+                Tensor& out) {
+  prefill_common(q, k, v, g, beta, A_log, dt_bias, cu_seqlens, state_pool, slots, has_initial_state,
+                 lower_bound, scale, inter, inter_offsets, out, Launch, Name);
 }
 
-void kda_prefill_chunked(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
-                         const Tensor& beta, const Tensor& A_log, const Tensor& dt_bias,
-                         const Tensor& cu_seqlens, Tensor& state_pool, const Tensor& slots,
-                         const Tensor& has_initial_state, std::optional<double> lower_bound,
-                         double scale, const std::optional<Tensor>& inter,
-                         const std::optional<Tensor>& inter_offsets, Tensor& out) {
-  prefill_common(q, k, v, g, beta, A_log, dt_bias, cu_seqlens, state_pool, slots,
-                 has_initial_state, lower_bound, scale, inter, inter_offsets, out,
-                 &kda::launch_kda_prefill_chunked, "kda_prefill_chunked");
-}
+constexpr char kPrefillName[] = "kda_prefill";
+constexpr char kPrefillChunkedName[] = "kda_prefill_chunked";
+constexpr char kPrefillTcName[] = "kda_prefill_tc";
 
 // Checks and fills everything of a decode call but q, k, v: g [B, T, H, 128], beta [B, T, H],
 // gate params, state pool, slots, num_accepted, out [B, T, H, 128], scale and gate bound.
@@ -477,6 +476,11 @@ TORCH_LIBRARY(kda_serving, m) {
       "Tensor has_initial_state, float? lower_bound, float scale, Tensor(b!)? inter, "
       "Tensor? inter_offsets, Tensor(c!) out) -> ()");
   m.def(
+      "kda_prefill_tc(Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, Tensor A_log, "
+      "Tensor dt_bias, Tensor cu_seqlens, Tensor(a!) state_pool, Tensor slots, "
+      "Tensor has_initial_state, float? lower_bound, float scale, Tensor(b!)? inter, "
+      "Tensor? inter_offsets, Tensor(c!) out) -> ()");
+  m.def(
       "kda_decode(Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, Tensor A_log, "
       "Tensor dt_bias, Tensor(a!) state_pool, Tensor slots, Tensor? num_accepted, "
       "float? lower_bound, float scale, Tensor(b!) out) -> ()");
@@ -495,8 +499,9 @@ TORCH_LIBRARY(kda_serving, m) {
 }
 
 TORCH_LIBRARY_IMPL(kda_serving, CUDA, m) {
-  m.impl("kda_prefill", &kda_prefill);
-  m.impl("kda_prefill_chunked", &kda_prefill_chunked);
+  m.impl("kda_prefill", &prefill_op<&kda::kda_prefill_launch, kPrefillName>);
+  m.impl("kda_prefill_chunked", &prefill_op<&kda::launch_kda_prefill_chunked, kPrefillChunkedName>);
+  m.impl("kda_prefill_tc", &prefill_op<&kda::launch_kda_prefill_tc, kPrefillTcName>);
   m.impl("kda_decode", &kda_decode);
   m.impl("causal_conv1d_prefill", &causal_conv1d_prefill);
   m.impl("causal_conv1d_update", &causal_conv1d_update);
@@ -506,6 +511,7 @@ TORCH_LIBRARY_IMPL(kda_serving, CUDA, m) {
 TORCH_LIBRARY_IMPL(kda_serving, Meta, m) {
   m.impl("kda_prefill", &kda_prefill_meta);
   m.impl("kda_prefill_chunked", &kda_prefill_meta);
+  m.impl("kda_prefill_tc", &kda_prefill_meta);
   m.impl("kda_decode", &kda_decode_meta);
   m.impl("causal_conv1d_prefill", &conv_prefill_meta);
   m.impl("causal_conv1d_update", &conv_update_meta);

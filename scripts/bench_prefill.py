@@ -8,7 +8,9 @@ token are recorded). With --long, ``ours_unsplit`` times the same call without t
 cu_seqlens, i.e. with splitting disabled. fla is ``kda_serving.baselines.fla_ops.kda_prefill``: gather the
 initial states from the pool, ``chunk_kda`` (V-first fp32 states, gate / L2 norm / beta sigmoid in
 the kernel; the bounded gate with safe_gate=True, lower_bound=-5), scatter the final states back.
-Both allocate their output inside the timed call.
+Both allocate their output inside the timed call. On the CUDA path the opt-in chunked kernels
+(``ours_chunked``: CUDA cores, ``ours_tc``: TF32 tensor cores; docs/kernels.md) are timed on the
+same call, unsplit, and cross-checked against ``ours``.
 
 HBM floor: q, k, v, g, beta read once, o written once, the states read and written once, at the
 copy bandwidth measured in the same run. Extra memory: peak device memory allocated during one
@@ -33,6 +35,8 @@ CASES = [(96, [8192]), (96, [1024] * 8), (32, [32768]), (32, [4096] * 8), (8, [1
 LONG_CASES = [(H, [T]) for H in (4, 8, 16, 32) for T in (K32, K128, 512 * 1024, 1024 * 1024)] + \
              [(H, [K128] + [1024] * 63) for H in (4, 8, 16, 32)]
 SMOKE_CASES = [(2, [64]), (2, [40, 0, 24])]
+CHUNKED = ("chunked", "tc")  # opt-in kernels timed beside the default on the CUDA path
+POOL_ORDER = ("cu_seqlens", "state_pool", "slots", "has_initial_state")
 SMOKE_D = 32
 
 
@@ -93,6 +97,11 @@ def run_case(H, d, seqlens, gate, device, bandwidth, fla_reason, iters, warmup, 
     impls = {"ours": lambda: ops.kda_prefill(*args, **pool_args, lower_bound=lb, cu_seqlens_cpu=cu_cpu)}
     if unsplit:  # without the host lengths the op never splits on the GPU
         impls["ours_unsplit"] = lambda: ops.kda_prefill(*args, **pool_args, lower_bound=lb)
+    if kernel_path and d == D:
+        from kda_serving.ops import _ext
+        for name in CHUNKED:
+            impls[f"ours_{name}"] = (lambda fn: lambda: fn(*args, *(pool_args[k] for k in POOL_ORDER),
+                                                           lower_bound=lb))(getattr(_ext, f"prefill_{name}"))
     if fla_reason is None:
         impls["fla"] = lambda: fla_ops.kda_prefill(*args, **pool_args, lower_bound=lb, cu_seqlens_cpu=cu_cpu)
         row["fla_backend"] = fla_ops.chunk_backend(lb)
@@ -109,6 +118,10 @@ def run_case(H, d, seqlens, gate, device, bandwidth, fla_reason, iters, warmup, 
     if "ours" in results and "fla" in results:
         row["fla_vs_ours_out_rel_rms"] = bc.rel_rms(results["fla"][0], results["ours"][0])
         row["fla_vs_ours_state_rel_rms"] = bc.rel_rms(results["fla"][1], results["ours"][1])
+    for name in CHUNKED:
+        if "ours" in results and f"ours_{name}" in results:
+            row[f"{name}_vs_ours_out_rel_rms"] = bc.rel_rms(results[f"ours_{name}"][0], results["ours"][0])
+            row[f"{name}_vs_ours_state_rel_rms"] = bc.rel_rms(results[f"ours_{name}"][1], results["ours"][1])
     if "ours" in results and "ours_unsplit" in results:
         row["unsplit_vs_ours_out_rel_rms"] = bc.rel_rms(results["ours_unsplit"][0], results["ours"][0])
         row["unsplit_vs_ours_state_rel_rms"] = bc.rel_rms(results["ours_unsplit"][1], results["ours"][1])
@@ -123,6 +136,8 @@ def run_case(H, d, seqlens, gate, device, bandwidth, fla_reason, iters, warmup, 
         except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
             row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
     row["speedup_vs_fla"] = bc.ratio(row.get("fla_ms"), row.get("ours_ms"))
+    for name in CHUNKED:
+        row[f"{name}_speedup_vs_fla"] = bc.ratio(row.get("fla_ms"), row.get(f"ours_{name}_ms"))
     if unsplit:
         row["split_speedup"] = bc.ratio(row.get("ours_unsplit_ms"), row.get("ours_ms"))
     row["hbm_floor_fraction"] = bc.ratio(row["floor_ms"], row.get("ours_ms"))
@@ -131,7 +146,8 @@ def run_case(H, d, seqlens, gate, device, bandwidth, fla_reason, iters, warmup, 
 
 
 COLUMNS = [("case", "case"), ("ours_ms", "ours ms"), ("ours_unsplit_ms", "unsplit ms"), ("split_segment", "segment"),
-           ("fla_ms", "fla ms"), ("speedup_vs_fla", "speedup"),
+           ("fla_ms", "fla ms"), ("speedup_vs_fla", "speedup"), ("ours_chunked_ms", "chunked ms"),
+           ("ours_tc_ms", "tc ms"), ("tc_speedup_vs_fla", "tc speedup"), ("tc_vs_ours_out_rel_rms", "tc o rel rms"),
            ("floor_ms", "floor ms"), ("hbm_floor_fraction", "floor frac"),
            ("fla_hbm_floor_fraction", "fla floor frac"), ("ours_extra_bytes_per_token", "extra B/tok"),
            ("fla_extra_bytes_per_token", "fla extra B/tok"), ("split_workspace_bytes_per_token", "split B/tok"),
@@ -165,7 +181,7 @@ def main(argv=None):
     print(f"\n{meta['device']}  copy bandwidth {meta['copy_bandwidth_gbps']:.0f} GB/s  commit {meta['commit']}")
     bc.print_table(rows, COLUMNS)
     for r in rows:
-        for key in ("skipped", "ours_error", "ours_unsplit_error", "fla_error"):
+        for key in ("skipped", "ours_error", "ours_unsplit_error", "ours_chunked_error", "ours_tc_error", "fla_error"):
             if key in r:
                 print(f"{r['case']}: {key}: {r[key]}")
     path = bc.write_json(args.out, meta, rows, mode="smoke" if args.smoke else ("long" if args.long else "default"),

@@ -99,10 +99,10 @@ __host__ __device__ constexpr int lane_of_row(int r) {
   return l;
 }
 
-template <int BV>
+template <int BV, int NT = kThreads>
 __device__ __forceinline__ void zero_output(const TokenView& tv) {
   const __nv_bfloat16 z = __float2bfloat16(0.f);
-  for (int idx = threadIdx.x; idx < tv.len * BV; idx += kThreads)
+  for (int idx = threadIdx.x; idx < tv.len * BV; idx += NT)
     tv.o[(int64_t)(idx / BV) * tv.so + idx % BV] = z;
 }
 

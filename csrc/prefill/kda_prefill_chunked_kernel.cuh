@@ -16,8 +16,7 @@
 // underflow to 0 is the right answer. All products run on CUDA cores in fp32.
 #pragma once
 
-#include "../common/kda_recurrent.cuh"
-#include "kda_prefill.h"
+#include "prefill_sequence.cuh"
 
 namespace kda {
 
@@ -48,35 +47,12 @@ __global__ void __launch_bounds__(kThreads) kda_prefill_chunked_kernel(const Kda
   extern __shared__ __align__(16) unsigned char smem_raw[];
   ChunkSmem<BV>& sm = *reinterpret_cast<ChunkSmem<BV>*>(smem_raw);
   const int v0 = blockIdx.x * BV, h = blockIdx.y, n = blockIdx.z;
-  auto bf = [](const void* x) { return static_cast<const __nv_bfloat16*>(x); };
-
-  const int64_t base = load_index(p.cu_seqlens, p.cu_seqlens_64, 0);
-  const int64_t bos = load_index(p.cu_seqlens, p.cu_seqlens_64, n) - base;
-  const int64_t eos = load_index(p.cu_seqlens, p.cu_seqlens_64, n + 1) - base;
-  const int len = (int)(eos - bos);
-
-  const __nv_bfloat16* qg = bf(p.q) + bos * p.q_st + h * p.q_sh;
-  const __nv_bfloat16* kg = bf(p.k) + bos * p.k_st + h * p.k_sh;
-  const __nv_bfloat16* gg = bf(p.g) + bos * p.g_st + h * p.g_sh;
-  const __nv_bfloat16* vg = bf(p.v) + bos * p.v_st + h * p.v_sh + v0;
-  const __nv_bfloat16* bg = bf(p.beta) + bos * p.beta_st + h * p.beta_sh;
-  __nv_bfloat16* og = static_cast<__nv_bfloat16*>(p.o) + bos * p.o_st + h * p.o_sh + v0;
-
+  const TokenView tv = prefill_tokens(p, n, h, v0);
+  const int len = tv.len;
+  if (prefill_null_slot<BV>(p, tv, n)) return;
   const int slot = p.slots[n];
-  if (slot <= 0) {
-    const __nv_bfloat16 z = __float2bfloat16(0.f);
-    for (int idx = threadIdx.x; idx < len * BV; idx += kThreads)
-      og[(int64_t)(idx / BV) * p.o_st + idx % BV] = z;
-    return;
-  }
-
-  const int64_t row_off = ((int64_t)h * kHeadDim + v0) * kHeadDim;
-  StateT* dst = static_cast<StateT*>(p.state) + (int64_t)slot * p.state_ss + row_off;
-  StateT* ckpt = nullptr;
-  if (p.inter) {
-    ckpt = static_cast<StateT*>(p.inter) +
-           load_index(p.inter_offsets, p.inter_offsets_64, n) * p.inter_ss + row_off;
-  }
+  StateT* dst = prefill_state_rows<StateT>(p, slot, h, v0);
+  StateT* ckpt = prefill_checkpoint_rows<StateT>(p, n, h, v0);
 
   const float a = expf(p.A_log[h]);
   const bool bounded = p.has_lower_bound;
@@ -102,9 +78,9 @@ __global__ void __launch_bounds__(kThreads) kda_prefill_chunked_kernel(const Kda
       float qv[4], kv[4], gv[4];
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        qv[j] = bf2f(qg[t * p.q_st + c + j]);
-        kv[j] = bf2f(kg[t * p.k_st + c + j]);
-        gv[j] = bf2f(gg[t * p.g_st + c + j]);
+        qv[j] = bf2f(tv.q[t * p.q_st + c + j]);
+        kv[j] = bf2f(tv.k[t * p.k_st + c + j]);
+        gv[j] = bf2f(tv.g[t * p.g_st + c + j]);
       }
       float rq, rk;
       qk_inv_norms(qv, kv, p.scale, rq, rk);
@@ -113,10 +89,10 @@ __global__ void __launch_bounds__(kThreads) kda_prefill_chunked_kernel(const Kda
       *reinterpret_cast<float4*>(&sm.q[i][c]) = make_float4(qv[0] * rq, qv[1] * rq, qv[2] * rq, qv[3] * rq);
       *reinterpret_cast<float4*>(&sm.k[i][c]) = make_float4(kv[0] * rk, kv[1] * rk, kv[2] * rk, kv[3] * rk);
       *reinterpret_cast<float4*>(&sm.al[i][c]) = make_float4(gv[0], gv[1], gv[2], gv[3]);
-      if (lane == 0) sm.beta[i] = sigmoid_stable(bf2f(bg[t * p.beta_st]));
+      if (lane == 0) sm.beta[i] = sigmoid_stable(bf2f(tv.beta[t * p.beta_st]));
     }
     for (int idx = threadIdx.x; idx < nt * BV; idx += kThreads)
-      sm.v[idx / BV][idx % BV] = bf2f(vg[(int64_t)(t0 + idx / BV) * p.v_st + idx % BV]);
+      sm.v[idx / BV][idx % BV] = bf2f(tv.v[(int64_t)(t0 + idx / BV) * p.v_st + idx % BV]);
     __syncthreads();
 
     // 2. Per-token decays and the decayed operands (forward and backward running products);
@@ -199,7 +175,7 @@ __global__ void __launch_bounds__(kThreads) kda_prefill_chunked_kernel(const Kda
       const int i = idx / BV, r = idx % BV;
       float o = sm.op[i][r];
       for (int j = 0; j <= i; ++j) o += sm.aqk[i][j] * sm.w[j][r];
-      og[(int64_t)(t0 + i) * p.o_st + r] = __float2bfloat16(o);
+      tv.o[(int64_t)(t0 + i) * p.o_st + r] = __float2bfloat16(o);
     }
 
     // 6. State update in registers: S1 = S0 diag(P_L) + sum_j u_j kd_j^T.

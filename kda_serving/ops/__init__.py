@@ -8,12 +8,10 @@ S = pool slots, D = channels, W = conv width.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from . import reference
-from .dispatch import log_path_once, op_path
+from .dispatch import log_path_once, op_path, prefill_kernel
 from .validation import (FLOAT_INPUTS, INDEX_DTYPES, check_cu_seqlens, check_decode_slots,
                          check_gate_params, check_lower_bound, check_scale, check_slot_values,
                          check_state_pool, check_tensor)
@@ -114,11 +112,7 @@ def kda_prefill(q, k, v, g, beta, A_log, dt_bias, *, cu_seqlens, state_pool, slo
                                  lower_bound=lower_bound, scale=scale, out=out, cuda=cuda)
 
     def kernel():
-        from . import _ext
-        # Opt-in chunked kernel (not yet validated on a GPU; docs/kernels.md).
-        chunked = os.environ.get("KDA_SERVING_PREFILL_KERNEL") == "chunked"
-        fn = _ext.prefill_chunked if chunked else _ext.prefill
-        return fn(q, k, v, g, beta, A_log, dt_bias, cu_seqlens, state_pool, slots,
+        return prefill_kernel()(q, k, v, g, beta, A_log, dt_bias, cu_seqlens, state_pool, slots,
                   has_initial_state, lower_bound=lower_bound, scale=scale,
                   inter=intermediate_states, inter_offsets=intermediate_offsets, out=out)
     return _run("kda_prefill", cuda, args, kernel)

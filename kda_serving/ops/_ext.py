@@ -53,21 +53,22 @@ def _prefill_with(op, q, k, v, g, beta, A_log, dt_bias, cu_seqlens, state_pool, 
     return out
 
 
-def prefill(q, k, v, g, beta, A_log, dt_bias, cu_seqlens, state_pool, slots, has_initial_state,
+def _prefill_op(name: str, what: str):
+    """The Python entry of one prefill op of the extension (all share one signature)."""
+    def run(q, k, v, g, beta, A_log, dt_bias, cu_seqlens, state_pool, slots, has_initial_state,
             *, lower_bound=None, scale=None, inter=None, inter_offsets=None, out=None):
-    """q, k, g [T, H, K]; v [T, H, V]; beta [T, H] -> o [T, H, V] bf16; pool updated in place."""
-    return _prefill_with(torch.ops.kda_serving.kda_prefill, q, k, v, g, beta, A_log, dt_bias,
-                         cu_seqlens, state_pool, slots, has_initial_state, lower_bound, scale,
-                         inter, inter_offsets, out)
+        return _prefill_with(getattr(torch.ops.kda_serving, name), q, k, v, g, beta, A_log, dt_bias,
+                             cu_seqlens, state_pool, slots, has_initial_state, lower_bound, scale,
+                             inter, inter_offsets, out)
+    run.__name__ = name.replace("kda_", "")
+    run.__doc__ = ("q, k, g [T, H, K]; v [T, H, V]; beta [T, H] -> o [T, H, V] bf16; pool updated in "
+                   f"place. {what}")
+    return run
 
 
-def prefill_chunked(q, k, v, g, beta, A_log, dt_bias, cu_seqlens, state_pool, slots,
-                    has_initial_state, *, lower_bound=None, scale=None, inter=None,
-                    inter_offsets=None, out=None):
-    """As ``prefill``, computed by the chunked kernel (opt-in, see docs/kernels.md)."""
-    return _prefill_with(torch.ops.kda_serving.kda_prefill_chunked, q, k, v, g, beta, A_log, dt_bias,
-                         cu_seqlens, state_pool, slots, has_initial_state, lower_bound, scale,
-                         inter, inter_offsets, out)
+prefill = _prefill_op("kda_prefill", "Token-serial kernel (the default).")
+prefill_chunked = _prefill_op("kda_prefill_chunked", "Chunked CUDA-core kernel (opt-in, docs/kernels.md).")
+prefill_tc = _prefill_op("kda_prefill_tc", "Chunked TF32 tensor-core kernel (opt-in, docs/kernels.md).")
 
 
 def decode(q, k, v, g, beta, A_log, dt_bias, state_pool, slots, num_accepted=None,

@@ -34,3 +34,12 @@ def log_path_once(op: str, path: str) -> None:
     if key not in _logged:
         _logged.add(key)
         logger.info("kda_serving.%s runs the %s path", op, path)
+
+
+def prefill_kernel():
+    """The extension's prefill entry that ``KDA_SERVING_PREFILL_KERNEL`` selects: ``chunked``
+    (CUDA cores) or ``tc`` (TF32 tensor cores), both opt-in and not yet validated on a GPU
+    (docs/kernels.md); anything else the token-serial default. Read on every call."""
+    from . import _ext
+    choice = os.environ.get("KDA_SERVING_PREFILL_KERNEL")
+    return {"chunked": _ext.prefill_chunked, "tc": _ext.prefill_tc}.get(choice, _ext.prefill)

@@ -36,7 +36,7 @@ import functools
 import torch
 
 from . import reference
-from .dispatch import log_path_once
+from .dispatch import log_path_once, prefill_kernel
 from .split_plan import ALIGN, SplitLayout, block_rows, build_layout, plan_split, workspace_bytes
 
 CORRECTION_BUDGET = 256 << 20  # bytes of fp32 temporaries in the output correction
@@ -108,8 +108,7 @@ def _upload(arrays: list[list[int]], device: torch.device) -> list[torch.Tensor]
 def _prefill_pass(cuda, q, k, v, g, beta, A_log, dt_bias, cu, pool, slots, has_init, lower_bound, scale, out):
     """One ordinary prefill launch (CUDA kernel or torch reference) on validated arguments."""
     if cuda:
-        from . import _ext
-        _ext.prefill(q, k, v, g, beta, A_log, dt_bias, cu, pool, slots.to(torch.int32), has_init,
+        prefill_kernel()(q, k, v, g, beta, A_log, dt_bias, cu, pool, slots.to(torch.int32), has_init,
                      lower_bound=lower_bound, scale=scale, inter=None, inter_offsets=None, out=out)
     else:
         reference.kda_prefill(q, k, v, g, beta, A_log, dt_bias, cu, pool, slots, has_init, lower_bound,

@@ -1,4 +1,5 @@
-"""Chunked prefill kernel vs the fp64 recurrence and the token-serial kernel (needs Hopper + _C)."""
+"""The chunked prefill kernels (CUDA-core and tensor-core) vs the fp64 recurrence and the token-serial
+kernel (needs Hopper + _C)."""
 
 import math
 
@@ -51,21 +52,23 @@ def setup_pool(lens, H, pool_dtype, idx_dtype=torch.int32, n_null=2):
 
 
 LENS = [0, 1, 15, 16, 17, 64, 65, 1000]
+KERNELS = ["prefill_chunked", "prefill_tc"]
 
 
 @pytest.mark.parametrize("lower_bound", [None, -5.0])
 @pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("center", [-30.0, -8.0, 0.0, 8.0, 30.0, None])
 @pytest.mark.parametrize("H", [1, 4])
-def test_chunked_vs_naive(lower_bound, pool_dtype, center, H):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_chunked_vs_naive(lower_bound, pool_dtype, center, H, kernel):
     torch.manual_seed(hash((lower_bound, str(pool_dtype), center, H)) % 2**31)
     lens = LENS + [5, 9]  # the last two are null
     cu, pool, slots, has_init, init = setup_pool(lens, H, pool_dtype)
     q, k, v, g, beta, A_log, dt_bias = make_inputs(int(cu[-1]), H, center=center)
     before = pool.clone()
     out = torch.full(v.shape, float("nan"), dtype=torch.bfloat16, device=DEV)
-    _ext.prefill_chunked(q, k, v, g, beta, A_log, dt_bias, cu, pool, slots, has_init,
-                         lower_bound=lower_bound, out=out)
+    getattr(_ext, kernel)(q, k, v, g, beta, A_log, dt_bias, cu, pool, slots, has_init,
+                          lower_bound=lower_bound, out=out)
     torch.cuda.synchronize()
     o_ref, s_ref = run_naive(q, k, v, g, beta, A_log, dt_bias, cu, init, lower_bound)
     check_against(out, pool, before, cu, slots, o_ref, s_ref)
@@ -73,7 +76,8 @@ def test_chunked_vs_naive(lower_bound, pool_dtype, center, H):
 
 @pytest.mark.parametrize("idx_dtype", [torch.int32, torch.int64])
 @pytest.mark.parametrize("lower_bound", [None, -5.0])
-def test_chunked_strided_inputs(idx_dtype, lower_bound):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_chunked_strided_inputs(idx_dtype, lower_bound, kernel):
     torch.manual_seed(3)
     H = 4
     cu, pool, slots, has_init, init = setup_pool([17, 0, 130, 64, 3], H, torch.float32, idx_dtype, n_null=1)
@@ -81,8 +85,8 @@ def test_chunked_strided_inputs(idx_dtype, lower_bound):
     assert not q.is_contiguous() and not beta.is_contiguous()
     before = pool.clone()
     out = torch.full(v.shape, float("nan"), dtype=torch.bfloat16, device=DEV)
-    _ext.prefill_chunked(q, k, v, g, beta, A_log, dt_bias, cu, pool, slots, has_init,
-                         lower_bound=lower_bound, out=out)
+    getattr(_ext, kernel)(q, k, v, g, beta, A_log, dt_bias, cu, pool, slots, has_init,
+                          lower_bound=lower_bound, out=out)
     torch.cuda.synchronize()
     o_ref, s_ref = run_naive(q, k, v, g, beta, A_log, dt_bias, cu, init, lower_bound)
     check_against(out, pool, before, cu, slots, o_ref, s_ref)
@@ -91,7 +95,8 @@ def test_chunked_strided_inputs(idx_dtype, lower_bound):
 @pytest.mark.parametrize("lower_bound", [None, -5.0])
 @pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("H", [1, 4, 32])
-def test_chunked_vs_token_serial(lower_bound, pool_dtype, H):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_chunked_vs_token_serial(lower_bound, pool_dtype, H, kernel):
     torch.manual_seed(17 + H)
     lens = LENS + [5]
     cu, pool, slots, has_init, _ = setup_pool(lens, H, pool_dtype, n_null=1)
@@ -101,8 +106,8 @@ def test_chunked_vs_token_serial(lower_bound, pool_dtype, H):
     out2 = out1.clone()
     _ext.prefill(q, k, v, g, beta, A_log, dt_bias, cu, pool, slots, has_init,
                  lower_bound=lower_bound, out=out1)
-    _ext.prefill_chunked(q, k, v, g, beta, A_log, dt_bias, cu, pool2, slots, has_init,
-                         lower_bound=lower_bound, out=out2)
+    getattr(_ext, kernel)(q, k, v, g, beta, A_log, dt_bias, cu, pool2, slots, has_init,
+                          lower_bound=lower_bound, out=out2)
     torch.cuda.synchronize()
     assert not out2.isnan().any()
     for n in range(len(lens)):
@@ -118,27 +123,52 @@ def test_chunked_vs_token_serial(lower_bound, pool_dtype, H):
             assert torch.equal(pool2[s], pool[s]), s
 
 
-def test_env_var_selects_chunked(monkeypatch):
-    """kda_serving.ops.kda_prefill runs the chunked kernel only with KDA_SERVING_PREFILL_KERNEL=chunked."""
+@pytest.mark.parametrize("env,kernel", [("chunked", "prefill_chunked"), ("tc", "prefill_tc")])
+def test_env_var_selects_the_kernel(monkeypatch, env, kernel):
+    """kda_serving.ops.kda_prefill runs a chunked kernel only when KDA_SERVING_PREFILL_KERNEL names it."""
     from kda_serving.ops import kda_prefill
     torch.manual_seed(5)
     H = 2
     cu, pool, slots, has_init, _ = setup_pool([40, 7], H, torch.float32, n_null=0)
     q, k, v, g, beta, A_log, dt_bias = make_inputs(int(cu[-1]), H, center=None)
 
-    def run(fn_pool, env):
-        if env is None:
+    def run(fn_pool, value):
+        if value is None:
             monkeypatch.delenv("KDA_SERVING_PREFILL_KERNEL", raising=False)
         else:
-            monkeypatch.setenv("KDA_SERVING_PREFILL_KERNEL", env)
+            monkeypatch.setenv("KDA_SERVING_PREFILL_KERNEL", value)
         return kda_prefill(q, k, v, g, beta, A_log, dt_bias, cu_seqlens=cu, state_pool=fn_pool,
                            slots=slots, has_initial_state=has_init)
 
     pools = [pool.clone() for _ in range(4)]
     o_default = run(pools[0], None)
-    o_chunked = run(pools[1], "chunked")
+    o_chosen = run(pools[1], env)
     o_serial = _ext.prefill(q, k, v, g, beta, A_log, dt_bias, cu, pools[2], slots, has_init)
-    o_direct = _ext.prefill_chunked(q, k, v, g, beta, A_log, dt_bias, cu, pools[3], slots, has_init)
+    o_direct = getattr(_ext, kernel)(q, k, v, g, beta, A_log, dt_bias, cu, pools[3], slots, has_init)
     torch.cuda.synchronize()
     assert torch.equal(o_default, o_serial) and torch.equal(pools[0], pools[2])
-    assert torch.equal(o_chunked, o_direct) and torch.equal(pools[1], pools[3])
+    assert torch.equal(o_chosen, o_direct) and torch.equal(pools[1], pools[3])
+
+
+@pytest.mark.parametrize("lower_bound", [None, -5.0])
+def test_tc_adversarial_and_long(lower_bound):
+    """Tensor-core kernel: 64 identical keys, cosine-0.99 keys, +-30 gate spikes with A_log = log 16,
+    then a 6000-token sequence with slow decay (state errors accumulate over many chunks)."""
+    torch.manual_seed(11)
+    H = 4
+    lens = [200, 6000]
+    cu, pool, slots, has_init, init = setup_pool(lens, H, torch.float32, n_null=0)
+    q, k, v, g, beta, A_log, dt_bias = make_inputs(int(cu[-1]), H, center=None)
+    k[10:74] = k[10]
+    k[80:200] = (torch.randn(H, D, device=DEV) + 0.07 * torch.randn(120, H, D, device=DEV)).bfloat16()
+    g[:200:5] = 30.0
+    g[2:200:7] = -30.0
+    beta[:200:3] = 30.0
+    g[200:] = -6.0
+    dt_bias = dt_bias.clamp(-1.0, 1.0)
+    before = pool.clone()
+    out = torch.full(v.shape, float("nan"), dtype=torch.bfloat16, device=DEV)
+    _ext.prefill_tc(q, k, v, g, beta, A_log, dt_bias, cu, pool, slots, has_init, lower_bound=lower_bound, out=out)
+    torch.cuda.synchronize()
+    o_ref, s_ref = run_naive(q, k, v, g, beta, A_log, dt_bias, cu, init, lower_bound)
+    check_against(out, pool, before, cu, slots, o_ref, s_ref)

@@ -103,3 +103,25 @@ def test_split_matches_unsplit_and_fp64(monkeypatch, lens, H, lb):
         assert rel_rms(out, serial_o) <= TOL, name
         assert torch.equal(pool[[0, N + 1]], pool0[[0, N + 1]]), name
     assert rel_rms(serial_o, ref_o) <= TOL
+
+
+@pytest.mark.parametrize("lb", [None, -5.0])
+def test_split_on_the_tensor_core_kernel(monkeypatch, lb):
+    """KDA_SERVING_PREFILL_KERNEL=tc runs the split passes on the tensor-core kernel; fp64 gold."""
+    lens = [16384, 700, 0, 9000]
+    N, H = len(lens), 4
+    cu_cpu = torch.tensor([0] + lens).cumsum(0)
+    inp = make_inputs(sum(lens), H)
+    pool0 = torch.full((N + 2, H, D, D), 1e30, device=DEV)
+    pool0[1:N + 1] = 0.1 * torch.randn(N, H, D, D, device=DEV)
+    has = torch.tensor([True, False, True, True], device=DEV)
+    monkeypatch.setenv("KDA_SERVING_PREFILL_KERNEL", "tc")
+    monkeypatch.setenv(split_plan.ENV, "1024")
+    pool = pool0.clone()
+    out = run(inp, lens, pool, has, lb, cu_cpu)
+    torch.cuda.synchronize()
+    init = torch.where(has[:, None, None, None], pool0[1:N + 1], 0.0)
+    ref_o, ref_s = gold(*inp, cu_cpu.tolist(), init, lb)
+    assert rel_rms(out, ref_o) <= TOL
+    assert rel_rms(pool[1:N + 1], ref_s) <= TOL
+    assert torch.equal(pool[[0, N + 1]], pool0[[0, N + 1]])

@@ -1,0 +1,395 @@
+// Tensor-core chunked varlen KDA prefill: the contract of kda_prefill_kernel.cuh
+// (KdaPrefillParams), 64-token chunks, the matrix products on TF32 tensor cores (WMMA m16n16k8,
+// fp32 accumulation). kda_serving/ops/tensorcore_mirror.py is this algorithm in torch, operand
+// for operand; docs/kernels.md has the derivation.
+//
+// One CTA per (sequence, head, half of the value rows); 8 warps; the fp32 state [64 rows x 128]
+// lives in shared memory across chunks. Per chunk of C = 64 tokens in 4 blocks of 16, with
+// a_t = exp(g_t) <= 1, Ploc/Rloc the forward/backward running products of a_t inside a block,
+// Ptot the block totals, pre_I / post_J the products of the totals before I / after J:
+//   Qr = q Ploc, Kq = k Ploc, Kb = k Rloc                              (factors <= 1)
+//   A_qk, A_kk off-diagonal block (I, J<I) = [Qr_I; Kq_I] . (Kb_J * prod_{J<M<I} Ptot_M)^T
+//   A_qk, A_kk diagonal blocks: exact on CUDA cores with running products E_ij = prod a_t
+//   T = (I + beta A_kk)^-1 (fp32, blocked forward substitution)
+//   Qe = Qr pre, Ke = Kq pre, Kd = Kb post, EL = prod Ptot
+//   W = beta (v - Ke S^T);  U = T W;  O = Qe S^T + A_qk U;  S <- S diag(EL) + U^T Kd
+// Every decay factor is a product of values <= 1, so no gate, bounded or not, overflows.
+#pragma once
+
+#include <mma.h>
+
+#include <type_traits>
+
+#include "prefill_sequence.cuh"
+
+namespace kda {
+namespace tc {
+
+constexpr int kC = 64;           // tokens per chunk (= the checkpoint interval)
+constexpr int kBlk = 16;         // tokens per block
+constexpr int kNB = kC / kBlk;   // blocks per chunk
+constexpr int kBV = 64;          // value rows per CTA
+constexpr int kK = kHeadDim;     // 128 channels
+constexpr int kThr = 256;
+constexpr int kWarp = kThr / 32;
+static_assert(kC == kCheckpointEvery, "a chunk ends on every checkpoint");
+
+struct alignas(128) Smem {
+  float S[kBV][kK];    // state rows v0 .. v0+63, fp32
+  float Qr[kC][kK];    // q Ploc, then Qe
+  float Kq[kC][kK];    // k Ploc, then Ke
+  float Kb[kC][kK];    // k Rloc, then Kd
+  union {
+    float al[kC][kK];  // a_t, until the diagonal blocks are done
+    struct {
+      float T[kC][kC];    // (I + beta A_kk)^-1
+      float U[kC][kBV];   // first the substitution's 16x16 temporaries, then U = T W
+    } tu;
+  } r1;
+  union {
+    float scratch[kWarp][kBlk][8];  // per-warp scaled Kb tile of one k-step
+    float W[kC][kBV];               // beta (v - Ke S^T), then the output tile staging
+  } r2;
+  float Aqk[kC][kC];
+  float Akk[kC][kC];
+  float Ptot[kNB][kK];
+  float pre[kNB][kK];
+  float post[kNB][kK];
+  float EL[kK];
+  float rq[kC];
+  float rk[kC];
+  float beta[kC];
+};
+
+using namespace nvcuda;
+using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
+using FragAc = wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::col_major>;
+using FragBr = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
+using FragBc = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major>;
+using FragC = wmma::fragment<wmma::accumulator, 16, 16, 8, float>;
+
+template <typename Frag>
+__device__ __forceinline__ void load_tf32(Frag& f, const float* p, unsigned ld) {
+  wmma::load_matrix_sync(f, p, ld);
+#pragma unroll
+  for (int i = 0; i < f.num_elements; ++i) f.x[i] = wmma::__float_to_tf32(f.x[i]);
+}
+
+// acc += A[16 x k] B[k x 16]; A row-major (lda); B row-major (FragB = FragBr) or given as B^T
+// row-major, i.e. col-major (FragB = FragBc), with leading dimension ldb.
+template <typename FragB>
+__device__ __forceinline__ void mma_acc(FragC& acc, const float* A, unsigned lda, const float* B, unsigned ldb, int k) {
+  constexpr bool kRowB = std::is_same<FragB, FragBr>::value;
+  FragA a;
+  FragB b;
+  for (int kk = 0; kk < k; kk += 8) {
+    load_tf32(a, A + kk, lda);
+    load_tf32(b, B + (kRowB ? (size_t)kk * ldb : (size_t)kk), ldb);
+    wmma::mma_sync(acc, a, b, acc);
+  }
+}
+
+template <typename StateT>
+__device__ __forceinline__ void copy_state_out(const Smem& sm, StateT* dst) {
+  for (int idx = threadIdx.x * 4; idx < kBV * kK; idx += kThr * 4) {
+    const float x[4] = {sm.S[idx / kK][idx % kK], sm.S[idx / kK][idx % kK + 1], sm.S[idx / kK][idx % kK + 2],
+                        sm.S[idx / kK][idx % kK + 3]};
+    StateIO<StateT>::store(dst + idx, x);
+  }
+}
+
+}  // namespace tc
+
+// grid = (V / 64, H, N), tc::kThr threads, dynamic smem sizeof(tc::Smem).
+template <typename StateT>
+__global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_kernel(const KdaPrefillParams p) {
+  using namespace tc;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  Smem& sm = *reinterpret_cast<Smem*>(smem_raw);
+  const int v0 = blockIdx.x * kBV, h = blockIdx.y, n = blockIdx.z;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const TokenView tv = prefill_tokens(p, n, h, v0);
+  const int len = tv.len;
+  if (prefill_null_slot<kBV, kThr>(p, tv, n)) return;
+  const int slot = p.slots[n];
+  StateT* dst = prefill_state_rows<StateT>(p, slot, h, v0);
+  StateT* ckpt = prefill_checkpoint_rows<StateT>(p, n, h, v0);
+
+  // Initial state rows into shared memory (zeros without an initial state).
+  for (int idx = tid * 4; idx < kBV * kK; idx += kThr * 4) {
+    float x[4] = {0.f, 0.f, 0.f, 0.f};
+    if (p.has_initial_state[n]) StateIO<StateT>::load(dst + idx, x);
+    float* s = &sm.S[idx / kK][idx % kK];
+    s[0] = x[0]; s[1] = x[1]; s[2] = x[2]; s[3] = x[3];
+  }
+
+  const float a_h = expf(p.A_log[h]);
+  const int ch = tid % kK;          // channel of this thread in the per-channel passes
+  const int half = tid / kK;        // which two blocks of the chunk it walks
+  const float dtb = p.dt_bias[h * kHeadDim + ch];
+
+  for (int t0 = 0; t0 < len; t0 += kC) {
+    const int nt = min(kC, len - t0);
+    __syncthreads();  // the previous chunk (or the initial load) is complete
+
+    // 1. Reciprocal L2 norms (scale in rq) and beta; one warp per token; zeros past the end.
+    for (int i = warp; i < kC; i += kWarp) {
+      float qv[4] = {0.f, 0.f, 0.f, 0.f}, kv[4] = {0.f, 0.f, 0.f, 0.f};
+      if (i < nt) {
+        const int64_t t = t0 + i;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          qv[j] = bf2f(tv.q[t * p.q_st + lane * 4 + j]);
+          kv[j] = bf2f(tv.k[t * p.k_st + lane * 4 + j]);
+        }
+      }
+      float rq, rk;
+      qk_inv_norms(qv, kv, p.scale, rq, rk);
+      if (lane == 0) {
+        sm.rq[i] = i < nt ? rq : 0.f;
+        sm.rk[i] = i < nt ? rk : 0.f;
+        sm.beta[i] = i < nt ? sigmoid_stable(bf2f(tv.beta[(int64_t)(t0 + i) * p.beta_st])) : 0.f;
+      }
+    }
+
+    // 2a. Per-token decays a_t (1 past the end) and block totals; thread = (channel, two blocks).
+    for (int b = 2 * half; b < 2 * half + 2; ++b) {
+      float P = 1.f;
+      for (int i = b * kBlk; i < (b + 1) * kBlk; ++i) {
+        float a = 1.f;
+        if (i < nt) a = expf(kda_gate(bf2f(tv.g[(int64_t)(t0 + i) * p.g_st + ch]) + dtb, a_h, p.has_lower_bound,
+                                      p.lower_bound));
+        sm.r1.al[i][ch] = a;
+        P *= a;
+      }
+      sm.Ptot[b][ch] = P;
+    }
+    __syncthreads();
+
+    // 2b. Products of block totals before / after each block, and the chunk total.
+    if (tid < kK) {
+      float x = 1.f;
+      for (int b = 0; b < kNB; ++b) { sm.pre[b][ch] = x; x *= sm.Ptot[b][ch]; }
+      sm.EL[ch] = x;
+      x = 1.f;
+      for (int b = kNB - 1; b >= 0; --b) { sm.post[b][ch] = x; x *= sm.Ptot[b][ch]; }
+    }
+    // 2c. Block-local decayed operands Qr, Kq (forward products) and Kb (backward products).
+    for (int b = 2 * half; b < 2 * half + 2; ++b) {
+      float P = 1.f;
+      for (int i = b * kBlk; i < (b + 1) * kBlk; ++i) {
+        const int64_t t = t0 + i;
+        const float qn = i < nt ? bf2f(tv.q[t * p.q_st + ch]) * sm.rq[i] : 0.f;
+        const float kn = i < nt ? bf2f(tv.k[t * p.k_st + ch]) * sm.rk[i] : 0.f;
+        P *= sm.r1.al[i][ch];
+        sm.Qr[i][ch] = qn * P;
+        sm.Kq[i][ch] = kn * P;
+      }
+      float R = 1.f;
+      for (int j = (b + 1) * kBlk - 1; j >= b * kBlk; --j) {
+        const float kn = j < nt ? bf2f(tv.k[(int64_t)(t0 + j) * p.k_st + ch]) * sm.rk[j] : 0.f;
+        sm.Kb[j][ch] = kn * R;
+        R *= sm.r1.al[j][ch];
+      }
+    }
+    __syncthreads();
+
+    // 3a. Diagonal blocks on CUDA cores: item = (block, column j); the warp walks i = j..block end
+    //     with E = prod_{j<t<=i} a_t per channel (lane holds 4 channels). Upper parts get zeros.
+    for (int item = warp; item < kNB * kBlk; item += kWarp) {
+      const int b = item / kBlk, j = item;
+      const int c = lane * 4;
+      float kj[4], E[4] = {1.f, 1.f, 1.f, 1.f};
+#pragma unroll
+      for (int x = 0; x < 4; ++x)
+        kj[x] = j < nt ? bf2f(tv.k[(int64_t)(t0 + j) * p.k_st + c + x]) * sm.rk[j] : 0.f;
+      for (int i = b * kBlk; i < (b + 1) * kBlk; ++i) {
+        if (i < j) {
+          if (lane == 0) { sm.Aqk[i][j] = 0.f; sm.Akk[i][j] = 0.f; }
+          continue;
+        }
+        float sq = 0.f, sk = 0.f;
+        if (i < nt) {
+#pragma unroll
+          for (int x = 0; x < 4; ++x) {
+            if (i > j) E[x] *= sm.r1.al[i][c + x];
+            const float qi = bf2f(tv.q[(int64_t)(t0 + i) * p.q_st + c + x]) * sm.rq[i];
+            const float ki = bf2f(tv.k[(int64_t)(t0 + i) * p.k_st + c + x]) * sm.rk[i];
+            sq += qi * kj[x] * E[x];
+            sk += ki * kj[x] * E[x];
+          }
+        }
+        sq = warp_sum(sq);
+        sk = warp_sum(sk);
+        if (lane == 0) { sm.Aqk[i][j] = sq; sm.Akk[i][j] = i > j ? sk : 0.f; }
+      }
+    }
+    // 3b. Off-diagonal blocks (I > J) on tensor cores: job = (I, J); B tile = Kb_J scaled by
+    //     prod_{J<M<I} Ptot_M, written 8 channels at a time to a per-warp scratch. Blocks above
+    //     the diagonal are zeroed by the warps without a job.
+    {
+      constexpr int kJobs = kNB * (kNB - 1) / 2;  // 6
+      if (warp < kJobs) {
+        int I = 1, J = warp;
+        while (J >= I) { J -= I; ++I; }            // warp -> (1,0) (2,0) (2,1) (3,0) (3,1) (3,2)
+        FragC accq, acck;
+        wmma::fill_fragment(accq, 0.f);
+        wmma::fill_fragment(acck, 0.f);
+        FragA a;
+        FragBc b;
+        float* scr = &sm.r2.scratch[warp][0][0];
+        for (int kk = 0; kk < kK; kk += 8) {
+#pragma unroll
+          for (int r = 0; r < 4; ++r) {
+            const int idx = lane + 32 * r, jr = idx / 8, cc = kk + idx % 8;
+            float m = 1.f;
+            for (int M = J + 1; M < I; ++M) m *= sm.Ptot[M][cc];
+            scr[jr * 8 + idx % 8] = sm.Kb[J * kBlk + jr][cc] * m;
+          }
+          __syncwarp();
+          load_tf32(b, scr, 8);
+          load_tf32(a, &sm.Qr[I * kBlk][kk], kK);
+          wmma::mma_sync(accq, a, b, accq);
+          load_tf32(a, &sm.Kq[I * kBlk][kk], kK);
+          wmma::mma_sync(acck, a, b, acck);
+          __syncwarp();
+        }
+        wmma::store_matrix_sync(&sm.Aqk[I * kBlk][J * kBlk], accq, kC, wmma::mem_row_major);
+        wmma::store_matrix_sync(&sm.Akk[I * kBlk][J * kBlk], acck, kC, wmma::mem_row_major);
+      } else {
+        for (int idx = (warp - kJobs) * 32 + lane; idx < kJobs * kBlk * kBlk; idx += (kWarp - kJobs) * 32) {
+          const int job = idx / (kBlk * kBlk), r = (idx / kBlk) % kBlk, c = idx % kBlk;
+          int I = 1, J = job;
+          while (J >= I) { J -= I; ++I; }
+          sm.Aqk[J * kBlk + r][I * kBlk + c] = 0.f;  // the transposed position: above the diagonal
+          sm.Akk[J * kBlk + r][I * kBlk + c] = 0.f;
+        }
+      }
+    }
+    __syncthreads();
+
+    // 4a. beta into A_kk rows; T's diagonal blocks by forward substitution (thread = block,
+    //     column); T's blocks above the diagonal are zero.
+    for (int idx = tid; idx < kC * kC; idx += kThr) sm.Akk[idx / kC][idx % kC] *= sm.beta[idx / kC];
+    __syncthreads();
+    if (tid < kC) {
+      const int b = tid / kBlk, j = tid;
+      const int lo = b * kBlk, hi = lo + kBlk;
+      for (int i = lo; i < hi; ++i) {
+        if (i < j) { sm.r1.tu.T[i][j] = 0.f; continue; }
+        if (i == j) { sm.r1.tu.T[i][j] = 1.f; continue; }
+        float x = 0.f;
+        for (int m = j; m < i; ++m) x -= sm.Akk[i][m] * sm.r1.tu.T[m][j];
+        sm.r1.tu.T[i][j] = x;
+      }
+    } else {
+      for (int idx = tid - kC; idx < kC * kC; idx += kThr - kC) {
+        const int i = idx / kC, j = idx % kC;
+        if (j / kBlk > i / kBlk) sm.r1.tu.T[i][j] = 0.f;
+      }
+    }
+    // 5. Chunk-level operands: Qe = Qr pre, Ke = Kq pre, Kd = Kb post (T is not read here).
+    for (int idx = tid; idx < kC * kK; idx += kThr) {
+      const int i = idx / kK, c = idx % kK, b = i / kBlk;
+      sm.Qr[i][c] *= sm.pre[b][c];
+      sm.Kq[i][c] *= sm.pre[b][c];
+      sm.Kb[i][c] *= sm.post[b][c];
+    }
+    __syncthreads();
+
+    // 4b. T's blocks below the diagonal, by distance d = I - J:
+    //     X = sum_{J<=M<I} A_IM T_MJ;  T_IJ = -T_II X. Temporaries in the U area.
+    float* X = &sm.r1.tu.U[0][0];
+    for (int d = 1; d < kNB; ++d) {
+      const int tiles = kNB - d;
+      for (int idx = tid; idx < tiles * kBlk * kBlk; idx += kThr) {
+        const int J = idx / (kBlk * kBlk), I = J + d, r = (idx / kBlk) % kBlk, c = idx % kBlk;
+        float x = 0.f;
+        for (int col = J * kBlk; col < I * kBlk; ++col) x += sm.Akk[I * kBlk + r][col] * sm.r1.tu.T[col][J * kBlk + c];
+        X[idx] = x;
+      }
+      __syncthreads();
+      for (int idx = tid; idx < tiles * kBlk * kBlk; idx += kThr) {
+        const int J = idx / (kBlk * kBlk), I = J + d, r = (idx / kBlk) % kBlk, c = idx % kBlk;
+        const float* Xt = X + J * kBlk * kBlk;
+        float x = 0.f;
+        for (int m = 0; m < kBlk; ++m) x += sm.r1.tu.T[I * kBlk + r][I * kBlk + m] * Xt[m * kBlk + c];
+        sm.r1.tu.T[I * kBlk + r][J * kBlk + c] = -x;
+      }
+      __syncthreads();
+    }
+
+    // 6. Warp w owns output tiles (tm, tn0) and (tm, tn0 + 1) of the [64 tokens x 64 rows] W / O.
+    const int tm = warp / 2, tn0 = (warp % 2) * 2;
+    FragC acco[2];
+#pragma unroll
+    for (int s = 0; s < 2; ++s) {
+      const int tn = tn0 + s;
+      FragC accw;
+      wmma::fill_fragment(accw, 0.f);
+      wmma::fill_fragment(acco[s], 0.f);
+      // Ke S^T and Qe S^T: B = S^T, i.e. S rows (value rows) as columns, col-major with ld kK
+      mma_acc<FragBc>(accw, &sm.Kq[tm * 16][0], kK, &sm.S[tn * 16][0], kK, kK);
+      mma_acc<FragBc>(acco[s], &sm.Qr[tm * 16][0], kK, &sm.S[tn * 16][0], kK, kK);
+      wmma::store_matrix_sync(&sm.r2.W[tm * 16][tn * 16], accw, kBV, wmma::mem_row_major);
+      __syncwarp();
+      for (int e = lane; e < 256; e += 32) {
+        const int i = tm * 16 + e / 16, r = tn * 16 + e % 16;
+        const float v = i < nt ? bf2f(tv.v[(int64_t)(t0 + i) * p.v_st + r]) : 0.f;
+        sm.r2.W[i][r] = sm.beta[i] * (v - sm.r2.W[i][r]);
+      }
+    }
+    __syncthreads();
+
+    // 7. U = T W (tensor cores); meanwhile the state columns decay by the chunk total EL.
+#pragma unroll
+    for (int s = 0; s < 2; ++s) {
+      const int tn = tn0 + s;
+      FragC accu;
+      wmma::fill_fragment(accu, 0.f);
+      mma_acc<FragBr>(accu, &sm.r1.tu.T[tm * 16][0], kC, &sm.r2.W[0][tn * 16], kBV, kC);
+      wmma::store_matrix_sync(&sm.r1.tu.U[tm * 16][tn * 16], accu, kBV, wmma::mem_row_major);
+    }
+    __syncthreads();  // U complete; every read of the undecayed S is done
+    for (int idx = tid; idx < kBV * kK; idx += kThr) sm.S[idx / kK][idx % kK] *= sm.EL[idx % kK];
+
+    // 8. O = Qe S^T + A_qk U, staged in the W area (W is dead), written out by the owning warp.
+#pragma unroll
+    for (int s = 0; s < 2; ++s) {
+      const int tn = tn0 + s;
+      mma_acc<FragBr>(acco[s], &sm.Aqk[tm * 16][0], kC, &sm.r1.tu.U[0][tn * 16], kBV, kC);
+      wmma::store_matrix_sync(&sm.r2.W[tm * 16][tn * 16], acco[s], kBV, wmma::mem_row_major);
+      __syncwarp();
+      for (int e = lane; e < 256; e += 32) {
+        const int i = tm * 16 + e / 16, r = tn * 16 + e % 16;
+        if (i < nt) tv.o[(int64_t)(t0 + i) * p.o_st + r] = __float2bfloat16(sm.r2.W[i][r]);
+      }
+    }
+    __syncthreads();  // S decayed everywhere before the update reads it
+
+    // 9. S += U^T Kd: tiles [16 value rows x 16 channels]; A = U^T (U col-major), B = Kd.
+    for (int tile = warp; tile < (kBV / 16) * (kK / 16); tile += kWarp) {
+      const int tr = tile / (kK / 16), tcn = tile % (kK / 16);
+      FragC accs;
+      wmma::load_matrix_sync(accs, &sm.S[tr * 16][tcn * 16], kK, wmma::mem_row_major);
+      FragAc a;
+      FragBr b;
+      for (int kk = 0; kk < kC; kk += 8) {
+        load_tf32(a, &sm.r1.tu.U[kk][tr * 16], kBV);   // (row v, col t) at U[t][v]
+        load_tf32(b, &sm.Kb[kk][tcn * 16], kK);
+        wmma::mma_sync(accs, a, b, accs);
+      }
+      wmma::store_matrix_sync(&sm.S[tr * 16][tcn * 16], accs, kK, wmma::mem_row_major);
+    }
+
+    const int tend = t0 + nt;
+    if (ckpt && tend % kCheckpointEvery == 0) {
+      __syncthreads();
+      copy_state_out(sm, ckpt + (int64_t)(tend / kCheckpointEvery - 1) * p.inter_ss);
+    }
+  }
+  __syncthreads();
+  copy_state_out(sm, dst);  // final state (the initial one, or zeros, for an empty sequence)
+}
+
+}  // namespace kda

@@ -1,0 +1,61 @@
+"""The tensor-core prefill's algorithm (ops/tensorcore_mirror.py: its factorisation and TF32
+rounding points) against the fp64 gold. The GPU tests check the kernel against the same gold
+with 5e-3; the mirror must stay well inside that so the kernel has room for its own rounding."""
+
+import math
+
+import pytest
+import torch
+
+from kda_serving.ops.naive import naive_kda
+from kda_serving.ops.tensorcore_mirror import _tf32, tensorcore_prefill
+from tests.conftest import rel_rms
+from tests.ops.helpers import kda_inputs
+
+TOL = 1.5e-3  # measured 3-6e-4
+
+
+def run(inp, lb, init=True):
+    q, k, v, g, beta, A_log, dt = inp
+    q, k, v, g, beta = (x.bfloat16().float() for x in (q, k, v, g, beta))  # bf16 inputs, as on the GPU
+    T, H, K = q.shape
+    S0 = torch.randn(H, K, K) * 0.5 if init else None
+    o, S = tensorcore_prefill(q, k, v, g, beta, A_log, dt, initial_state=S0, lower_bound=lb)
+    ro, rs = naive_kda(q, k, v, g, beta, A_log, dt, cu_seqlens=torch.tensor([0, T]),
+                       initial_state=None if S0 is None else S0[None], lower_bound=lb)
+    assert torch.isfinite(o).all() and torch.isfinite(S).all()
+    return rel_rms(o, ro), rel_rms(S, rs[0])
+
+
+@pytest.mark.parametrize("lb", [None, -5.0])
+@pytest.mark.parametrize("g_mode,dt_mode", [(-8, 4), (0, -8), (8, "normal"), ("uniform", 4), ("normal", "normal")])
+def test_gate_sweep(lb, g_mode, dt_mode):
+    eo, es = run(kda_inputs(150, 2, 128, g_mode=g_mode, dt_mode=dt_mode), lb)  # two full chunks + a partial one
+    assert eo <= TOL and es <= TOL
+
+
+@pytest.mark.parametrize("lb", [None, -5.0])
+def test_adversarial(lb):
+    T, H, K = 200, 2, 128
+    q, k, v, g, beta, A_log, dt = kda_inputs(T, H, K)
+    k[10:74] = k[10]                                    # 64 identical consecutive keys
+    k[80:] = torch.randn(H, K) + 0.07 * torch.randn(T - 80, H, K)  # pairwise cosine ~0.99
+    g[::5] = 30.0
+    g[2::7] = -30.0                                     # gate spikes both ways
+    beta[::3] = 30.0
+    A_log = torch.full((H,), math.log(16.0))
+    eo, es = run((q, k, v, g, beta, A_log, dt), lb)
+    assert eo <= TOL and es <= TOL
+
+
+def test_long_slow_decay_without_initial_state():
+    eo, es = run(kda_inputs(1024, 1, 128, g_mode=-4, dt_mode=-4), None, init=False)
+    assert eo <= TOL and es <= TOL
+
+
+def test_tf32_rounding_matches_the_hardware_rule():
+    x = torch.tensor([1.0, 1.0 + 2**-11, 1.0 + 2**-10, 1.0 + 3 * 2**-11, -(1.0 + 2**-11), 3e38, float("inf")])
+    want = torch.tensor([1.0, 1.0 + 2**-10, 1.0 + 2**-10, 1.0 + 2 * 2**-10, -(1.0 + 2**-10), 3e38, float("inf")])
+    got = _tf32(x)
+    assert torch.equal(got[:5], want[:5]) and got[6] == float("inf")
+    assert abs(got[5] / 3e38 - 1) < 2**-10
