@@ -59,3 +59,11 @@ def test_tf32_rounding_matches_the_hardware_rule():
     got = _tf32(x)
     assert torch.equal(got[:5], want[:5]) and got[6] == float("inf")
     assert abs(got[5] / 3e38 - 1) < 2**-10
+
+
+def test_blocked_inverse_is_the_inverse():
+    from kda_serving.ops.tensorcore_mirror import _blocked_inverse
+    A = (torch.randn(3, 64, 64) * 0.3).tril(-1)
+    T = _blocked_inverse(A)
+    eye = torch.eye(64).expand(3, 64, 64)
+    assert torch.allclose(T @ (eye + A), eye, atol=1e-4)
