@@ -215,10 +215,13 @@ def run_metadata(script: str, device: torch.device, argv, bandwidth: float) -> d
 
 
 def write_json(out_dir: Path, meta: dict, results: list[dict], **extra) -> Path:
-    """Write ``<out_dir>/<script>-<device-slug>-<commit>.json`` and return its path."""
+    """Write ``<out_dir>/<script>[-<mode>]-<device-slug>-<commit>.json`` and return its path; a
+    ``mode`` other than "default" names the file, so runs of one script in other modes coexist."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{meta['script']}-{meta['device_slug']}-{meta['commit']}.json"
+    mode = extra.get("mode")
+    tag = f"-{mode}" if mode not in (None, "default") else ""
+    path = out_dir / f"{meta['script']}{tag}-{meta['device_slug']}-{meta['commit']}.json"
     record = dict(meta, **extra, results=results)
     path.write_text(json.dumps(record, indent=2, default=str) + "\n")
     return path

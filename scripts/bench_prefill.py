@@ -8,9 +8,9 @@ token are recorded). With --long, ``ours_unsplit`` times the same call without t
 cu_seqlens, i.e. with splitting disabled. fla is ``kda_serving.baselines.fla_ops.kda_prefill``: gather the
 initial states from the pool, ``chunk_kda`` (V-first fp32 states, gate / L2 norm / beta sigmoid in
 the kernel; the bounded gate with safe_gate=True, lower_bound=-5), scatter the final states back.
-Both allocate their output inside the timed call. On the CUDA path the opt-in chunked kernels
-(``ours_chunked``: CUDA cores, ``ours_tc``: TF32 tensor cores; docs/kernels.md) are timed on the
-same call, unsplit, and cross-checked against ``ours``.
+Both allocate their output inside the timed call. With --chunked (CUDA path only) the opt-in
+chunked kernels (``ours_chunked``: CUDA cores, ``ours_tc``: TF32 tensor cores; docs/kernels.md)
+are timed on the same call, unsplit, and cross-checked against ``ours``.
 
 HBM floor: q, k, v, g, beta read once, o written once, the states read and written once, at the
 copy bandwidth measured in the same run. Extra memory: peak device memory allocated during one
@@ -72,7 +72,7 @@ def io_bytes(x: dict, pool: torch.Tensor, N: int) -> int:
     return inputs + x["v"].numel() * x["v"].element_size() + 2 * N * state
 
 
-def run_case(H, d, seqlens, gate, device, bandwidth, fla_reason, iters, warmup, unsplit=False):
+def run_case(H, d, seqlens, gate, device, bandwidth, fla_reason, iters, warmup, unsplit=False, chunked=False):
     T, N = sum(seqlens), len(seqlens)
     lb = GATES[gate]
     row = dict(case=f"H{H} {describe(seqlens)} {gate}", gate=gate, lower_bound=lb,
@@ -97,7 +97,7 @@ def run_case(H, d, seqlens, gate, device, bandwidth, fla_reason, iters, warmup, 
     impls = {"ours": lambda: ops.kda_prefill(*args, **pool_args, lower_bound=lb, cu_seqlens_cpu=cu_cpu)}
     if unsplit:  # without the host lengths the op never splits on the GPU
         impls["ours_unsplit"] = lambda: ops.kda_prefill(*args, **pool_args, lower_bound=lb)
-    if kernel_path and d == D:
+    if chunked and kernel_path and d == D:
         from kda_serving.ops import _ext
         for name in CHUNKED:
             impls[f"ours_{name}"] = (lambda fn: lambda: fn(*args, *(pool_args[k] for k in POOL_ORDER),
@@ -160,6 +160,8 @@ def main(argv=None):
     p.add_argument("--long", action="store_true",
                    help="long single sequences: H in {4,8,16,32} x {32K,128K,512K,1M}, and 1x128K+63x1K")
     p.add_argument("--gates", nargs="+", choices=list(GATES), default=list(GATES))
+    p.add_argument("--chunked", action="store_true",
+                   help="also time the opt-in chunked kernels (KDA_SERVING_PREFILL_KERNEL=chunked / tc)")
     p.add_argument("--iters", type=int, default=50, help="timing samples per shape (at most)")
     args = p.parse_args(argv)
     device = bc.pick_device(args.device)
@@ -175,7 +177,7 @@ def main(argv=None):
         for H, seqlens in cases:
             for gate in args.gates:
                 rows.append(run_case(H, d, seqlens, gate, device, bandwidth, fla_reason, iters, warmup,
-                                     unsplit=args.long))
+                                     unsplit=args.long, chunked=args.chunked))
                 print(f"done: {rows[-1]['case']}", flush=True)
     meta = bc.run_metadata("bench_prefill", device, argv, bandwidth)
     print(f"\n{meta['device']}  copy bandwidth {meta['copy_bandwidth_gbps']:.0f} GB/s  commit {meta['commit']}")
@@ -184,7 +186,10 @@ def main(argv=None):
         for key in ("skipped", "ours_error", "ours_unsplit_error", "ours_chunked_error", "ours_tc_error", "fla_error"):
             if key in r:
                 print(f"{r['case']}: {key}: {r[key]}")
-    path = bc.write_json(args.out, meta, rows, mode="smoke" if args.smoke else ("long" if args.long else "default"),
+    mode = "smoke" if args.smoke else ("long" if args.long else "default")
+    if args.chunked:
+        mode = "chunked" if mode == "default" else f"{mode}-chunked"
+    path = bc.write_json(args.out, meta, rows, mode=mode,
                          fla_skipped=fla_reason)
     print(f"wrote {path}")
     return path

@@ -4,6 +4,8 @@ import torch
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (SM90) and the built extension")
+    config.addinivalue_line("markers", "optin_kernel: exercises an opt-in kernel not yet validated on a GPU "
+                                       "(scripts/gpu_check.sh runs these in a process of their own)")
 
 
 @pytest.fixture(autouse=True)

@@ -27,7 +27,7 @@ def test_smoke_run_writes_json(script, tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "scripts"))
     main = importlib.import_module(script).main
     path = main(["--smoke", "--device", "cpu", "--out", str(tmp_path)])
-    files = list(tmp_path.glob(f"{script}-cpu-*.json"))
+    files = list(tmp_path.glob(f"{script}-smoke-cpu-*.json"))
     assert files == [path], list(tmp_path.iterdir())
     record = json.loads(files[0].read_text())
     assert META_KEYS <= record.keys() and record["mode"] == "smoke"

@@ -64,7 +64,8 @@ def test_prefill_vs_naive(lower_bound, pool_dtype, center, H):
     check_against(out, pool, before, cu, slots, o_ref, s_ref)
 
 
-@pytest.mark.parametrize("kernel", ["prefill", "prefill_chunked", "prefill_tc"])
+@pytest.mark.parametrize("kernel", ["prefill"] + [pytest.param(k, marks=pytest.mark.optin_kernel)
+                                                  for k in ("prefill_chunked", "prefill_tc")])
 @pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("idx_dtype", [torch.int32, torch.int64])
 def test_prefill_intermediate_states(pool_dtype, idx_dtype, kernel):

@@ -13,7 +13,7 @@ if not _ext.available():
     pytest.skip("CUDA extension or a Hopper GPU is not available", allow_module_level=True)
 
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.optin_kernel]
 
 from tests.gpu.common import D, DEV, POISON, TOL, check_against, make_gate, rel_rms, run_naive  # noqa: E402
 

@@ -105,6 +105,7 @@ def test_split_matches_unsplit_and_fp64(monkeypatch, lens, H, lb):
     assert rel_rms(serial_o, ref_o) <= TOL
 
 
+@pytest.mark.optin_kernel
 @pytest.mark.parametrize("lb", [None, -5.0])
 def test_split_on_the_tensor_core_kernel(monkeypatch, lb):
     """KDA_SERVING_PREFILL_KERNEL=tc runs the split passes on the tensor-core kernel; fp64 gold."""
