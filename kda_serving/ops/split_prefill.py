@@ -109,7 +109,7 @@ def _prefill_pass(cuda, q, k, v, g, beta, A_log, dt_bias, cu, pool, slots, has_i
     """One ordinary prefill launch (CUDA kernel or torch reference) on validated arguments."""
     if cuda:
         prefill_kernel()(q, k, v, g, beta, A_log, dt_bias, cu, pool, slots.to(torch.int32), has_init,
-                     lower_bound=lower_bound, scale=scale, inter=None, inter_offsets=None, out=out)
+                         lower_bound=lower_bound, scale=scale, inter=None, inter_offsets=None, out=out)
     else:
         reference.kda_prefill(q, k, v, g, beta, A_log, dt_bias, cu, pool, slots, has_init, lower_bound,
                               scale, None, None, out)
