@@ -1,0 +1,291 @@
+// A small SIMT emulator that runs the CUDA kernels of csrc/ on the CPU, for tests on machines
+// without a GPU. Every CUDA thread of a block is a fiber (ucontext) on one OS thread: a fiber
+// runs until it reaches a barrier (__syncthreads, __syncwarp, a warp shuffle or a WMMA
+// load/store), then the next runnable fiber runs. Blocks run one after another. The order in
+// which runnable fibers are resumed is forward, reverse or pseudo-random (set_order), so a
+// missing barrier shows up as results that differ between orders. WMMA fragments hold the whole
+// tile in every lane (each lane computes the full product; lane 0 stores), so they need no
+// fragment layout.
+//
+// What it checks: indexing, the algorithm, barrier placement (by comparing schedules),
+// rounding (tf32 conversions are applied where the code asks). What it cannot: timing,
+// memory-model subtleties, performance.
+//
+// Kernel sources are compiled after a textual pass: `extern __shared__` -> `extern` (the dynamic
+// buffer is kda::smem_raw), `__shared__` -> `static` (one instance shared by the block's fibers;
+// blocks run sequentially).
+#pragma once
+
+#include <setjmp.h>
+#include <ucontext.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <type_traits>
+#include <vector>
+
+#include <cuda_bf16.h>
+#include <cuda_runtime_api.h>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __align__(n)
+
+namespace emu {
+
+struct Idx {
+  unsigned x = 0, y = 0, z = 0;
+};
+
+// Which runnable fiber runs next. The pass orders resume every runnable fiber once per pass, so
+// warps advance at about the same rate; the greedy orders always resume the first runnable fiber
+// (lowest or highest index), so one warp runs ahead until a block barrier stops it. Races between
+// warps show up under the greedy orders, races inside a warp under the pass orders.
+enum Order { kForward = 0, kReverse = 1, kShuffled = 2, kGreedy = 3, kGreedyReverse = 4 };
+
+// A fiber starts through ucontext (once) and then switches with _setjmp/_longjmp, which, unlike
+// swapcontext, make no system call.
+struct Fiber {
+  ucontext_t start;
+  jmp_buf env;
+  bool started = false;
+  int waiting = -1;  // barrier id it waits on, -1 when runnable
+  bool done = false;
+};
+
+struct Block {
+  int threads = 0;
+  std::vector<Fiber> fibers;
+  std::vector<int> arrived;      // per barrier: 0 = the block, 1 + w = warp w
+  std::vector<uint32_t> shfl;    // one 32-bit slot per thread
+  ucontext_t sched_ctx;
+  jmp_buf sched;
+  int current = 0;
+};
+
+inline Idx g_thread, g_block;
+inline Block* g_blk = nullptr;
+inline Order g_order = kForward;
+inline uint64_t g_seed = 1;
+inline std::function<void()>* g_body = nullptr;
+inline constexpr size_t kStack = 128 * 1024;
+
+inline void set_order(int order, uint64_t seed) {
+  g_order = static_cast<Order>(order);
+  g_seed = seed | 1;
+}
+
+inline void fail(const char* what) {
+  std::fprintf(stderr, "simt emulator: %s\n", what);
+  std::abort();
+}
+
+// Arrive at barrier `id` with `n` participants; the last arrival releases the others and goes on.
+inline void barrier(int id, int n) {
+  Block& b = *g_blk;
+  if (++b.arrived[id] == n) {
+    b.arrived[id] = 0;
+    for (auto& f : b.fibers)
+      if (f.waiting == id) f.waiting = -1;
+    return;
+  }
+  Fiber& f = b.fibers[b.current];
+  f.waiting = id;
+  if (!_setjmp(f.env)) _longjmp(b.sched, 1);
+}
+
+inline void warp_barrier() { barrier(1 + (int)(g_thread.x / 32), 32); }
+
+inline void fiber_entry() {
+  (*g_body)();
+  g_blk->fibers[g_blk->current].done = true;
+  _longjmp(g_blk->sched, 1);
+}
+
+// Runs body() once per thread of every block of the grid.
+template <class F>
+void launch(Idx grid, int threads, F&& fn) {
+  std::function<void()> body = fn;
+  g_body = &body;
+  std::vector<char> stacks((size_t)threads * kStack);
+  uint64_t rng = g_seed;
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; ++x) {
+        Block blk;
+        blk.threads = threads;
+        blk.fibers.resize(threads);
+        blk.arrived.assign(1 + threads / 32, 0);
+        blk.shfl.assign(threads, 0);
+        g_blk = &blk;
+        g_block = Idx{x, y, z};
+        for (int t = 0; t < threads; ++t) {
+          Fiber& f = blk.fibers[t];
+          getcontext(&f.start);
+          f.start.uc_stack.ss_sp = stacks.data() + (size_t)t * kStack;
+          f.start.uc_stack.ss_size = kStack;
+          f.start.uc_link = nullptr;
+          makecontext(&f.start, fiber_entry, 0);
+        }
+        std::vector<int> order(threads);
+        const bool greedy = g_order == kGreedy || g_order == kGreedyReverse;
+        for (;;) {
+          const bool reverse = g_order == kReverse || g_order == kGreedyReverse;
+          for (int i = 0; i < threads; ++i) order[i] = reverse ? threads - 1 - i : i;
+          if (g_order == kShuffled)
+            for (int i = threads - 1; i > 0; --i) {
+              rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17;
+              std::swap(order[i], order[rng % (i + 1)]);
+            }
+          bool ran = false, all_done = true;
+          for (int t : order) {
+            Fiber& f = blk.fibers[t];
+            if (f.done) continue;
+            all_done = false;
+            if (f.waiting >= 0) continue;
+            blk.current = t;
+            g_thread = Idx{(unsigned)t, 0, 0};
+            if (!_setjmp(blk.sched)) {
+              if (f.started) _longjmp(f.env, 1);
+              f.started = true;
+              swapcontext(&blk.sched_ctx, &f.start);  // never returns here: the fiber jumps back
+            }
+            ran = true;
+            if (greedy) break;  // rescan from the first fiber
+          }
+          if (all_done) break;
+          if (!ran) fail("deadlock: every live thread waits at a barrier (a barrier not reached by all threads)");
+        }
+      }
+  g_blk = nullptr;
+}
+
+// What `kernel<<<grid, block, smem, stream>>>(args)` becomes after the textual pass:
+// emu::Config(grid, block, smem, stream).run([&] { kernel(args); }).
+struct Config {
+  Config(dim3 g, dim3 b, size_t = 0, cudaStream_t = nullptr) : grid(g), block(b) {}
+  template <class F>
+  void run(F&& body) const {
+    if (block.y != 1 || block.z != 1 || block.x % 32 != 0) fail("blocks must be 1-D multiples of 32 threads");
+    launch(Idx{grid.x, grid.y, grid.z}, (int)block.x, body);
+  }
+  dim3 grid, block;
+};
+
+template <typename T>
+T shfl_from(T v, int src_lane) {
+  static_assert(sizeof(T) == 4, "32-bit shuffles only");
+  const int warp = g_thread.x / 32, lane = g_thread.x % 32;
+  uint32_t bits;
+  std::memcpy(&bits, &v, 4);
+  g_blk->shfl[warp * 32 + lane] = bits;
+  warp_barrier();
+  bits = g_blk->shfl[warp * 32 + (src_lane & 31)];
+  warp_barrier();
+  T r;
+  std::memcpy(&r, &bits, 4);
+  return r;
+}
+
+}  // namespace emu
+
+#define threadIdx (emu::g_thread)
+#define blockIdx (emu::g_block)
+
+inline void __syncthreads() { emu::barrier(0, emu::g_blk->threads); }
+inline void __syncwarp(unsigned = 0xffffffffu) { emu::warp_barrier(); }
+template <typename T>
+inline T __shfl_xor_sync(unsigned, T v, int mask) { return emu::shfl_from(v, (int)(emu::g_thread.x % 32) ^ mask); }
+template <typename T>
+inline T __shfl_sync(unsigned, T v, int src) { return emu::shfl_from(v, src); }
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+template <class F>
+inline cudaError_t cudaFuncSetAttribute(F*, cudaFuncAttribute, int) { return cudaSuccess; }
+inline int min(int a, int b) { return a < b ? a : b; }
+inline int max(int a, int b) { return a > b ? a : b; }
+
+namespace nvcuda {
+namespace wmma {
+
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+namespace precision {
+struct tf32 {};
+}  // namespace precision
+enum layout_t { mem_row_major, mem_col_major };
+
+// Round to TF32 as cvt.rna.tf32.f32 does: nearest, ties away from zero; inf/nan kept.
+inline float __float_to_tf32(float x) {
+  uint32_t i;
+  std::memcpy(&i, &x, 4);
+  if ((i & 0x7F800000u) != 0x7F800000u) i = (i + 0x1000u) & ~0x1FFFu;
+  float r;
+  std::memcpy(&r, &i, 4);
+  return r;
+}
+
+template <class Use, int M, int N, int K, class T, class Layout = void>
+struct fragment {
+  static constexpr int R = std::is_same<Use, matrix_b>::value ? K : M;
+  static constexpr int C = std::is_same<Use, matrix_a>::value ? K : N;
+  static constexpr int num_elements = R * C;
+  float x[R * C];  // the logical tile, row-major, in every lane
+};
+
+template <class Use, int M, int N, int K, class T, class L>
+inline void fill_fragment(fragment<Use, M, N, K, T, L>& f, float v) {
+  for (int i = 0; i < f.num_elements; ++i) f.x[i] = v;
+}
+
+template <class Use, int M, int N, int K, class T, class L>
+inline void load_matrix_sync(fragment<Use, M, N, K, T, L>& f, const float* p, unsigned ld) {
+  using F = fragment<Use, M, N, K, T, L>;
+  emu::warp_barrier();
+  for (int r = 0; r < F::R; ++r)
+    for (int c = 0; c < F::C; ++c)
+      f.x[r * F::C + c] = std::is_same<L, row_major>::value ? p[(size_t)r * ld + c] : p[(size_t)c * ld + r];
+  emu::warp_barrier();
+}
+
+template <int M, int N, int K, class T>
+inline void load_matrix_sync(fragment<accumulator, M, N, K, T, void>& f, const float* p, unsigned ld, layout_t l) {
+  emu::warp_barrier();
+  for (int r = 0; r < M; ++r)
+    for (int c = 0; c < N; ++c) f.x[r * N + c] = l == mem_row_major ? p[(size_t)r * ld + c] : p[(size_t)c * ld + r];
+  emu::warp_barrier();
+}
+
+template <int M, int N, int K, class T>
+inline void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, T, void>& f, unsigned ld, layout_t l) {
+  emu::warp_barrier();
+  if (emu::g_thread.x % 32 == 0)
+    for (int r = 0; r < M; ++r)
+      for (int c = 0; c < N; ++c) (l == mem_row_major ? p[(size_t)r * ld + c] : p[(size_t)c * ld + r]) = f.x[r * N + c];
+  emu::warp_barrier();
+}
+
+template <int M, int N, int K, class TA, class LA, class TB, class LB, class TC>
+inline void mma_sync(fragment<accumulator, M, N, K, TC, void>& d, const fragment<matrix_a, M, N, K, TA, LA>& a,
+                     const fragment<matrix_b, M, N, K, TB, LB>& b, const fragment<accumulator, M, N, K, TC, void>& c) {
+  float out[M * N];
+  for (int r = 0; r < M; ++r)
+    for (int cc = 0; cc < N; ++cc) {
+      float acc = c.x[r * N + cc];
+      for (int k = 0; k < K; ++k) acc += a.x[r * K + k] * b.x[k * N + cc];
+      out[r * N + cc] = acc;
+    }
+  std::memcpy(d.x, out, sizeof(out));
+}
+
+}  // namespace wmma
+}  // namespace nvcuda

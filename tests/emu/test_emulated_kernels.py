@@ -1,0 +1,311 @@
+"""The CUDA kernels of csrc/, run on the CPU by the SIMT emulator, against the fp64 gold and the
+torch reference: all three prefill kernels (token-serial, chunked, tensor-core) and decode/verify.
+Outputs are NaN-poisoned and untouched pool slots hold 1e30 before each run. Every kernel must
+also give bit-identical results under five thread schedules (simt_emulator.h: warps in step,
+forward / reverse / shuffled, or one warp running ahead, lowest / highest first): a missing
+barrier makes them differ."""
+
+import math
+
+import pytest
+import torch
+
+from kda_serving import ops
+from kda_serving.ops.naive import naive_kda
+from tests.conftest import rel_rms
+
+from . import emulated
+
+D = 128
+TOL = 5e-3          # bf16 outputs alone give ~2e-3
+POISON = 1e30
+PREFILL = [("prefill", 8), ("prefill", 16), ("prefill", 32), ("prefill_chunked", 32), ("prefill_chunked", 64),
+           ("prefill_tc", 64)]
+ONE_EACH = [("prefill", 32), ("prefill_chunked", 64), ("prefill_tc", 64)]
+
+
+@pytest.fixture(scope="module")
+def lib():
+    if emulated.cuda_include() is None:
+        pytest.skip("no CUDA headers (cuda_bf16.h) on this machine")
+    lib = emulated.build()
+    yield lib
+    lib.emu_set_order(0, 1)
+
+
+def inputs(T, H, *, gate_center=None, A=4.0):
+    q, k, v = (torch.randn(T, H, D).bfloat16() for _ in range(3))
+    g = (torch.rand(T, H, D) * 16 - 8) if gate_center is None else gate_center + torch.randn(T, H, D)
+    spikes = torch.rand(T, H, D) < 0.05
+    g[spikes] = torch.where(torch.rand(T, H, D) < 0.5, -30.0, 30.0)[spikes]
+    beta = (torch.randn(T, H) * 3).bfloat16()
+    return q, k, v, g.bfloat16(), beta, torch.full((H,), math.log(A)), torch.randn(H * D) * 0.5
+
+
+def pool_for(lens, H, dtype, null=2):
+    """Pool with 1e30 everywhere, random initial states in the live slots; slots 1.., the last
+    `null` sequences get slots 0 and -1."""
+    N = len(lens)
+    pool = torch.full((N + 3, H, D, D), POISON).to(dtype)
+    slots = torch.arange(1, N + 1, dtype=torch.int32)
+    for i in range(null):
+        slots[N - 1 - i] = -i
+    has = torch.rand(N) < 0.7
+    init = torch.zeros(N, H, D, D, dtype=torch.float64)
+    for n in range(N):
+        if slots[n] > 0:
+            pool[slots[n]] = (torch.randn(H, D, D) * 0.3).to(dtype)
+            if has[n]:
+                init[n] = pool[slots[n]].double()
+    return pool, slots, has, init
+
+
+def run_prefill(lib, kind, bv, lens, H, pool_dtype, lb, inp=None, **kw):
+    cu = torch.tensor([0] + lens).cumsum(0).to(kw.pop("cu_dtype", torch.int32))
+    inp = inp or inputs(sum(lens), H)
+    pool, slots, has, init = pool_for(lens, H, pool_dtype, kw.pop("null", 2))
+    before = pool.clone()
+    out = torch.full(inp[2].shape, float("nan")).bfloat16()
+    emulated.prefill(lib, kind, bv, *inp, cu, pool, slots, has, lower_bound=lb, out=out, **kw)
+    return inp, cu, pool, before, slots, init, out
+
+
+def check_prefill(inp, cu, pool, before, slots, init, out, lb, tol_state=TOL):
+    ro, rs = naive_kda(*inp, cu_seqlens=cu, initial_state=init, lower_bound=lb)
+    assert not out.isnan().any()
+    for n in range(slots.numel()):
+        a, b = int(cu[n]), int(cu[n + 1])
+        if slots[n] <= 0:
+            assert (out[a:b] == 0).all(), n
+            continue
+        if b > a:
+            assert rel_rms(out[a:b], ro[a:b]) <= TOL, n
+        assert rel_rms(pool[slots[n]], rs[n]) <= tol_state or rs[n].abs().max() == 0, n
+    live = {int(s) for s in slots if s > 0}
+    for s in range(pool.shape[0]):
+        if s not in live:
+            assert torch.equal(pool[s], before[s]), s
+
+
+@pytest.mark.parametrize("lb", [None, -5.0])
+@pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind,bv", PREFILL)
+def test_prefill_kernels_vs_fp64(lib, kind, bv, pool_dtype, lb):
+    res = run_prefill(lib, kind, bv, [0, 1, 17, 130, 9, 5], 2, pool_dtype, lb)
+    check_prefill(*res, lb)
+
+
+@pytest.mark.parametrize("kind,bv", ONE_EACH)
+def test_prefill_checkpoints_every_64_tokens(lib, kind, bv):
+    lens, H = [63, 64, 130], 2
+    counts = [n // 64 for n in lens]
+    offsets = torch.tensor([0] + counts[:-1]).cumsum(0).to(torch.int64)
+    inter = torch.full((sum(counts) + 1, H, D, D), POISON)
+    inp, cu, pool, before, slots, init, out = run_prefill(lib, kind, bv, lens, H, torch.float32, None, null=0,
+                                                          inter=inter, inter_offsets=offsets)
+    check_prefill(inp, cu, pool, before, slots, init, out, None)
+    _, _, ckpts = naive_kda(*inp, cu_seqlens=cu, initial_state=init, checkpoint_every=64)
+    for n, c in enumerate(counts):
+        for i in range(c):
+            assert rel_rms(inter[int(offsets[n]) + i], ckpts[n][i]) <= TOL, (n, i)
+    assert torch.equal(inter[-1], torch.full((H, D, D), POISON))
+
+
+@pytest.mark.parametrize("lb", [None, -5.0])
+@pytest.mark.parametrize("kind,bv", ONE_EACH)
+def test_prefill_adversarial(lib, kind, bv, lb):
+    T, H = 150, 1
+    q, k, v, g, beta, A_log, dt = inputs(T, H, A=16.0)
+    k[10:74] = k[10]                                                   # 64 identical keys
+    k[80:] = (torch.randn(H, D) + 0.07 * torch.randn(T - 80, H, D)).bfloat16()  # cosine ~0.99
+    g[::5] = 30.0
+    g[2::7] = -30.0
+    beta[::3] = 30.0
+    res = run_prefill(lib, kind, bv, [T], H, torch.float32, lb, inp=(q, k, v, g, beta, A_log, dt), null=0)
+    check_prefill(*res, lb)
+
+
+@pytest.mark.parametrize("kind,bv", ONE_EACH)
+def test_prefill_strided_inputs_and_int64_offsets(lib, kind, bv):
+    lens, H = [17, 0, 70], 2
+    T = sum(lens)
+    mixed = torch.randn(T, 3 * H * D + 64).bfloat16()
+    q, k, v = (mixed[:, i * H * D:(i + 1) * H * D].view(T, H, D) for i in range(3))
+    beta = (torch.randn(T, 2 * H) * 3).bfloat16()[:, :H]
+    _, _, _, g, _, A_log, dt = inputs(T, H)
+    assert not q.is_contiguous() and not beta.is_contiguous()
+    res = run_prefill(lib, kind, bv, lens, H, torch.float32, None, inp=(q, k, v, g, beta, A_log, dt), null=0,
+                      cu_dtype=torch.int64)
+    check_prefill(*res, None)
+
+
+@pytest.mark.parametrize("kind,bv", ONE_EACH)
+def test_prefill_is_independent_of_the_thread_schedule(lib, kind, bv):
+    lens, H = [70, 0, 9], 1
+    inp = inputs(sum(lens), H)
+    pool0, slots, has, _ = pool_for(lens, H, torch.float32, null=0)
+    cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
+    results = []
+    for order in (0, 1, 2, 3, 4):
+        lib.emu_set_order(order, 12345)
+        pool = pool0.clone()
+        out = emulated.prefill(lib, kind, bv, *inp, cu, pool, slots, has)
+        results.append((out, pool))
+    lib.emu_set_order(0, 1)
+    for out, pool in results[1:]:
+        assert torch.equal(out, results[0][0]) and torch.equal(pool, results[0][1])
+
+
+def decode_inputs(B, T, H):
+    q, k, v = (torch.randn(B, T, H, D).bfloat16() for _ in range(3))
+    g = (torch.rand(B, T, H, D) * 16 - 8).bfloat16()
+    beta = (torch.randn(B, T, H) * 3).bfloat16()
+    return q, k, v, g, beta, torch.full((H,), math.log(4.0)), torch.randn(H * D) * 0.5
+
+
+@pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bv", [8, 16, 32])
+def test_decode_and_verify_vs_reference(lib, bv, pool_dtype):
+    H = 2
+    pool0 = torch.full((12, H, D, D), POISON).to(pool_dtype)
+    for s in range(1, 12):
+        pool0[s] = (torch.randn(H, D, D) * 0.3).to(pool_dtype)
+    # plain decode: live slots and null slots 0 / -1
+    inp = decode_inputs(4, 1, H)
+    slots = torch.tensor([3, 0, 7, -1], dtype=torch.int32)
+    ours, ref = pool0.clone(), pool0.clone()
+    o = emulated.decode(lib, bv, *inp, ours, slots)
+    o_ref = ops.kda_decode(*inp, state_pool=ref, slots=slots)
+    assert not o.isnan().any() and (o[[1, 3]] == 0).all()
+    assert rel_rms(o[[0, 2]], o_ref[[0, 2]]) <= TOL
+    assert rel_rms(ours[[3, 7]], ref[[3, 7]]) <= TOL
+    others = [s for s in range(12) if s not in (3, 7)]
+    assert torch.equal(ours[others], pool0[others])
+    # verify: 3 tokens per row, start from slots[n, a-1], state after token t to slots[n, t]
+    inp = decode_inputs(3, 3, H)
+    slots = torch.tensor([[1, 2, 4, 5], [6, 8, 9, 10], [0, 0, 0, 0]], dtype=torch.int32)
+    acc = torch.tensor([2, 1, 1], dtype=torch.int32)
+    ours, ref = pool0.clone(), pool0.clone()
+    o = emulated.decode(lib, bv, *inp, ours, slots, acc)
+    o_ref = ops.kda_decode(*inp, state_pool=ref, slots=slots, num_accepted_tokens=acc)
+    assert not o.isnan().any() and (o[2] == 0).all()
+    assert rel_rms(o[:2], o_ref[:2]) <= TOL
+    written = [1, 2, 4, 6, 8, 9]  # slots[n, t] for t < 3 of the live rows
+    assert rel_rms(ours[written], ref[written]) <= TOL
+    others = [s for s in range(12) if s not in written]
+    assert torch.equal(ours[others], pool0[others])
+
+
+# ------------------------------------------------------------------------------------ conv
+
+def conv_layer(D, W=4, dtype=torch.float32):
+    return (torch.randn(D, W) * 0.4).to(dtype), (torch.randn(D) * 0.1).to(dtype)
+
+
+@pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16])
+def test_conv_prefill_vs_reference(lib, pool_dtype):
+    D, lens = 160, [0, 1, 3, 40, 7]
+    T, N = sum(lens), len(lens)
+    cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
+    x = torch.randn(T, D).bfloat16()
+    w, b = conv_layer(D)
+    pool0 = torch.full((N + 3, 3, D), POISON).to(pool_dtype)
+    for s in range(1, N + 1):
+        pool0[s] = torch.randn(3, D).to(pool_dtype)
+    slots = torch.tensor([1, 2, 0, 4, 5], dtype=torch.int32)
+    has = torch.tensor([True, False, True, True, False])
+    ours, ref = pool0.clone(), pool0.clone()
+    y = emulated.conv_prefill(lib, x, w, b, cu, ours, slots, has, out=torch.full_like(x, float("nan")))
+    y_ref = ops.causal_conv1d_prefill(x, w, b, cu_seqlens=cu, conv_pool=ref, slots=slots, has_initial_state=has)
+    assert not y.isnan().any()
+    assert rel_rms(y, y_ref) <= TOL
+    assert rel_rms(ours[[1, 2, 4, 5]], ref[[1, 2, 4, 5]]) <= 1e-2
+    assert torch.equal(ours[[0, 3, 6, 7]], pool0[[0, 3, 6, 7]])
+
+
+@pytest.mark.parametrize("spec", [False, True])
+def test_conv_update_vs_reference(lib, spec):
+    D, B, T = 160, 4, (3 if spec else 1)
+    R = 3 + (T - 1)
+    x = torch.randn(B, T, D).bfloat16()
+    w, b = conv_layer(D)
+    pool0 = torch.randn(8, R, D)
+    slots = torch.tensor([2, 0, 5, 6], dtype=torch.int32)
+    acc = torch.tensor([1, 1, 3, 2], dtype=torch.int32) if spec else None
+    ours, ref = pool0.clone(), pool0.clone()
+    y = emulated.conv_update(lib, x, w, b, ours, slots, acc, out=torch.full_like(x, float("nan")))
+    y_ref = ops.causal_conv1d_update(x, w, b, conv_pool=ref, slots=slots, num_accepted_tokens=acc)
+    assert not y.isnan().any()
+    assert rel_rms(y[[0, 2, 3]], y_ref[[0, 2, 3]]) <= TOL
+    assert torch.equal(ours, ref) or rel_rms(ours, ref) <= 1e-6
+
+
+# ---------------------------------------------------------------------------- fused decode
+
+@pytest.mark.parametrize("norm", [False, True])
+@pytest.mark.parametrize("spec", [False, True])
+@pytest.mark.parametrize("bv", [8, 32])
+def test_fused_decode_vs_reference(lib, bv, spec, norm):
+    H, B, T, W = 2, 3, (3 if spec else 1), 4
+    Dm = 3 * H * D
+    mixed = torch.randn(B, T, Dm).bfloat16()
+    g = (torch.rand(B, T, H, D) * 16 - 8).bfloat16()
+    beta = (torch.randn(B, T, H) * 3).bfloat16()
+    A_log, dt = torch.full((H,), math.log(4.0)), torch.randn(H * D) * 0.5
+    cw, cb = conv_layer(Dm, W)
+    R = W - 1 + (T - 1)
+    conv0 = torch.randn(10, R, Dm)
+    state0 = torch.full((10, H, D, D), POISON)
+    for s in range(1, 10):
+        state0[s] = torch.randn(H, D, D) * 0.3
+    if spec:
+        slots = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8], [0, 0, 0, 0]], dtype=torch.int32)
+        acc = torch.tensor([2, 1, 1], dtype=torch.int32)
+    else:
+        slots, acc = torch.tensor([3, 0, 7], dtype=torch.int32), None
+    kw = dict(out_gate=torch.randn(B, T, H, D).bfloat16(), norm_weight=torch.rand(D) + 0.5, norm_eps=1e-5) if norm else {}
+    c_ours, s_ours, c_ref, s_ref = conv0.clone(), state0.clone(), conv0.clone(), state0.clone()
+    o = emulated.decode_fused(lib, bv, mixed, g, beta, A_log, dt, cw, cb, c_ours, s_ours, slots, acc,
+                              out=torch.full((B, T, H, D), float("nan")).bfloat16(), **kw)
+    o_ref = ops.kda_decode_fused(mixed, g, beta, A_log, dt, conv_weight=cw, conv_bias=cb, conv_pool=c_ref,
+                                 state_pool=s_ref, slots=slots, num_accepted_tokens=acc, **kw)
+    live = [0, 1] if spec else [0, 2]
+    dead = [2] if spec else [1]
+    assert not o.isnan().any() and (o[dead] == 0).all()
+    assert rel_rms(o[live], o_ref[live]) <= TOL
+    assert rel_rms(s_ours, s_ref) <= TOL or torch.equal(s_ours, s_ref)
+    assert torch.equal(s_ours[0], state0[0]) and torch.equal(s_ours[9], state0[9])
+    assert rel_rms(c_ours, c_ref) <= 1e-6
+
+
+def test_decode_kernels_are_independent_of_the_thread_schedule(lib):
+    H, B, T = 1, 2, 3
+    Dm = 3 * H * D
+    mixed = torch.randn(B, T, Dm).bfloat16()
+    q, k, v, g, beta, A_log, dt = decode_inputs(B, T, H)
+    cw, cb = conv_layer(Dm)
+    conv0, state0 = torch.randn(6, 5, Dm), torch.randn(6, H, D, D) * 0.3
+    slots = torch.tensor([[1, 2, 3], [4, 5, 0]], dtype=torch.int32)
+    acc = torch.tensor([2, 1], dtype=torch.int32)
+    gate, nw = torch.randn(B, T, H, D).bfloat16(), torch.rand(D) + 0.5
+    results = []
+    for order in (0, 1, 2, 3, 4):
+        lib.emu_set_order(order, 777)
+        c, s1, s2 = conv0.clone(), state0.clone(), state0.clone()
+        o1 = emulated.decode(lib, 16, q, k, v, g, beta, A_log, dt, s1, slots, acc)
+        o2 = emulated.decode_fused(lib, 16, mixed, g, beta, A_log, dt, cw, cb, c, s2, slots, acc, out_gate=gate,
+                                   norm_weight=nw)
+        results.append((o1, o2, c, s1, s2))
+    lib.emu_set_order(0, 1)
+    for r in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(r, results[0]))
+
+
+def test_tensor_core_prefill_long_slow_decay(lib):
+    """Ten chunks with a slowly decaying state: the TF32 rounding of every chunk accumulates."""
+    T, H = 640, 1
+    q, k, v, _, beta, A_log, dt = inputs(T, H)
+    g = torch.full((T, H, D), -6.0).bfloat16()
+    res = run_prefill(lib, "prefill_tc", 64, [T], H, torch.float32, None, inp=(q, k, v, g, beta, A_log, dt * 0.1),
+                      null=0)
+    check_prefill(*res, None, tol_state=2e-3)
