@@ -150,9 +150,12 @@ def _ptr(t):
     return None if t is None else t.data_ptr()
 
 
-def sms_for_rows(kind: str, rows: int, seq_heads: int) -> int:
+def sms_for_rows(kind: str, rows: int | None, seq_heads: int) -> int:
     """An SM count that makes the launcher pick ``rows`` value rows per CTA for ``seq_heads``
-    (sequence, head) pairs (launch_utils.h pick_block_rows; the chunked launcher's 64 / 32)."""
+    (sequence, head) pairs (launch_utils.h pick_block_rows; the chunked launcher's 64 / 32);
+    ``rows=None``: an H100's 132 SMs, the launcher decides."""
+    if rows is None:
+        return 132
     if kind == "prefill_chunked":
         return 1 if rows == 64 else 2 * seq_heads + 1
     if kind == "prefill_tc":
@@ -217,19 +220,19 @@ def decode(lib, rows: int, q, k, v, g, beta, A_log, dt_bias, state_pool, slots, 
     return out
 
 
-def _conv_layer(x, weight, bias, conv_pool, D, keep) -> ConvParams:
+def _conv_layer(x, weight, bias, conv_pool, D, keep, silu=True) -> ConvParams:
     keep.update(w=weight.contiguous(), b=bias.contiguous() if bias is not None else None)
     return ConvParams(weight=_ptr(keep["w"]), bias=_ptr(keep["b"]), weight_bf16=weight.dtype == torch.bfloat16,
                       pool=_ptr(conv_pool), pool_ss=conv_pool.stride(0), pool_sr=conv_pool.stride(1),
                       pool_sd=conv_pool.stride(2), pool_bf16=conv_pool.dtype == torch.bfloat16, D=D,
-                      W=weight.shape[1], R=conv_pool.shape[1], silu=True)
+                      W=weight.shape[1], R=conv_pool.shape[1], silu=silu)
 
 
-def conv_prefill(lib, x, weight, bias, cu_seqlens, conv_pool, slots, has_initial_state, out=None):
-    """Emulated causal_conv1d_prefill with SiLU: x [T, D] bf16 -> out [T, D] bf16, pool updated."""
+def conv_prefill(lib, x, weight, bias, cu_seqlens, conv_pool, slots, has_initial_state, out=None, silu=True):
+    """Emulated causal_conv1d_prefill (+SiLU): x [T, D] bf16 -> out [T, D] bf16, pool updated."""
     out = torch.empty_like(x) if out is None else out
     keep = dict(slots=slots.to(torch.int32).contiguous(), has=has_initial_state.contiguous())
-    p = _conv_layer(x, weight, bias, conv_pool, x.shape[1], keep)
+    p = _conv_layer(x, weight, bias, conv_pool, x.shape[1], keep, silu)
     p.x, p.x_st, p.y, p.y_st = _ptr(x), x.stride(0), _ptr(out), out.stride(0)
     p.slots, p.cu_seqlens, p.cu_seqlens_64 = _ptr(keep["slots"]), _ptr(cu_seqlens), cu_seqlens.dtype == torch.int64
     p.has_initial_state, p.total_tokens, p.N = _ptr(keep["has"]), x.shape[0], cu_seqlens.numel() - 1
@@ -238,12 +241,12 @@ def conv_prefill(lib, x, weight, bias, cu_seqlens, conv_pool, slots, has_initial
     return out
 
 
-def conv_update(lib, x, weight, bias, conv_pool, slots, num_accepted=None, out=None):
-    """Emulated causal_conv1d_update with SiLU: x [B, T, D] bf16 -> out, pool updated."""
+def conv_update(lib, x, weight, bias, conv_pool, slots, num_accepted=None, out=None, silu=True):
+    """Emulated causal_conv1d_update (+SiLU): x [B, T, D] bf16 -> out, pool updated."""
     out = torch.empty_like(x) if out is None else out
     keep = dict(slots=slots.to(torch.int32).contiguous(),
                 acc=num_accepted.to(torch.int32).contiguous() if num_accepted is not None else None)
-    p = _conv_layer(x, weight, bias, conv_pool, x.shape[2], keep)
+    p = _conv_layer(x, weight, bias, conv_pool, x.shape[2], keep, silu)
     p.x, p.x_sb, p.x_st = _ptr(x), x.stride(0), x.stride(1)
     p.y, p.y_sb, p.y_st = _ptr(out), out.stride(0), out.stride(1)
     p.slots, p.num_accepted, p.N, p.T = _ptr(keep["slots"]), _ptr(keep["acc"]), x.shape[0], x.shape[1]

@@ -24,15 +24,6 @@ PREFILL = [("prefill", 8), ("prefill", 16), ("prefill", 32), ("prefill_chunked",
 ONE_EACH = [("prefill", 32), ("prefill_chunked", 64), ("prefill_tc", 64)]
 
 
-@pytest.fixture(scope="module")
-def lib():
-    if emulated.cuda_include() is None:
-        pytest.skip("no CUDA headers (cuda_bf16.h) on this machine")
-    lib = emulated.build()
-    yield lib
-    lib.emu_set_order(0, 1)
-
-
 def inputs(T, H, *, gate_center=None, A=4.0):
     q, k, v = (torch.randn(T, H, D).bfloat16() for _ in range(3))
     g = (torch.rand(T, H, D) * 16 - 8) if gate_center is None else gate_center + torch.randn(T, H, D)

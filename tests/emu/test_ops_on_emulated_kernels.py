@@ -1,0 +1,76 @@
+"""``kda_serving.ops`` and the backend on their CUDA-kernel path, with the kernels emulated on the CPU
+(tests/emu/emulated_extension.py): the Python glue the GPU runs (the ``_ext`` wrappers, kernel
+selection, split prefill with bf16 transition outputs and a stride-0 v, the fused decode dispatch)
+checked against the fp64 gold and the torch reference."""
+
+import math
+
+import pytest
+import torch
+
+from kda_serving import ops
+from kda_serving.ops import dispatch
+from kda_serving.ops.naive import naive_kda
+from tests.conftest import rel_rms
+
+D = 128
+TOL = 5e-3
+
+
+def inputs(T, H):
+    q, k, v = (torch.randn(T, H, D).bfloat16() for _ in range(3))
+    g = (torch.rand(T, H, D) * 16 - 8).bfloat16()
+    beta = (torch.randn(T, H) * 3).bfloat16()
+    return q, k, v, g, beta, torch.full((H,), math.log(4.0)), torch.randn(H * D) * 0.5
+
+
+@pytest.mark.parametrize("split", [None, "64"])
+@pytest.mark.parametrize("kernel", [None, "chunked", "tc"])
+def test_kda_prefill_on_each_kernel_and_split(kernel_path, monkeypatch, kernel, split):
+    for name, value in (("KDA_SERVING_PREFILL_KERNEL", kernel), ("KDA_SERVING_PREFILL_SPLIT", split)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    assert ops.op_path(torch.empty(0)) == "cuda"
+    assert dispatch.prefill_kernel().__name__ == {None: "prefill", "chunked": "prefill_chunked", "tc": "prefill_tc"}[kernel]
+    lens, H = [150, 0, 9, 70], 2
+    N = len(lens)
+    cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
+    inp = inputs(sum(lens), H)
+    pool = torch.full((N + 2, H, D, D), 1e30)
+    pool[1:N + 1] = torch.randn(N, H, D, D) * 0.3
+    before = pool.clone()
+    slots = torch.tensor([1, 2, 0, 4], dtype=torch.int32)
+    has = torch.tensor([True, True, True, False])
+    out = torch.full((sum(lens), H, D), float("nan")).bfloat16()
+    calls = []
+    if split:
+        from kda_serving.ops import split_prefill as sp
+        real = sp.split_prefill
+        monkeypatch.setattr(sp, "split_prefill", lambda *a, **kw: calls.append(kw["cuda"]) or real(*a, **kw))
+    ops.kda_prefill(*inp, cu_seqlens=cu, state_pool=pool, slots=slots, has_initial_state=has, out=out)
+    assert calls == ([True] if split else [])
+    init = torch.where((has & (slots > 0))[:, None, None, None], before[slots.clamp(min=0).long()], 0.0).double()
+    ro, rs = naive_kda(*inp, cu_seqlens=cu, initial_state=init)
+    assert not out.isnan().any()
+    for n, s in enumerate(slots.tolist()):
+        a, b = int(cu[n]), int(cu[n + 1])
+        if s <= 0:
+            assert (out[a:b] == 0).all()
+            continue
+        if b > a:
+            assert rel_rms(out[a:b], ro[a:b]) <= TOL, n
+        assert rel_rms(pool[s], rs[n]) <= TOL, n
+    assert torch.equal(pool[[0, 3, 5]], before[[0, 3, 5]])
+
+
+@pytest.mark.parametrize("spec", [0, 2])
+def test_continuous_batching_on_the_kernels(kernel_path, monkeypatch, spec):
+    """The backend simulation (tests/backend) with bf16 activations and head dim 128 on the
+    kernel path: fused decode / verify, conv and prefill kernels under random batching."""
+    from tests.backend.test_continuous_batching import test_every_request_matches_running_alone as simulate
+    monkeypatch.setattr(dispatch, "_logged", set())
+    simulate(("cpu", torch.bfloat16, D, TOL), spec, None)
+    assert {"kda_prefill:cuda", "causal_conv1d_prefill:cuda", "kda_decode_fused:cuda"} <= dispatch._logged, \
+        dispatch._logged
