@@ -33,25 +33,30 @@ constexpr int kK = kHeadDim;     // 128 channels
 constexpr int kThr = 256;
 constexpr int kWarp = kThr / 32;
 static_assert(kC == kCheckpointEvery, "a chunk ends on every checkpoint");
+// Row pitches of the WMMA operand arrays, padded by 4 floats so that the 8 rows a tile load
+// touches fall into different shared-memory banks; tile rows stay 32-byte aligned.
+constexpr int kLdK = kK + 4;    // [.. x 128] arrays: S, Qr, Kq, Kb
+constexpr int kLdC = kC + 4;    // [64 x 64] arrays: A_qk, A_kk, T
+constexpr int kLdV = kBV + 4;   // [64 tokens x 64 rows] arrays: W, U
 
 struct alignas(128) Smem {
-  float S[kBV][kK];    // state rows v0 .. v0+63, fp32
-  float Qr[kC][kK];    // q Ploc, then Qe
-  float Kq[kC][kK];    // k Ploc, then Ke
-  float Kb[kC][kK];    // k Rloc, then Kd
+  float S[kBV][kLdK];  // state rows v0 .. v0+63, fp32
+  float Qr[kC][kLdK];  // q Ploc, then Qe
+  float Kq[kC][kLdK];  // k Ploc, then Ke
+  float Kb[kC][kLdK];  // k Rloc, then Kd
   union {
     float al[kC][kK];  // a_t, until the diagonal blocks are done
     struct {
-      float T[kC][kC];    // (I + beta A_kk)^-1
-      float U[kC][kBV];   // first the substitution's 16x16 temporaries, then U = T W
+      float T[kC][kLdC];  // (I + beta A_kk)^-1
+      float U[kC][kLdV];  // first the substitution's 16x16 temporaries, then U = T W
     } tu;
   } r1;
   union {
     float scratch[kWarp][kBlk][8];  // per-warp scaled Kb tile of one k-step
-    float W[kC][kBV];               // beta (v - Ke S^T), then the output tile staging
+    float W[kC][kLdV];              // beta (v - Ke S^T), then the output tile staging
   } r2;
-  float Aqk[kC][kC];
-  float Akk[kC][kC];
+  float Aqk[kC][kLdC];
+  float Akk[kC][kLdC];
   float Ptot[kNB][kK];
   float pre[kNB][kK];
   float post[kNB][kK];
@@ -248,14 +253,14 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_kernel(const KdaPr
           }
           __syncwarp();
           load_tf32(b, scr, 8);
-          load_tf32(a, &sm.Qr[I * kBlk][kk], kK);
+          load_tf32(a, &sm.Qr[I * kBlk][kk], kLdK);
           wmma::mma_sync(accq, a, b, accq);
-          load_tf32(a, &sm.Kq[I * kBlk][kk], kK);
+          load_tf32(a, &sm.Kq[I * kBlk][kk], kLdK);
           wmma::mma_sync(acck, a, b, acck);
           __syncwarp();
         }
-        wmma::store_matrix_sync(&sm.Aqk[I * kBlk][J * kBlk], accq, kC, wmma::mem_row_major);
-        wmma::store_matrix_sync(&sm.Akk[I * kBlk][J * kBlk], acck, kC, wmma::mem_row_major);
+        wmma::store_matrix_sync(&sm.Aqk[I * kBlk][J * kBlk], accq, kLdC, wmma::mem_row_major);
+        wmma::store_matrix_sync(&sm.Akk[I * kBlk][J * kBlk], acck, kLdC, wmma::mem_row_major);
       } else {
         for (int idx = (warp - kJobs) * 32 + lane; idx < kJobs * kBlk * kBlk; idx += (kWarp - kJobs) * 32) {
           const int job = idx / (kBlk * kBlk), r = (idx / kBlk) % kBlk, c = idx % kBlk;
@@ -329,9 +334,9 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_kernel(const KdaPr
       wmma::fill_fragment(accw, 0.f);
       wmma::fill_fragment(acco[s], 0.f);
       // Ke S^T and Qe S^T: B = S^T, i.e. S rows (value rows) as columns, col-major with ld kK
-      mma_acc<FragBc>(accw, &sm.Kq[tm * 16][0], kK, &sm.S[tn * 16][0], kK, kK);
-      mma_acc<FragBc>(acco[s], &sm.Qr[tm * 16][0], kK, &sm.S[tn * 16][0], kK, kK);
-      wmma::store_matrix_sync(&sm.r2.W[tm * 16][tn * 16], accw, kBV, wmma::mem_row_major);
+      mma_acc<FragBc>(accw, &sm.Kq[tm * 16][0], kLdK, &sm.S[tn * 16][0], kLdK, kK);
+      mma_acc<FragBc>(acco[s], &sm.Qr[tm * 16][0], kLdK, &sm.S[tn * 16][0], kLdK, kK);
+      wmma::store_matrix_sync(&sm.r2.W[tm * 16][tn * 16], accw, kLdV, wmma::mem_row_major);
       __syncwarp();
       for (int e = lane; e < 256; e += 32) {
         const int i = tm * 16 + e / 16, r = tn * 16 + e % 16;
@@ -347,8 +352,8 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_kernel(const KdaPr
       const int tn = tn0 + s;
       FragC accu;
       wmma::fill_fragment(accu, 0.f);
-      mma_acc<FragBr>(accu, &sm.r1.tu.T[tm * 16][0], kC, &sm.r2.W[0][tn * 16], kBV, kC);
-      wmma::store_matrix_sync(&sm.r1.tu.U[tm * 16][tn * 16], accu, kBV, wmma::mem_row_major);
+      mma_acc<FragBr>(accu, &sm.r1.tu.T[tm * 16][0], kLdC, &sm.r2.W[0][tn * 16], kLdV, kC);
+      wmma::store_matrix_sync(&sm.r1.tu.U[tm * 16][tn * 16], accu, kLdV, wmma::mem_row_major);
     }
     __syncthreads();  // U complete; every read of the undecayed S is done
     for (int idx = tid; idx < kBV * kK; idx += kThr) sm.S[idx / kK][idx % kK] *= sm.EL[idx % kK];
@@ -357,8 +362,8 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_kernel(const KdaPr
 #pragma unroll
     for (int s = 0; s < 2; ++s) {
       const int tn = tn0 + s;
-      mma_acc<FragBr>(acco[s], &sm.Aqk[tm * 16][0], kC, &sm.r1.tu.U[0][tn * 16], kBV, kC);
-      wmma::store_matrix_sync(&sm.r2.W[tm * 16][tn * 16], acco[s], kBV, wmma::mem_row_major);
+      mma_acc<FragBr>(acco[s], &sm.Aqk[tm * 16][0], kLdC, &sm.r1.tu.U[0][tn * 16], kLdV, kC);
+      wmma::store_matrix_sync(&sm.r2.W[tm * 16][tn * 16], acco[s], kLdV, wmma::mem_row_major);
       __syncwarp();
       for (int e = lane; e < 256; e += 32) {
         const int i = tm * 16 + e / 16, r = tn * 16 + e % 16;
@@ -371,15 +376,15 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_kernel(const KdaPr
     for (int tile = warp; tile < (kBV / 16) * (kK / 16); tile += kWarp) {
       const int tr = tile / (kK / 16), tcn = tile % (kK / 16);
       FragC accs;
-      wmma::load_matrix_sync(accs, &sm.S[tr * 16][tcn * 16], kK, wmma::mem_row_major);
+      wmma::load_matrix_sync(accs, &sm.S[tr * 16][tcn * 16], kLdK, wmma::mem_row_major);
       FragAc a;
       FragBr b;
       for (int kk = 0; kk < kC; kk += 8) {
-        load_tf32(a, &sm.r1.tu.U[kk][tr * 16], kBV);   // (row v, col t) at U[t][v]
-        load_tf32(b, &sm.Kb[kk][tcn * 16], kK);
+        load_tf32(a, &sm.r1.tu.U[kk][tr * 16], kLdV);  // (row v, col t) at U[t][v]
+        load_tf32(b, &sm.Kb[kk][tcn * 16], kLdK);
         wmma::mma_sync(accs, a, b, accs);
       }
-      wmma::store_matrix_sync(&sm.S[tr * 16][tcn * 16], accs, kK, wmma::mem_row_major);
+      wmma::store_matrix_sync(&sm.S[tr * 16][tcn * 16], accs, kLdK, wmma::mem_row_major);
     }
 
     const int tend = t0 + nt;
