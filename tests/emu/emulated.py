@@ -89,19 +89,22 @@ def _emulator_source(text: str) -> str:
     return LAUNCH.sub(lambda m: f"::emu::Config({m.group(2)}).run([&] {{ {m.group(1)}({m.group(3)}); }});", text)
 
 
-def build() -> C.CDLL:
-    """Compile (cached by a hash of the sources) and load the emulated kernels."""
+def build(extra_flags: tuple[str, ...] = ()) -> C.CDLL:
+    """Compile (cached by a hash of the sources and flags) and load the emulated kernels.
+    ``extra_flags`` (or KDA_SERVING_EMU_FLAGS, space-separated) go to g++, e.g. -fsanitize=address
+    (then run Python with libasan preloaded)."""
     inc = cuda_include()
     if inc is None or shutil.which("g++") is None:
         raise RuntimeError("the emulated kernels need g++ and the CUDA headers (cuda_bf16.h)")
+    extra = tuple(extra_flags) + tuple(os.environ.get("KDA_SERVING_EMU_FLAGS", "").split())
     sources = sorted(p for p in CSRC.rglob("*") if p.suffix in (".h", ".cuh", ".cu"))
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(" ".join(extra).encode())
     for p in sources + [HERE / "simt_emulator.h", HERE / "emu_api.cpp", Path(__file__)]:
         digest.update(p.read_bytes())
     cache = Path(tempfile.gettempdir()) / f"kda-emu-{digest.hexdigest()[:16]}"
     lib = cache / "libkda_emu.so"
     if not lib.exists():
-        _compile(sources, inc, cache, lib)
+        _compile(sources, inc, cache, lib, extra)
     so = C.CDLL(str(lib))
     so.emu_layout.restype = C.c_int64
     for i, (struct, last) in enumerate(LAYOUTS):
@@ -115,14 +118,14 @@ def build() -> C.CDLL:
     return so
 
 
-def _compile(sources, inc, cache: Path, lib: Path) -> None:
+def _compile(sources, inc, cache: Path, lib: Path, extra: tuple[str, ...]) -> None:
     work = Path(tempfile.mkdtemp(prefix="kda-emu-build-"))
     for p in sources:
         dst = work / "csrc" / p.relative_to(CSRC)
         dst.parent.mkdir(parents=True, exist_ok=True)
         dst.write_text(_emulator_source(p.read_text()))
     flags = ["-O2", "-U_FORTIFY_SOURCE", "-std=c++20", "-fPIC", "-pthread", f"-I{inc}", f"-I{work / 'csrc'}",
-             f"-I{HERE}", "-include", str(HERE / "simt_emulator.h")]
+             f"-I{HERE}", "-include", str(HERE / "simt_emulator.h"), *extra]
     units = [(work / "csrc" / p.relative_to(CSRC), "c++") for p in sources if p.suffix == ".cu"]
     units.append((HERE / "emu_api.cpp", "c++"))
 
@@ -138,7 +141,7 @@ def _compile(sources, inc, cache: Path, lib: Path) -> None:
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
         objs = list(pool.map(compile_one, enumerate(units)))
     out = work / "libkda_emu.so"
-    res = subprocess.run(["g++", "-shared", "-pthread", *map(str, objs), "-o", str(out)], capture_output=True,
+    res = subprocess.run(["g++", "-shared", "-pthread", *extra, *map(str, objs), "-o", str(out)], capture_output=True,
                          text=True)
     if res.returncode != 0:
         raise RuntimeError("linking the emulated kernels failed:\n" + res.stderr[-4000:])
