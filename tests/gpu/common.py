@@ -1,10 +1,38 @@
-"""Shared pieces of the GPU tests: constants, the error metric, gate fixtures, the fp64 gold run."""
+"""Shared pieces of the GPU tests: constants, the error metric, gate fixtures, the fp64 gold run.
+
+``KDA_SERVING_EMULATE_GPU_TESTS=1`` runs these tests on the CPU with the kernels on the SIMT
+emulator (tests/emu), to check the tests themselves where no GPU is at hand; the large shapes
+take long there, so select with -k. CUDA-graph capture is GPU-only and skips.
+"""
+
+import os
 
 import torch
 
 from kda_serving.ops.naive import naive_kda
 
-DEV = "cuda"
+EMULATE = os.environ.get("KDA_SERVING_EMULATE_GPU_TESTS") == "1"
+DEV = "cpu" if EMULATE else "cuda"
+
+
+def kernels_available() -> bool:
+    """The CUDA kernels can run: a Hopper GPU with the built extension, or the emulator."""
+    if not EMULATE:
+        from kda_serving.ops import _ext
+        return _ext.available()
+    from kda_serving.ops import dispatch
+    from tests.emu import emulated
+    from tests.emu.emulated_extension import install
+    if emulated.cuda_include() is None:
+        return False
+    install(emulated.build())
+    dispatch.use_cuda_kernels = lambda t: True
+    return True
+
+
+def sync() -> None:
+    if not EMULATE:
+        torch.cuda.synchronize()
 D = 128
 POISON = 1e30
 TOL = 5e-3

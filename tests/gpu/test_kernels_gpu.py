@@ -7,8 +7,9 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from kda_serving.ops import _ext  # noqa: E402
+from tests.gpu.common import EMULATE, kernels_available, sync  # noqa: E402
 
-if not _ext.available():
+if not kernels_available():
     pytest.skip("CUDA extension or a Hopper GPU is not available", allow_module_level=True)
 
 from kda_serving.ops import reference  # noqa: E402
@@ -37,7 +38,7 @@ def make_pool(S, H, dtype):
 @pytest.mark.parametrize("lower_bound", [None, -5.0])
 @pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("center", [-8.0, 0.0, 8.0, None])
-@pytest.mark.parametrize("H", [1, 4, 32])
+@pytest.mark.parametrize("H", [1, 4, 8, 32, 96])
 def test_prefill_vs_naive(lower_bound, pool_dtype, center, H):
     torch.manual_seed(hash((lower_bound, str(pool_dtype), center, H)) % 2**31)
     lens = [0, 1, 15, 16, 17, 64, 65] + ([3000] if H <= 4 else [300])
@@ -59,7 +60,7 @@ def test_prefill_vs_naive(lower_bound, pool_dtype, center, H):
     out = torch.full(v.shape, float("nan"), dtype=torch.bfloat16, device=DEV)
     _ext.prefill(q, k, v, g, beta, A_log, dt_bias, cu, pool, slots, has_init,
                  lower_bound=lower_bound, out=out)
-    torch.cuda.synchronize()
+    sync()
     o_ref, s_ref = run_naive(q, k, v, g, beta, A_log, dt_bias, cu, init, lower_bound)
     check_against(out, pool, before, cu, slots, o_ref, s_ref)
 
@@ -83,7 +84,7 @@ def test_prefill_intermediate_states(pool_dtype, idx_dtype, kernel):
     out = torch.full(v.shape, float("nan"), dtype=torch.bfloat16, device=DEV)
     getattr(_ext, kernel)(q, k, v, g, beta, A_log, dt_bias, cu, pool, slots, has_init,
                           inter=inter, inter_offsets=offsets, out=out)
-    torch.cuda.synchronize()
+    sync()
     _, _, ckpts = run_naive(q, k, v, g, beta, A_log, dt_bias, cu, torch.zeros(N, H, D, D), None, every=64)
     for n in range(N):
         for i in range(counts[n]):
@@ -112,7 +113,7 @@ def test_decode_vs_naive(lower_bound, pool_dtype, T):
     qs, ks, vs = fused[..., :D], fused[..., D:2 * D], fused[..., 2 * D:]
     out = torch.full(v.shape, float("nan"), dtype=torch.bfloat16, device=DEV)
     _ext.decode(qs, ks, vs, g, beta, A_log, dt_bias, pool, slots, lower_bound=lower_bound, out=out)
-    torch.cuda.synchronize()
+    sync()
     cu = torch.arange(B + 1) * T
     flat = lambda t: t.reshape(B * T, *t.shape[2:])  # noqa: E731
     o_ref, s_ref = run_naive(flat(q), flat(k), flat(v), flat(g), flat(beta), A_log, dt_bias, cu, init,
@@ -162,7 +163,7 @@ def test_verify_equals_sequential_decodes(pool_dtype):
         for n in range(B):
             if valid[n] and slots[n, t] > 0:
                 seq_pool[slots[n, t]] = seq_pool[scratch[n]]
-    torch.cuda.synchronize()
+    sync()
     assert not out.isnan().any()
     assert rel_rms(out, seq_out) <= TOL
     assert (out[3] == 0).all()
@@ -199,7 +200,7 @@ def test_conv_prefill(W, extra_rows, pool_dtype, w_dtype):
     reference.causal_conv1d_prefill(x, weight, bias, cu, ref_pool, slots, has_init, "silu", ref)
     out = torch.full_like(x, float("nan"))
     _ext.conv_prefill(x, weight, bias, cu, pool, slots, has_init, out=out)
-    torch.cuda.synchronize()
+    sync()
     assert not out.isnan().any()
     assert rel_rms(out, ref) <= TOL
     assert torch.equal(pool, ref_pool)
@@ -223,7 +224,7 @@ def test_conv_update(W, T, spec, pool_dtype):
     reference.causal_conv1d_update(x, weight, bias, ref_pool, slots, num_acc, "silu", ref)
     out = torch.full_like(x, float("nan"))
     _ext.conv_update(x, weight, bias, pool, slots, num_acc, out=out)
-    torch.cuda.synchronize()
+    sync()
     assert not out.isnan().any()
     assert rel_rms(out, ref) <= TOL
     assert torch.equal(pool, ref_pool)
@@ -307,7 +308,7 @@ def test_decode_fused_vs_reference_and_gold(lower_bound, pool_dtype, norm, W, T,
     state_before = c["state_pool"].clone()
     out = torch.full((B, T, H, D), float("nan"), dtype=torch.bfloat16, device=DEV)
     run_fused(c, lower_bound, out_gate, norm_weight, out=out)
-    torch.cuda.synchronize()
+    sync()
     live = c["live"].cpu()
     assert not out.isnan().any()
     assert rel_rms(out, ref_out) <= TOL
@@ -348,6 +349,8 @@ def test_decode_fused_vs_reference_and_gold(lower_bound, pool_dtype, norm, W, T,
 @pytest.mark.parametrize("verify", [False, True])
 @pytest.mark.parametrize("norm", [False, True])
 def test_decode_fused_cuda_graph_replay_equals_eager(verify, norm):
+    if EMULATE:
+        pytest.skip("CUDA graphs need a GPU")
     torch.manual_seed(7 + verify + 2 * norm)
     B, T, H, W = 8, (3 if verify else 1), 4, 4
     c = fused_case(B, T, H, W, torch.float32, verify)
@@ -366,10 +369,10 @@ def test_decode_fused_cuda_graph_replay_equals_eager(verify, norm):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         run_fused(c, out_gate=out_gate, norm_weight=norm_weight, out=out)
-    torch.cuda.synchronize()
+    sync()
     assert out.isnan().all()  # capture runs nothing
     graph.replay()
-    torch.cuda.synchronize()
+    sync()
     assert torch.equal(out, out_eager)
     assert torch.equal(c["conv_pool"], eager["conv_pool"])
     assert torch.equal(c["state_pool"], eager["state_pool"])

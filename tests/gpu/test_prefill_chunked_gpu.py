@@ -8,8 +8,9 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from kda_serving.ops import _ext  # noqa: E402
+from tests.gpu.common import kernels_available, sync  # noqa: E402
 
-if not _ext.available():
+if not kernels_available():
     pytest.skip("CUDA extension or a Hopper GPU is not available", allow_module_level=True)
 
 
@@ -69,7 +70,7 @@ def test_chunked_vs_naive(lower_bound, pool_dtype, center, H, kernel):
     out = torch.full(v.shape, float("nan"), dtype=torch.bfloat16, device=DEV)
     getattr(_ext, kernel)(q, k, v, g, beta, A_log, dt_bias, cu, pool, slots, has_init,
                           lower_bound=lower_bound, out=out)
-    torch.cuda.synchronize()
+    sync()
     o_ref, s_ref = run_naive(q, k, v, g, beta, A_log, dt_bias, cu, init, lower_bound)
     check_against(out, pool, before, cu, slots, o_ref, s_ref)
 
@@ -87,7 +88,7 @@ def test_chunked_strided_inputs(idx_dtype, lower_bound, kernel):
     out = torch.full(v.shape, float("nan"), dtype=torch.bfloat16, device=DEV)
     getattr(_ext, kernel)(q, k, v, g, beta, A_log, dt_bias, cu, pool, slots, has_init,
                           lower_bound=lower_bound, out=out)
-    torch.cuda.synchronize()
+    sync()
     o_ref, s_ref = run_naive(q, k, v, g, beta, A_log, dt_bias, cu, init, lower_bound)
     check_against(out, pool, before, cu, slots, o_ref, s_ref)
 
@@ -108,7 +109,7 @@ def test_chunked_vs_token_serial(lower_bound, pool_dtype, H, kernel):
                  lower_bound=lower_bound, out=out1)
     getattr(_ext, kernel)(q, k, v, g, beta, A_log, dt_bias, cu, pool2, slots, has_init,
                           lower_bound=lower_bound, out=out2)
-    torch.cuda.synchronize()
+    sync()
     assert not out2.isnan().any()
     for n in range(len(lens)):
         a, b = int(cu[n]), int(cu[n + 1])
@@ -145,7 +146,7 @@ def test_env_var_selects_the_kernel(monkeypatch, env, kernel):
     o_chosen = run(pools[1], env)
     o_serial = _ext.prefill(q, k, v, g, beta, A_log, dt_bias, cu, pools[2], slots, has_init)
     o_direct = getattr(_ext, kernel)(q, k, v, g, beta, A_log, dt_bias, cu, pools[3], slots, has_init)
-    torch.cuda.synchronize()
+    sync()
     assert torch.equal(o_default, o_serial) and torch.equal(pools[0], pools[2])
     assert torch.equal(o_chosen, o_direct) and torch.equal(pools[1], pools[3])
 
@@ -169,6 +170,6 @@ def test_tc_adversarial_and_long(lower_bound):
     before = pool.clone()
     out = torch.full(v.shape, float("nan"), dtype=torch.bfloat16, device=DEV)
     _ext.prefill_tc(q, k, v, g, beta, A_log, dt_bias, cu, pool, slots, has_init, lower_bound=lower_bound, out=out)
-    torch.cuda.synchronize()
+    sync()
     o_ref, s_ref = run_naive(q, k, v, g, beta, A_log, dt_bias, cu, init, lower_bound)
     check_against(out, pool, before, cu, slots, o_ref, s_ref)

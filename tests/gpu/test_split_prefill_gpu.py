@@ -6,9 +6,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from kda_serving.ops import _ext  # noqa: E402
+from tests.gpu.common import D, DEV, TOL, kernels_available, rel_rms, sync  # noqa: E402
 
-if not _ext.available():
+if not kernels_available():
     pytest.skip("CUDA extension or a Hopper GPU is not available", allow_module_level=True)
 
 from kda_serving import ops  # noqa: E402
@@ -17,17 +17,6 @@ from kda_serving.ops import split_prefill as sp  # noqa: E402
 from kda_serving.ops.gates import kda_gate, l2_normalize  # noqa: E402
 
 pytestmark = pytest.mark.gpu
-
-DEV = "cuda"
-D = 128
-TOL = 5e-3
-
-
-def rel_rms(out, ref):
-    out, ref = out.double(), ref.double()
-    if not torch.isfinite(out).all():
-        return float("inf")
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 def make_inputs(T, H):
@@ -90,7 +79,7 @@ def test_split_matches_unsplit_and_fp64(monkeypatch, lens, H, lb):
             monkeypatch.setenv(split_plan.ENV, env)
         pool = pool0.clone()
         results[name] = (run(inp, lens, pool, has, lb, cu_cpu), pool)
-    torch.cuda.synchronize()
+    sync()
     assert len(calls) == 2 and calls[1] == 1024, calls  # the planner splits 128K at H <= 8 on an H100
 
     init = torch.where(has[:, None, None, None], pool0[1:N + 1], 0.0)
@@ -120,7 +109,7 @@ def test_split_on_the_tensor_core_kernel(monkeypatch, lb):
     monkeypatch.setenv(split_plan.ENV, "1024")
     pool = pool0.clone()
     out = run(inp, lens, pool, has, lb, cu_cpu)
-    torch.cuda.synchronize()
+    sync()
     init = torch.where(has[:, None, None, None], pool0[1:N + 1], 0.0)
     ref_o, ref_s = gold(*inp, cu_cpu.tolist(), init, lb)
     assert rel_rms(out, ref_o) <= TOL
