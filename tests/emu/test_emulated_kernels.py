@@ -13,6 +13,7 @@ import torch
 from kda_serving import ops
 from kda_serving.ops.naive import naive_kda
 from tests.conftest import rel_rms
+from tests.gpu.common import check_against
 
 from . import emulated
 
@@ -63,19 +64,7 @@ def run_prefill(lib, kind, bv, lens, H, pool_dtype, lb, inp=None, **kw):
 
 def check_prefill(inp, cu, pool, before, slots, init, out, lb, tol_state=TOL):
     ro, rs = naive_kda(*inp, cu_seqlens=cu, initial_state=init, lower_bound=lb)
-    assert not out.isnan().any()
-    for n in range(slots.numel()):
-        a, b = int(cu[n]), int(cu[n + 1])
-        if slots[n] <= 0:
-            assert (out[a:b] == 0).all(), n
-            continue
-        if b > a:
-            assert rel_rms(out[a:b], ro[a:b]) <= TOL, n
-        assert rel_rms(pool[slots[n]], rs[n]) <= tol_state or rs[n].abs().max() == 0, n
-    live = {int(s) for s in slots if s > 0}
-    for s in range(pool.shape[0]):
-        if s not in live:
-            assert torch.equal(pool[s], before[s]), s
+    check_against(out, pool, before, cu, slots, ro, rs, tol_state)
 
 
 @pytest.mark.parametrize("lb", [None, -5.0])

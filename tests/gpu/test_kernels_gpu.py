@@ -16,7 +16,8 @@ from kda_serving.ops import reference  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
-from tests.gpu.common import D, DEV, POISON, TOL, check_against, make_gate, rel_rms, run_naive  # noqa: E402
+from tests.gpu.common import (D, DEV, POISON, TOL, make_gate, prefill_against_gold, rel_rms,  # noqa: E402
+                              run_naive, setup_pool)
 
 
 def make_inputs(T, H, lead=(), center=0.0):
@@ -43,26 +44,9 @@ def test_prefill_vs_naive(lower_bound, pool_dtype, center, H):
     torch.manual_seed(hash((lower_bound, str(pool_dtype), center, H)) % 2**31)
     lens = [0, 1, 15, 16, 17, 64, 65] + ([3000] if H <= 4 else [300])
     lens += [5, 9]  # null sequences
-    N = len(lens)
-    cu = torch.tensor([0] + lens).cumsum(0).to(DEV, torch.int32)
-    q, k, v, g, beta, A_log, dt_bias = make_inputs(int(cu[-1]), H, center=center)
-    S = N + 4
-    pool = make_pool(S, H, pool_dtype)
-    slots = torch.arange(2, N + 2, dtype=torch.int32, device=DEV)
-    slots[-2], slots[-1] = 0, -1
-    has_init = torch.rand(N, device=DEV) < 0.6
-    init = torch.zeros(N, H, D, D, device=DEV)
-    for n in range(N):
-        if has_init[n] and slots[n] > 0:
-            pool[slots[n]] = (torch.randn(H, D, D, device=DEV) * 0.3).to(pool_dtype)
-            init[n] = pool[slots[n]].float()
-    before = pool.clone()
-    out = torch.full(v.shape, float("nan"), dtype=torch.bfloat16, device=DEV)
-    _ext.prefill(q, k, v, g, beta, A_log, dt_bias, cu, pool, slots, has_init,
-                 lower_bound=lower_bound, out=out)
-    sync()
-    o_ref, s_ref = run_naive(q, k, v, g, beta, A_log, dt_bias, cu, init, lower_bound)
-    check_against(out, pool, before, cu, slots, o_ref, s_ref)
+    cu, pool, slots, has_init, init = setup_pool(lens, H, pool_dtype)
+    inputs = make_inputs(int(cu[-1]), H, center=center)
+    prefill_against_gold(_ext.prefill, inputs, cu, pool, slots, has_init, init, lower_bound)
 
 
 @pytest.mark.parametrize("kernel", ["prefill"] + [pytest.param(k, marks=pytest.mark.optin_kernel)

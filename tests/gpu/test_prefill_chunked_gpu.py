@@ -16,7 +16,8 @@ if not kernels_available():
 
 pytestmark = [pytest.mark.gpu, pytest.mark.optin_kernel]
 
-from tests.gpu.common import D, DEV, POISON, TOL, check_against, make_gate, rel_rms, run_naive  # noqa: E402
+from tests.gpu.common import (D, DEV, TOL, make_gate, prefill_against_gold, rel_rms,  # noqa: E402
+                              setup_pool)
 
 
 def make_inputs(T, H, center=0.0, strided=False):
@@ -34,24 +35,6 @@ def make_inputs(T, H, center=0.0, strided=False):
     return q, k, v, g, beta, A_log, dt_bias
 
 
-def setup_pool(lens, H, pool_dtype, idx_dtype=torch.int32, n_null=2):
-    """Pool poisoned everywhere, random initial states for ~60% of the live sequences."""
-    N = len(lens)
-    cu = torch.tensor([0] + lens).cumsum(0).to(DEV, idx_dtype)
-    S = N + 4
-    pool = torch.full((S, H, D, D), POISON, dtype=pool_dtype, device=DEV)
-    slots = torch.arange(2, N + 2, dtype=torch.int32, device=DEV)
-    for i in range(1, n_null + 1):
-        slots[-i] = 1 - i  # 0, -1, ...
-    has_init = torch.rand(N, device=DEV) < 0.6
-    init = torch.zeros(N, H, D, D, device=DEV)
-    for n in range(N):
-        if has_init[n] and slots[n] > 0:
-            pool[slots[n]] = (torch.randn(H, D, D, device=DEV) * 0.3).to(pool_dtype)
-            init[n] = pool[slots[n]].float()
-    return cu, pool, slots, has_init, init
-
-
 LENS = [0, 1, 15, 16, 17, 64, 65, 1000]
 KERNELS = ["prefill_chunked", "prefill_tc"]
 
@@ -65,14 +48,8 @@ def test_chunked_vs_naive(lower_bound, pool_dtype, center, H, kernel):
     torch.manual_seed(hash((lower_bound, str(pool_dtype), center, H)) % 2**31)
     lens = LENS + [5, 9]  # the last two are null
     cu, pool, slots, has_init, init = setup_pool(lens, H, pool_dtype)
-    q, k, v, g, beta, A_log, dt_bias = make_inputs(int(cu[-1]), H, center=center)
-    before = pool.clone()
-    out = torch.full(v.shape, float("nan"), dtype=torch.bfloat16, device=DEV)
-    getattr(_ext, kernel)(q, k, v, g, beta, A_log, dt_bias, cu, pool, slots, has_init,
-                          lower_bound=lower_bound, out=out)
-    sync()
-    o_ref, s_ref = run_naive(q, k, v, g, beta, A_log, dt_bias, cu, init, lower_bound)
-    check_against(out, pool, before, cu, slots, o_ref, s_ref)
+    inputs = make_inputs(int(cu[-1]), H, center=center)
+    prefill_against_gold(getattr(_ext, kernel), inputs, cu, pool, slots, has_init, init, lower_bound)
 
 
 @pytest.mark.parametrize("idx_dtype", [torch.int32, torch.int64])
@@ -82,15 +59,9 @@ def test_chunked_strided_inputs(idx_dtype, lower_bound, kernel):
     torch.manual_seed(3)
     H = 4
     cu, pool, slots, has_init, init = setup_pool([17, 0, 130, 64, 3], H, torch.float32, idx_dtype, n_null=1)
-    q, k, v, g, beta, A_log, dt_bias = make_inputs(int(cu[-1]), H, center=None, strided=True)
-    assert not q.is_contiguous() and not beta.is_contiguous()
-    before = pool.clone()
-    out = torch.full(v.shape, float("nan"), dtype=torch.bfloat16, device=DEV)
-    getattr(_ext, kernel)(q, k, v, g, beta, A_log, dt_bias, cu, pool, slots, has_init,
-                          lower_bound=lower_bound, out=out)
-    sync()
-    o_ref, s_ref = run_naive(q, k, v, g, beta, A_log, dt_bias, cu, init, lower_bound)
-    check_against(out, pool, before, cu, slots, o_ref, s_ref)
+    inputs = make_inputs(int(cu[-1]), H, center=None, strided=True)
+    assert not inputs[0].is_contiguous() and not inputs[4].is_contiguous()  # q, beta
+    prefill_against_gold(getattr(_ext, kernel), inputs, cu, pool, slots, has_init, init, lower_bound)
 
 
 @pytest.mark.parametrize("lower_bound", [None, -5.0])
@@ -167,9 +138,5 @@ def test_tc_adversarial_and_long(lower_bound):
     beta[:200:3] = 30.0
     g[200:] = -6.0
     dt_bias = dt_bias.clamp(-1.0, 1.0)
-    before = pool.clone()
-    out = torch.full(v.shape, float("nan"), dtype=torch.bfloat16, device=DEV)
-    _ext.prefill_tc(q, k, v, g, beta, A_log, dt_bias, cu, pool, slots, has_init, lower_bound=lower_bound, out=out)
-    sync()
-    o_ref, s_ref = run_naive(q, k, v, g, beta, A_log, dt_bias, cu, init, lower_bound)
-    check_against(out, pool, before, cu, slots, o_ref, s_ref)
+    prefill_against_gold(_ext.prefill_tc, (q, k, v, g, beta, A_log, dt_bias), cu, pool, slots, has_init, init,
+                         lower_bound)
