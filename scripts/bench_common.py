@@ -12,6 +12,7 @@ import argparse
 import datetime
 import json
 import math
+import os
 import platform
 import re
 import statistics
@@ -192,7 +193,7 @@ def _version(module: str) -> str | None:
 
 
 def run_metadata(script: str, device: torch.device, argv, bandwidth: float) -> dict:
-    commit = _git("rev-parse", "--short=12", "HEAD") or "nogit"
+    commit = os.environ.get("KDA_SERVING_COMMIT") or _git("rev-parse", "--short=12", "HEAD") or "nogit"
     meta = {
         "script": script,
         "device": device_name(device),

@@ -1,28 +1,56 @@
 #!/usr/bin/env bash
-# On a Hopper GPU machine: build the extension with every core, run the GPU tests, then the
+# On a Hopper GPU machine: build the extension with every core, run the GPU tests and the
 # benchmarks, writing logs and benchmark JSON to OUTDIR.
 #
-# The opt-in kernels (KDA_SERVING_PREFILL_KERNEL=chunked / tc, not yet validated on a GPU) run
-# in processes of their own, after everything else: a fault in one of them (an illegal address
-# leaves the CUDA context unusable) cannot take the default kernels' results with it.
+#   scripts/gpu_check.sh OUTDIR [STAGE...]     stages: build tests bench long (default: all four)
+#
+# build: the extension (skipped when a built kda_serving/_C*.so is present and KDA_SERVING_REBUILD
+# is unset). tests: the GPU tests except the 128K-token split cases; the opt-in kernels
+# (KDA_SERVING_PREFILL_KERNEL=chunked / tc) run in a process of their own, next to the default
+# kernels' process, so a fault in one (an illegal address leaves the CUDA context unusable) cannot
+# take the other's results with it. bench: prefill (all kernels), decode, one layer. long: the
+# long-context prefill benchmark and the 128K-token split tests.
+# Set KDA_SERVING_COMMIT to name the commit in the JSON when the tree has no .git.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-gpu-check-out}
+shift || true
+STAGES=${*:-build tests bench long}
 mkdir -p "$OUT"
-export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+export MAX_JOBS=${MAX_JOBS:-$(nproc)} PYTHONUNBUFFERED=1
 rc=0
-KDA_SERVING_CUDA=1 python3 setup.py build_ext --inplace >"$OUT/build.log" 2>&1 || { echo "build failed: $OUT/build.log"; exit 1; }
-python3 -m kda_serving.cli doctor | tee "$OUT/doctor.txt"
+has() { [[ " $STAGES " == *" $1 "* ]]; }
+step() {  # step NAME CMD...: run, log to OUT/NAME.log, print its tail, remember failure
+  local name=$1; shift
+  local t0=$SECONDS
+  "$@" >"$OUT/$name.log" 2>&1 || { rc=1; echo "FAILED: $name"; }
+  echo "== $name ($((SECONDS - t0)) s)"; tail -n "${TAIL:-6}" "$OUT/$name.log"
+}
 
-python3 -m pytest -q -ra -m "gpu and not optin_kernel" tests >"$OUT/pytest-gpu.log" 2>&1 || rc=1
-tail -3 "$OUT/pytest-gpu.log"
-for b in scripts/bench_prefill.py scripts/bench_decode.py scripts/bench_layer.py; do
-  python3 "$b" --out "$OUT" >"$OUT/$(basename "$b" .py).log" 2>&1 || rc=1
-  tail -20 "$OUT/$(basename "$b" .py).log"
-done
-
-python3 -m pytest -q -ra -m "gpu and optin_kernel" tests >"$OUT/pytest-gpu-optin.log" 2>&1 || rc=1
-tail -3 "$OUT/pytest-gpu-optin.log"
-python3 scripts/bench_prefill.py --chunked --out "$OUT" >"$OUT/bench_prefill-chunked.log" 2>&1 || rc=1
-tail -20 "$OUT/bench_prefill-chunked.log"
+if has build; then
+  if [[ -n "${KDA_SERVING_REBUILD:-}" ]] || ! ls kda_serving/_C*.so >/dev/null 2>&1; then
+    step build env KDA_SERVING_CUDA=1 python3 setup.py build_ext --inplace || exit 1
+    ls kda_serving/_C*.so >/dev/null 2>&1 || { echo "build failed: $OUT/build.log"; exit 1; }
+  fi
+  python3 -m kda_serving.cli doctor | tee "$OUT/doctor.txt"
+fi
+if has tests; then
+  threads=$(( $(nproc) / 2 ))
+  OMP_NUM_THREADS=$threads python3 -m pytest -q -ra -m "gpu and not optin_kernel" -k "not 1x128K" tests \
+    >"$OUT/pytest-gpu.log" 2>&1 & p1=$!
+  OMP_NUM_THREADS=$threads python3 -m pytest -q -ra -m "gpu and optin_kernel" tests \
+    >"$OUT/pytest-gpu-optin.log" 2>&1 & p2=$!
+  wait $p1 || rc=1
+  wait $p2 || rc=1
+  for f in pytest-gpu pytest-gpu-optin; do echo "== $f"; grep -E "^(FAILED|ERROR)" "$OUT/$f.log" | head -20; tail -n 2 "$OUT/$f.log"; done
+fi
+if has bench; then
+  TAIL=22 step bench_prefill python3 scripts/bench_prefill.py --chunked --out "$OUT"
+  TAIL=22 step bench_decode python3 scripts/bench_decode.py --out "$OUT"
+  TAIL=12 step bench_layer python3 scripts/bench_layer.py --out "$OUT"
+fi
+if has long; then
+  TAIL=40 step bench_prefill-long python3 scripts/bench_prefill.py --long --out "$OUT"
+  step pytest-gpu-long python3 -m pytest -q -ra -m gpu -k "1x128K" tests
+fi
 exit $rc
