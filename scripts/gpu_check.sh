@@ -36,9 +36,10 @@ if has build; then
 fi
 if has tests; then
   threads=$(( $(nproc) / 2 ))
-  OMP_NUM_THREADS=$threads python3 -m pytest -q -ra -m "gpu and not optin_kernel" -k "not 1x128K" tests \
+  limit=${TESTS_TIMEOUT:-1200}  # seconds per test process: a hung kernel must not hold the GPU
+  OMP_NUM_THREADS=$threads timeout "$limit" python3 -m pytest -q -ra -m "gpu and not optin_kernel" -k "not 1x128K" tests \
     >"$OUT/pytest-gpu.log" 2>&1 & p1=$!
-  OMP_NUM_THREADS=$threads python3 -m pytest -q -ra -m "gpu and optin_kernel" tests \
+  OMP_NUM_THREADS=$threads timeout "$limit" python3 -m pytest -q -ra -m "gpu and optin_kernel" tests \
     >"$OUT/pytest-gpu-optin.log" 2>&1 & p2=$!
   wait $p1 || rc=1
   wait $p2 || rc=1
