@@ -163,11 +163,15 @@ def main(argv=None):
     p.add_argument("--chunked", action="store_true",
                    help="also time the opt-in chunked kernels (KDA_SERVING_PREFILL_KERNEL=chunked / tc)")
     p.add_argument("--iters", type=int, default=50, help="timing samples per shape (at most)")
+    p.add_argument("--heads", type=int, nargs="+", default=None, help="only the cases with these head counts")
+    p.add_argument("--max-tokens", type=int, default=None, help="only the cases of at most this many tokens")
     args = p.parse_args(argv)
     device = bc.pick_device(args.device)
     torch.manual_seed(0)
     d, iters, warmup = (SMOKE_D, 2, 1) if args.smoke else (D, args.iters, 3)
     cases = SMOKE_CASES if args.smoke else (LONG_CASES if args.long else CASES)
+    cases = [(H, lens) for H, lens in cases if (args.heads is None or H in args.heads)
+             and (args.max_tokens is None or sum(lens) <= args.max_tokens)]
     bandwidth = bc.copy_bandwidth(device)
     fla_reason = fla_ops.unavailable_reason(device)
     if fla_reason:

@@ -9,7 +9,8 @@
 # (KDA_SERVING_PREFILL_KERNEL=chunked / tc) run in a process of their own, next to the default
 # kernels' process, so a fault in one (an illegal address leaves the CUDA context unusable) cannot
 # take the other's results with it. bench: prefill (all kernels), decode, one layer. long: the
-# long-context prefill benchmark and the 128K-token split tests.
+# long-context prefill benchmark (extra arguments in LONG_ARGS, e.g. "--heads 8 --max-tokens 131072") and
+# the 128K-token split tests.
 # Set KDA_SERVING_COMMIT to name the commit in the JSON when the tree has no .git.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -51,7 +52,7 @@ if has bench; then
   TAIL=12 step bench_layer python3 scripts/bench_layer.py --out "$OUT"
 fi
 if has long; then
-  TAIL=40 step bench_prefill-long python3 scripts/bench_prefill.py --long --out "$OUT"
+  TAIL=40 step bench_prefill-long python3 scripts/bench_prefill.py --long --out "$OUT" ${LONG_ARGS:-}
   step pytest-gpu-long python3 -m pytest -q -ra -m gpu -k "1x128K" tests
 fi
 exit $rc
