@@ -45,7 +45,7 @@ struct alignas(128) Smem {
   float Kq[kC][kLdK];  // k Ploc, then Ke
   float Kb[kC][kLdK];  // k Rloc, then Kd
   union {
-    float al[kC][kK];  // a_t, until the diagonal blocks are done
+    float al[kC][kK];  // a_t, until the decayed operands are built (2c)
     struct {
       float T[kC][kLdC];  // (I + beta A_kk)^-1
       float U[kC][kLdV];  // first the substitution's 16x16 temporaries, then U = T W
@@ -61,8 +61,6 @@ struct alignas(128) Smem {
   float pre[kNB][kK];
   float post[kNB][kK];
   float EL[kK];
-  float rq[kC];
-  float rk[kC];
   float beta[kC];
 };
 
@@ -91,6 +89,20 @@ __device__ __forceinline__ void mma_acc(FragC& acc, const float* A, unsigned lda
     load_tf32(a, A + kk, lda);
     load_tf32(b, B + (kRowB ? (size_t)kk * ldb : (size_t)kk), ldb);
     wmma::mma_sync(acc, a, b, acc);
+  }
+}
+
+// One step of a warp reduce-scatter of 2·O values per lane: lanes with bit O set keep the
+// upper O values, the others the lower O, each adding its partner's copy of the kept half.
+// After the steps O = 16, 8, 4, 2, 1, value 0 of lane L holds the warp-wide sum of value L.
+template <int O>
+__device__ __forceinline__ void reduce_scatter_step(float (&v)[32], int lane) {
+  const bool upper = lane & O;
+#pragma unroll
+  for (int r = 0; r < O; ++r) {
+    const float send = upper ? v[r] : v[r + O];
+    const float keep = upper ? v[r + O] : v[r];
+    v[r] = keep + __shfl_xor_sync(0xffffffffu, send, O);
   }
 }
 
@@ -131,43 +143,95 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_kernel(const KdaPr
   const float a_h = expf(p.A_log[h]);
   const int ch = tid % kK;          // channel of this thread in the per-channel passes
   const int half = tid / kK;        // which two blocks of the chunk it walks
-  const float dtb = p.dt_bias[h * kHeadDim + ch];
+  const int c4 = lane * 4;          // first of the 4 channels of this lane in the per-token passes
+  float dtb4[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) dtb4[j] = p.dt_bias[h * kHeadDim + c4 + j];
 
   for (int t0 = 0; t0 < len; t0 += kC) {
     const int nt = min(kC, len - t0);
     __syncthreads();  // the previous chunk (or the initial load) is complete
 
-    // 1. Reciprocal L2 norms (scale in rq) and beta; one warp per token; zeros past the end.
-    for (int i = warp; i < kC; i += kWarp) {
-      float qv[4] = {0.f, 0.f, 0.f, 0.f}, kv[4] = {0.f, 0.f, 0.f, 0.f};
-      if (i < nt) {
+    // 1. The chunk's inputs into shared memory, read from global memory once: q, k L2-normalised
+    //    and not yet decayed in Qr, Kq; the per-token decays a_t in al (1 past the end); beta.
+    //    One warp per token, 4 channels per lane; all loads of a warp's tokens are issued before
+    //    the first is used, so their latencies overlap.
+    {
+      constexpr int kPer = kC / kWarp;
+      float qv[kPer][4], kv[kPer][4], gv[kPer][4], bv[kPer];
+#pragma unroll
+      for (int m = 0; m < kPer; ++m) {
+        const int i = warp + m * kWarp;
         const int64_t t = t0 + i;
+        const bool live = i < nt;
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-          qv[j] = bf2f(tv.q[t * p.q_st + lane * 4 + j]);
-          kv[j] = bf2f(tv.k[t * p.k_st + lane * 4 + j]);
+          qv[m][j] = live ? bf2f(tv.q[t * p.q_st + c4 + j]) : 0.f;
+          kv[m][j] = live ? bf2f(tv.k[t * p.k_st + c4 + j]) : 0.f;
+          gv[m][j] = live ? bf2f(tv.g[t * p.g_st + c4 + j]) : 0.f;
         }
+        bv[m] = live ? bf2f(tv.beta[t * p.beta_st]) : 0.f;
       }
-      float rq, rk;
-      qk_inv_norms(qv, kv, p.scale, rq, rk);
-      if (lane == 0) {
-        sm.rq[i] = i < nt ? rq : 0.f;
-        sm.rk[i] = i < nt ? rk : 0.f;
-        sm.beta[i] = i < nt ? sigmoid_stable(bf2f(tv.beta[(int64_t)(t0 + i) * p.beta_st])) : 0.f;
+#pragma unroll
+      for (int m = 0; m < kPer; ++m) {
+        const int i = warp + m * kWarp;
+        const bool live = i < nt;
+        float rq, rk, al[4];
+        qk_inv_norms(qv[m], kv[m], p.scale, rq, rk);
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+          al[j] = live ? expf(kda_gate(gv[m][j] + dtb4[j], a_h, p.has_lower_bound, p.lower_bound)) : 1.f;
+        *reinterpret_cast<float4*>(&sm.Qr[i][c4]) = make_float4(qv[m][0] * rq, qv[m][1] * rq, qv[m][2] * rq, qv[m][3] * rq);
+        *reinterpret_cast<float4*>(&sm.Kq[i][c4]) = make_float4(kv[m][0] * rk, kv[m][1] * rk, kv[m][2] * rk, kv[m][3] * rk);
+        *reinterpret_cast<float4*>(&sm.r1.al[i][c4]) = make_float4(al[0], al[1], al[2], al[3]);
+        if (lane == 0) sm.beta[i] = live ? sigmoid_stable(bv[m]) : 0.f;
       }
     }
+    __syncthreads();
 
-    // 2a. Per-token decays a_t (1 past the end) and block totals; thread = (channel, two blocks).
+    // 2a. Block totals of the decays; thread = (channel, two blocks).
     for (int b = 2 * half; b < 2 * half + 2; ++b) {
       float P = 1.f;
-      for (int i = b * kBlk; i < (b + 1) * kBlk; ++i) {
-        float a = 1.f;
-        if (i < nt) a = expf(kda_gate(bf2f(tv.g[(int64_t)(t0 + i) * p.g_st + ch]) + dtb, a_h, p.has_lower_bound,
-                                      p.lower_bound));
-        sm.r1.al[i][ch] = a;
-        P *= a;
-      }
+      for (int i = b * kBlk; i < (b + 1) * kBlk; ++i) P *= sm.r1.al[i][ch];
       sm.Ptot[b][ch] = P;
+    }
+
+    // 3a. Diagonal blocks on CUDA cores, from the undecayed q, k in shared memory: item = (block,
+    //     column j). Each lane holds 4 channels and walks i over the block with the running
+    //     product E = prod_{j<t<=i} a_t, keeping the 16 + 16 partial dot products (q_i and k_i
+    //     against k_j) in registers; one reduce-scatter over the warp (31 shuffles) then leaves
+    //     lane L with the full sum of value L. Rows past the end are zero in Qr / Kq.
+    for (int item = warp; item < kNB * kBlk; item += kWarp) {
+      const int b = item / kBlk, j = item, i0 = b * kBlk;
+      const float4 kj4 = *reinterpret_cast<const float4*>(&sm.Kq[j][c4]);
+      const float kj[4] = {kj4.x, kj4.y, kj4.z, kj4.w};
+      float E[4] = {1.f, 1.f, 1.f, 1.f};
+      float part[2 * kBlk];  // [0, 16): q_i . k_j E, [16, 32): k_i . k_j E
+#pragma unroll
+      for (int r = 0; r < kBlk; ++r) {
+        const int i = i0 + r;
+        const float4 q4 = *reinterpret_cast<const float4*>(&sm.Qr[i][c4]);
+        const float4 k4 = *reinterpret_cast<const float4*>(&sm.Kq[i][c4]);
+        const float4 a4 = *reinterpret_cast<const float4*>(&sm.r1.al[i][c4]);
+        const float qi[4] = {q4.x, q4.y, q4.z, q4.w}, ki[4] = {k4.x, k4.y, k4.z, k4.w};
+        const float ai[4] = {a4.x, a4.y, a4.z, a4.w};
+        float sq = 0.f, sk = 0.f;
+#pragma unroll
+        for (int x = 0; x < 4; ++x) {
+          if (i > j) E[x] *= ai[x];
+          sq += qi[x] * kj[x] * E[x];
+          sk += ki[x] * kj[x] * E[x];
+        }
+        part[r] = i >= j ? sq : 0.f;
+        part[kBlk + r] = i > j ? sk : 0.f;
+      }
+      reduce_scatter_step<16>(part, lane);
+      reduce_scatter_step<8>(part, lane);
+      reduce_scatter_step<4>(part, lane);
+      reduce_scatter_step<2>(part, lane);
+      reduce_scatter_step<1>(part, lane);
+      if (lane < kBlk) sm.Aqk[i0 + lane][j] = part[0];
+      else sm.Akk[i0 + lane - kBlk][j] = part[0];
     }
     __syncthreads();
 
@@ -179,56 +243,23 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_kernel(const KdaPr
       x = 1.f;
       for (int b = kNB - 1; b >= 0; --b) { sm.post[b][ch] = x; x *= sm.Ptot[b][ch]; }
     }
-    // 2c. Block-local decayed operands Qr, Kq (forward products) and Kb (backward products).
+    // 2c. Block-local decayed operands, in place: Kb = k Rloc (backward products, from the
+    //     undecayed Kq), then Qr = q Ploc and Kq = k Ploc (forward products).
     for (int b = 2 * half; b < 2 * half + 2; ++b) {
-      float P = 1.f;
-      for (int i = b * kBlk; i < (b + 1) * kBlk; ++i) {
-        const int64_t t = t0 + i;
-        const float qn = i < nt ? bf2f(tv.q[t * p.q_st + ch]) * sm.rq[i] : 0.f;
-        const float kn = i < nt ? bf2f(tv.k[t * p.k_st + ch]) * sm.rk[i] : 0.f;
-        P *= sm.r1.al[i][ch];
-        sm.Qr[i][ch] = qn * P;
-        sm.Kq[i][ch] = kn * P;
-      }
       float R = 1.f;
       for (int j = (b + 1) * kBlk - 1; j >= b * kBlk; --j) {
-        const float kn = j < nt ? bf2f(tv.k[(int64_t)(t0 + j) * p.k_st + ch]) * sm.rk[j] : 0.f;
-        sm.Kb[j][ch] = kn * R;
+        sm.Kb[j][ch] = sm.Kq[j][ch] * R;
         R *= sm.r1.al[j][ch];
+      }
+      float P = 1.f;
+      for (int i = b * kBlk; i < (b + 1) * kBlk; ++i) {
+        P *= sm.r1.al[i][ch];
+        sm.Qr[i][ch] *= P;
+        sm.Kq[i][ch] *= P;
       }
     }
     __syncthreads();
 
-    // 3a. Diagonal blocks on CUDA cores: item = (block, column j); the warp walks i = j..block end
-    //     with E = prod_{j<t<=i} a_t per channel (lane holds 4 channels). Upper parts get zeros.
-    for (int item = warp; item < kNB * kBlk; item += kWarp) {
-      const int b = item / kBlk, j = item;
-      const int c = lane * 4;
-      float kj[4], E[4] = {1.f, 1.f, 1.f, 1.f};
-#pragma unroll
-      for (int x = 0; x < 4; ++x)
-        kj[x] = j < nt ? bf2f(tv.k[(int64_t)(t0 + j) * p.k_st + c + x]) * sm.rk[j] : 0.f;
-      for (int i = b * kBlk; i < (b + 1) * kBlk; ++i) {
-        if (i < j) {
-          if (lane == 0) { sm.Aqk[i][j] = 0.f; sm.Akk[i][j] = 0.f; }
-          continue;
-        }
-        float sq = 0.f, sk = 0.f;
-        if (i < nt) {
-#pragma unroll
-          for (int x = 0; x < 4; ++x) {
-            if (i > j) E[x] *= sm.r1.al[i][c + x];
-            const float qi = bf2f(tv.q[(int64_t)(t0 + i) * p.q_st + c + x]) * sm.rq[i];
-            const float ki = bf2f(tv.k[(int64_t)(t0 + i) * p.k_st + c + x]) * sm.rk[i];
-            sq += qi * kj[x] * E[x];
-            sk += ki * kj[x] * E[x];
-          }
-        }
-        sq = warp_sum(sq);
-        sk = warp_sum(sk);
-        if (lane == 0) { sm.Aqk[i][j] = sq; sm.Akk[i][j] = i > j ? sk : 0.f; }
-      }
-    }
     // 3b. Off-diagonal blocks (I > J) on tensor cores: job = (I, J); B tile = Kb_J scaled by
     //     prod_{J<M<I} Ptot_M, written 8 channels at a time to a per-warp scratch. Blocks above
     //     the diagonal are zeroed by the warps without a job.
@@ -326,6 +357,14 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_kernel(const KdaPr
 
     // 6. Warp w owns output tiles (tm, tn0) and (tm, tn0 + 1) of the [64 tokens x 64 rows] W / O.
     const int tm = warp / 2, tn0 = (warp % 2) * 2;
+    float vr[2][8];  // this lane's v values of both tiles, loaded before the products need them
+#pragma unroll
+    for (int s = 0; s < 2; ++s)
+#pragma unroll
+      for (int m = 0; m < 8; ++m) {
+        const int e = lane + 32 * m, i = tm * 16 + e / 16, r = (tn0 + s) * 16 + e % 16;
+        vr[s][m] = i < nt ? bf2f(tv.v[(int64_t)(t0 + i) * p.v_st + r]) : 0.f;
+      }
     FragC acco[2];
 #pragma unroll
     for (int s = 0; s < 2; ++s) {
@@ -338,10 +377,10 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_kernel(const KdaPr
       mma_acc<FragBc>(acco[s], &sm.Qr[tm * 16][0], kLdK, &sm.S[tn * 16][0], kLdK, kK);
       wmma::store_matrix_sync(&sm.r2.W[tm * 16][tn * 16], accw, kLdV, wmma::mem_row_major);
       __syncwarp();
-      for (int e = lane; e < 256; e += 32) {
-        const int i = tm * 16 + e / 16, r = tn * 16 + e % 16;
-        const float v = i < nt ? bf2f(tv.v[(int64_t)(t0 + i) * p.v_st + r]) : 0.f;
-        sm.r2.W[i][r] = sm.beta[i] * (v - sm.r2.W[i][r]);
+#pragma unroll
+      for (int m = 0; m < 8; ++m) {
+        const int e = lane + 32 * m, i = tm * 16 + e / 16, r = tn * 16 + e % 16;
+        sm.r2.W[i][r] = sm.beta[i] * (vr[s][m] - sm.r2.W[i][r]);
       }
     }
     __syncthreads();
