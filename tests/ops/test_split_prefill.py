@@ -1,6 +1,8 @@
 """Split prefill (segments in parallel, combined exactly) against the unsplit path and the fp64 gold."""
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -200,6 +202,22 @@ def test_planner_varlen_long_plus_short(monkeypatch):
     assert seg is not None and seg >= 1024          # short ones stay whole
     layout = split_plan.build_layout(cu_from_lens(lens).tolist(), seg)
     assert list(layout.chains) == [0] and layout.num_units == 131072 // seg + 63
+
+
+H200_RECORD = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / \
+    "bench_prefill-chunked-nvidia-h200-92f5f3f7abc0.json"
+
+
+def test_cost_model_reproduces_the_h200_measurements():
+    """The calibrated constants predict every recorded token-serial call (unsplit and split, both
+    gates) within 12%."""
+    record = json.loads(H200_RECORD.read_text())
+    assert record["sm_count"] == 132 and record["results"]
+    for row in record["results"]:
+        shape = row["shape"]
+        lens = [shape["tokens"] // shape["num_seqs"]] * shape["num_seqs"]
+        model_ms = split_plan.split_cost_us(lens, shape["H"], record["sm_count"], row["split_segment"]) / 1e3
+        assert abs(model_ms / row["ours_ms"] - 1) <= 0.12, (row["case"], model_ms, row["ours_ms"])
 
 
 @pytest.mark.parametrize("lens,H", [([131072], 96), ([2048], 4), ([1024] * 64, 4), ([], 4)])
