@@ -309,15 +309,20 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_kernel(const KdaPr
     for (int idx = tid; idx < kC * kC; idx += kThr) sm.Akk[idx / kC][idx % kC] *= sm.beta[idx / kC];
     __syncthreads();
     if (tid < kC) {
-      const int b = tid / kBlk, j = tid;
-      const int lo = b * kBlk, hi = lo + kBlk;
-      for (int i = lo; i < hi; ++i) {
-        if (i < j) { sm.r1.tu.T[i][j] = 0.f; continue; }
-        if (i == j) { sm.r1.tu.T[i][j] = 1.f; continue; }
+      // Column j of its block's T in registers, fully unrolled: the A loads do not depend on the
+      // solve and are broadcasts (the 16 threads of a block read the same entries); entries above
+      // j come out 0 (every term multiplies an entry above j) and the diagonal is set to 1.
+      const int j = tid, lo = j / kBlk * kBlk;
+      float col[kBlk];
+#pragma unroll
+      for (int r = 0; r < kBlk; ++r) {
         float x = 0.f;
-        for (int m = j; m < i; ++m) x -= sm.Akk[i][m] * sm.r1.tu.T[m][j];
-        sm.r1.tu.T[i][j] = x;
+#pragma unroll
+        for (int m = 0; m < r; ++m) x -= sm.Akk[lo + r][lo + m] * col[m];
+        col[r] = lo + r < j ? 0.f : (lo + r == j ? 1.f : x);
       }
+#pragma unroll
+      for (int r = 0; r < kBlk; ++r) sm.r1.tu.T[lo + r][j] = col[r];
     } else {
       for (int idx = tid - kC; idx < kC * kC; idx += kThr - kC) {
         const int i = idx / kC, j = idx % kC;
