@@ -7,6 +7,8 @@ One decode step of one layer for B sequences, one token each. Timed region, per 
   i.e. the pool rows gathered into fla's dense conv cache, ``causal_conv1d_update``, scattered
   back, then ``fused_recurrent_kda_fwd`` with ``ssm_state_indices`` in place (q, k, v copied
   contiguous first, as fla's kernel needs).
+- "fused" (ours only): ``ops.kda_decode_fused``, the conv update and the KDA step from mixed_qkv
+  in one call (what the backend runs for decode), on the same pools and inputs as "total".
 - "kda": the KDA call alone on contiguous q, k, v, g, beta (same for both).
 Each graph replays many calls, cycling over input sets on disjoint slots so the states touched
 exceed twice the L2 cache; the number is the median replay time over the calls it holds.
@@ -72,6 +74,13 @@ class DecodeCase:
                                    out=self.out)
         return fn
 
+    def fused_fn(self, i, lb):
+        B, P = self.B, self.H * self.d
+        return lambda: ops.kda_decode_fused(self.mixed[i].view(B, 1, 3 * P), self.g[i], self.beta[i], self.A_log,
+                                            self.dt_bias, conv_weight=self.weight, conv_pool=self.conv_pool,
+                                            state_pool=self.state_pool, slots=self.slots[i], lower_bound=lb,
+                                            out=self.out)
+
     def kda_fn(self, impl, i, lb):
         q, k, v = self.qkv[i]
         return lambda: impl.kda_decode(q, k, v, self.g[i], self.beta[i], self.A_log, self.dt_bias,
@@ -87,19 +96,28 @@ class DecodeCase:
         return state + small + conv, state + small + 3 * B * P * 2
 
 
-def cross_check(case, lb):
-    """Run ours and fla once each from the same pools; rel. RMS of fla vs ours."""
+def cross_check(case, lb, with_fla):
+    """Run ours, the fused call and fla (when available) once each from the same pools; rel. RMS
+    of each against ours (outputs, states and conv rows of the batch's slots)."""
     slots = case.slots[0].long()
     s0, c0 = case.state_pool.clone(), case.conv_pool.clone()
+    runs = {"ours": case.total_fn(ops, 0, lb), "fused": case.fused_fn(0, lb)}
+    if with_fla:
+        runs["fla"] = case.total_fn(fla_ops, 0, lb)
     res = {}
-    for name, impl in (("ours", ops), ("fla", fla_ops)):
+    for name, fn in runs.items():
         case.state_pool.copy_(s0)
         case.conv_pool.copy_(c0)
-        out = case.total_fn(impl, 0, lb)().clone()
+        out = fn().clone()
         res[name] = (out, case.state_pool[slots].clone(), case.conv_pool[slots].clone())
-    (o1, s1, c1), (o2, s2, c2) = res["ours"], res["fla"]
-    return dict(fla_vs_ours_out_rel_rms=bc.rel_rms(o2, o1), fla_vs_ours_state_rel_rms=bc.rel_rms(s2, s1),
-                fla_vs_ours_conv_rel_rms=bc.rel_rms(c2, c1))
+    case.state_pool.copy_(s0)
+    case.conv_pool.copy_(c0)
+    o1, s1, c1 = res.pop("ours")
+    row = {}
+    for name, (o2, s2, c2) in res.items():
+        row.update({f"{name}_vs_ours_out_rel_rms": bc.rel_rms(o2, o1), f"{name}_vs_ours_state_rel_rms": bc.rel_rms(s2, s1),
+                    f"{name}_vs_ours_conv_rel_rms": bc.rel_rms(c2, c1)})
+    return row
 
 
 def run_case(B, H, d, pool_name, lb, device, bandwidth, fla_reason, samples, min_reps):
@@ -109,16 +127,15 @@ def run_case(B, H, d, pool_name, lb, device, bandwidth, fla_reason, samples, min
     row = dict(case=f"B{B} H{H} {pool_name}", shape=dict(B=B, H=H, K=d, V=d, conv_width=W, dtype="bfloat16",
                                                           pool_dtype=pool_name),
                input_sets=nsets, calls_per_replay=reps,
-               ours_us=None, fla_us=None, ours_kda_us=None, fla_kda_us=None)
+               ours_us=None, ours_fused_us=None, fla_us=None, ours_kda_us=None, fla_kda_us=None)
     case = DecodeCase(B, H, d, POOL_DTYPES[pool_name], nsets, device)
     total, kda = case.floor_bytes()
     row["floor_us"], row["kda_floor_us"] = bc.floor_ms(total, bandwidth) * 1e3, bc.floor_ms(kda, bandwidth) * 1e3
     impls = [("ours", ops)] + ([("fla", fla_ops)] if fla_reason is None else [])
-    if fla_reason is None:
-        try:
-            row.update(cross_check(case, lb))
-        except (RuntimeError, ValueError, NotImplementedError) as e:
-            row["check_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    try:
+        row.update(cross_check(case, lb, with_fla=fla_reason is None))
+    except (RuntimeError, ValueError, NotImplementedError) as e:
+        row["check_error"] = f"{type(e).__name__}: {str(e)[:300]}"
     for name, impl in impls:
         for part, make in (("", case.total_fn), ("_kda", case.kda_fn)):
             fns = [make(impl, i, lb) for i in range(nsets)]
@@ -126,7 +143,14 @@ def run_case(B, H, d, pool_name, lb, device, bandwidth, fla_reason, samples, min
                 row[f"{name}{part}_us"] = bc.graph_time_ms(fns, device, reps=reps, samples=samples) * 1e3
             except (RuntimeError, ValueError, NotImplementedError) as e:
                 row[f"{name}{part}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    try:
+        row["ours_fused_us"] = bc.graph_time_ms([case.fused_fn(i, lb) for i in range(nsets)], device, reps=reps,
+                                                samples=samples) * 1e3
+    except (RuntimeError, ValueError, NotImplementedError) as e:
+        row["ours_fused_error"] = f"{type(e).__name__}: {str(e)[:300]}"
     row["speedup_vs_fla"] = bc.ratio(row["fla_us"], row["ours_us"])
+    row["fused_speedup_vs_fla"] = bc.ratio(row["fla_us"], row["ours_fused_us"])
+    row["fused_hbm_floor_fraction"] = bc.ratio(row["floor_us"], row["ours_fused_us"])
     row["kda_speedup_vs_fla"] = bc.ratio(row["fla_kda_us"], row["ours_kda_us"])
     row["hbm_floor_fraction"] = bc.ratio(row["floor_us"], row["ours_us"])
     row["kda_hbm_floor_fraction"] = bc.ratio(row["kda_floor_us"], row["ours_kda_us"])
@@ -135,7 +159,9 @@ def run_case(B, H, d, pool_name, lb, device, bandwidth, fla_reason, samples, min
     return row
 
 
-COLUMNS = [("case", "case"), ("ours_us", "ours us"), ("fla_us", "fla us"), ("speedup_vs_fla", "speedup"),
+COLUMNS = [("case", "case"), ("ours_us", "ours us"), ("ours_fused_us", "fused us"), ("fla_us", "fla us"),
+           ("speedup_vs_fla", "speedup"), ("fused_speedup_vs_fla", "fused speedup"),
+           ("fused_hbm_floor_fraction", "fused floor frac"),
            ("floor_us", "floor us"), ("hbm_floor_fraction", "floor frac"),
            ("fla_hbm_floor_fraction", "fla floor frac"), ("ours_kda_us", "kda us"),
            ("fla_kda_us", "fla kda us"), ("kda_speedup_vs_fla", "kda speedup"),
