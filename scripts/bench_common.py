@@ -124,6 +124,17 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
     return 2 * nbytes / (ms * 1e-3)
 
 
+def run_case_timed(run, *args, **kwargs) -> dict:
+    """``run(*args, **kwargs)`` -> a result row; records the seconds the case took (set-up, checks
+    and first-call compilation included) as ``bench_wall_s`` and prints a progress line, so a run
+    under a time limit can be planned from an earlier log."""
+    t0 = time.perf_counter()
+    row = run(*args, **kwargs)
+    row["bench_wall_s"] = round(time.perf_counter() - t0, 1)
+    print(f"done: {row['case']} ({row['bench_wall_s']:.0f} s)", flush=True)
+    return row
+
+
 def floor_ms(nbytes: int, bandwidth: float) -> float:
     """Time to move ``nbytes`` at the measured copy bandwidth: the HBM floor."""
     return nbytes / bandwidth * 1e3

@@ -192,9 +192,8 @@ def main(argv=None):
         for H in heads:
             for pool_name in args.pools:
                 for B in batches:
-                    rows.append(run_case(B, H, d, pool_name, GATES[args.gate], device, bandwidth,
-                                         fla_reason, samples, min_reps))
-                    print(f"done: {rows[-1]['case']}", flush=True)
+                    rows.append(bc.run_case_timed(run_case, B, H, d, pool_name, GATES[args.gate], device,
+                                                  bandwidth, fla_reason, samples, min_reps))
     meta = bc.run_metadata("bench_decode", device, argv, bandwidth)
     print(f"\n{meta['device']}  copy bandwidth {meta['copy_bandwidth_gbps']:.0f} GB/s  commit {meta['commit']}"
           f"  gate {args.gate}")

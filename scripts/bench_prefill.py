@@ -180,9 +180,8 @@ def main(argv=None):
     with torch.inference_mode():
         for H, seqlens in cases:
             for gate in args.gates:
-                rows.append(run_case(H, d, seqlens, gate, device, bandwidth, fla_reason, iters, warmup,
-                                     unsplit=args.long, chunked=args.chunked))
-                print(f"done: {rows[-1]['case']}", flush=True)
+                rows.append(bc.run_case_timed(run_case, H, d, seqlens, gate, device, bandwidth, fla_reason,
+                                              iters, warmup, unsplit=args.long, chunked=args.chunked))
     meta = bc.run_metadata("bench_prefill", device, argv, bandwidth)
     print(f"\n{meta['device']}  copy bandwidth {meta['copy_bandwidth_gbps']:.0f} GB/s  commit {meta['commit']}")
     bc.print_table(rows, COLUMNS)
