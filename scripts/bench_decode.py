@@ -136,18 +136,14 @@ def run_case(B, H, d, pool_name, lb, device, bandwidth, fla_reason, samples, min
         row.update(cross_check(case, lb, with_fla=fla_reason is None))
     except (RuntimeError, ValueError, NotImplementedError) as e:
         row["check_error"] = f"{type(e).__name__}: {str(e)[:300]}"
-    for name, impl in impls:
-        for part, make in (("", case.total_fn), ("_kda", case.kda_fn)):
-            fns = [make(impl, i, lb) for i in range(nsets)]
-            try:
-                row[f"{name}{part}_us"] = bc.graph_time_ms(fns, device, reps=reps, samples=samples) * 1e3
-            except (RuntimeError, ValueError, NotImplementedError) as e:
-                row[f"{name}{part}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
-    try:
-        row["ours_fused_us"] = bc.graph_time_ms([case.fused_fn(i, lb) for i in range(nsets)], device, reps=reps,
-                                                samples=samples) * 1e3
-    except (RuntimeError, ValueError, NotImplementedError) as e:
-        row["ours_fused_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    timed = {f"{name}{part}": [make(impl, i, lb) for i in range(nsets)]
+             for name, impl in impls for part, make in (("", case.total_fn), ("_kda", case.kda_fn))}
+    timed["ours_fused"] = [case.fused_fn(i, lb) for i in range(nsets)]
+    for key, fns in timed.items():
+        try:
+            row[f"{key}_us"] = bc.graph_time_ms(fns, device, reps=reps, samples=samples) * 1e3
+        except (RuntimeError, ValueError, NotImplementedError) as e:
+            row[f"{key}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
     row["speedup_vs_fla"] = bc.ratio(row["fla_us"], row["ours_us"])
     row["fused_speedup_vs_fla"] = bc.ratio(row["fla_us"], row["ours_fused_us"])
     row["fused_hbm_floor_fraction"] = bc.ratio(row["floor_us"], row["ours_fused_us"])

@@ -13,6 +13,9 @@ from kda_serving.ops.naive import naive_kda
 
 EMULATE = os.environ.get("KDA_SERVING_EMULATE_GPU_TESTS") == "1"
 DEV = "cpu" if EMULATE else "cuda"
+D = 128
+POISON = 1e30
+TOL = 5e-3
 
 
 def kernels_available() -> bool:
@@ -33,9 +36,6 @@ def kernels_available() -> bool:
 def sync() -> None:
     if not EMULATE:
         torch.cuda.synchronize()
-D = 128
-POISON = 1e30
-TOL = 5e-3
 
 
 def rel_rms(out, ref):
