@@ -47,7 +47,15 @@ def server(ckpt, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(server):
-    with openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=120) as c:
+    # Idle pooled connections expire on the client before the server's 5 s keep-alive closes them:
+    # with equal timeouts a request can start on a connection the server is closing at that
+    # moment ("Server disconnected without sending a response"), a race of the test's client.
+    base = openai.DEFAULT_CONNECTION_LIMITS  # the Limits type of the HTTP library openai uses
+    http = openai.DefaultHttpxClient(limits=type(base)(max_connections=base.max_connections,
+                                                       max_keepalive_connections=base.max_keepalive_connections,
+                                                       keepalive_expiry=1.0))
+    with openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=120,
+                       http_client=http) as c:
         yield c
 
 
