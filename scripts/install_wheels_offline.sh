@@ -3,7 +3,8 @@
 # the machine's own torch / triton (docs/vllm.md, "Installing vLLM 0.26 on a GPU machine without
 # network"). Wheels too large to bring in one go may come as pieces NAME.whl.partNN (from
 # `split -b 56M -d NAME.whl NAME.whl.part`); they are joined first and checked against
-# NAME.whl.sha256 when that file exists.
+# NAME.whl.sha256 when that file exists. A slimmed vLLM from scripts/pack_vllm_slim.sh
+# (vllm-slim.tar.xz.partNN + .sha256) is joined, checked and unpacked into TARGET the same way.
 #
 #   scripts/install_wheels_offline.sh WHEEL_DIR TARGET      # then: export PYTHONPATH=TARGET:$PYTHONPATH
 set -euo pipefail
@@ -21,6 +22,15 @@ for first in "$DIR"/*.whl.part00; do
     got=$(sha256sum "$whl" | cut -d' ' -f1)
     [ "$want" = "$got" ] || { echo "sha256 mismatch for $(basename "$whl"): $got, want $want"; exit 1; }
   fi
+done
+for first in "$DIR"/*.tar.xz.part00; do
+  arc=${first%.part00}
+  cat "$arc".part[0-9][0-9] >"$arc"
+  if [ -e "$arc.sha256" ]; then
+    (cd "$(dirname "$arc")" && sha256sum -c --quiet "$(basename "$arc").sha256") || { echo "sha256 mismatch for $arc"; exit 1; }
+  fi
+  mkdir -p "$TARGET" && tar xJf "$arc" -C "$TARGET" && rm "$arc"
+  echo "unpacked $(basename "$arc") into $TARGET"
 done
 wheels=("$DIR"/*.whl)
 [ ${#wheels[@]} -gt 0 ] || { echo "no wheels in $DIR"; exit 1; }
