@@ -196,20 +196,31 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_kernel(const KdaPr
       sm.Ptot[b][ch] = P;
     }
 
-    // 3a. Diagonal blocks on CUDA cores, from the undecayed q, k in shared memory: item = (block,
-    //     column j). Each lane holds 4 channels and walks i over the block with the running
-    //     product E = prod_{j<t<=i} a_t, keeping the 16 + 16 partial dot products (q_i and k_i
-    //     against k_j) in registers; one reduce-scatter over the warp (31 shuffles) then leaves
-    //     lane L with the full sum of value L. Rows past the end are zero in Qr / Kq.
-    for (int item = warp; item < kNB * kBlk; item += kWarp) {
-      const int b = item / kBlk, j = item, i0 = b * kBlk;
-      const float4 kj4 = *reinterpret_cast<const float4*>(&sm.Kq[j][c4]);
-      const float kj[4] = {kj4.x, kj4.y, kj4.z, kj4.w};
+    // 3a. Diagonal blocks on CUDA cores, from the undecayed q, k in shared memory. Item = (block,
+    //     pair of columns j1 = jj, j2 = 15 - jj of it): their lower triangles hold 17 rows
+    //     together, so a pair costs 17 row steps where two separate columns would cost 32. Each
+    //     lane holds 4 channels; step 0 / 1 are the diagonal entries (q_j . k_j, E = 1), steps
+    //     2..16 walk j1's rows below the diagonal, then j2's, with the running product
+    //     E = prod_{j<t<=i} a_t. The 17 + 15 partial dot products (A_qk for every step, A_kk for
+    //     steps 2..16) stay in registers; one reduce-scatter over the warp (31 shuffles) then
+    //     leaves lane L with the full sum of value L. Rows past the end are zero in Qr / Kq.
+    for (int item = warp; item < kNB * kBlk / 2; item += kWarp) {
+      const int i0 = item / (kBlk / 2) * kBlk, jj = item % (kBlk / 2);
+      const int j1 = i0 + jj, j2 = i0 + kBlk - 1 - jj;
+      const int sw = kBlk + 1 - jj;  // first step of column j2's rows below its diagonal
+      const float4 k14 = *reinterpret_cast<const float4*>(&sm.Kq[j1][c4]);
+      const float4 k24 = *reinterpret_cast<const float4*>(&sm.Kq[j2][c4]);
+      const float4 q14 = *reinterpret_cast<const float4*>(&sm.Qr[j1][c4]);
+      const float4 q24 = *reinterpret_cast<const float4*>(&sm.Qr[j2][c4]);
+      const float kj1[4] = {k14.x, k14.y, k14.z, k14.w}, kj2[4] = {k24.x, k24.y, k24.z, k24.w};
+      float part[2 * kBlk];  // [0, 17): A_qk of steps 0..16, [17, 32): A_kk of steps 2..16
+      part[0] = q14.x * kj1[0] + q14.y * kj1[1] + q14.z * kj1[2] + q14.w * kj1[3];
+      part[1] = q24.x * kj2[0] + q24.y * kj2[1] + q24.z * kj2[2] + q24.w * kj2[3];
       float E[4] = {1.f, 1.f, 1.f, 1.f};
-      float part[2 * kBlk];  // [0, 16): q_i . k_j E, [16, 32): k_i . k_j E
 #pragma unroll
-      for (int r = 0; r < kBlk; ++r) {
-        const int i = i0 + r;
+      for (int st = 2; st <= kBlk; ++st) {
+        const bool second = st >= sw;
+        const int i = i0 + (second ? st - 1 : jj + st - 1);
         const float4 q4 = *reinterpret_cast<const float4*>(&sm.Qr[i][c4]);
         const float4 k4 = *reinterpret_cast<const float4*>(&sm.Kq[i][c4]);
         const float4 a4 = *reinterpret_cast<const float4*>(&sm.r1.al[i][c4]);
@@ -218,20 +229,28 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_kernel(const KdaPr
         float sq = 0.f, sk = 0.f;
 #pragma unroll
         for (int x = 0; x < 4; ++x) {
-          if (i > j) E[x] *= ai[x];
-          sq += qi[x] * kj[x] * E[x];
-          sk += ki[x] * kj[x] * E[x];
+          E[x] = (st == sw ? 1.f : E[x]) * ai[x];
+          const float kjx = (second ? kj2[x] : kj1[x]) * E[x];
+          sq += qi[x] * kjx;
+          sk += ki[x] * kjx;
         }
-        part[r] = i >= j ? sq : 0.f;
-        part[kBlk + r] = i > j ? sk : 0.f;
+        part[st] = sq;
+        part[kBlk - 1 + st] = sk;
       }
       reduce_scatter_step<16>(part, lane);
       reduce_scatter_step<8>(part, lane);
       reduce_scatter_step<4>(part, lane);
       reduce_scatter_step<2>(part, lane);
       reduce_scatter_step<1>(part, lane);
-      if (lane < kBlk) sm.Aqk[i0 + lane][j] = part[0];
-      else sm.Akk[i0 + lane - kBlk][j] = part[0];
+      const int st = lane <= kBlk ? lane : lane - (kBlk - 1);  // the step lane L's sum belongs to
+      const bool second = st == 1 || st >= sw;
+      const int i = i0 + (st == 0 ? jj : st == 1 ? kBlk - 1 - jj : second ? st - 1 : jj + st - 1);
+      if (lane <= kBlk) sm.Aqk[i][second ? j2 : j1] = part[0];
+      else sm.Akk[i][second ? j2 : j1] = part[0];
+      // The pair's entries above the diagonal (and A_kk's diagonal) are zero: A_qk rows 0..jj-1
+      // of j1 and 0..14-jj of j2 (15 lanes); A_kk rows 0..jj of j1 and 0..15-jj of j2 (17 lanes).
+      if (lane < kBlk - 1) sm.Aqk[i0 + (lane < jj ? lane : lane - jj)][lane < jj ? j1 : j2] = 0.f;
+      if (lane <= kBlk) sm.Akk[i0 + (lane <= jj ? lane : lane - jj - 1)][lane <= jj ? j1 : j2] = 0.f;
     }
     __syncthreads();
 
