@@ -47,7 +47,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results"
-OUR_LAYER_LOG = re.compile(r"runs KDAServingKimiDeltaAttention")
+# the plugin's layer logs "... runs KDAServingKimiDeltaAttention" where vLLM binds the state pools
+# through the layer (0.32); every vLLM logs which path our ops take on their first call
+OUR_LAYER_LOG = re.compile(r"runs KDAServingKimiDeltaAttention|kda_serving\.kda_(prefill|decode\w*) runs the ")
 GiB = 1 << 30
 
 FULL = dict(agree_lens=[128, 1024, 8192, 32768], agree_steps=4, topk=20,
@@ -161,20 +163,23 @@ def scaled_init(name: str, p) -> None:
     import zlib
 
     import torch
-    g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    # drawn on the parameter's device: a CPU generator took 150 s for 12 GiB of weights
+    dev = p.device
+    g = torch.Generator(device=dev).manual_seed(zlib.crc32(name.encode()))
     shape = tuple(p.shape)
+    kw = dict(generator=g, device=dev)
     if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
-        t = 1 + 0.1 * torch.randn(shape, generator=g)
+        t = 1 + 0.1 * torch.randn(shape, **kw)
     elif name.endswith("A_log"):
-        t = torch.empty(shape).uniform_(0, 2.7, generator=g)
+        t = torch.empty(shape, device=dev).uniform_(0, 2.7, generator=g)
     elif name.endswith("dt_bias") or "bias" in name.rsplit(".", 1)[-1]:
-        t = 0.5 * torch.randn(shape, generator=g)
+        t = 0.5 * torch.randn(shape, **kw)
     elif "conv1d" in name:
-        t = torch.randn(shape, generator=g) / shape[-1] ** 0.5
+        t = torch.randn(shape, **kw) / shape[-1] ** 0.5
     elif len(shape) >= 2:
-        t = torch.randn(shape, generator=g) / shape[-1] ** 0.5
+        t = torch.randn(shape, **kw) / shape[-1] ** 0.5
     else:
-        t = 0.1 * torch.randn(shape, generator=g)
+        t = 0.1 * torch.randn(shape, **kw)
     with torch.no_grad():
         p.copy_(t.to(p.dtype))
 

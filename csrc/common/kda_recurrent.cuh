@@ -26,11 +26,16 @@ struct RecurrentSmem {
 // v and o already point at the CTA's first value row.
 //
 // TokenView is also the default *source* of q, k and v for RowBlock::run: bf16 rows in global
-// memory. Another source (e.g. the fused decode, which computes q, k, v from the conv window)
-// provides the same two members:
+// memory, read by the warp that stages a token (kStages = false), with two members:
 //   load_qk(t, c, q, k): raw q and k of token t, channels c..c+3 (before the L2 norm);
 //   load_v(t, j):        raw v of token t, row j of the CTA's block.
+// A source whose values are costly to produce (the fused decode computes each from the conv
+// window) sets kStages = true and provides stage(sm, t0, n) instead: all threads of the CTA
+// write the raw q, k, v of tokens t0..t0+n-1 into sm.qs / sm.kn / sm.v, which the staging then
+// normalises in place.
 struct TokenView {
+  static constexpr bool kStages = false;
+
   const __nv_bfloat16 *q, *k, *g, *v, *beta;
   int64_t sq, sk, sg, sv, sb;
   __nv_bfloat16* o;
@@ -180,11 +185,22 @@ struct RowBlock {
     for (int t0 = 0; t0 < tv.len; t0 += kChunk) {
       const int n = min(kChunk, tv.len - t0);
       __syncthreads();  // previous chunk fully consumed
+      if constexpr (Src::kStages) {
+        src.stage(sm, t0, n);
+        __syncthreads();
+      }
       for (int i = warp; i < n; i += kWarps) {
         const int64_t t = t0 + i;
         const __nv_bfloat16* gp = tv.g + t * tv.sg + c;
         float qv[4], kv[4], gv[4];
-        src.load_qk(t, c, qv, kv);
+        if constexpr (Src::kStages) {
+          const float4 q4 = *reinterpret_cast<const float4*>(&sm.qs[i][c]);
+          const float4 k4 = *reinterpret_cast<const float4*>(&sm.kn[i][c]);
+          qv[0] = q4.x; qv[1] = q4.y; qv[2] = q4.z; qv[3] = q4.w;
+          kv[0] = k4.x; kv[1] = k4.y; kv[2] = k4.z; kv[3] = k4.w;
+        } else {
+          src.load_qk(t, c, qv, kv);
+        }
 #pragma unroll
         for (int j = 0; j < 4; ++j) gv[j] = bf2f(gp[j]);
         float rq, rk;
@@ -197,8 +213,9 @@ struct RowBlock {
         *reinterpret_cast<float4*>(&sm.al[i][c]) = make_float4(al[0], al[1], al[2], al[3]);
         if (lane == 0) sm.beta[i] = sigmoid_stable(bf2f(tv.beta[t * tv.sb]));
       }
-      for (int idx = threadIdx.x; idx < n * BV; idx += kThreads)
-        sm.v[idx / BV][idx % BV] = src.load_v(t0 + idx / BV, idx % BV);
+      if constexpr (!Src::kStages)
+        for (int idx = threadIdx.x; idx < n * BV; idx += kThreads)
+          sm.v[idx / BV][idx % BV] = src.load_v(t0 + idx / BV, idx % BV);
       __syncthreads();
       for (int i = 0; i < n; ++i) {
         step(sm, i);

@@ -5,8 +5,8 @@
 //
 //  1. kda_decode_fused_kernel, grid (V / BV, H, B) as kda_decode. The CTA computes the conv
 //     outputs it needs straight from the conv window and mixed_qkv (all 2·K q/k channels of its
-//     head, its own BV v channels), rounds them to bf16 as the unfused conv op stores them, and
-//     feeds them to the shared recurrence (decode_rows). It only *reads* the conv pool.
+//     head, its own BV v channels; spread over all threads), rounds them to bf16 as the unfused
+//     conv op stores them, and feeds them to the shared recurrence (decode_rows). It only *reads* the conv pool.
 //  2. kda_fused_conv_state_kernel rewrites the conv pool rows of every live row, one thread per
 //     channel. The write-back cannot sit in kernel 1: a head's q/k windows are read by all
 //     V / BV CTAs of that head, and CTAs of one grid have no ordering, so a CTA writing them
@@ -46,7 +46,11 @@ __device__ __forceinline__ FusedRow fused_row(const KdaDecodeFusedParams& p, int
 
 // Source of q, k, v for RowBlock::run: conv + SiLU of mixed_qkv row n with the conv window of
 // its slot, head h, value rows from v0. Channel blocks: q at h*K, k at H*K + h*K, v at 2*H*K + h*V.
+// Staged (kStages): every thread of the CTA computes some of a token's 2K + BV conv outputs, so
+// their loads overlap instead of one warp computing 8 taps per lane in sequence.
 struct ConvQKVSource {
+  static constexpr bool kStages = true;
+
   const Conv1dParams& cp;
   const __nv_bfloat16* x;  // mixed_qkv row n, token 0, channel 0
   int64_t pool_base;       // conv_slot * pool_ss
@@ -57,11 +61,16 @@ struct ConvQKVSource {
     const float y = conv_update_tap(cp, d, pool_base + (int64_t)d * cp.pool_sd, off, x + d, cp.x_st, (int)t);
     return bf2f(__float2bfloat16(y));  // the unfused conv op stores bf16
   }
-  __device__ __forceinline__ void load_qk(int64_t t, int c, float (&qv)[4], float (&kv)[4]) const {
-#pragma unroll
-    for (int j = 0; j < 4; ++j) { qv[j] = tap(cq + c + j, t); kv[j] = tap(ck + c + j, t); }
+  template <int BV>
+  __device__ __forceinline__ void stage(RecurrentSmem<BV>& sm, int64_t t0, int n) const {
+    constexpr int kPer = 2 * kHeadDim + BV;  // q, k, v outputs of one token
+    for (int idx = threadIdx.x; idx < n * kPer; idx += kThreads) {
+      const int i = idx / kPer, c = idx % kPer;
+      if (c < kHeadDim) sm.qs[i][c] = tap(cq + c, t0 + i);
+      else if (c < 2 * kHeadDim) sm.kn[i][c - kHeadDim] = tap(ck + c - kHeadDim, t0 + i);
+      else sm.v[i][c - 2 * kHeadDim] = tap(cv + c - 2 * kHeadDim, t0 + i);
+    }
   }
-  __device__ __forceinline__ float load_v(int64_t t, int j) const { return tap(cv + j, t); }
 };
 
 // grid = (V / BV, H, B)

@@ -159,6 +159,11 @@ def causal_conv1d_update(x, weight, bias=None, *, conv_pool, slots, num_accepted
     return _copy_out(y.view(B, T, D), out)
 
 
+def fused_decode_ready(*args, **kwargs) -> bool:
+    """fla has no fused conv + decode: the mixer takes the conv update + decode pair."""
+    return False
+
+
 def gated_rms_norm(x, gate, weight, eps=1e-6, out=None):
     """fla ``rms_norm_gated``: RMSNorm(x)·weight·sigmoid(gate) over the last dim."""
     y = _fla().rms_norm_gated(x, gate, weight, None, activation="sigmoid", eps=eps)

@@ -248,6 +248,6 @@ def gated_rms_norm(x, gate, weight, eps=1e-6, out=None):
         check_tensor("out", out, dtypes=FLOAT_INPUTS, shape=tuple(x.shape), device=x.device)
     return reference.gated_rms_norm(x, gate, weight, eps, out)
 
-from .fused_decode import kda_decode_fused  # noqa: E402  (needs _run / _kernel_ready above)
+from .fused_decode import fused_decode_ready, kda_decode_fused  # noqa: E402  (needs _run / _kernel_ready above)
 
-__all__ += ["kda_decode_fused"]
+__all__ += ["fused_decode_ready", "kda_decode_fused"]
