@@ -20,6 +20,7 @@ decode states read and written, prefill states written (and read with context), 
 from __future__ import annotations
 
 import sys
+import time
 
 import bench_common as bc
 import torch
@@ -112,10 +113,16 @@ def main(argv=None):
     if fla_reason:
         print(f"fla skipped: {fla_reason}")
     lb = GATES[args.gate]
+    t_start = time.perf_counter()
+
+    def progress(what):  # a run stopped by a time limit still shows how far it got
+        print(f"[{time.perf_counter() - t_start:6.1f} s] {what}", flush=True)
+
     with torch.inference_mode():
         layer = Layer(args.hidden, args.heads, args.head_dim, args.prefills, args.prefill_len,
                       args.decodes, args.prefill_context, lb, device)
         T = layer.T
+        progress(f"layer built: {T} tokens")
         row = dict(case=f"{args.decodes} decodes + {args.prefills}x{args.prefill_len} prefill",
                    shape=dict(hidden=args.hidden, H=args.heads, K=args.head_dim, V=args.head_dim,
                               conv_width=W, tokens=T, decodes=args.decodes, prefills=args.prefills,
@@ -137,6 +144,7 @@ def main(argv=None):
                 layer.state_pool.copy_(pools0[1])
                 try:
                     outs[name] = (fn().clone(), layer.state_pool.clone())
+                    progress(f"{name}: first call done")
                 except (RuntimeError, ValueError, NotImplementedError) as e:
                     row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
             if len(outs) == 2:
@@ -150,6 +158,7 @@ def main(argv=None):
                 row[f"{name}_ms"] = bc.time_ms(fn, device, iters=args.iters, warmup=warmup)
                 extra = bc.peak_extra_bytes(fn, device)
                 row[f"{name}_extra_bytes_per_token"] = extra / T if extra is not None else None
+                progress(f"{name}: timed, {row[f'{name}_ms']:.2f} ms")
             except (torch.cuda.OutOfMemoryError, RuntimeError, ValueError, NotImplementedError) as e:
                 row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
         row["projections_ms"] = bc.time_ms(layer.project, device, iters=args.iters, warmup=warmup)

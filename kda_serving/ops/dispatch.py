@@ -38,8 +38,16 @@ def log_path_once(op: str, path: str) -> None:
 
 def prefill_kernel():
     """The extension's prefill entry that ``KDA_SERVING_PREFILL_KERNEL`` selects: ``chunked``
-    (CUDA cores) or ``tc`` (TF32 tensor cores), both opt-in and not yet validated on a GPU
-    (docs/kernels.md); anything else the token-serial default. Read on every call."""
+    (CUDA cores) or ``tc`` (TF32 tensor cores), both opt-in because they measured slower than the
+    token-serial default (docs/kernels.md); anything else the default. Read on every call."""
     from . import _ext
     choice = os.environ.get("KDA_SERVING_PREFILL_KERNEL")
     return {"chunked": _ext.prefill_chunked, "tc": _ext.prefill_tc}.get(choice, _ext.prefill)
+
+
+def decode_fused_selected() -> bool:
+    """Whether the backend decodes with the single fused call (``kda_decode_fused``: conv update,
+    recurrence and gated norm in one op), selected by ``KDA_SERVING_DECODE_KERNEL=fused``. By
+    default it runs ``causal_conv1d_update`` + ``kda_decode`` (+ the norm), which measured faster
+    on an H100 at every batch (README). Read on every call."""
+    return os.environ.get("KDA_SERVING_DECODE_KERNEL") == "fused"

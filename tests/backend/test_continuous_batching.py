@@ -12,10 +12,11 @@ H, W = 2, 4
 D = 32
 # (device, activation dtype, head dim, tolerance): the CPU reference in fp32, and on a Hopper GPU
 # the CUDA kernels, which take bf16 activations and head dim 128
-SETUPS = [pytest.param(("cpu", torch.float32, 32, 1e-5), id="cpu"),
-          pytest.param(("cuda", torch.bfloat16, 128, 5e-3), id="cuda", marks=[
-              pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])]
+# (the GPU setup twice: decodes through the conv update + decode pair, and through the fused call)
+_GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+SETUPS = [pytest.param(("cpu", torch.float32, 32, 1e-5, None), id="cpu"),
+          pytest.param(("cuda", torch.bfloat16, 128, 5e-3, None), id="cuda", marks=_GPU),
+          pytest.param(("cuda", torch.bfloat16, 128, 5e-3, "fused"), id="cuda-fused-decode", marks=_GPU)]
 
 
 def make_params(lb, device="cpu", d=D):
@@ -50,8 +51,12 @@ def run_alone(stream, params, spec, device="cpu", d=D, conv_dtype=torch.float32)
 @pytest.mark.parametrize("setup", SETUPS)
 @pytest.mark.parametrize("spec", [0, 2])
 @pytest.mark.parametrize("lb", [None, -5.0])
-def test_every_request_matches_running_alone(setup, spec, lb):
-    device, dtype, d, tol = setup
+def test_every_request_matches_running_alone(setup, spec, lb, monkeypatch):
+    device, dtype, d, tol, decode_kernel = setup
+    if decode_kernel:
+        monkeypatch.setenv("KDA_SERVING_DECODE_KERNEL", decode_kernel)
+    else:
+        monkeypatch.delenv("KDA_SERVING_DECODE_KERNEL", raising=False)
     rng = random.Random(torch.initial_seed())
     params = make_params(lb, device, d)
     L = 1 + spec
