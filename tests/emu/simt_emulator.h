@@ -206,6 +206,11 @@ inline T __shfl_xor_sync(unsigned, T v, int mask) { return emu::shfl_from(v, (in
 template <typename T>
 inline T __shfl_sync(unsigned, T v, int src) { return emu::shfl_from(v, src); }
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+inline float __uint_as_float(unsigned x) {
+  float f;
+  std::memcpy(&f, &x, 4);
+  return f;
+}
 template <class F>
 inline cudaError_t cudaFuncSetAttribute(F*, cudaFuncAttribute, int) { return cudaSuccess; }
 inline int min(int a, int b) { return a < b ? a : b; }

@@ -203,21 +203,26 @@ def test_conv_prefill_vs_reference(lib, pool_dtype):
     assert torch.equal(ours[[0, 3, 6, 7]], pool0[[0, 3, 6, 7]])
 
 
+@pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("spec", [False, True])
-def test_conv_update_vs_reference(lib, spec):
-    D, B, T = 160, 4, (3 if spec else 1)
+@pytest.mark.parametrize("D,x_pad", [(160, 0), (160, 4), (164, 0)])  # 8-channel path; odd row stride; D % 8 != 0
+def test_conv_update_vs_reference(lib, spec, D, x_pad, pool_dtype):
+    B, T = 4, (3 if spec else 1)
     R = 3 + (T - 1)
-    x = torch.randn(B, T, D).bfloat16()
+    x = torch.randn(B, T, D + x_pad).bfloat16()[..., x_pad:]
     w, b = conv_layer(D)
-    pool0 = torch.randn(8, R, D)
+    pool0 = torch.randn(8, R, D).to(pool_dtype)
     slots = torch.tensor([2, 0, 5, 6], dtype=torch.int32)
     acc = torch.tensor([1, 1, 3, 2], dtype=torch.int32) if spec else None
     ours, ref = pool0.clone(), pool0.clone()
-    y = emulated.conv_update(lib, x, w, b, ours, slots, acc, out=torch.full_like(x, float("nan")))
+    y = emulated.conv_update(lib, x, w, b, ours, slots, acc, out=torch.full((B, T, D), float("nan")).bfloat16())
     y_ref = ops.causal_conv1d_update(x, w, b, conv_pool=ref, slots=slots, num_accepted_tokens=acc)
     assert not y.isnan().any()
     assert rel_rms(y[[0, 2, 3]], y_ref[[0, 2, 3]]) <= TOL
+    assert torch.equal(y[1], torch.zeros_like(y[1]))  # null slot: zero output
     assert torch.equal(ours, ref) or rel_rms(ours, ref) <= 1e-6
+    untouched = [s for s in range(8) if s not in (2, 5, 6)]
+    assert torch.equal(ours[untouched], pool0[untouched])
 
 
 # ---------------------------------------------------------------------------- fused decode
