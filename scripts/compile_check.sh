@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Compile-only check of every csrc/**/*.cu for sm_90a; needs nvcc, not torch or a GPU.
+# Compile-only check of every csrc/**/*.cu (and the standalone scripts/*.cu tools) for sm_90a;
+# needs nvcc, not torch or a GPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 NVCC=${NVCC:-nvcc}
@@ -21,7 +22,7 @@ compile_one() {
 }
 export -f compile_one
 
-mapfile -t FILES < <(find csrc -name '*.cu' | sort)
+mapfile -t FILES < <(find csrc scripts -name '*.cu' | sort)
 if [ ${#FILES[@]} -eq 0 ]; then echo "no .cu files under csrc"; exit 1; fi
 start=$SECONDS
 printf '%s\n' "${FILES[@]}" | xargs -P "$JOBS" -I{} bash -c 'compile_one "$1" "$2" "$3"' _ {} "$OUT" "$NVCC"

@@ -2,7 +2,8 @@
 # On a Hopper GPU machine: build the extension with every core, run the GPU tests and the
 # benchmarks, writing logs and benchmark JSON to OUTDIR.
 #
-#   scripts/gpu_check.sh OUTDIR [STAGE...]     stages: build tests bench long (default: all four)
+#   scripts/gpu_check.sh OUTDIR [STAGE...]     stages: build tests bench long profile
+#                                              (default: the first four)
 #
 # build: the extension (skipped when a built kda_serving/_C*.so is present and KDA_SERVING_REBUILD
 # is unset). tests: the GPU tests except the 128K-token split cases; the opt-in kernels
@@ -10,7 +11,8 @@
 # kernels' process, so a fault in one (an illegal address leaves the CUDA context unusable) cannot
 # take the other's results with it. bench: prefill (all kernels), decode, one layer. long: the
 # long-context prefill benchmark (extra arguments in LONG_ARGS, e.g. "--heads 8 --max-tokens 131072") and
-# the 128K-token split tests.
+# the 128K-token split tests. profile: the tensor-core prefill's cycles per phase
+# (scripts/profile_tc_phases.cu) at H96 1x8192 and H32 1x32768.
 # Set KDA_SERVING_COMMIT to name the commit in the JSON when the tree has no .git.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -50,6 +52,11 @@ if has bench; then
   TAIL=22 step bench_prefill python3 scripts/bench_prefill.py --chunked --out "$OUT"
   TAIL=22 step bench_decode python3 scripts/bench_decode.py --out "$OUT"
   TAIL=12 step bench_layer python3 scripts/bench_layer.py --out "$OUT"
+fi
+if has profile; then
+  step profile-build nvcc -std=c++17 -O3 -arch=sm_90a -Icsrc scripts/profile_tc_phases.cu -o "$OUT/.profile_tc"
+  TAIL=16 step profile-tc bash -c "'$OUT/.profile_tc' 1 8192 96 && '$OUT/.profile_tc' 1 32768 32"
+  rm -f "$OUT/.profile_tc"
 fi
 if has long; then
   TAIL=40 step bench_prefill-long python3 scripts/bench_prefill.py --long --out "$OUT" ${LONG_ARGS:-}

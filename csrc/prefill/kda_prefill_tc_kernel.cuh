@@ -39,6 +39,40 @@ constexpr int kLdK = kK + 4;    // [.. x 128] arrays: S, Qr, Kq, Kb
 constexpr int kLdC = kC + 4;    // [64 x 64] arrays: A_qk, A_kk, T
 constexpr int kLdV = kBV + 4;   // [64 tokens x 64 rows] arrays: W, U
 
+// Phase timing for scripts/profile_tc_phases.cu (compiled with -DKDA_TC_PHASE_CYCLES; absent from
+// the extension): thread 0 reads clock64() after each block-wide barrier, i.e. when the phase
+// before it is done CTA-wide, and adds the cycles per phase to kda_tc_phase_cycles at exit.
+constexpr int kPhases = 11;
+#ifdef KDA_TC_PHASE_CYCLES
+__device__ unsigned long long kda_tc_phase_cycles[kPhases];
+#define KDA_TC_PROFILE_BEGIN() \
+  long long tc_last_ = clock64(), tc_acc_[::kda::tc::kPhases] = {}
+#define KDA_TC_MARK(i)                        \
+  do {                                        \
+    if (threadIdx.x == 0) {                   \
+      const long long tc_now_ = clock64();    \
+      tc_acc_[i] += tc_now_ - tc_last_;       \
+      tc_last_ = tc_now_;                     \
+    }                                         \
+  } while (0)
+#define KDA_TC_PROFILE_END()                                                                     \
+  do {                                                                                           \
+    if (threadIdx.x == 0)                                                                        \
+      for (int i_ = 0; i_ < ::kda::tc::kPhases; ++i_)                                            \
+        atomicAdd(&::kda::tc::kda_tc_phase_cycles[i_], (unsigned long long)tc_acc_[i_]);          \
+  } while (0)
+#else
+#define KDA_TC_PROFILE_BEGIN() \
+  do {                         \
+  } while (0)
+#define KDA_TC_MARK(i) \
+  do {                 \
+  } while (0)
+#define KDA_TC_PROFILE_END() \
+  do {                       \
+  } while (0)
+#endif
+
 struct alignas(128) Smem {
   float S[kBV][kLdK];  // state rows v0 .. v0+63, fp32
   float Qr[kC][kLdK];  // q Ploc, then Qe
@@ -148,9 +182,11 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_kernel(const KdaPr
 #pragma unroll
   for (int j = 0; j < 4; ++j) dtb4[j] = p.dt_bias[h * kHeadDim + c4 + j];
 
+  KDA_TC_PROFILE_BEGIN();
   for (int t0 = 0; t0 < len; t0 += kC) {
     const int nt = min(kC, len - t0);
     __syncthreads();  // the previous chunk (or the initial load) is complete
+    KDA_TC_MARK(0);
 
     // 1. The chunk's inputs into shared memory, read from global memory once: q, k L2-normalised
     //    and not yet decayed in Qr, Kq; the per-token decays a_t in al (1 past the end); beta.
@@ -188,6 +224,7 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_kernel(const KdaPr
       }
     }
     __syncthreads();
+    KDA_TC_MARK(1);
 
     // 2a. Block totals of the decays; thread = (channel, two blocks).
     for (int b = 2 * half; b < 2 * half + 2; ++b) {
@@ -253,6 +290,7 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_kernel(const KdaPr
       if (lane <= kBlk) sm.Akk[i0 + (lane <= jj ? lane : lane - jj - 1)][lane <= jj ? j1 : j2] = 0.f;
     }
     __syncthreads();
+    KDA_TC_MARK(2);
 
     // 2b. Products of block totals before / after each block, and the chunk total.
     if (tid < kK) {
@@ -278,6 +316,7 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_kernel(const KdaPr
       }
     }
     __syncthreads();
+    KDA_TC_MARK(3);
 
     // 3b. Off-diagonal blocks (I > J) on tensor cores: job = (I, J); B tile = Kb_J scaled by
     //     prod_{J<M<I} Ptot_M, written 8 channels at a time to a per-warp scratch. Blocks above
@@ -322,11 +361,13 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_kernel(const KdaPr
       }
     }
     __syncthreads();
+    KDA_TC_MARK(4);
 
     // 4a. beta into A_kk rows; T's diagonal blocks by forward substitution (thread = block,
     //     column); T's blocks above the diagonal are zero.
     for (int idx = tid; idx < kC * kC; idx += kThr) sm.Akk[idx / kC][idx % kC] *= sm.beta[idx / kC];
     __syncthreads();
+    KDA_TC_MARK(5);
     if (tid < kC) {
       // Column j of its block's T in registers, fully unrolled: the A loads do not depend on the
       // solve and are broadcasts (the 16 threads of a block read the same entries); entries above
@@ -356,6 +397,7 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_kernel(const KdaPr
       sm.Kb[i][c] *= sm.post[b][c];
     }
     __syncthreads();
+    KDA_TC_MARK(6);
 
     // 4b. T's blocks below the diagonal, by distance d = I - J:
     //     X = sum_{J<=M<I} A_IM T_MJ;  T_IJ = -T_II X. Temporaries in the U area. A thread computes
@@ -391,6 +433,8 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_kernel(const KdaPr
       __syncthreads();
     }
 
+    KDA_TC_MARK(7);
+
     // 6. Warp w owns output tiles (tm, tn0) and (tm, tn0 + 1) of the [64 tokens x 64 rows] W / O.
     const int tm = warp / 2, tn0 = (warp % 2) * 2;
     float vr[2][8];  // this lane's v values of both tiles, loaded before the products need them
@@ -420,6 +464,7 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_kernel(const KdaPr
       }
     }
     __syncthreads();
+    KDA_TC_MARK(8);
 
     // 7. U = T W (tensor cores); meanwhile the state columns decay by the chunk total EL.
 #pragma unroll
@@ -431,6 +476,7 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_kernel(const KdaPr
       wmma::store_matrix_sync(&sm.r1.tu.U[tm * 16][tn * 16], accu, kLdV, wmma::mem_row_major);
     }
     __syncthreads();  // U complete; every read of the undecayed S is done
+    KDA_TC_MARK(9);
     for (int idx = tid; idx < kBV * kK; idx += kThr) sm.S[idx / kK][idx % kK] *= sm.EL[idx % kK];
 
     // 8. O = Qe S^T + A_qk U, staged in the W area (W is dead), written out by the owning warp.
@@ -446,6 +492,7 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_kernel(const KdaPr
       }
     }
     __syncthreads();  // S decayed everywhere before the update reads it
+    KDA_TC_MARK(10);
 
     // 9. S += U^T Kd: tiles [16 value rows x 16 channels]; A = U^T (U col-major), B = Kd.
     for (int tile = warp; tile < (kBV / 16) * (kK / 16); tile += kWarp) {
@@ -470,6 +517,7 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_kernel(const KdaPr
   }
   __syncthreads();
   copy_state_out(sm, dst);  // final state (the initial one, or zeros, for an empty sequence)
+  KDA_TC_PROFILE_END();
 }
 
 }  // namespace kda

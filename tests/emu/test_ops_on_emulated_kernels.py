@@ -65,12 +65,14 @@ def test_kda_prefill_on_each_kernel_and_split(kernel_path, monkeypatch, kernel, 
     assert torch.equal(pool[[0, 3, 5]], before[[0, 3, 5]])
 
 
+@pytest.mark.parametrize("decode_kernel,decode_ops", [
+    (None, {"causal_conv1d_update:cuda", "kda_decode:cuda"}), ("fused", {"kda_decode_fused:cuda"})])
 @pytest.mark.parametrize("spec", [0, 2])
-def test_continuous_batching_on_the_kernels(kernel_path, monkeypatch, spec):
+def test_continuous_batching_on_the_kernels(kernel_path, monkeypatch, spec, decode_kernel, decode_ops):
     """The backend simulation (tests/backend) with bf16 activations and head dim 128 on the
-    kernel path: fused decode / verify, conv and prefill kernels under random batching."""
+    kernel path: decode / verify (the conv update + decode pair, or the fused call), conv and
+    prefill kernels under random batching."""
     from tests.backend.test_continuous_batching import test_every_request_matches_running_alone as simulate
     monkeypatch.setattr(dispatch, "_logged", set())
-    simulate(("cpu", torch.bfloat16, D, TOL), spec, None)
-    assert {"kda_prefill:cuda", "causal_conv1d_prefill:cuda", "kda_decode_fused:cuda"} <= dispatch._logged, \
-        dispatch._logged
+    simulate(("cpu", torch.bfloat16, D, TOL, decode_kernel), spec, None, monkeypatch)
+    assert {"kda_prefill:cuda", "causal_conv1d_prefill:cuda"} | decode_ops <= dispatch._logged, dispatch._logged

@@ -1,0 +1,143 @@
+// Where the tensor-core prefill kernel spends its time, per phase, without a profiler: builds the
+// kernel with clock64() marks after each block-wide barrier (KDA_TC_PHASE_CYCLES), runs one
+// prefill on random inputs and prints the cycles per 64-token chunk of each phase, as seen by
+// thread 0 of every CTA, next to the kernel's wall time.
+//
+//   nvcc -std=c++17 -O3 -arch=sm_90a -Icsrc scripts/profile_tc_phases.cu -o /tmp/profile_tc
+//   /tmp/profile_tc [N sequences] [tokens each] [heads]      # default 1 8192 96
+#define KDA_TC_PHASE_CYCLES
+#include "../csrc/prefill/kda_prefill_tc_launch.cu"
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+
+#define CHECK(x)                                                                     \
+  do {                                                                               \
+    const cudaError_t e_ = (x);                                                      \
+    if (e_ != cudaSuccess) {                                                         \
+      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
+      std::exit(1);                                                                  \
+    }                                                                                \
+  } while (0)
+
+namespace {
+
+const char* kPhaseNames[kda::tc::kPhases] = {
+    "9. S += U^T Kd, checkpoint (previous chunk)",
+    "1. inputs: q, k, g, beta into smem",
+    "2a+3a. block totals, diagonal blocks",
+    "2b+2c. decay products, block-local operands",
+    "3b. off-diagonal blocks (tensor cores)",
+    "4a. beta into A_kk",
+    "4a+5. T diagonal blocks, chunk operands",
+    "4b. T off-diagonal blocks",
+    "6. W = beta (v - Ke S^T)",
+    "7. U = T W, S decay",
+    "8. O = Qe S^T + A_qk U, output",
+};
+
+uint32_t g_rng = 12345u;
+float uniform() {  // in [-1, 1)
+  g_rng = g_rng * 1664525u + 1013904223u;
+  return (g_rng >> 8) * (2.f / 16777216.f) - 1.f;
+}
+
+template <typename T>
+T* upload(const std::vector<T>& h) {
+  T* d = nullptr;
+  CHECK(cudaMalloc(&d, h.size() * sizeof(T)));
+  CHECK(cudaMemcpy(d, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
+  return d;
+}
+
+std::vector<__nv_bfloat16> random_bf16(size_t n, float scale, float shift = 0.f) {
+  std::vector<__nv_bfloat16> v(n);
+  for (auto& x : v) x = __float2bfloat16(shift + scale * uniform());
+  return v;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const int N = argc > 1 ? std::atoi(argv[1]) : 1;
+  const int L = argc > 2 ? std::atoi(argv[2]) : 8192;
+  const int H = argc > 3 ? std::atoi(argv[3]) : 96;
+  const int K = kda::kHeadDim;
+  const size_t T = (size_t)N * L;
+
+  kda::KdaPrefillParams p{};
+  p.q = upload(random_bf16(T * H * K, 1.f));
+  p.k = upload(random_bf16(T * H * K, 1.f));
+  p.v = upload(random_bf16(T * H * K, 1.f));
+  p.g = upload(random_bf16(T * H * K, 2.f, -1.f));  // raw gate logits
+  p.beta = upload(random_bf16(T * H, 2.f));
+  p.q_st = p.k_st = p.v_st = p.g_st = (int64_t)H * K;
+  p.q_sh = p.k_sh = p.v_sh = p.g_sh = K;
+  p.beta_st = H;
+  p.beta_sh = 1;
+  std::vector<float> a_log(H), dt_bias((size_t)H * K);
+  for (auto& x : a_log) x = 0.5f * uniform();
+  for (auto& x : dt_bias) x = uniform();
+  p.A_log = upload(a_log);
+  p.dt_bias = upload(dt_bias);
+  std::vector<int32_t> cu(N + 1), slots(N);
+  std::vector<uint8_t> has(N, 0);
+  for (int n = 0; n <= N; ++n) cu[n] = n * L;
+  for (int n = 0; n < N; ++n) slots[n] = n + 1;
+  p.cu_seqlens = upload(cu);
+  p.cu_seqlens_64 = false;
+  float* state = nullptr;
+  const int64_t slot_elems = (int64_t)H * K * K;
+  CHECK(cudaMalloc(&state, (size_t)(N + 1) * slot_elems * sizeof(float)));
+  p.state = state;
+  p.state_ss = slot_elems;
+  p.state_bf16 = false;
+  p.slots = upload(slots);
+  p.has_initial_state = reinterpret_cast<const bool*>(upload(has));
+  __nv_bfloat16* o = nullptr;
+  CHECK(cudaMalloc(&o, T * H * K * sizeof(__nv_bfloat16)));
+  p.o = o;
+  p.o_st = (int64_t)H * K;
+  p.o_sh = K;
+  p.N = N;
+  p.H = H;
+  p.scale = 1.f / std::sqrt((float)K);
+  p.has_lower_bound = false;
+  int dev = 0, sms = 0, clock_khz = 0;
+  CHECK(cudaGetDevice(&dev));
+  CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  CHECK(cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, dev));
+  p.num_sms = sms;
+
+  CHECK(kda::launch_kda_prefill_tc(p, 0));  // warm-up
+  CHECK(cudaDeviceSynchronize());
+  const unsigned long long zeros[kda::tc::kPhases] = {};
+  CHECK(cudaMemcpyToSymbol(kda::tc::kda_tc_phase_cycles, zeros, sizeof(zeros)));
+  cudaEvent_t e0, e1;
+  CHECK(cudaEventCreate(&e0));
+  CHECK(cudaEventCreate(&e1));
+  CHECK(cudaEventRecord(e0));
+  CHECK(kda::launch_kda_prefill_tc(p, 0));
+  CHECK(cudaEventRecord(e1));
+  CHECK(cudaEventSynchronize(e1));
+  float ms = 0.f;
+  CHECK(cudaEventElapsedTime(&ms, e0, e1));
+  unsigned long long cyc[kda::tc::kPhases];
+  CHECK(cudaMemcpyFromSymbol(cyc, kda::tc::kda_tc_phase_cycles, sizeof(cyc)));
+
+  cudaDeviceProp prop;
+  CHECK(cudaGetDeviceProperties(&prop, dev));
+  const long long ctas = (long long)(K / kda::tc::kBV) * H * N;
+  const long long chunks = ctas * ((L + kda::tc::kC - 1) / kda::tc::kC);
+  unsigned long long total = 0;
+  for (unsigned long long c : cyc) total += c;
+  std::printf("%s, %d SMs, clock %.2f GHz; N=%d L=%d H=%d: %lld CTAs, %.3f ms\n", prop.name, sms,
+              clock_khz * 1e-6, N, L, H, ctas, ms);
+  std::printf("cycles per chunk per CTA (thread 0 of each CTA, between block-wide barriers):\n");
+  for (int i = 0; i < kda::tc::kPhases; ++i)
+    std::printf("  %-46s %10.0f  %5.1f%%\n", kPhaseNames[i], (double)cyc[i] / chunks, 100.0 * cyc[i] / total);
+  std::printf("  %-46s %10.0f\n", "total", (double)total / chunks);
+  return 0;
+}
