@@ -7,6 +7,8 @@
 #pragma once
 
 #include <cuda_bf16.h>
+
+#include <cstdint>
 #include "../conv/conv1d.h"
 
 namespace kda {
@@ -42,23 +44,6 @@ struct ConvWeights {
   }
 };
 
-// Update output of new token t for one channel d, computed directly from its W inputs:
-// base = slot * pool_ss + d * pool_sd; x points at channel d of token 0 (token stride x_st).
-__device__ __forceinline__ float conv_update_tap(const Conv1dParams& p, int d, int64_t base, int off,
-                                                 const __nv_bfloat16* x, int64_t x_st, int t) {
-  const ConvWeights cw(p, d);
-  float acc = cw.b;
-#pragma unroll
-  for (int j = 0; j < kConvMaxWidth; ++j) {
-    if (j >= p.W) break;
-    const int e = t - (p.W - 1) + j;  // < 0: history row off + (W-1) + e of the window
-    const float xv = e >= 0 ? __bfloat162float(x[(int64_t)e * x_st])
-                            : ld_any(p.pool, base + (int64_t)(off + p.W - 1 + e) * p.pool_sr, p.pool_bf16);
-    acc += cw.w[j] * xv;
-  }
-  return conv_act(acc, p.silu);
-}
-
 // Rewrites one channel's pool column after an update of p.T tokens: rows [0, n) get the last n
 // elements of (window ++ x), n = W-1 for plain updates and min(R, W-2+T) with num_accepted
 // (vLLM's speculative layout: window[1:] ++ x, so next step's window at row a-1 ends at the
@@ -79,6 +64,74 @@ __device__ __forceinline__ void conv_update_store(const Conv1dParams& p, int64_t
         if (j == e) v = hist[j];
     }
     st_any(p.pool, base + (int64_t)i * p.pool_sr, v, p.pool_bf16);
+  }
+}
+
+// Eight consecutive channels as one 16-byte (bf16) or two 16-byte (fp32) accesses; i is a
+// multiple of 8 elements from a 16-byte aligned base (conv1d_update_vec_ok checks).
+constexpr int kConvVec = 8;
+
+__device__ __forceinline__ void ld8(const void* base, int64_t i, bool is_bf16, float (&v)[kConvVec]) {
+  if (is_bf16) {  // bf16 -> fp32 is a 16-bit shift; bit operations keep u in registers
+    const uint4 u = *reinterpret_cast<const uint4*>(static_cast<const __nv_bfloat16*>(base) + i);
+    const unsigned w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      v[2 * k] = __uint_as_float(w[k] << 16);
+      v[2 * k + 1] = __uint_as_float(w[k] & 0xffff0000u);
+    }
+  } else {
+    const float4* f = reinterpret_cast<const float4*>(static_cast<const float*>(base) + i);
+    const float4 a = f[0], b = f[1];
+    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+  }
+}
+
+__device__ __forceinline__ void st8(void* base, int64_t i, bool is_bf16, const float (&v)[kConvVec]) {
+  if (is_bf16) {
+    unsigned w[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k)
+      w[k] = (unsigned)__bfloat16_as_ushort(__float2bfloat16(v[2 * k])) |
+             ((unsigned)__bfloat16_as_ushort(__float2bfloat16(v[2 * k + 1])) << 16);
+    *reinterpret_cast<uint4*>(static_cast<__nv_bfloat16*>(base) + i) = make_uint4(w[0], w[1], w[2], w[3]);
+  } else {
+    float4* f = reinterpret_cast<float4*>(static_cast<float*>(base) + i);
+    f[0] = make_float4(v[0], v[1], v[2], v[3]);
+    f[1] = make_float4(v[4], v[5], v[6], v[7]);
+  }
+}
+
+// Whether every 8-channel group of x [.., D] (token and row strides x_st, x_sb), y and the pool
+// is 16-byte aligned, so ld8 / st8 apply (host side; y may be null).
+inline bool conv_vec8_ok(const Conv1dParams& p) {
+  auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
+  auto mult8 = [](int64_t s) { return s % kConvVec == 0; };
+  return p.D % kConvVec == 0 && p.pool_sd == 1 && aligned(p.x) && aligned(p.pool) &&
+         (p.y == nullptr || (aligned(p.y) && mult8(p.y_sb) && mult8(p.y_st))) && mult8(p.x_sb) &&
+         mult8(p.x_st) && mult8(p.pool_ss) && mult8(p.pool_sr);
+}
+
+// conv_update_store for the eight channels from d0 (base = slot * pool_ss + d0, x at channel d0
+// of token 0): hist[j] holds row j of the window as read before any write.
+__device__ __forceinline__ void conv_update_store8(const Conv1dParams& p, int64_t base,
+                                                   const float (&hist)[kConvMaxWidth - 1][kConvVec],
+                                                   const __nv_bfloat16* x, int64_t x_st) {
+  const int n = p.num_accepted ? min(p.R, p.W - 2 + p.T) : p.W - 1;
+  float v[kConvVec];
+  for (int i = 0; i < n; ++i) {
+    const int e = p.W - 1 + p.T - n + i;  // index into window ++ x
+    if (e >= p.W - 1) {
+      ld8(x, (int64_t)(e - (p.W - 1)) * x_st, true, v);
+    } else {
+#pragma unroll
+      for (int j = 0; j < kConvMaxWidth - 1; ++j)
+        if (j == e) {
+#pragma unroll
+          for (int c = 0; c < kConvVec; ++c) v[c] = hist[j][c];
+        }
+    }
+    st8(p.pool, base + (int64_t)i * p.pool_sr, p.pool_bf16, v);
   }
 }
 

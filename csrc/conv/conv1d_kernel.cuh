@@ -145,41 +145,6 @@ __global__ void __launch_bounds__(kConvThreads) conv1d_update_kernel(const Conv1
   conv_update_store(p, base, hist, x, p.x_st);
 }
 
-// Eight consecutive channels as one 16-byte (bf16) or two 16-byte (fp32) accesses; i is a
-// multiple of 8 elements from a 16-byte aligned base (conv1d_update_vec_ok checks).
-constexpr int kConvVec = 8;
-
-__device__ __forceinline__ void ld8(const void* base, int64_t i, bool is_bf16, float (&v)[kConvVec]) {
-  if (is_bf16) {  // bf16 -> fp32 is a 16-bit shift; bit operations keep u in registers
-    const uint4 u = *reinterpret_cast<const uint4*>(static_cast<const __nv_bfloat16*>(base) + i);
-    const unsigned w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      v[2 * k] = __uint_as_float(w[k] << 16);
-      v[2 * k + 1] = __uint_as_float(w[k] & 0xffff0000u);
-    }
-  } else {
-    const float4* f = reinterpret_cast<const float4*>(static_cast<const float*>(base) + i);
-    const float4 a = f[0], b = f[1];
-    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
-  }
-}
-
-__device__ __forceinline__ void st8(void* base, int64_t i, bool is_bf16, const float (&v)[kConvVec]) {
-  if (is_bf16) {
-    unsigned w[4];
-#pragma unroll
-    for (int k = 0; k < 4; ++k)
-      w[k] = (unsigned)__bfloat16_as_ushort(__float2bfloat16(v[2 * k])) |
-             ((unsigned)__bfloat16_as_ushort(__float2bfloat16(v[2 * k + 1])) << 16);
-    *reinterpret_cast<uint4*>(static_cast<__nv_bfloat16*>(base) + i) = make_uint4(w[0], w[1], w[2], w[3]);
-  } else {
-    float4* f = reinterpret_cast<float4*>(static_cast<float*>(base) + i);
-    f[0] = make_float4(v[0], v[1], v[2], v[3]);
-    f[1] = make_float4(v[4], v[5], v[6], v[7]);
-  }
-}
-
 // Decode update as conv1d_update_kernel, eight channels per thread with 16-byte accesses: the
 // one-channel kernel moves 2 bytes per load and was latency-bound (about 4x its HBM floor at
 // B = 64 on an H100). Same arithmetic per channel, same results. grid = (ceil(D / 8 / 128), B).
@@ -242,22 +207,7 @@ __global__ void __launch_bounds__(kConvThreads) conv1d_update_vec_kernel(const C
       for (int c = 0; c < kConvVec; ++c)
         win[j][c] = j < p.W - 2 ? win[(j + 1) % (kConvMaxWidth - 1)][c] : (j == p.W - 2 ? xt[c] : win[j][c]);
   }
-  // Rows [0, n) get the last n of (window ++ x), as conv_update_store does per channel.
-  const int n = p.num_accepted ? min(p.R, p.W - 2 + p.T) : p.W - 1;
-  for (int i = 0; i < n; ++i) {
-    const int e = p.W - 1 + p.T - n + i;  // index into window ++ x
-    if (e >= p.W - 1) {
-      ld8(p.x, xb + (int64_t)(e - (p.W - 1)) * p.x_st, true, v);
-    } else {
-#pragma unroll
-      for (int j = 0; j < kConvMaxWidth - 1; ++j)
-        if (j == e) {
-#pragma unroll
-          for (int c = 0; c < kConvVec; ++c) v[c] = hist[j][c];
-        }
-    }
-    st8(p.pool, base + (int64_t)i * p.pool_sr, p.pool_bf16, v);
-  }
+  conv_update_store8(p, base, hist, static_cast<const __nv_bfloat16*>(p.x) + xb, p.x_st);
 }
 
 }  // namespace kda

@@ -1,6 +1,4 @@
 // Launch code for the causal conv1d kernels.
-#include <cstdint>
-
 #include "conv1d_kernel.cuh"
 
 namespace kda {
@@ -16,18 +14,9 @@ cudaError_t conv1d_prefill_launch(const Conv1dParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-// The eight-channel update needs every 8-channel group 16-byte aligned in x, y and the pool.
-static bool conv1d_update_vec_ok(const Conv1dParams& p) {
-  auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
-  auto mult8 = [](int64_t s) { return s % kConvVec == 0; };
-  return p.D % kConvVec == 0 && p.pool_sd == 1 && aligned(p.x) && aligned(p.y) && aligned(p.pool) &&
-         mult8(p.x_sb) && mult8(p.x_st) && mult8(p.y_sb) && mult8(p.y_st) && mult8(p.pool_ss) &&
-         mult8(p.pool_sr);
-}
-
 cudaError_t conv1d_update_launch(const Conv1dParams& p, cudaStream_t stream) {
   if (p.D == 0 || p.N == 0) return cudaSuccess;
-  if (conv1d_update_vec_ok(p)) {
+  if (conv_vec8_ok(p)) {  // 16-byte accesses
     const int groups = p.D / kConvVec;
     conv1d_update_vec_kernel<<<dim3((groups + kConvThreads - 1) / kConvThreads, p.N), kConvThreads, 0, stream>>>(p);
   } else {

@@ -27,8 +27,12 @@ cudaError_t kda_decode_fused_launch(const KdaDecodeFusedParams& p, cudaStream_t 
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   // Only after every CTA of the main kernel has read its conv windows (see the kernel header).
-  const dim3 conv_grid((p.conv.D + kThreads - 1) / kThreads, p.dec.B);
-  kda_fused_conv_state_kernel<<<conv_grid, kThreads, 0, stream>>>(p);
+  if (conv_vec8_ok(p.conv)) {  // 16-byte accesses
+    const int groups = p.conv.D / kConvVec;
+    kda_fused_conv_state_kernel<true><<<dim3((groups + kThreads - 1) / kThreads, p.dec.B), kThreads, 0, stream>>>(p);
+  } else {
+    kda_fused_conv_state_kernel<false><<<dim3((p.conv.D + kThreads - 1) / kThreads, p.dec.B), kThreads, 0, stream>>>(p);
+  }
   if (p.out_gate) {
     const long long rows = (long long)p.dec.B * p.dec.T * p.dec.H;
     kda_fused_norm_kernel<<<(unsigned)((rows + kWarps - 1) / kWarps), kThreads, 0, stream>>>(p);

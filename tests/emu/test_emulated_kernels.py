@@ -230,10 +230,11 @@ def test_conv_update_vs_reference(lib, spec, D, x_pad, pool_dtype):
 @pytest.mark.parametrize("norm", [False, True])
 @pytest.mark.parametrize("spec", [False, True])
 @pytest.mark.parametrize("bv", [8, 32])
-def test_fused_decode_vs_reference(lib, bv, spec, norm):
+@pytest.mark.parametrize("x_pad", [0, 4])  # 4: rows not 16-byte aligned, one-channel conv write-back
+def test_fused_decode_vs_reference(lib, bv, spec, norm, x_pad):
     H, B, T, W = 2, 3, (3 if spec else 1), 4
     Dm = 3 * H * D
-    mixed = torch.randn(B, T, Dm).bfloat16()
+    mixed = torch.randn(B, T, Dm + x_pad).bfloat16()[..., x_pad:]
     g = (torch.rand(B, T, H, D) * 16 - 8).bfloat16()
     beta = (torch.randn(B, T, H) * 3).bfloat16()
     A_log, dt = torch.full((H,), math.log(4.0)), torch.randn(H * D) * 0.5
