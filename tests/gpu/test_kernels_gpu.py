@@ -195,19 +195,20 @@ def test_conv_prefill(W, extra_rows, pool_dtype, w_dtype):
 @pytest.mark.parametrize("T", [1, 3])
 @pytest.mark.parametrize("spec", [False, True])
 @pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16])
-def test_conv_update(W, T, spec, pool_dtype):
+@pytest.mark.parametrize("x_pad", [0, 4])  # 0: eight channels per thread; 4: unaligned rows, one per thread
+def test_conv_update(W, T, spec, pool_dtype, x_pad):
     torch.manual_seed(W + 10 * T)
     B, D_ = 5, 256
     R = W - 1 + (T - 1 if spec else 0)
-    x = torch.randn(B, T, D_, device=DEV).bfloat16()
+    x = torch.randn(B, T, D_ + x_pad, device=DEV).bfloat16()[..., x_pad:]
     weight, bias = conv_case(W, R, D_, pool_dtype, torch.float32)
     pool = torch.randn(B + 2, R, D_, device=DEV).to(pool_dtype)
     slots = torch.tensor([1, 0, 3, -1, 5], dtype=torch.int32, device=DEV)
     num_acc = torch.randint(1, T + 1, (B,), dtype=torch.int32, device=DEV) if spec else None
     ref_pool = pool.clone()
-    ref = torch.empty_like(x)
+    ref = torch.empty(B, T, D_, device=DEV, dtype=x.dtype)
     reference.causal_conv1d_update(x, weight, bias, ref_pool, slots, num_acc, "silu", ref)
-    out = torch.full_like(x, float("nan"))
+    out = torch.full_like(ref, float("nan"))
     _ext.conv_update(x, weight, bias, pool, slots, num_acc, out=out)
     sync()
     assert not out.isnan().any()
