@@ -1,5 +1,6 @@
-// Device helpers for the causal depthwise conv1d (width W <= 4) on a slot-indexed conv pool,
-// shared by the conv kernels and the fused decode. No torch headers, no kernels here.
+// Helpers for the causal depthwise conv1d (width W <= 4) on a slot-indexed conv pool, shared by
+// the conv kernels and the fused decode: device functions, and conv_vec8_ok for the launchers.
+// No torch headers, no kernels here.
 //
 // Pool rows are oldest first. An update of T new tokens with window offset off reads the history
 // rows [off, off+W-1) of pool[slot]; rows [0, n) then hold the last n of (window ++ x), with
@@ -9,6 +10,7 @@
 #include <cuda_bf16.h>
 
 #include <cstdint>
+
 #include "../conv/conv1d.h"
 
 namespace kda {
