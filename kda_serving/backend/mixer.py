@@ -72,8 +72,8 @@ def kda_mixer_forward(mixed_qkv, g_raw, beta_raw, out_gate, params: KDALayerPara
         od = out[:nd].view(B, L, H, D)
         gate_d = out_gate.reshape(T, H, D)[:nd].view(B, L, H, D) if norm else None
         nw = params.norm_weight if norm else None
-        if decode_fused_selected() and ops.fused_decode_ready(xd, gd, bd, state_pool, params.conv_weight, params.conv_bias, conv_pool,
-                              gate_d, nw, od):
+        if decode_fused_selected() and ops.fused_decode_ready(
+                xd, gd, bd, state_pool, params.conv_weight, params.conv_bias, conv_pool, gate_d, nw, od):
             ops.kda_decode_fused(xd, gd, bd, params.A_log, params.dt_bias, conv_weight=params.conv_weight,
                                  conv_bias=params.conv_bias, conv_pool=conv_pool, state_pool=state_pool,
                                  slots=batch.decode_slots, num_accepted_tokens=batch.num_accepted_tokens,
