@@ -126,20 +126,6 @@ __device__ __forceinline__ void mma_acc(FragC& acc, const float* A, unsigned lda
   }
 }
 
-// One step of a warp reduce-scatter of 2·O values per lane: lanes with bit O set keep the
-// upper O values, the others the lower O, each adding its partner's copy of the kept half.
-// After the steps O = 16, 8, 4, 2, 1, value 0 of lane L holds the warp-wide sum of value L.
-template <int O>
-__device__ __forceinline__ void reduce_scatter_step(float (&v)[32], int lane) {
-  const bool upper = lane & O;
-#pragma unroll
-  for (int r = 0; r < O; ++r) {
-    const float send = upper ? v[r] : v[r + O];
-    const float keep = upper ? v[r + O] : v[r];
-    v[r] = keep + __shfl_xor_sync(0xffffffffu, send, O);
-  }
-}
-
 template <typename StateT>
 __device__ __forceinline__ void copy_state_out(const Smem& sm, StateT* dst) {
   for (int idx = threadIdx.x * 4; idx < kBV * kK; idx += kThr * 4) {
@@ -239,8 +225,8 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_kernel(const KdaPr
     //     lane holds 4 channels; step 0 / 1 are the diagonal entries (q_j . k_j, E = 1), steps
     //     2..16 walk j1's rows below the diagonal, then j2's, with the running product
     //     E = prod_{j<t<=i} a_t. The 17 + 15 partial dot products (A_qk for every step, A_kk for
-    //     steps 2..16) stay in registers; one reduce-scatter over the warp (31 shuffles) then
-    //     leaves lane L with the full sum of value L. Rows past the end are zero in Qr / Kq.
+    //     steps 2..16) stay in registers; one reduce-scatter over the warp (RowReduce, 31 shuffles)
+    //     then leaves lane L with the full sum of value L. Rows past the end are zero in Qr / Kq.
     for (int item = warp; item < kNB * kBlk / 2; item += kWarp) {
       const int i0 = item / (kBlk / 2) * kBlk, jj = item % (kBlk / 2);
       const int j1 = i0 + jj, j2 = i0 + kBlk - 1 - jj;
@@ -274,16 +260,12 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_kernel(const KdaPr
         part[st] = sq;
         part[kBlk - 1 + st] = sk;
       }
-      reduce_scatter_step<16>(part, lane);
-      reduce_scatter_step<8>(part, lane);
-      reduce_scatter_step<4>(part, lane);
-      reduce_scatter_step<2>(part, lane);
-      reduce_scatter_step<1>(part, lane);
+      const float sum = RowReduce<2 * kBlk, 16>::run(part, lane);  // of value row_of_lane<32>(lane) = lane
       const int st = lane <= kBlk ? lane : lane - (kBlk - 1);  // the step lane L's sum belongs to
       const bool second = st == 1 || st >= sw;
       const int i = i0 + (st == 0 ? jj : st == 1 ? kBlk - 1 - jj : second ? st - 1 : jj + st - 1);
-      if (lane <= kBlk) sm.Aqk[i][second ? j2 : j1] = part[0];
-      else sm.Akk[i][second ? j2 : j1] = part[0];
+      if (lane <= kBlk) sm.Aqk[i][second ? j2 : j1] = sum;
+      else sm.Akk[i][second ? j2 : j1] = sum;
       // The pair's entries above the diagonal (and A_kk's diagonal) are zero: A_qk rows 0..jj-1
       // of j1 and 0..14-jj of j2 (15 lanes); A_kk rows 0..jj of j1 and 0..15-jj of j2 (17 lanes).
       if (lane < kBlk - 1) sm.Aqk[i0 + (lane < jj ? lane : lane - jj)][lane < jj ? j1 : j2] = 0.f;
