@@ -5,8 +5,9 @@
 # attention sources, DeepGEMM's JIT headers (fp8 only) and its extensions for other Pythons.
 #
 #   scripts/pack_vllm_slim.sh VLLM_WHEEL OUTDIR    # writes OUTDIR/vllm-slim.tar.xz.partNN + .sha256
-# On the GPU machine: cat the pieces, check the sha256, `tar xJf ... -C TARGET`, install the
-# dependency wheels into TARGET too (pip --no-deps --target), export PYTHONPATH=TARGET.
+# On the GPU machine, with the pieces, the .sha256 and the dependency wheels in one folder:
+# scripts/install_wheels_offline.sh FOLDER TARGET (joins, checks, unpacks, installs), then
+# export PYTHONPATH=TARGET.
 set -euo pipefail
 WHEEL=${1:?vllm wheel}
 OUTDIR=${2:?output directory}

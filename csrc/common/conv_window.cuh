@@ -70,7 +70,7 @@ __device__ __forceinline__ void conv_update_store(const Conv1dParams& p, int64_t
 }
 
 // Eight consecutive channels as one 16-byte (bf16) or two 16-byte (fp32) accesses; i is a
-// multiple of 8 elements from a 16-byte aligned base (conv1d_update_vec_ok checks).
+// multiple of 8 elements from a 16-byte aligned base (conv_vec8_ok checks).
 constexpr int kConvVec = 8;
 
 __device__ __forceinline__ void ld8(const void* base, int64_t i, bool is_bf16, float (&v)[kConvVec]) {
@@ -112,6 +112,21 @@ inline bool conv_vec8_ok(const Conv1dParams& p) {
   return p.D % kConvVec == 0 && p.pool_sd == 1 && aligned(p.x) && aligned(p.pool) &&
          (p.y == nullptr || (aligned(p.y) && mult8(p.y_sb) && mult8(p.y_st))) && mult8(p.x_sb) &&
          mult8(p.x_st) && mult8(p.pool_ss) && mult8(p.pool_sr);
+}
+
+// The W-1 history rows of the window starting at row off, eight channels from base
+// (= slot * pool_ss + d0); rows past W-2 are zero.
+__device__ __forceinline__ void load_window8(const Conv1dParams& p, int64_t base, int off,
+                                             float (&win)[kConvMaxWidth - 1][kConvVec]) {
+#pragma unroll
+  for (int j = 0; j < kConvMaxWidth - 1; ++j) {
+    if (j < p.W - 1) {
+      ld8(p.pool, base + (int64_t)(off + j) * p.pool_sr, p.pool_bf16, win[j]);
+    } else {
+#pragma unroll
+      for (int c = 0; c < kConvVec; ++c) win[j][c] = 0.f;
+    }
+  }
 }
 
 // conv_update_store for the eight channels from d0 (base = slot * pool_ss + d0, x at channel d0

@@ -175,19 +175,13 @@ __global__ void __launch_bounds__(kConvThreads) conv1d_update_vec_kernel(const C
     wx[c] = ld_any(p.weight, row + p.W - 1, p.weight_bf16);
     bias[c] = p.bias ? ld_any(p.bias, d0 + c, p.weight_bf16) : 0.f;
   }
-  float win[kConvMaxWidth - 1][kConvVec];   // history, oldest first
   float hist[kConvMaxWidth - 1][kConvVec];  // the window as read, for the write-back
+  load_window8(p, base, off, hist);
+  float win[kConvMaxWidth - 1][kConvVec];   // history, oldest first, shifted per token
 #pragma unroll
-  for (int j = 0; j < kConvMaxWidth - 1; ++j) {
-    if (j < p.W - 1) {
-      ld8(p.pool, base + (int64_t)(off + j) * p.pool_sr, p.pool_bf16, win[j]);
-    } else {
+  for (int j = 0; j < kConvMaxWidth - 1; ++j)
 #pragma unroll
-      for (int c = 0; c < kConvVec; ++c) win[j][c] = 0.f;
-    }
-#pragma unroll
-    for (int c = 0; c < kConvVec; ++c) hist[j][c] = win[j][c];
-  }
+    for (int c = 0; c < kConvVec; ++c) win[j][c] = hist[j][c];
   for (int t = 0; t < p.T; ++t) {
     float xt[kConvVec];
     ld8(p.x, xb + (int64_t)t * p.x_st, true, xt);

@@ -6,9 +6,10 @@
 //  1. kda_decode_fused_kernel, grid (V / BV, H, B) as kda_decode. The CTA computes the conv
 //     outputs it needs straight from the conv window and mixed_qkv (all 2·K q/k channels of its
 //     head, its own BV v channels; spread over all threads), rounds them to bf16 as the unfused
-//     conv op stores them, and feeds them to the shared recurrence (decode_rows). It only *reads* the conv pool.
+//     conv op stores them, and feeds them to the shared recurrence (decode_rows). It only
+//     *reads* the conv pool.
 //  2. kda_fused_conv_state_kernel rewrites the conv pool rows of every live row, one thread per
-//     channel. The write-back cannot sit in kernel 1: a head's q/k windows are read by all
+//     channel (eight where the rows are 16-byte aligned). The write-back cannot sit in kernel 1: a head's q/k windows are read by all
 //     V / BV CTAs of that head, and CTAs of one grid have no ordering, so a CTA writing them
 //     could overwrite a window a sibling CTA has not read yet. Running after kernel 1 on the
 //     same stream, this kernel sees every read done; each channel has exactly one writer
@@ -141,15 +142,7 @@ kda_fused_conv_state_kernel(const __grid_constant__ KdaDecodeFusedParams p) {
   const __nv_bfloat16* x = static_cast<const __nv_bfloat16*>(cp.x) + n * cp.x_sb + d;
   if constexpr (Vec8) {
     float hist[kConvMaxWidth - 1][kConvVec];
-#pragma unroll
-    for (int j = 0; j < kConvMaxWidth - 1; ++j) {
-      if (j < cp.W - 1) {
-        ld8(cp.pool, base + (int64_t)(r.off + j) * cp.pool_sr, cp.pool_bf16, hist[j]);
-      } else {
-#pragma unroll
-        for (int c = 0; c < kConvVec; ++c) hist[j][c] = 0.f;
-      }
-    }
+    load_window8(cp, base, r.off, hist);
     conv_update_store8(cp, base, hist, x, cp.x_st);
   } else {
     float hist[kConvMaxWidth];
