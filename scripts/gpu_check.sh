@@ -9,7 +9,8 @@
 # is unset). tests: the GPU tests except the 128K-token split cases; the opt-in kernels
 # (KDA_SERVING_PREFILL_KERNEL=chunked / tc) run in a process of their own, next to the default
 # kernels' process, so a fault in one (an illegal address leaves the CUDA context unusable) cannot
-# take the other's results with it. bench: prefill (all kernels), decode, one layer. long: the
+# take the other's results with it. bench: prefill (all kernels), decode, one layer (BENCHES picks
+# some, e.g. BENCHES="decode layer"). long: the
 # long-context prefill benchmark (extra arguments in LONG_ARGS, e.g. "--heads 8 --max-tokens 131072") and
 # the 128K-token split tests. profile: the tensor-core prefill's cycles per phase
 # (scripts/profile_tc_phases.cu) at H96 1x8192 and H32 1x32768.
@@ -49,9 +50,10 @@ if has tests; then
   for f in pytest-gpu pytest-gpu-optin; do echo "== $f"; grep -E "^(FAILED|ERROR)" "$OUT/$f.log" | head -20; tail -n 2 "$OUT/$f.log"; done
 fi
 if has bench; then
-  TAIL=22 step bench_prefill python3 scripts/bench_prefill.py --chunked --out "$OUT"
-  TAIL=22 step bench_decode python3 scripts/bench_decode.py --out "$OUT"
-  TAIL=12 step bench_layer python3 scripts/bench_layer.py --out "$OUT"
+  benches=" ${BENCHES:-prefill decode layer} "
+  [[ $benches == *" prefill "* ]] && TAIL=22 step bench_prefill python3 scripts/bench_prefill.py --chunked --out "$OUT"
+  [[ $benches == *" decode "* ]] && TAIL=22 step bench_decode python3 scripts/bench_decode.py --out "$OUT"
+  [[ $benches == *" layer "* ]] && TAIL=12 step bench_layer python3 scripts/bench_layer.py --out "$OUT"
 fi
 if has profile; then
   step profile-build nvcc -std=c++17 -O3 -arch=sm_90a -Icsrc scripts/profile_tc_phases.cu -o "$OUT/.profile_tc"
