@@ -24,10 +24,10 @@ mkdir -p "$OUT"
 export MAX_JOBS=${MAX_JOBS:-$(nproc)} PYTHONUNBUFFERED=1
 rc=0
 has() { [[ " $STAGES " == *" $1 "* ]]; }
-step() {  # step NAME CMD...: run, log to OUT/NAME.log, print its tail, remember failure
+step() {  # step NAME CMD...: run (at most STEP_TIMEOUT s), log to OUT/NAME.log, print its tail
   local name=$1; shift
   local t0=$SECONDS
-  "$@" >"$OUT/$name.log" 2>&1 || { rc=1; echo "FAILED: $name"; }
+  timeout "${STEP_TIMEOUT:-3600}" "$@" >"$OUT/$name.log" 2>&1 || { rc=1; echo "FAILED: $name"; }
   echo "== $name ($((SECONDS - t0)) s)"; tail -n "${TAIL:-6}" "$OUT/$name.log"
 }
 
