@@ -392,6 +392,7 @@ void causal_conv1d_update(const Tensor& x, const Tensor& weight, const std::opti
   p.x = x.data_ptr(); p.x_sb = x.stride(0); p.x_st = x.stride(1);
   p.y = out.data_ptr(); p.y_sb = out.stride(0); p.y_st = out.stride(1);
   p.N = (int)x.size(0); p.T = (int)x.size(1);
+  p.vec8_min_elems = kda::kConvVec8MinElems;
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaError_t err = kda::conv1d_update_launch(p, at::cuda::getCurrentCUDAStream());
   KDA_CHECK(err == cudaSuccess, "causal_conv1d_update launch failed: ", cudaGetErrorString(err));

@@ -72,6 +72,18 @@ def has_cuda() -> bool:
         return False
 
 
+def source_commit() -> str:
+    """The commit measured: KDA_SERVING_COMMIT (trees copied without .git), else git's HEAD."""
+    env = os.environ.get("KDA_SERVING_COMMIT")
+    if env:
+        return env
+    try:
+        return subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip() or "nogit"
+    except (OSError, subprocess.SubprocessError):
+        return "nogit"
+
+
 def device_info() -> dict:
     import torch
     info = {"torch": torch.__version__, "python": sys.version.split()[0]}
@@ -470,7 +482,7 @@ def main() -> None:
     logs = args.out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     spec = {"model": str(model), "engine": engine, "shapes": shapes, "vocab": config["vocab_size"]}
-    rec = {"benchmark": "vllm_e2e", "time": stamp, "device": dev,
+    rec = {"benchmark": "vllm_e2e", "time": stamp, "commit": source_commit(), "device": dev,
            "weights": "vllm-dummy" if args.vllm_dummy_weights else "scaled-dummy", "config": args.config or
            ("kimi-linear-48b-a3b" if cuda else "tiny"), "layers": layers,
            "kda_layers": len(config["linear_attn_config"]["kda_layers"]),

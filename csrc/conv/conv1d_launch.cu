@@ -16,7 +16,7 @@ cudaError_t conv1d_prefill_launch(const Conv1dParams& p, cudaStream_t stream) {
 
 cudaError_t conv1d_update_launch(const Conv1dParams& p, cudaStream_t stream) {
   if (p.D == 0 || p.N == 0) return cudaSuccess;
-  if (conv_vec8_ok(p)) {  // 16-byte accesses
+  if (conv_vec8_ok(p) && (int64_t)p.N * p.D >= p.vec8_min_elems) {  // 16-byte accesses
     const int groups = p.D / kConvVec;
     conv1d_update_vec_kernel<<<dim3((groups + kConvThreads - 1) / kConvThreads, p.N), kConvThreads, 0, stream>>>(p);
   } else {

@@ -45,7 +45,7 @@ extern "C" int64_t emu_layout(int which) {
     case 2: return sizeof(kda::KdaDecodeParams);
     case 3: return offsetof(kda::KdaDecodeParams, num_sms);
     case 4: return sizeof(kda::Conv1dParams);
-    case 5: return offsetof(kda::Conv1dParams, silu);
+    case 5: return offsetof(kda::Conv1dParams, vec8_min_elems);
     case 6: return sizeof(kda::KdaDecodeFusedParams);
     case 7: return offsetof(kda::KdaDecodeFusedParams, norm_eps);
   }

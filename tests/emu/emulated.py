@@ -59,7 +59,7 @@ class ConvParams(C.Structure):
                 ("pool_sd", C.c_int64), ("pool_bf16", C.c_bool), ("slots", C.c_void_p), ("cu_seqlens", C.c_void_p),
                 ("cu_seqlens_64", C.c_bool), ("has_initial_state", C.c_void_p), ("total_tokens", C.c_int64),
                 ("num_accepted", C.c_void_p), ("N", C.c_int), ("T", C.c_int), ("D", C.c_int), ("W", C.c_int),
-                ("R", C.c_int), ("silu", C.c_bool)]
+                ("R", C.c_int), ("silu", C.c_bool), ("vec8_min_elems", C.c_int64)]
 
 
 class DecodeFusedParams(C.Structure):
@@ -68,7 +68,7 @@ class DecodeFusedParams(C.Structure):
                 ("norm_weight_bf16", C.c_bool), ("norm_eps", C.c_float)]
 
 
-LAYOUTS = [(PrefillParams, "num_sms"), (DecodeParams, "num_sms"), (ConvParams, "silu"), (DecodeFusedParams, "norm_eps")]
+LAYOUTS = [(PrefillParams, "num_sms"), (DecodeParams, "num_sms"), (ConvParams, "vec8_min_elems"), (DecodeFusedParams, "norm_eps")]
 
 
 def cuda_include() -> Path | None:
@@ -244,8 +244,10 @@ def conv_prefill(lib, x, weight, bias, cu_seqlens, conv_pool, slots, has_initial
     return out
 
 
-def conv_update(lib, x, weight, bias, conv_pool, slots, num_accepted=None, out=None, silu=True):
-    """Emulated causal_conv1d_update (+SiLU): x [B, T, D] bf16 -> out, pool updated."""
+def conv_update(lib, x, weight, bias, conv_pool, slots, num_accepted=None, out=None, silu=True, vec8_min_elems=0):
+    """Emulated causal_conv1d_update (+SiLU): x [B, T, D] bf16 -> out, pool updated. vec8_min_elems:
+    B * D from which the eight-channel kernel runs on aligned rows (0: always, the default here so
+    small cases reach it; the extension uses kConvVec8MinElems)."""
     out = torch.empty_like(x) if out is None else out
     keep = dict(slots=slots.to(torch.int32).contiguous(),
                 acc=num_accepted.to(torch.int32).contiguous() if num_accepted is not None else None)
@@ -253,6 +255,7 @@ def conv_update(lib, x, weight, bias, conv_pool, slots, num_accepted=None, out=N
     p.x, p.x_sb, p.x_st = _ptr(x), x.stride(0), x.stride(1)
     p.y, p.y_sb, p.y_st = _ptr(out), out.stride(0), out.stride(1)
     p.slots, p.num_accepted, p.N, p.T = _ptr(keep["slots"]), _ptr(keep["acc"]), x.shape[0], x.shape[1]
+    p.vec8_min_elems = vec8_min_elems
     if lib.emu_conv(1, C.byref(p)) != 0:
         raise RuntimeError("emulated conv update launch failed")
     return out

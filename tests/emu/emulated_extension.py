@@ -13,6 +13,7 @@ import torch
 from . import emulated
 
 _LIB = None  # the torch.library fragment; registrations live as long as the process
+CONV_VEC8_MIN_ELEMS = 1 << 20  # what the extension passes: kConvVec8MinElems, csrc/conv/conv1d.h
 
 
 def schemas() -> dict[str, str]:
@@ -53,7 +54,8 @@ def install(lib) -> None:
                               silu=silu)
 
     def conv_update(x, weight, bias, conv_pool, slots, num_accepted, silu, out):
-        emulated.conv_update(lib, x, weight, bias, conv_pool, slots, num_accepted, out=out, silu=silu)
+        emulated.conv_update(lib, x, weight, bias, conv_pool, slots, num_accepted, out=out, silu=silu,
+                             vec8_min_elems=CONV_VEC8_MIN_ELEMS)
 
     def decode_fused(mixed_qkv, g, beta, A_log, dt_bias, conv_weight, conv_bias, conv_pool, state_pool, slots,
                      num_accepted, lower_bound, scale, out_gate, norm_weight, norm_eps, out):

@@ -225,6 +225,26 @@ def test_conv_update_vs_reference(lib, spec, D, x_pad, pool_dtype):
     assert torch.equal(ours[untouched], pool0[untouched])
 
 
+@pytest.mark.parametrize("spec", [False, True])
+def test_conv_update_kernels_agree(lib, spec):
+    """Aligned rows below / at the size rule's threshold: the one- and eight-channel kernels give
+    the same bits (same arithmetic per channel, same order)."""
+    B, D, T = 4, 160, (3 if spec else 1)
+    x = torch.randn(B, T, D).bfloat16()
+    w, b = conv_layer(D)
+    pool0 = torch.randn(8, 3 + T - 1, D)
+    slots = torch.tensor([2, 0, 5, 6], dtype=torch.int32)
+    acc = torch.tensor([1, 1, 3, 2], dtype=torch.int32) if spec else None
+    outs = []
+    for vec8_min in (0, B * D + 1):  # eight-channel kernel; one-channel kernel
+        pool = pool0.clone()
+        y = emulated.conv_update(lib, x, w, b, pool, slots, acc, out=torch.full((B, T, D), float("nan")).bfloat16(),
+                                 vec8_min_elems=vec8_min)
+        outs.append((y, pool))
+    assert not outs[0][0].isnan().any()
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
 # ---------------------------------------------------------------------------- fused decode
 
 @pytest.mark.parametrize("norm", [False, True])

@@ -216,6 +216,27 @@ def test_conv_update(W, T, spec, pool_dtype, x_pad):
     assert torch.equal(pool, ref_pool)
 
 
+@pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16])
+def test_conv_update_wide(pool_dtype):
+    """B * D at the size from which the extension runs the eight-channel update kernel."""
+    torch.manual_seed(3)
+    B, D_, W = 128, 8192, 4
+    x = torch.randn(B, 1, D_, device=DEV).bfloat16()
+    weight, bias = conv_case(W, W - 1, D_, pool_dtype, torch.bfloat16)
+    pool = torch.randn(B + 8, W - 1, D_, device=DEV).to(pool_dtype)
+    slots = (torch.randperm(B + 7, device=DEV)[:B] + 1).to(torch.int32)
+    slots[5] = 0
+    ref_pool = pool.clone()
+    ref = torch.empty_like(x)
+    reference.causal_conv1d_update(x, weight, bias, ref_pool, slots, None, "silu", ref)
+    out = torch.full_like(ref, float("nan"))
+    _ext.conv_update(x, weight, bias, pool, slots, None, out=out)
+    sync()
+    assert not out.isnan().any()
+    assert rel_rms(out, ref) <= TOL
+    assert torch.equal(pool, ref_pool)
+
+
 def fused_case(B, T, H, W, pool_dtype, verify):
     """Layer tensors for the fused decode: strided mixed_qkv, conv/state pools poisoned with 1e30
     except the rows a live sequence reads. Returns a dict of kernel arguments."""
