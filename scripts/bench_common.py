@@ -214,7 +214,9 @@ def run_metadata(script: str, device: torch.device, argv, bandwidth: float) -> d
         "triton": _version("triton"),
         "fla": _version("flash-linear-attention") or _version("fla-core"),
         "commit": commit,
-        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        # a tree copied elsewhere names its commit in KDA_SERVING_COMMIT; its git state says nothing
+        "dirty": None if os.environ.get("KDA_SERVING_COMMIT") else bool(_git("status", "--porcelain",
+                                                                             "--untracked-files=no")),
         "argv": list(argv),
         "time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "copy_bandwidth_gbps": bandwidth / 1e9,
