@@ -12,6 +12,23 @@ constexpr int kWarps = kThreads / 32;
 
 __device__ __forceinline__ float bf2f(__nv_bfloat16 x) { return __bfloat162float(x); }
 
+// Programmatic dependent launch (sm_90): a kernel started by launch_overlapping (launch_utils.h)
+// may run while the kernel before it in the stream finishes. pdl_wait() returns once that kernel
+// has completed and its writes are visible; nothing it writes may be read before. A kernel calls
+// pdl_release_dependents() to let the next one start early. Both are no-ops without a dependency
+// (and in the CPU emulator, which runs kernels one after another).
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void pdl_release_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 // Stable forms: every exp argument is <= 0, so nothing overflows.
 __device__ __forceinline__ float sigmoid_stable(float z) {
   if (z >= 0.f) return 1.f / (1.f + expf(-z));

@@ -7,6 +7,7 @@
 #pragma once
 
 #include "../common/conv_window.cuh"
+#include "../common/kda_common.cuh"
 
 namespace kda {
 
@@ -106,6 +107,7 @@ __global__ void __launch_bounds__(kConvThreads) conv1d_prefill_state_kernel(cons
 // Decode update for x [B, T, D]. grid = (ceil(D / 128), B); one thread per (row, channel)
 // reads its window first, then rewrites its pool column in place.
 __global__ void __launch_bounds__(kConvThreads) conv1d_update_kernel(const Conv1dParams p) {
+  pdl_release_dependents();  // the decode after it reads its state rows meanwhile (kda_decode_launch.cu)
   const int d = blockIdx.x * kConvThreads + threadIdx.x;
   const int b = blockIdx.y;
   if (d >= p.D) return;
@@ -149,6 +151,7 @@ __global__ void __launch_bounds__(kConvThreads) conv1d_update_kernel(const Conv1
 // one-channel kernel moves 2 bytes per load and was latency-bound (about 4x its HBM floor at
 // B = 64 on an H100). Same arithmetic per channel, same results. grid = (ceil(D / 8 / 128), B).
 __global__ void __launch_bounds__(kConvThreads) conv1d_update_vec_kernel(const Conv1dParams p) {
+  pdl_release_dependents();
   const int d0 = (blockIdx.x * kConvThreads + threadIdx.x) * kConvVec;
   const int b = blockIdx.y;
   if (d0 >= p.D) return;

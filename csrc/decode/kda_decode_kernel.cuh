@@ -30,7 +30,8 @@ __device__ __forceinline__ void decode_rows(const KdaDecodeParams& p, const Toke
 
   GateArgs ga{expf(p.A_log[h]), p.has_lower_bound, p.lower_bound, p.scale, p.dt_bias + h * kHeadDim};
   RowBlock<BV, StateT> rb;
-  rb.load(slot_rows(start));
+  rb.load(slot_rows(start));  // no kernel before this one in the stream writes the state pool
+  pdl_wait();                 // q, k, v may be the output of the conv update still running
   if (p.verify) {
     rb.run(tv, src, ga, sm, [&](int t, const RowBlock<BV, StateT>& b) {
       const int s = srow[t];

@@ -4,26 +4,27 @@
 
 namespace kda {
 
+// Overlapping launch: the CTAs read their state rows while the conv update before them (which
+// releases its dependents at its start) finishes, and wait for it before reading q, k, v.
 template <int BV, typename StateT>
-static void launch(const KdaDecodeParams& p, cudaStream_t stream) {
+static cudaError_t launch(const KdaDecodeParams& p, cudaStream_t stream) {
   const dim3 grid(kHeadDim / BV, p.H, p.B);
-  kda_decode_kernel<BV, StateT><<<grid, kThreads, 0, stream>>>(p);
+  return launch_overlapping(kda_decode_kernel<BV, StateT>, grid, dim3(kThreads), 0, stream, p);
 }
 
 template <typename StateT>
-static void launch_rows(const KdaDecodeParams& p, cudaStream_t stream) {
+static cudaError_t launch_rows(const KdaDecodeParams& p, cudaStream_t stream) {
   switch (pick_block_rows((long long)p.B * p.H, p.num_sms)) {
-    case 32: launch<32, StateT>(p, stream); break;
-    case 16: launch<16, StateT>(p, stream); break;
-    default: launch<8, StateT>(p, stream); break;
+    case 32: return launch<32, StateT>(p, stream);
+    case 16: return launch<16, StateT>(p, stream);
+    default: return launch<8, StateT>(p, stream);
   }
 }
 
 cudaError_t kda_decode_launch(const KdaDecodeParams& p, cudaStream_t stream) {
   if (p.B == 0 || p.T == 0 || p.H == 0) return cudaSuccess;
-  if (p.state_bf16) launch_rows<__nv_bfloat16>(p, stream);
-  else launch_rows<float>(p, stream);
-  return cudaGetLastError();
+  const cudaError_t err = p.state_bf16 ? launch_rows<__nv_bfloat16>(p, stream) : launch_rows<float>(p, stream);
+  return err != cudaSuccess ? err : cudaGetLastError();
 }
 
 }  // namespace kda

@@ -31,6 +31,7 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime_api.h>
 
+#define KDA_SIMT_EMULATOR 1
 #define __global__
 #define __device__
 #define __host__
