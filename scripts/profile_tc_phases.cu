@@ -36,6 +36,7 @@ const char* kPhaseNames[kda::tc::kPhases] = {
     "6. W = beta (v - Ke S^T)",
     "7. U = T W, S decay",
     "8. O = Qe S^T + A_qk U, output",
+    "probe: 4a again, same code, warm",
 };
 
 uint32_t g_rng = 12345u;
