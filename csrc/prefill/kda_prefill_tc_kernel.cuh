@@ -120,17 +120,23 @@ __device__ __forceinline__ void load_tf32(Frag& f, const float* p, unsigned ld) 
   for (int i = 0; i < f.num_elements; ++i) f.x[i] = wmma::__float_to_tf32(f.x[i]);
 }
 
-// acc += A[16 x k] B[k x 16]; A row-major (lda); B row-major (FragB = FragBr) or given as B^T
-// row-major, i.e. col-major (FragB = FragBc), with leading dimension ldb.
+// acc[s] += A[16 x k] B_s[k x 16] for the two output tiles of a warp, B_1 starting b_next floats
+// after B_0 (the next 16 columns); the tiles share A's fragment, loaded once per k-step. A
+// row-major (lda); B row-major (FragB = FragBr) or given as B^T row-major, i.e. col-major
+// (FragB = FragBc), with leading dimension ldb.
 template <typename FragB>
-__device__ __forceinline__ void mma_acc(FragC& acc, const float* A, unsigned lda, const float* B, unsigned ldb, int k) {
+__device__ __forceinline__ void mma_acc2(FragC (&acc)[2], const float* A, unsigned lda, const float* B,
+                                         unsigned ldb, unsigned b_next, int k) {
   constexpr bool kRowB = std::is_same<FragB, FragBr>::value;
   FragA a;
-  FragB b;
+  FragB b0, b1;
   for (int kk = 0; kk < k; kk += 8) {
+    const float* bk = B + (kRowB ? (size_t)kk * ldb : (size_t)kk);
     load_tf32(a, A + kk, lda);
-    load_tf32(b, B + (kRowB ? (size_t)kk * ldb : (size_t)kk), ldb);
-    wmma::mma_sync(acc, a, b, acc);
+    load_tf32(b0, bk, ldb);
+    load_tf32(b1, bk + b_next, ldb);
+    wmma::mma_sync(acc[0], a, b0, acc[0]);
+    wmma::mma_sync(acc[1], a, b1, acc[1]);
   }
 }
 
@@ -184,8 +190,12 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_kernel(const KdaPr
 
     // 1. The chunk's inputs into shared memory, read from global memory once: q, k L2-normalised
     //    and not yet decayed in Qr, Kq; the per-token decays a_t in al (1 past the end); beta.
-    //    One warp per token, 4 channels per lane; all loads of a warp's tokens are issued before
-    //    the first is used, so their latencies overlap.
+    //    One warp per token, 4 channels per lane. (a) All loads of a warp's tokens are issued
+    //    before the first is used, so their latencies overlap; the raw values go to shared
+    //    memory. (b) Norms, gates and beta one token at a time in a loop that is not unrolled:
+    //    unrolled over the 8 tokens this pass was half of the kernel's machine code, which is
+    //    fetched again for every chunk (the profile's warm re-run of a phase costs a fifth of
+    //    its first run). Each lane reads back only what it wrote; same arithmetic either way.
     {
       constexpr int kPer = kC / kWarp;
       float qv[kPer][4], kv[kPer][4], gv[kPer][4], bv[kPer];
@@ -205,16 +215,29 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_kernel(const KdaPr
 #pragma unroll
       for (int m = 0; m < kPer; ++m) {
         const int i = warp + m * kWarp;
+        *reinterpret_cast<float4*>(&sm.Qr[i][c4]) = make_float4(qv[m][0], qv[m][1], qv[m][2], qv[m][3]);
+        *reinterpret_cast<float4*>(&sm.Kq[i][c4]) = make_float4(kv[m][0], kv[m][1], kv[m][2], kv[m][3]);
+        *reinterpret_cast<float4*>(&sm.r1.al[i][c4]) = make_float4(gv[m][0], gv[m][1], gv[m][2], gv[m][3]);
+        if (lane == 0) sm.beta[i] = bv[m];
+      }
+#pragma unroll 1
+      for (int m = 0; m < kPer; ++m) {
+        const int i = warp + m * kWarp;
         const bool live = i < nt;
+        const float4 q4 = *reinterpret_cast<const float4*>(&sm.Qr[i][c4]);
+        const float4 k4 = *reinterpret_cast<const float4*>(&sm.Kq[i][c4]);
+        const float4 g4 = *reinterpret_cast<const float4*>(&sm.r1.al[i][c4]);
+        const float q[4] = {q4.x, q4.y, q4.z, q4.w}, k[4] = {k4.x, k4.y, k4.z, k4.w};
+        const float g[4] = {g4.x, g4.y, g4.z, g4.w};
         float rq, rk, al[4];
-        qk_inv_norms(qv[m], kv[m], p.scale, rq, rk);
+        qk_inv_norms(q, k, p.scale, rq, rk);
 #pragma unroll
         for (int j = 0; j < 4; ++j)
-          al[j] = live ? expf(kda_gate(gv[m][j] + dtb4[j], a_h, p.has_lower_bound, p.lower_bound)) : 1.f;
-        *reinterpret_cast<float4*>(&sm.Qr[i][c4]) = make_float4(qv[m][0] * rq, qv[m][1] * rq, qv[m][2] * rq, qv[m][3] * rq);
-        *reinterpret_cast<float4*>(&sm.Kq[i][c4]) = make_float4(kv[m][0] * rk, kv[m][1] * rk, kv[m][2] * rk, kv[m][3] * rk);
+          al[j] = live ? expf(kda_gate(g[j] + dtb4[j], a_h, p.has_lower_bound, p.lower_bound)) : 1.f;
+        *reinterpret_cast<float4*>(&sm.Qr[i][c4]) = make_float4(q[0] * rq, q[1] * rq, q[2] * rq, q[3] * rq);
+        *reinterpret_cast<float4*>(&sm.Kq[i][c4]) = make_float4(k[0] * rk, k[1] * rk, k[2] * rk, k[3] * rk);
         *reinterpret_cast<float4*>(&sm.r1.al[i][c4]) = make_float4(al[0], al[1], al[2], al[3]);
-        if (lane == 0) sm.beta[i] = live ? sigmoid_stable(bv[m]) : 0.f;
+        if (lane == 0) sm.beta[i] = live ? sigmoid_stable(sm.beta[i]) : 0.f;
       }
     }
     __syncthreads();
@@ -439,17 +462,19 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_kernel(const KdaPr
         const int e = lane + 32 * m, i = tm * 16 + e / 16, r = (tn0 + s) * 16 + e % 16;
         vr[s][m] = i < nt ? bf2f(tv.v[(int64_t)(t0 + i) * p.v_st + r]) : 0.f;
       }
-    FragC acco[2];
+    FragC accw[2], acco[2];
+#pragma unroll
+    for (int s = 0; s < 2; ++s) {
+      wmma::fill_fragment(accw[s], 0.f);
+      wmma::fill_fragment(acco[s], 0.f);
+    }
+    // Ke S^T and Qe S^T: B = S^T, i.e. S rows (value rows) as columns, col-major with ld kK
+    mma_acc2<FragBc>(accw, &sm.Kq[tm * 16][0], kLdK, &sm.S[tn0 * 16][0], kLdK, 16 * kLdK, kK);
+    mma_acc2<FragBc>(acco, &sm.Qr[tm * 16][0], kLdK, &sm.S[tn0 * 16][0], kLdK, 16 * kLdK, kK);
 #pragma unroll
     for (int s = 0; s < 2; ++s) {
       const int tn = tn0 + s;
-      FragC accw;
-      wmma::fill_fragment(accw, 0.f);
-      wmma::fill_fragment(acco[s], 0.f);
-      // Ke S^T and Qe S^T: B = S^T, i.e. S rows (value rows) as columns, col-major with ld kK
-      mma_acc<FragBc>(accw, &sm.Kq[tm * 16][0], kLdK, &sm.S[tn * 16][0], kLdK, kK);
-      mma_acc<FragBc>(acco[s], &sm.Qr[tm * 16][0], kLdK, &sm.S[tn * 16][0], kLdK, kK);
-      wmma::store_matrix_sync(&sm.r2.W[tm * 16][tn * 16], accw, kLdV, wmma::mem_row_major);
+      wmma::store_matrix_sync(&sm.r2.W[tm * 16][tn * 16], accw[s], kLdV, wmma::mem_row_major);
       __syncwarp();
 #pragma unroll
       for (int m = 0; m < 8; ++m) {
@@ -461,23 +486,24 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_kernel(const KdaPr
     KDA_TC_MARK(8);
 
     // 7. U = T W (tensor cores); meanwhile the state columns decay by the chunk total EL.
+    {
+      FragC accu[2];
+      wmma::fill_fragment(accu[0], 0.f);
+      wmma::fill_fragment(accu[1], 0.f);
+      mma_acc2<FragBr>(accu, &sm.r1.tu.T[tm * 16][0], kLdC, &sm.r2.W[0][tn0 * 16], kLdV, 16, kC);
 #pragma unroll
-    for (int s = 0; s < 2; ++s) {
-      const int tn = tn0 + s;
-      FragC accu;
-      wmma::fill_fragment(accu, 0.f);
-      mma_acc<FragBr>(accu, &sm.r1.tu.T[tm * 16][0], kLdC, &sm.r2.W[0][tn * 16], kLdV, kC);
-      wmma::store_matrix_sync(&sm.r1.tu.U[tm * 16][tn * 16], accu, kLdV, wmma::mem_row_major);
+      for (int s = 0; s < 2; ++s)
+        wmma::store_matrix_sync(&sm.r1.tu.U[tm * 16][(tn0 + s) * 16], accu[s], kLdV, wmma::mem_row_major);
     }
     __syncthreads();  // U complete; every read of the undecayed S is done
     KDA_TC_MARK(9);
     for (int idx = tid; idx < kBV * kK; idx += kThr) sm.S[idx / kK][idx % kK] *= sm.EL[idx % kK];
 
     // 8. O = Qe S^T + A_qk U, staged in the W area (W is dead), written out by the owning warp.
+    mma_acc2<FragBr>(acco, &sm.Aqk[tm * 16][0], kLdC, &sm.r1.tu.U[0][tn0 * 16], kLdV, 16, kC);
 #pragma unroll
     for (int s = 0; s < 2; ++s) {
       const int tn = tn0 + s;
-      mma_acc<FragBr>(acco[s], &sm.Aqk[tm * 16][0], kLdC, &sm.r1.tu.U[0][tn * 16], kLdV, kC);
       wmma::store_matrix_sync(&sm.r2.W[tm * 16][tn * 16], acco[s], kLdV, wmma::mem_row_major);
       __syncwarp();
       for (int e = lane; e < 256; e += 32) {
