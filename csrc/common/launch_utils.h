@@ -7,7 +7,9 @@ namespace kda {
 
 // kernel<<<grid, block, smem, stream>>>(p), allowed to start before the previous kernel in the
 // stream has finished (programmatic stream serialization; kda_common.cuh's pdl_wait orders the
-// kernel's reads of that kernel's output). Captured into CUDA graphs as a programmatic edge.
+// kernel's reads of that kernel's output). Captured into CUDA graphs as a programmatic edge. The
+// CPU emulator (tests/emu, which defines KDA_SIMT_EMULATOR) runs kernels in order and launches
+// plainly.
 template <typename P>
 inline cudaError_t launch_overlapping(void (*kernel)(P), dim3 grid, dim3 block, size_t smem,
                                       cudaStream_t stream, const P& p) {

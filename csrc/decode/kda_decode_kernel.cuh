@@ -30,8 +30,10 @@ __device__ __forceinline__ void decode_rows(const KdaDecodeParams& p, const Toke
 
   GateArgs ga{expf(p.A_log[h]), p.has_lower_bound, p.lower_bound, p.scale, p.dt_bias + h * kHeadDim};
   RowBlock<BV, StateT> rb;
-  rb.load(slot_rows(start));  // no kernel before this one in the stream writes the state pool
-  pdl_wait();                 // q, k, v may be the output of the conv update still running
+  // The kernel this one may overlap (the conv update, kda_decode_launch.cu) does not touch the
+  // state pool, so the rows load before pdl_wait; q, k, v may be that kernel's output.
+  rb.load(slot_rows(start));
+  pdl_wait();
   if (p.verify) {
     rb.run(tv, src, ga, sm, [&](int t, const RowBlock<BV, StateT>& b) {
       const int s = srow[t];
