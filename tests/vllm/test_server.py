@@ -18,7 +18,7 @@ httpx = pytest.importorskip("httpx")
 
 from kda_serving.checkpoints import load_preset  # noqa: E402
 
-from .helpers import Server, amx_available, assert_same_greedy, write_tiny  # noqa: E402
+from .helpers import TOP_K, Server, amx_available, assert_same_greedy, write_tiny  # noqa: E402
 
 MODEL = "tiny"
 MAX_MODEL_LEN = 512
@@ -64,9 +64,9 @@ def complete_ids(client, prompt_ids, max_tokens):
 
 
 def complete(client, prompt_ids, max_tokens):
-    """Greedy completion → (token ids, [{token id: logprob} of the top 2 at each step])."""
+    """Greedy completion → (token ids, [{token id: logprob} of the top TOP_K at each step])."""
     r = client.completions.create(model=MODEL, prompt=prompt_ids, max_tokens=max_tokens, temperature=0,
-                                  logprobs=2, extra_body={"return_token_ids": True, "ignore_eos": True,
+                                  logprobs=TOP_K, extra_body={"return_token_ids": True, "ignore_eos": True,
                                                           "return_tokens_as_token_ids": True})
     choice = r.choices[0]
     tops = [{int(k.split(":")[1]): v for k, v in d.items()} for d in choice.logprobs.top_logprobs]
