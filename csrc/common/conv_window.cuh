@@ -46,6 +46,15 @@ struct ConvWeights {
   }
 };
 
+// The W-1 history rows of one channel's window starting at row off (base = slot * pool_ss +
+// d * pool_sd), oldest first; entries past W-2 are zero.
+__device__ __forceinline__ void load_window(const Conv1dParams& p, int64_t base, int off,
+                                            float (&win)[kConvMaxWidth]) {
+#pragma unroll
+  for (int j = 0; j < kConvMaxWidth; ++j)
+    win[j] = j < p.W - 1 ? ld_any(p.pool, base + (int64_t)(off + j) * p.pool_sr, p.pool_bf16) : 0.f;
+}
+
 // Rewrites one channel's pool column after an update of p.T tokens: rows [0, n) get the last n
 // elements of (window ++ x), n = W-1 for plain updates and min(R, W-2+T) with num_accepted
 // (vLLM's speculative layout: window[1:] ++ x, so next step's window at row a-1 ends at the

@@ -122,13 +122,11 @@ __global__ void __launch_bounds__(kConvThreads) conv1d_update_kernel(const Conv1
   }
   const int64_t base = (int64_t)slot * p.pool_ss + d * p.pool_sd;
   const ConvWeights cw(p, d);
-  float win[kConvMaxWidth];   // win[0..W-2] history, oldest first
   float hist[kConvMaxWidth];  // the window as read, for the state write-back
+  load_window(p, base, off, hist);
+  float win[kConvMaxWidth];   // win[0..W-2] history, oldest first, shifted per token
 #pragma unroll
-  for (int j = 0; j < kConvMaxWidth - 1; ++j) {
-    win[j] = j < p.W - 1 ? ld_any(p.pool, base + (int64_t)(off + j) * p.pool_sr, p.pool_bf16) : 0.f;
-    hist[j] = win[j];
-  }
+  for (int j = 0; j < kConvMaxWidth; ++j) win[j] = hist[j];
   for (int t = 0; t < p.T; ++t) {
     const float xt = __bfloat162float(x[(int64_t)t * p.x_st]);
     float acc = cw.b;

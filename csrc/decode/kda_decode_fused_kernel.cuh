@@ -146,9 +146,7 @@ kda_fused_conv_state_kernel(const __grid_constant__ KdaDecodeFusedParams p) {
     conv_update_store8(cp, base, hist, x, cp.x_st);
   } else {
     float hist[kConvMaxWidth];
-#pragma unroll
-    for (int j = 0; j < kConvMaxWidth; ++j)
-      hist[j] = j < cp.W - 1 ? ld_any(cp.pool, base + (int64_t)(r.off + j) * cp.pool_sr, cp.pool_bf16) : 0.f;
+    load_window(cp, base, r.off, hist);
     conv_update_store(cp, base, hist, x, cp.x_st);
   }
 }

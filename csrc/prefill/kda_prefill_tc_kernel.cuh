@@ -48,10 +48,6 @@ constexpr int kPhases = 12;
 // the very instructions of the first right after it, so the difference between the two is what
 // the first pays for fetching its code (and for anything else a warm re-run does not pay).
 constexpr int kProbeReps = 2;
-#else
-constexpr int kProbeReps = 1;
-#endif
-#ifdef KDA_TC_PHASE_CYCLES
 __device__ unsigned long long kda_tc_phase_cycles[kPhases];
 #define KDA_TC_PROFILE_BEGIN() \
   long long tc_last_ = clock64(), tc_acc_[::kda::tc::kPhases] = {}
@@ -70,6 +66,7 @@ __device__ unsigned long long kda_tc_phase_cycles[kPhases];
         atomicAdd(&::kda::tc::kda_tc_phase_cycles[i_], (unsigned long long)tc_acc_[i_]);          \
   } while (0)
 #else
+constexpr int kProbeReps = 1;
 #define KDA_TC_PROFILE_BEGIN() \
   do {                         \
   } while (0)
