@@ -20,9 +20,11 @@
 //   and not yet validated on a GPU: kda_serving.ops.kda_prefill calls it only when
 //   KDA_SERVING_PREFILL_KERNEL=chunked (docs/kernels.md); the default is the token-serial kernel.
 //
-// kda_prefill_tc(<same arguments as kda_prefill>) -> ()
+// kda_prefill_tc(<same arguments as kda_prefill>, Tensor(d!) workspace) -> ()
 //   Same contract, computed by the tensor-core chunked kernel (csrc/prefill/kda_prefill_tc_*,
-//   64-token chunks, TF32 WMMA). Opt-in (KDA_SERVING_PREFILL_KERNEL=tc), not yet validated on a GPU.
+//   64-token chunks, TF32 WMMA) in two passes through `workspace`: contiguous fp32 with at least
+//   (Ttot / 64 + N) * H * 36992 elements (kda_prefill.h tc_workspace_floats), reused across
+//   calls on one stream. Opt-in (KDA_SERVING_PREFILL_KERNEL=tc).
 //
 // kda_decode(Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, Tensor A_log,
 //            Tensor dt_bias, Tensor(a!) state_pool, Tensor slots, Tensor? num_accepted,
@@ -139,7 +141,7 @@ void prefill_common(const Tensor& q, const Tensor& k, const Tensor& v, const Ten
                     const Tensor& has_initial_state, std::optional<double> lower_bound,
                     double scale, const std::optional<Tensor>& inter,
                     const std::optional<Tensor>& inter_offsets, Tensor& out,
-                    PrefillLaunch launch, const char* op) {
+                    PrefillLaunch launch, const char* op, const Tensor* tc_workspace = nullptr) {
   KDA_CHECK(q.dim() == 3 && q.size(2) == kDim, "q must be [Ttot, H, 128], got ", q.sizes());
   const int64_t Tt = q.size(0), H = q.size(1);
   const Named tensors[] = {{&q, "q"}, {&k, "k"}, {&g, "g"}, {&v, "v"}, {&out, "out"}};
@@ -199,6 +201,16 @@ void prefill_common(const Tensor& q, const Tensor& k, const Tensor& v, const Ten
   p.scale = (float)scale;
   p.has_lower_bound = lower_bound.has_value();
   p.lower_bound = lower_bound.has_value() ? (float)*lower_bound : 0.f;
+  if (tc_workspace) {
+    check_cuda(*tc_workspace, "workspace", q);
+    check_dtype(*tc_workspace, "workspace", at::kFloat);
+    const int64_t need = kda::tc_workspace_floats(Tt, N, H);
+    KDA_CHECK(tc_workspace->is_contiguous() && tc_workspace->numel() >= need, "workspace must be contiguous "
+              "fp32 with at least (Ttot / 64 + N) * H * ", kda::kTcRecordFloats, " = ", need, " elements, got ",
+              tc_workspace->numel());
+    p.tc_workspace = tc_workspace->data_ptr<float>();
+    p.tc_chunk_slots = kda::tc_chunk_slots(Tt, N);
+  }
   const c10::cuda::CUDAGuard guard(q.device());
   p.num_sms = num_sms();
   const cudaError_t err = launch(p, at::cuda::getCurrentCUDAStream());
@@ -217,8 +229,17 @@ void prefill_op(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor&
 }
 
 constexpr char kPrefillName[] = "kda_prefill";
+
+void prefill_tc_op(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g, const Tensor& beta,
+                   const Tensor& A_log, const Tensor& dt_bias, const Tensor& cu_seqlens, Tensor& state_pool,
+                   const Tensor& slots, const Tensor& has_initial_state, std::optional<double> lower_bound,
+                   double scale, const std::optional<Tensor>& inter, const std::optional<Tensor>& inter_offsets,
+                   Tensor& out, Tensor& workspace) {
+  prefill_common(q, k, v, g, beta, A_log, dt_bias, cu_seqlens, state_pool, slots, has_initial_state,
+                 lower_bound, scale, inter, inter_offsets, out, &kda::launch_kda_prefill_tc, "kda_prefill_tc",
+                 &workspace);
+}
 constexpr char kPrefillChunkedName[] = "kda_prefill_chunked";
-constexpr char kPrefillTcName[] = "kda_prefill_tc";
 
 // Checks and fills everything of a decode call but q, k, v: g [B, T, H, 128], beta [B, T, H],
 // gate params, state pool, slots, num_accepted, out [B, T, H, 128], scale and gate bound.
@@ -450,6 +471,10 @@ void kda_prefill_meta(const Tensor&, const Tensor&, const Tensor&, const Tensor&
                       const Tensor&, const Tensor&, const Tensor&, Tensor&, const Tensor&,
                       const Tensor&, std::optional<double>, double, const std::optional<Tensor>&,
                       const std::optional<Tensor>&, Tensor&) {}
+void kda_prefill_tc_meta(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                         const Tensor&, const Tensor&, const Tensor&, Tensor&, const Tensor&,
+                         const Tensor&, std::optional<double>, double, const std::optional<Tensor>&,
+                         const std::optional<Tensor>&, Tensor&, Tensor&) {}
 void kda_decode_meta(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                      const Tensor&, const Tensor&, Tensor&, const Tensor&,
                      const std::optional<Tensor>&, std::optional<double>, double, Tensor&) {}
@@ -480,7 +505,7 @@ TORCH_LIBRARY(kda_serving, m) {
       "kda_prefill_tc(Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, Tensor A_log, "
       "Tensor dt_bias, Tensor cu_seqlens, Tensor(a!) state_pool, Tensor slots, "
       "Tensor has_initial_state, float? lower_bound, float scale, Tensor(b!)? inter, "
-      "Tensor? inter_offsets, Tensor(c!) out) -> ()");
+      "Tensor? inter_offsets, Tensor(c!) out, Tensor(d!) workspace) -> ()");
   m.def(
       "kda_decode(Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, Tensor A_log, "
       "Tensor dt_bias, Tensor(a!) state_pool, Tensor slots, Tensor? num_accepted, "
@@ -502,7 +527,7 @@ TORCH_LIBRARY(kda_serving, m) {
 TORCH_LIBRARY_IMPL(kda_serving, CUDA, m) {
   m.impl("kda_prefill", &prefill_op<&kda::kda_prefill_launch, kPrefillName>);
   m.impl("kda_prefill_chunked", &prefill_op<&kda::launch_kda_prefill_chunked, kPrefillChunkedName>);
-  m.impl("kda_prefill_tc", &prefill_op<&kda::launch_kda_prefill_tc, kPrefillTcName>);
+  m.impl("kda_prefill_tc", &prefill_tc_op);
   m.impl("kda_decode", &kda_decode);
   m.impl("causal_conv1d_prefill", &causal_conv1d_prefill);
   m.impl("causal_conv1d_update", &causal_conv1d_update);
@@ -512,7 +537,7 @@ TORCH_LIBRARY_IMPL(kda_serving, CUDA, m) {
 TORCH_LIBRARY_IMPL(kda_serving, Meta, m) {
   m.impl("kda_prefill", &kda_prefill_meta);
   m.impl("kda_prefill_chunked", &kda_prefill_meta);
-  m.impl("kda_prefill_tc", &kda_prefill_meta);
+  m.impl("kda_prefill_tc", &kda_prefill_tc_meta);
   m.impl("kda_decode", &kda_decode_meta);
   m.impl("causal_conv1d_prefill", &conv_prefill_meta);
   m.impl("causal_conv1d_update", &conv_update_meta);

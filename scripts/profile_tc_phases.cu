@@ -1,7 +1,8 @@
-// Where the tensor-core prefill kernel spends its time, per phase, without a profiler: builds the
-// kernel with clock64() marks after each block-wide barrier (KDA_TC_PHASE_CYCLES), runs one
-// prefill on random inputs and prints the cycles per 64-token chunk of each phase, as seen by
-// thread 0 of every CTA, next to the kernel's wall time.
+// Where the tensor-core prefill spends its time, per pass and phase, without a profiler: builds
+// both passes with clock64() marks after each block-wide barrier (KDA_TC_PHASE_CYCLES), runs one
+// prefill on random inputs and prints each pass's wall time and the cycles per 64-token chunk of
+// each phase, as seen by thread 0 of every CTA (the prepare pass runs one chunk per CTA, the
+// state pass all chunks of a sequence per CTA).
 //
 //   nvcc -std=c++17 -O3 -arch=sm_90a -Icsrc scripts/profile_tc_phases.cu -o /tmp/profile_tc
 //   /tmp/profile_tc [N sequences] [tokens each] [heads]      # default 1 8192 96
@@ -25,18 +26,18 @@
 namespace {
 
 const char* kPhaseNames[kda::tc::kPhases] = {
-    "9. S += U^T Kd, checkpoint (previous chunk)",
-    "1. inputs: q, k, g, beta into smem",
-    "2a+3a. block totals, diagonal blocks",
-    "2b+2c. decay products, block-local operands",
-    "3b. off-diagonal blocks (tensor cores)",
-    "4a. beta into A_kk",
-    "4a+5. T diagonal blocks, chunk operands",
-    "4b. T off-diagonal blocks",
-    "6. W = beta (v - Ke S^T)",
-    "7. U = T W, S decay",
-    "8. O = Qe S^T + A_qk U, output",
-    "probe: 4a again, same code, warm",
+    "prepare 1. inputs: q, k, g, beta into smem",
+    "prepare 2a+3a. block totals, diagonal blocks",
+    "prepare 2b+2c. decay products, block-local ops",
+    "prepare 3b. off-diagonal blocks (tensor cores)",
+    "prepare 4a. beta into A_kk",
+    "prepare 4a+5. T diagonal blocks, chunk operands",
+    "prepare 4b. T off-diagonal blocks",
+    "prepare 6. record out, beta v, u and w",
+    "state: record loads (wait)",
+    "state 1. w S^T, Qe S^T, U = u - w S^T",
+    "state 2. S decay, O += A_qk U, output",
+    "state 3. S += U^T Kd, checkpoint",
 };
 
 uint32_t g_rng = 12345u;
@@ -112,33 +113,46 @@ int main(int argc, char** argv) {
   CHECK(cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, dev));
   p.num_sms = sms;
 
+  float* ws = nullptr;
+  p.tc_chunk_slots = kda::tc_chunk_slots((int64_t)T, N);
+  CHECK(cudaMalloc(&ws, (size_t)kda::tc_workspace_floats((int64_t)T, N, H) * sizeof(float)));
+  p.tc_workspace = ws;
+
   CHECK(kda::launch_kda_prefill_tc(p, 0));  // warm-up
   CHECK(cudaDeviceSynchronize());
   const unsigned long long zeros[kda::tc::kPhases] = {};
   CHECK(cudaMemcpyToSymbol(kda::tc::kda_tc_phase_cycles, zeros, sizeof(zeros)));
-  cudaEvent_t e0, e1;
-  CHECK(cudaEventCreate(&e0));
-  CHECK(cudaEventCreate(&e1));
-  CHECK(cudaEventRecord(e0));
-  CHECK(kda::launch_kda_prefill_tc(p, 0));
-  CHECK(cudaEventRecord(e1));
-  CHECK(cudaEventSynchronize(e1));
-  float ms = 0.f;
-  CHECK(cudaEventElapsedTime(&ms, e0, e1));
+  cudaEvent_t ev[3];
+  for (auto& e : ev) CHECK(cudaEventCreate(&e));
+  CHECK(cudaEventRecord(ev[0]));
+  CHECK(kda::launch_kda_prefill_tc_prepare(p, 0));
+  CHECK(cudaEventRecord(ev[1]));
+  CHECK(kda::launch_kda_prefill_tc_state(p, 0));
+  CHECK(cudaEventRecord(ev[2]));
+  CHECK(cudaEventSynchronize(ev[2]));
+  float ms_prep = 0.f, ms_state = 0.f;
+  CHECK(cudaEventElapsedTime(&ms_prep, ev[0], ev[1]));
+  CHECK(cudaEventElapsedTime(&ms_state, ev[1], ev[2]));
   unsigned long long cyc[kda::tc::kPhases];
   CHECK(cudaMemcpyFromSymbol(cyc, kda::tc::kda_tc_phase_cycles, sizeof(cyc)));
 
   cudaDeviceProp prop;
   CHECK(cudaGetDeviceProperties(&prop, dev));
-  const long long ctas = (long long)(K / kda::tc::kBV) * H * N;
-  const long long chunks = ctas * ((L + kda::tc::kC - 1) / kda::tc::kC);
-  unsigned long long total = 0;
-  for (unsigned long long c : cyc) total += c;
-  std::printf("%s, %d SMs, clock %.2f GHz; N=%d L=%d H=%d: %lld CTAs, %.3f ms\n", prop.name, sms,
-              clock_khz * 1e-6, N, L, H, ctas, ms);
+  const long long chunks_per_seq = (L + kda::tc::kC - 1) / kda::tc::kC;
+  const long long prep_ctas = chunks_per_seq * N * H;  // CTAs with a chunk to prepare
+  const long long state_ctas = (long long)(K / kda::tc::kBV) * H * N;
+  std::printf("%s, %d SMs, clock %.2f GHz; N=%d L=%d H=%d: prepare %lld CTAs %.3f ms, state %lld CTAs %.3f ms, "
+              "total %.3f ms\n", prop.name, sms, clock_khz * 1e-6, N, L, H, prep_ctas, ms_prep, state_ctas, ms_state,
+              ms_prep + ms_state);
   std::printf("cycles per chunk per CTA (thread 0 of each CTA, between block-wide barriers):\n");
-  for (int i = 0; i < kda::tc::kPhases; ++i)
-    std::printf("  %-46s %10.0f  %5.1f%%\n", kPhaseNames[i], (double)cyc[i] / chunks, 100.0 * cyc[i] / total);
-  std::printf("  %-46s %10.0f\n", "total", (double)total / chunks);
+  for (int pass = 0; pass < 2; ++pass) {
+    const int lo = pass ? kda::tc::kPrepPhases : 0, hi = pass ? kda::tc::kPhases : kda::tc::kPrepPhases;
+    const long long chunks = pass ? state_ctas * chunks_per_seq : prep_ctas;
+    unsigned long long total = 0;
+    for (int i = lo; i < hi; ++i) total += cyc[i];
+    for (int i = lo; i < hi; ++i)
+      std::printf("  %-48s %10.0f  %5.1f%%\n", kPhaseNames[i], (double)cyc[i] / chunks, 100.0 * cyc[i] / total);
+    std::printf("  %-48s %10.0f\n", pass ? "state total" : "prepare total", (double)total / chunks);
+  }
   return 0;
 }

@@ -35,9 +35,23 @@ struct KdaPrefillParams {
   bool has_lower_bound;
   float lower_bound;
   int num_sms;
+  // Tensor-core kernel only: fp32 workspace of tc_chunk_slots * H records (at least
+  // tc_workspace_floats(Ttot, N, H) floats), reused across calls: the prepare pass writes each
+  // chunk's operands, the state pass reads them.
+  float* tc_workspace;
+  int64_t tc_chunk_slots;
 };
 
 constexpr int kCheckpointEvery = 64;
+
+// The tensor-core kernel's workspace: one record of kTcRecordFloats per (chunk slot, head);
+// floor(Ttot / 64) + N chunk slots cover any split of Ttot tokens into N sequences
+// (kda_prefill_tc_common.cuh chunk_base).
+constexpr int64_t kTcRecordFloats = 4 * 64 * 128 + 64 * 64 + 128;
+inline int64_t tc_chunk_slots(int64_t total_tokens, int64_t N) { return total_tokens / 64 + N; }
+inline int64_t tc_workspace_floats(int64_t total_tokens, int64_t N, int64_t H) {
+  return tc_chunk_slots(total_tokens, N) * H * kTcRecordFloats;
+}
 
 cudaError_t kda_prefill_launch(const KdaPrefillParams& p, cudaStream_t stream);
 

@@ -1,24 +1,47 @@
-// Launch code for the tensor-core chunked KDA prefill (kda_prefill_tc_kernel.cuh).
-#include "kda_prefill_tc_kernel.cuh"
+// Launch code for the tensor-core chunked KDA prefill: the prepare pass over all chunks
+// (kda_prefill_tc_prepare.cuh), then the serial state pass (kda_prefill_tc_state.cuh), on one
+// stream, through the caller's workspace.
+#include "kda_prefill_tc_prepare.cuh"
+#include "kda_prefill_tc_state.cuh"
 
 namespace kda {
 
-template <typename StateT>
-static cudaError_t launch_tc(const KdaPrefillParams& p, cudaStream_t stream) {
-  constexpr int smem = (int)sizeof(tc::Smem);
+// Over 48 KiB of shared memory: opt in (cheap; set on every launch so any device gets it).
+template <typename Kernel>
+static cudaError_t allow_smem(Kernel kernel, int bytes) {
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+}
+
+cudaError_t launch_kda_prefill_tc_prepare(const KdaPrefillParams& p, cudaStream_t stream) {
+  constexpr int smem = (int)sizeof(tc::PrepSmem);
   static_assert(smem <= 227 * 1024, "shared memory of one CTA exceeds what Hopper grants");
-  // Over 48 KiB of shared memory: opt in (cheap; set on every launch so any device gets it).
-  const cudaError_t attr = cudaFuncSetAttribute(kda_prefill_tc_kernel<StateT>,
-                                                cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (p.N == 0 || p.H == 0 || p.tc_chunk_slots == 0) return cudaSuccess;
+  const cudaError_t attr = allow_smem(kda_prefill_tc_prepare_kernel, smem);
   if (attr != cudaSuccess) return attr;
-  const dim3 grid(kHeadDim / tc::kBV, p.H, p.N);
-  kda_prefill_tc_kernel<StateT><<<grid, tc::kThr, smem, stream>>>(p);
+  const dim3 grid((unsigned)p.tc_chunk_slots, p.H);
+  kda_prefill_tc_prepare_kernel<<<grid, tc::kThr, smem, stream>>>(p);
   return cudaGetLastError();
 }
 
-cudaError_t launch_kda_prefill_tc(const KdaPrefillParams& p, cudaStream_t stream) {
+template <typename StateT>
+static cudaError_t launch_state(const KdaPrefillParams& p, cudaStream_t stream) {
+  constexpr int smem = (int)sizeof(tc::StateSmem);
+  static_assert(smem <= 227 * 1024, "shared memory of one CTA exceeds what Hopper grants");
+  const cudaError_t attr = allow_smem(kda_prefill_tc_state_kernel<StateT>, smem);
+  if (attr != cudaSuccess) return attr;
+  const dim3 grid(kHeadDim / tc::kBV, p.H, p.N);
+  kda_prefill_tc_state_kernel<StateT><<<grid, tc::kThr, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_kda_prefill_tc_state(const KdaPrefillParams& p, cudaStream_t stream) {
   if (p.N == 0 || p.H == 0) return cudaSuccess;
-  return p.state_bf16 ? launch_tc<__nv_bfloat16>(p, stream) : launch_tc<float>(p, stream);
+  return p.state_bf16 ? launch_state<__nv_bfloat16>(p, stream) : launch_state<float>(p, stream);
+}
+
+cudaError_t launch_kda_prefill_tc(const KdaPrefillParams& p, cudaStream_t stream) {
+  const cudaError_t err = launch_kda_prefill_tc_prepare(p, stream);
+  return err != cudaSuccess ? err : launch_kda_prefill_tc_state(p, stream);
 }
 
 }  // namespace kda

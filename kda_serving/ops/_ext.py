@@ -68,7 +68,40 @@ def _prefill_op(name: str, what: str):
 
 prefill = _prefill_op("kda_prefill", "Token-serial kernel (the default).")
 prefill_chunked = _prefill_op("kda_prefill_chunked", "Chunked CUDA-core kernel (opt-in, docs/kernels.md).")
-prefill_tc = _prefill_op("kda_prefill_tc", "Chunked TF32 tensor-core kernel (opt-in, docs/kernels.md).")
+
+# The tensor-core kernel's workspace (csrc/prefill/kda_prefill.h): one fp32 record per (64-token
+# chunk slot, head); a call of Ttot tokens in N sequences uses (Ttot // 64 + N) * H records.
+TC_RECORD_FLOATS = 4 * 64 * 128 + 64 * 64 + 128
+_tc_workspaces: dict = {}  # device -> the largest workspace asked for so far
+
+
+def tc_workspace_floats(total_tokens: int, num_seqs: int, num_heads: int) -> int:
+    return (total_tokens // 64 + num_seqs) * num_heads * TC_RECORD_FLOATS
+
+
+def tc_workspace(device, floats: int) -> torch.Tensor:
+    """A workspace of at least ``floats`` fp32 elements on ``device``: allocated when a call needs
+    more than any before it, then reused (calls on one stream run one after another; a call being
+    captured into a CUDA graph must not be the first of its size)."""
+    ws = _tc_workspaces.get(device)
+    if ws is None or ws.numel() < floats:
+        ws = _tc_workspaces[device] = torch.empty(max(floats, 1), dtype=torch.float32, device=device)
+    return ws
+
+
+def prefill_tc(q, k, v, g, beta, A_log, dt_bias, cu_seqlens, state_pool, slots, has_initial_state,
+               *, lower_bound=None, scale=None, inter=None, inter_offsets=None, out=None, workspace=None):
+    """q, k, g [T, H, K]; v [T, H, V]; beta [T, H] -> o [T, H, V] bf16; pool updated in place.
+    Chunked TF32 tensor-core kernel in two passes (opt-in, docs/kernels.md); ``workspace``: fp32,
+    at least tc_workspace_floats(T, N, H) elements (default: one cached per device)."""
+    if workspace is None:
+        need = tc_workspace_floats(q.shape[0], cu_seqlens.numel() - 1, q.shape[1])
+        workspace = tc_workspace(q.device, need)
+
+    def op(*args):
+        torch.ops.kda_serving.kda_prefill_tc(*args, workspace)
+    return _prefill_with(op, q, k, v, g, beta, A_log, dt_bias, cu_seqlens, state_pool, slots,
+                         has_initial_state, lower_bound, scale, inter, inter_offsets, out)
 
 
 def decode(q, k, v, g, beta, A_log, dt_bias, state_pool, slots, num_accepted=None,

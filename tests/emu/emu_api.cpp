@@ -37,17 +37,19 @@ extern "C" int emu_conv(int update, const kda::Conv1dParams* p) {
   return update ? kda::conv1d_update_launch(*p, nullptr) : kda::conv1d_prefill_launch(*p, nullptr);
 }
 
-// Layout checks for the ctypes mirrors: sizeof and the offset of the last field of each struct.
+// Layout checks for the ctypes mirrors: sizeof and the offset of the last field of each struct;
+// then the tensor-core prefill's workspace record size.
 extern "C" int64_t emu_layout(int which) {
   switch (which) {
     case 0: return sizeof(kda::KdaPrefillParams);
-    case 1: return offsetof(kda::KdaPrefillParams, num_sms);
+    case 1: return offsetof(kda::KdaPrefillParams, tc_chunk_slots);
     case 2: return sizeof(kda::KdaDecodeParams);
     case 3: return offsetof(kda::KdaDecodeParams, num_sms);
     case 4: return sizeof(kda::Conv1dParams);
     case 5: return offsetof(kda::Conv1dParams, vec8_min_elems);
     case 6: return sizeof(kda::KdaDecodeFusedParams);
     case 7: return offsetof(kda::KdaDecodeFusedParams, norm_eps);
+    case 8: return kda::kTcRecordFloats;
   }
   return -1;
 }

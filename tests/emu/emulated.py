@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from kda_serving.ops import _ext
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 CSRC = ROOT / "csrc"
@@ -39,7 +41,8 @@ class PrefillParams(C.Structure):
          ("has_initial_state", C.c_void_p), ("inter", C.c_void_p), ("inter_ss", C.c_int64),
          ("inter_offsets", C.c_void_p), ("inter_offsets_64", C.c_bool), ("o", C.c_void_p), ("o_st", C.c_int64),
          ("o_sh", C.c_int64), ("N", C.c_int), ("H", C.c_int), ("scale", C.c_float), ("has_lower_bound", C.c_bool),
-         ("lower_bound", C.c_float), ("num_sms", C.c_int)]
+         ("lower_bound", C.c_float), ("num_sms", C.c_int), ("tc_workspace", C.c_void_p),
+         ("tc_chunk_slots", C.c_int64)]
 
 
 class DecodeParams(C.Structure):
@@ -68,7 +71,7 @@ class DecodeFusedParams(C.Structure):
                 ("norm_weight_bf16", C.c_bool), ("norm_eps", C.c_float)]
 
 
-LAYOUTS = [(PrefillParams, "num_sms"), (DecodeParams, "num_sms"), (ConvParams, "vec8_min_elems"), (DecodeFusedParams, "norm_eps")]
+LAYOUTS = [(PrefillParams, "tc_chunk_slots"), (DecodeParams, "num_sms"), (ConvParams, "vec8_min_elems"), (DecodeFusedParams, "norm_eps")]
 
 
 def cuda_include() -> Path | None:
@@ -110,6 +113,8 @@ def build(extra_flags: tuple[str, ...] = ()) -> C.CDLL:
     for i, (struct, last) in enumerate(LAYOUTS):
         if so.emu_layout(2 * i) != C.sizeof(struct) or so.emu_layout(2 * i + 1) != getattr(struct, last).offset:
             raise RuntimeError(f"the ctypes mirror {struct.__name__} does not match csrc/")
+    if so.emu_layout(2 * len(LAYOUTS)) != _ext.TC_RECORD_FLOATS:
+        raise RuntimeError("kda_serving.ops._ext.TC_RECORD_FLOATS does not match csrc/ kTcRecordFloats")
     so.emu_set_order.argtypes = [C.c_int, C.c_uint64]
     so.emu_prefill.argtypes = [C.c_int, C.POINTER(PrefillParams)]
     so.emu_decode.argtypes = [C.POINTER(DecodeParams)]
@@ -167,8 +172,10 @@ def sms_for_rows(kind: str, rows: int | None, seq_heads: int) -> int:
 
 
 def prefill(lib, kind: str, rows: int, q, k, v, g, beta, A_log, dt_bias, cu_seqlens, state_pool, slots,
-            has_initial_state, *, lower_bound=None, scale=None, inter=None, inter_offsets=None, out=None):
-    """One emulated launch of a prefill kernel; returns ``out`` [T, H, 128] bf16, pool updated."""
+            has_initial_state, *, lower_bound=None, scale=None, inter=None, inter_offsets=None, out=None,
+            workspace=None):
+    """One emulated launch of a prefill kernel; returns ``out`` [T, H, 128] bf16, pool updated.
+    ``workspace``: the tensor-core kernel's (allocated here when not given)."""
     out = torch.empty(v.shape, dtype=torch.bfloat16) if out is None else out
     keep = dict(slots=slots.to(torch.int32).contiguous(), has=has_initial_state.contiguous(),
                 A_log=A_log.float().contiguous(), dt=dt_bias.float().reshape(-1).contiguous())
@@ -185,6 +192,13 @@ def prefill(lib, kind: str, rows: int, q, k, v, g, beta, A_log, dt_bias, cu_seql
         o=_ptr(out), o_st=out.stride(0), o_sh=out.stride(1), N=N, H=H,
         scale=q.shape[-1] ** -0.5 if scale is None else scale, has_lower_bound=lower_bound is not None,
         lower_bound=lower_bound or 0.0, num_sms=sms_for_rows(kind, rows, N * H))
+    if kind == "prefill_tc":
+        need = _ext.tc_workspace_floats(q.shape[0], N, H)
+        if workspace is None:
+            workspace = torch.full((need,), float("nan"))  # poisoned: a record read before written shows
+        if workspace.dtype != torch.float32 or not workspace.is_contiguous() or workspace.numel() < need:
+            raise RuntimeError(f"workspace must be contiguous fp32 with at least {need} elements")  # as the binding
+        p.tc_workspace, p.tc_chunk_slots = _ptr(workspace), q.shape[0] // 64 + N
     if lib.emu_prefill(KINDS[kind], C.byref(p)) != 0:
         raise RuntimeError(f"emulated {kind} launch failed")
     return out

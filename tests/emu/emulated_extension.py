@@ -39,10 +39,10 @@ def install(lib) -> None:
 
     def prefill(kind):
         def run(q, k, v, g, beta, A_log, dt_bias, cu_seqlens, state_pool, slots, has_initial_state, lower_bound,
-                scale, inter, inter_offsets, out):
+                scale, inter, inter_offsets, out, workspace=None):
             emulated.prefill(lib, kind, None, q, k, v, g, beta, A_log, dt_bias, cu_seqlens, state_pool, slots,
                              has_initial_state, lower_bound=lower_bound, scale=scale, inter=inter,
-                             inter_offsets=inter_offsets, out=out)
+                             inter_offsets=inter_offsets, out=out, workspace=workspace)
         return run
 
     def decode(q, k, v, g, beta, A_log, dt_bias, state_pool, slots, num_accepted, lower_bound, scale, out):

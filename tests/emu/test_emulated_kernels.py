@@ -120,6 +120,30 @@ def test_prefill_strided_inputs_and_int64_offsets(lib, kind, bv):
 
 
 @pytest.mark.parametrize("kind,bv", ONE_EACH)
+def test_prefill_offsets_counted_from_the_first(lib, kind, bv):
+    """cu_seqlens may start past 0 (an engine's slice of its offsets): token rows count from
+    cu_seqlens[0], so adding any base gives the same results (the tensor-core kernel's chunk slots
+    too; 100 is not a multiple of its 64-token chunks). The workspace holds stale records of
+    the first run."""
+    lens, H = [70, 0, 130, 9], 2
+    inp = inputs(sum(lens), H)
+    pool0, slots, has, _ = pool_for(lens, H, torch.float32, null=1)
+    cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
+    ws = torch.full((_tc_floats(sum(lens), len(lens), H),), float("nan")) if kind == "prefill_tc" else None
+    results = []
+    for base in (0, 100):
+        pool = pool0.clone()
+        out = emulated.prefill(lib, kind, bv, *inp, cu + base, pool, slots, has, workspace=ws)
+        results.append((out, pool))
+    assert torch.equal(results[1][0], results[0][0]) and torch.equal(results[1][1], results[0][1])
+
+
+def _tc_floats(T, N, H):
+    from kda_serving.ops import _ext
+    return _ext.tc_workspace_floats(T, N, H)
+
+
+@pytest.mark.parametrize("kind,bv", ONE_EACH)
 def test_prefill_is_independent_of_the_thread_schedule(lib, kind, bv):
     lens, H = [70, 0, 9], 1
     inp = inputs(sum(lens), H)

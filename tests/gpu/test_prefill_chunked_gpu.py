@@ -140,3 +140,28 @@ def test_tc_adversarial_and_long(lower_bound):
     dt_bias = dt_bias.clamp(-1.0, 1.0)
     prefill_against_gold(_ext.prefill_tc, (q, k, v, g, beta, A_log, dt_bias), cu, pool, slots, has_init, init,
                          lower_bound)
+
+
+def test_tc_workspace_checked_and_reusable():
+    """The tensor-core kernel's workspace: too small, or not fp32, is refused with an error naming
+    it before anything runs (pool and output untouched); a NaN-poisoned one of exactly the size
+    asked for gives the same results as the cached default."""
+    torch.manual_seed(5)
+    H, lens = 2, [70, 0, 129]
+    cu, pool, slots, has_init, _ = setup_pool(lens, H, torch.float32, n_null=1)
+    inputs = make_inputs(int(cu[-1]), H)
+    need = _ext.tc_workspace_floats(int(cu[-1]), len(lens), H)
+    before = pool.clone()
+    out = torch.full(inputs[2].shape, float("nan"), dtype=torch.bfloat16, device=DEV)
+    for bad in (torch.empty(need - 1, device=DEV), torch.empty(need, device=DEV, dtype=torch.bfloat16)):
+        with pytest.raises(RuntimeError, match="workspace"):
+            _ext.prefill_tc(*inputs, cu, pool, slots, has_init, out=out, workspace=bad)
+    sync()
+    assert torch.equal(pool, before) and torch.isnan(out.float()).all()
+    o1 = _ext.prefill_tc(*inputs, cu, pool, slots, has_init)
+    p1 = pool.clone()
+    pool.copy_(before)
+    ws = torch.full((need,), float("nan"), device=DEV)
+    o2 = _ext.prefill_tc(*inputs, cu, pool, slots, has_init, workspace=ws)
+    sync()
+    assert torch.equal(o1, o2) and torch.equal(p1, pool)

@@ -1,0 +1,387 @@
+// Tensor-core chunked prefill, pass 1 of 2: everything of a 64-token chunk that does not depend
+// on the state, for all chunks of all sequences at once. One CTA per (chunk slot, head), 8 warps:
+// it reads the chunk's q, k, g, beta, v once and writes one workspace record
+// (kda_prefill_tc_common.cuh): Qe, Kd, A_qk, the chunk's total decay EL, and the WY factors
+// u = T beta v and w = T beta Ke, so that the serial state pass (kda_prefill_tc_state.cuh) is
+// left with U = u - w S^T, O = Qe S^T + A_qk U and S <- S diag(EL) + U^T Kd.
+//
+// With a_t = exp(g_t) <= 1 per channel, Ploc/Rloc the forward/backward running products of a_t
+// inside a 16-token block, Ptot the block totals and pre_I / post_J the products of the totals
+// before block I / after block J:
+//   Qr = q Ploc, Kq = k Ploc, Kb = k Rloc                              (factors <= 1)
+//   A_qk, A_kk off-diagonal block (I, J<I) = [Qr_I; Kq_I] . (Kb_J * prod_{J<M<I} Ptot_M)^T
+//   A_qk, A_kk diagonal blocks: exact on CUDA cores with running products E_ij = prod a_t
+//   T = (I + beta A_kk)^-1 (fp32, blocked forward substitution)
+//   Qe = Qr pre, Ke = Kq pre, Kd = Kb post, EL = prod Ptot
+// Every decay factor is a product of values <= 1, so no gate, bounded or not, overflows.
+// kda_serving/ops/tensorcore_mirror.py is this algorithm in torch; docs/kernels.md derives it.
+#pragma once
+
+#include "kda_prefill_tc_common.cuh"
+
+namespace kda {
+namespace tc {
+
+struct alignas(128) PrepSmem {
+  float Qr[kC][kLdK];  // q Ploc, then Qe; after Qe is written out, beta v
+  float Kq[kC][kLdK];  // k Ploc, then Ke, then beta Ke
+  float Kb[kC][kLdK];  // k Rloc, then Kd
+  union {
+    float al[kC][kK];  // a_t, until the decayed operands are built (2c)
+    struct {
+      float T[kC][kLdC];  // (I + beta A_kk)^-1
+      float X[kC][kLdV];  // the substitution's 16x16 temporaries
+    } tu;
+  } r1;
+  float scratch[kWarp][kBlk][8];  // per-warp scaled Kb tile of one k-step
+  float Aqk[kC][kLdC];
+  float Akk[kC][kLdC];
+  float Ptot[kNB][kK];
+  float pre[kNB][kK];
+  float post[kNB][kK];
+  float EL[kK];
+  float beta[kC];
+};
+
+}  // namespace tc
+
+// grid = (tc_chunk_slots, H), tc::kThr threads, dynamic smem sizeof(tc::PrepSmem). Slots past a
+// sequence's chunks, and sequences with a null slot, have nothing to do.
+__global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_prepare_kernel(const KdaPrefillParams p) {
+  using namespace tc;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  PrepSmem& sm = *reinterpret_cast<PrepSmem*>(smem_raw);
+  const int64_t cslot = blockIdx.x;
+  const int h = blockIdx.y;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  if (p.N == 0) return;
+  const int64_t base_tok = load_index(p.cu_seqlens, p.cu_seqlens_64, 0);
+  const int n = chunk_sequence(p, cslot, base_tok);
+  const TokenView tv = prefill_tokens(p, n, h, 0);
+  const int t0 = (int)(cslot - chunk_base(p, n, base_tok)) * kC;
+  if (t0 >= tv.len || p.slots[n] <= 0) return;
+  const int nt = min(kC, tv.len - t0);
+
+  const float a_h = expf(p.A_log[h]);
+  const int ch = tid % kK;          // channel of this thread in the per-channel passes
+  const int half = tid / kK;        // which two blocks of the chunk it walks
+  const int c4 = lane * 4;          // first of the 4 channels of this lane in the per-token passes
+  float dtb4[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) dtb4[j] = p.dt_bias[h * kHeadDim + c4 + j];
+
+  KDA_TC_PROFILE_BEGIN();
+  // 1. The chunk's inputs into shared memory, read from global memory once: q, k L2-normalised
+  //    and not yet decayed in Qr, Kq; the per-token decays a_t in al (1 past the end); beta.
+  //    One warp per token, 4 channels per lane. (a) All loads of a warp's tokens are issued
+  //    before the first is used, so their latencies overlap; the raw values go to shared
+  //    memory. (b) Norms, gates and beta one token at a time in a loop that is not unrolled:
+  //    unrolled over the 8 tokens this pass was half of the kernel's machine code, which is
+  //    fetched again for every chunk (the profile's warm re-run of a phase costs a fifth of
+  //    its first run). Each lane reads back only what it wrote; same arithmetic either way.
+  {
+    constexpr int kPer = kC / kWarp;
+    float qv[kPer][4], kv[kPer][4], gv[kPer][4], bv[kPer];
+#pragma unroll
+    for (int m = 0; m < kPer; ++m) {
+      const int i = warp + m * kWarp;
+      const int64_t t = t0 + i;
+      const bool live = i < nt;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        qv[m][j] = live ? bf2f(tv.q[t * p.q_st + c4 + j]) : 0.f;
+        kv[m][j] = live ? bf2f(tv.k[t * p.k_st + c4 + j]) : 0.f;
+        gv[m][j] = live ? bf2f(tv.g[t * p.g_st + c4 + j]) : 0.f;
+      }
+      bv[m] = live ? bf2f(tv.beta[t * p.beta_st]) : 0.f;
+    }
+#pragma unroll
+    for (int m = 0; m < kPer; ++m) {
+      const int i = warp + m * kWarp;
+      *reinterpret_cast<float4*>(&sm.Qr[i][c4]) = make_float4(qv[m][0], qv[m][1], qv[m][2], qv[m][3]);
+      *reinterpret_cast<float4*>(&sm.Kq[i][c4]) = make_float4(kv[m][0], kv[m][1], kv[m][2], kv[m][3]);
+      *reinterpret_cast<float4*>(&sm.r1.al[i][c4]) = make_float4(gv[m][0], gv[m][1], gv[m][2], gv[m][3]);
+      if (lane == 0) sm.beta[i] = bv[m];
+    }
+#pragma unroll 1
+    for (int m = 0; m < kPer; ++m) {
+      const int i = warp + m * kWarp;
+      const bool live = i < nt;
+      const float4 q4 = *reinterpret_cast<const float4*>(&sm.Qr[i][c4]);
+      const float4 k4 = *reinterpret_cast<const float4*>(&sm.Kq[i][c4]);
+      const float4 g4 = *reinterpret_cast<const float4*>(&sm.r1.al[i][c4]);
+      const float q[4] = {q4.x, q4.y, q4.z, q4.w}, k[4] = {k4.x, k4.y, k4.z, k4.w};
+      const float g[4] = {g4.x, g4.y, g4.z, g4.w};
+      float rq, rk, al[4];
+      qk_inv_norms(q, k, p.scale, rq, rk);
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+        al[j] = live ? expf(kda_gate(g[j] + dtb4[j], a_h, p.has_lower_bound, p.lower_bound)) : 1.f;
+      *reinterpret_cast<float4*>(&sm.Qr[i][c4]) = make_float4(q[0] * rq, q[1] * rq, q[2] * rq, q[3] * rq);
+      *reinterpret_cast<float4*>(&sm.Kq[i][c4]) = make_float4(k[0] * rk, k[1] * rk, k[2] * rk, k[3] * rk);
+      *reinterpret_cast<float4*>(&sm.r1.al[i][c4]) = make_float4(al[0], al[1], al[2], al[3]);
+      if (lane == 0) sm.beta[i] = live ? sigmoid_stable(sm.beta[i]) : 0.f;
+    }
+  }
+  __syncthreads();
+  KDA_TC_MARK(0);
+
+  // 2a. Block totals of the decays; thread = (channel, two blocks).
+  for (int b = 2 * half; b < 2 * half + 2; ++b) {
+    float P = 1.f;
+    for (int i = b * kBlk; i < (b + 1) * kBlk; ++i) P *= sm.r1.al[i][ch];
+    sm.Ptot[b][ch] = P;
+  }
+
+  // 3a. Diagonal blocks on CUDA cores, from the undecayed q, k in shared memory. Item = (block,
+  //     pair of columns j1 = jj, j2 = 15 - jj of it): their lower triangles hold 17 rows
+  //     together, so a pair costs 17 row steps where two separate columns would cost 32. Each
+  //     lane holds 4 channels; step 0 / 1 are the diagonal entries (q_j . k_j, E = 1), steps
+  //     2..16 walk j1's rows below the diagonal, then j2's, with the running product
+  //     E = prod_{j<t<=i} a_t. The 17 + 15 partial dot products (A_qk for every step, A_kk for
+  //     steps 2..16) stay in registers; one reduce-scatter over the warp (RowReduce, 31 shuffles)
+  //     then leaves lane L with the full sum of value L. Rows past the end are zero in Qr / Kq.
+  for (int item = warp; item < kNB * kBlk / 2; item += kWarp) {
+    const int i0 = item / (kBlk / 2) * kBlk, jj = item % (kBlk / 2);
+    const int j1 = i0 + jj, j2 = i0 + kBlk - 1 - jj;
+    const int sw = kBlk + 1 - jj;  // first step of column j2's rows below its diagonal
+    const float4 k14 = *reinterpret_cast<const float4*>(&sm.Kq[j1][c4]);
+    const float4 k24 = *reinterpret_cast<const float4*>(&sm.Kq[j2][c4]);
+    const float4 q14 = *reinterpret_cast<const float4*>(&sm.Qr[j1][c4]);
+    const float4 q24 = *reinterpret_cast<const float4*>(&sm.Qr[j2][c4]);
+    const float kj1[4] = {k14.x, k14.y, k14.z, k14.w}, kj2[4] = {k24.x, k24.y, k24.z, k24.w};
+    float part[2 * kBlk];  // [0, 17): A_qk of steps 0..16, [17, 32): A_kk of steps 2..16
+    part[0] = q14.x * kj1[0] + q14.y * kj1[1] + q14.z * kj1[2] + q14.w * kj1[3];
+    part[1] = q24.x * kj2[0] + q24.y * kj2[1] + q24.z * kj2[2] + q24.w * kj2[3];
+    float E[4] = {1.f, 1.f, 1.f, 1.f};
+#pragma unroll
+    for (int st = 2; st <= kBlk; ++st) {
+      const bool second = st >= sw;
+      const int i = i0 + (second ? st - 1 : jj + st - 1);
+      const float4 q4 = *reinterpret_cast<const float4*>(&sm.Qr[i][c4]);
+      const float4 k4 = *reinterpret_cast<const float4*>(&sm.Kq[i][c4]);
+      const float4 a4 = *reinterpret_cast<const float4*>(&sm.r1.al[i][c4]);
+      const float qi[4] = {q4.x, q4.y, q4.z, q4.w}, ki[4] = {k4.x, k4.y, k4.z, k4.w};
+      const float ai[4] = {a4.x, a4.y, a4.z, a4.w};
+      float sq = 0.f, sk = 0.f;
+#pragma unroll
+      for (int x = 0; x < 4; ++x) {
+        E[x] = (st == sw ? 1.f : E[x]) * ai[x];
+        const float kjx = (second ? kj2[x] : kj1[x]) * E[x];
+        sq += qi[x] * kjx;
+        sk += ki[x] * kjx;
+      }
+      part[st] = sq;
+      part[kBlk - 1 + st] = sk;
+    }
+    const float sum = RowReduce<2 * kBlk, 16>::run(part, lane);  // of value row_of_lane<32>(lane) = lane
+    const int st = lane <= kBlk ? lane : lane - (kBlk - 1);  // the step lane L's sum belongs to
+    const bool second = st == 1 || st >= sw;
+    const int i = i0 + (st == 0 ? jj : st == 1 ? kBlk - 1 - jj : second ? st - 1 : jj + st - 1);
+    if (lane <= kBlk) sm.Aqk[i][second ? j2 : j1] = sum;
+    else sm.Akk[i][second ? j2 : j1] = sum;
+    // The pair's entries above the diagonal (and A_kk's diagonal) are zero: A_qk rows 0..jj-1
+    // of j1 and 0..14-jj of j2 (15 lanes); A_kk rows 0..jj of j1 and 0..15-jj of j2 (17 lanes).
+    if (lane < kBlk - 1) sm.Aqk[i0 + (lane < jj ? lane : lane - jj)][lane < jj ? j1 : j2] = 0.f;
+    if (lane <= kBlk) sm.Akk[i0 + (lane <= jj ? lane : lane - jj - 1)][lane <= jj ? j1 : j2] = 0.f;
+  }
+  __syncthreads();
+  KDA_TC_MARK(1);
+
+  // 2b. Products of block totals before / after each block, and the chunk total.
+  if (tid < kK) {
+    float x = 1.f;
+    for (int b = 0; b < kNB; ++b) { sm.pre[b][ch] = x; x *= sm.Ptot[b][ch]; }
+    sm.EL[ch] = x;
+    x = 1.f;
+    for (int b = kNB - 1; b >= 0; --b) { sm.post[b][ch] = x; x *= sm.Ptot[b][ch]; }
+  }
+  // 2c. Block-local decayed operands, in place: Kb = k Rloc (backward products, from the
+  //     undecayed Kq), then Qr = q Ploc and Kq = k Ploc (forward products).
+  for (int b = 2 * half; b < 2 * half + 2; ++b) {
+    float R = 1.f;
+    for (int j = (b + 1) * kBlk - 1; j >= b * kBlk; --j) {
+      sm.Kb[j][ch] = sm.Kq[j][ch] * R;
+      R *= sm.r1.al[j][ch];
+    }
+    float P = 1.f;
+    for (int i = b * kBlk; i < (b + 1) * kBlk; ++i) {
+      P *= sm.r1.al[i][ch];
+      sm.Qr[i][ch] *= P;
+      sm.Kq[i][ch] *= P;
+    }
+  }
+  __syncthreads();
+  KDA_TC_MARK(2);
+
+  // 3b. Off-diagonal blocks (I > J) on tensor cores: job = (I, J); B tile = Kb_J scaled by
+  //     prod_{J<M<I} Ptot_M, written 8 channels at a time to a per-warp scratch. Blocks above
+  //     the diagonal are zeroed by the warps without a job.
+  {
+    constexpr int kJobs = kNB * (kNB - 1) / 2;  // 6
+    if (warp < kJobs) {
+      int I = 1, J = warp;
+      while (J >= I) { J -= I; ++I; }            // warp -> (1,0) (2,0) (2,1) (3,0) (3,1) (3,2)
+      FragC accq, acck;
+      wmma::fill_fragment(accq, 0.f);
+      wmma::fill_fragment(acck, 0.f);
+      FragA a;
+      FragBc b;
+      float* scr = &sm.scratch[warp][0][0];
+      for (int kk = 0; kk < kK; kk += 8) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const int idx = lane + 32 * r, jr = idx / 8, cc = kk + idx % 8;
+          float m = 1.f;
+          for (int M = J + 1; M < I; ++M) m *= sm.Ptot[M][cc];
+          scr[jr * 8 + idx % 8] = sm.Kb[J * kBlk + jr][cc] * m;
+        }
+        __syncwarp();
+        load_tf32(b, scr, 8);
+        load_tf32(a, &sm.Qr[I * kBlk][kk], kLdK);
+        wmma::mma_sync(accq, a, b, accq);
+        load_tf32(a, &sm.Kq[I * kBlk][kk], kLdK);
+        wmma::mma_sync(acck, a, b, acck);
+        __syncwarp();
+      }
+      wmma::store_matrix_sync(&sm.Aqk[I * kBlk][J * kBlk], accq, kLdC, wmma::mem_row_major);
+      wmma::store_matrix_sync(&sm.Akk[I * kBlk][J * kBlk], acck, kLdC, wmma::mem_row_major);
+    } else {
+      for (int idx = (warp - kJobs) * 32 + lane; idx < kJobs * kBlk * kBlk; idx += (kWarp - kJobs) * 32) {
+        const int job = idx / (kBlk * kBlk), r = (idx / kBlk) % kBlk, c = idx % kBlk;
+        int I = 1, J = job;
+        while (J >= I) { J -= I; ++I; }
+        sm.Aqk[J * kBlk + r][I * kBlk + c] = 0.f;  // the transposed position: above the diagonal
+        sm.Akk[J * kBlk + r][I * kBlk + c] = 0.f;
+      }
+    }
+  }
+  __syncthreads();
+  KDA_TC_MARK(3);
+
+  // 4a. beta into A_kk rows; T's diagonal blocks by forward substitution (thread = block,
+  //     column); T's blocks above the diagonal are zero.
+  for (int idx = tid; idx < kC * kC; idx += kThr) sm.Akk[idx / kC][idx % kC] *= sm.beta[idx / kC];
+  __syncthreads();
+  KDA_TC_MARK(4);
+  if (tid < kC) {
+    // Column j of its block's T in registers, fully unrolled: the A loads do not depend on the
+    // solve and are broadcasts (the 16 threads of a block read the same entries); entries above
+    // j come out 0 (every term multiplies an entry above j) and the diagonal is set to 1.
+    const int j = tid, lo = j / kBlk * kBlk;
+    float col[kBlk];
+#pragma unroll
+    for (int r = 0; r < kBlk; ++r) {
+      float x = 0.f;
+#pragma unroll
+      for (int m = 0; m < r; ++m) x -= sm.Akk[lo + r][lo + m] * col[m];
+      col[r] = lo + r < j ? 0.f : (lo + r == j ? 1.f : x);
+    }
+#pragma unroll
+    for (int r = 0; r < kBlk; ++r) sm.r1.tu.T[lo + r][j] = col[r];
+  } else {
+    for (int idx = tid - kC; idx < kC * kC; idx += kThr - kC) {
+      const int i = idx / kC, j = idx % kC;
+      if (j / kBlk > i / kBlk) sm.r1.tu.T[i][j] = 0.f;
+    }
+  }
+  // 5. Chunk-level operands: Qe = Qr pre, Ke = Kq pre, Kd = Kb post (T is not read here).
+  for (int idx = tid; idx < kC * kK; idx += kThr) {
+    const int i = idx / kK, c = idx % kK, b = i / kBlk;
+    sm.Qr[i][c] *= sm.pre[b][c];
+    sm.Kq[i][c] *= sm.pre[b][c];
+    sm.Kb[i][c] *= sm.post[b][c];
+  }
+  __syncthreads();
+  KDA_TC_MARK(5);
+
+  // 4b. T's blocks below the diagonal, by distance d = I - J:
+  //     X = sum_{J<=M<I} A_IM T_MJ;  T_IJ = -T_II X. Temporaries in the U area. A thread computes
+  //     4 adjacent columns of one row (one scalar and one float4 load per 4 FMAs), summing in the
+  //     same order as a one-entry-per-thread loop would.
+  float* X = &sm.r1.tu.X[0][0];
+  constexpr int kQuads = kBlk * kBlk / 4;  // 4-column pieces of a 16 x 16 tile
+  for (int d = 1; d < kNB; ++d) {
+    const int tiles = kNB - d;
+    for (int idx = tid; idx < tiles * kQuads; idx += kThr) {
+      const int J = idx / kQuads, I = J + d, r = (idx / 4) % kBlk, c = idx % 4 * 4;
+      float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
+      for (int col = J * kBlk; col < I * kBlk; ++col) {
+        const float a = sm.Akk[I * kBlk + r][col];
+        const float4 t = *reinterpret_cast<const float4*>(&sm.r1.tu.T[col][J * kBlk + c]);
+        x.x += a * t.x; x.y += a * t.y; x.z += a * t.z; x.w += a * t.w;
+      }
+      *reinterpret_cast<float4*>(&X[J * kBlk * kBlk + r * kBlk + c]) = x;
+    }
+    __syncthreads();
+    for (int idx = tid; idx < tiles * kQuads; idx += kThr) {
+      const int J = idx / kQuads, I = J + d, r = (idx / 4) % kBlk, c = idx % 4 * 4;
+      const float* Xt = X + J * kBlk * kBlk;
+      float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+      for (int m = 0; m < kBlk; ++m) {
+        const float a = sm.r1.tu.T[I * kBlk + r][I * kBlk + m];
+        const float4 t = *reinterpret_cast<const float4*>(&Xt[m * kBlk + c]);
+        x.x += a * t.x; x.y += a * t.y; x.z += a * t.z; x.w += a * t.w;
+      }
+      *reinterpret_cast<float4*>(&sm.r1.tu.T[I * kBlk + r][J * kBlk + c]) = make_float4(-x.x, -x.y, -x.z, -x.w);
+    }
+    __syncthreads();
+  }
+
+  KDA_TC_MARK(6);
+
+
+  // 6. The record: Qe, Kd, A_qk, EL as they are; then beta v (0 past the end) into the Qr area
+  //    and beta into the Ke rows, and the WY factors u = T (beta v), w = T (beta Ke) on tensor
+  //    cores, stored from the accumulators straight to the record.
+  float* rec = chunk_record(p, cslot, h);
+  for (int idx = tid; idx < kC * kK / 4; idx += kThr) {
+    const int i = idx / (kK / 4), c = idx % (kK / 4) * 4;
+    *reinterpret_cast<float4*>(rec + kRecQe + i * kK + c) = *reinterpret_cast<const float4*>(&sm.Qr[i][c]);
+    *reinterpret_cast<float4*>(rec + kRecKd + i * kK + c) = *reinterpret_cast<const float4*>(&sm.Kb[i][c]);
+  }
+  for (int idx = tid; idx < kC * kC / 4; idx += kThr) {
+    const int i = idx / (kC / 4), c = idx % (kC / 4) * 4;
+    *reinterpret_cast<float4*>(rec + kRecAqk + i * kC + c) = *reinterpret_cast<const float4*>(&sm.Aqk[i][c]);
+  }
+  if (tid < kK) rec[kRecEL + tid] = sm.EL[tid];
+  __syncthreads();  // Qe is out: its area takes beta v
+  {
+    constexpr int kPer = kC * kK / kThr;  // 32 values of v per thread, all loads issued first
+    float vv[kPer];
+#pragma unroll
+    for (int m = 0; m < kPer; ++m) {
+      const int idx = tid + m * kThr, i = idx / kK, r = idx % kK;
+      vv[m] = i < nt ? bf2f(tv.v[(int64_t)(t0 + i) * p.v_st + r]) : 0.f;
+    }
+#pragma unroll
+    for (int m = 0; m < kPer; ++m) {
+      const int idx = tid + m * kThr, i = idx / kK, r = idx % kK;
+      sm.Qr[i][r] = sm.beta[i] * vv[m];
+      sm.Kq[i][r] *= sm.beta[i];
+    }
+  }
+  __syncthreads();
+  {
+    const int tm = warp / 2, tn0 = (warp % 2) * 4;  // 16 tokens x 64 columns of u and of w
+#pragma unroll 1
+    for (int out = 0; out < 2; ++out) {
+      const float* B = out == 0 ? &sm.Qr[0][0] : &sm.Kq[0][0];
+      float* dst = rec + (out == 0 ? kRecU : kRecW) + tm * 16 * kK;
+#pragma unroll 1
+      for (int s = 0; s < 4; s += 2) {
+        FragC acc[2];
+        wmma::fill_fragment(acc[0], 0.f);
+        wmma::fill_fragment(acc[1], 0.f);
+        mma_acc2<FragBr>(acc, &sm.r1.tu.T[tm * 16][0], kLdC, B + (tn0 + s) * 16, kLdK, 16, kC);
+        wmma::store_matrix_sync(dst + (tn0 + s) * 16, acc[0], kK, wmma::mem_row_major);
+        wmma::store_matrix_sync(dst + (tn0 + s + 1) * 16, acc[1], kK, wmma::mem_row_major);
+      }
+    }
+  }
+  KDA_TC_MARK(7);
+  KDA_TC_PROFILE_END();
+}
+
+}  // namespace kda
