@@ -131,7 +131,8 @@ def run_case_timed(run, *args, **kwargs) -> dict:
     t0 = time.perf_counter()
     row = run(*args, **kwargs)
     row["bench_wall_s"] = round(time.perf_counter() - t0, 1)
-    print(f"done: {row['case']} ({row['bench_wall_s']:.0f} s)", flush=True)
+    times = "  ".join(f"{k[:-3]} {v:.3g} ms" for k, v in row.items() if k.endswith("_ms") and isinstance(v, float))
+    print(f"done: {row['case']} ({row['bench_wall_s']:.0f} s)  {times}", flush=True)
     return row
 
 

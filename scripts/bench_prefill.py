@@ -179,23 +179,24 @@ def main(argv=None):
     if fla_reason:
         print(f"fla skipped: {fla_reason}")
     rows = []
+    meta = bc.run_metadata("bench_prefill", device, argv, bandwidth)
+    mode = "smoke" if args.smoke else ("long" if args.long else "default")
+    if args.chunked:
+        mode = "chunked" if mode == "default" else f"{mode}-chunked"
     with torch.inference_mode():
         for H, seqlens in cases:
             for gate in args.gates:
                 rows.append(bc.run_case_timed(run_case, H, d, seqlens, gate, device, bandwidth, fla_reason,
                                               iters, warmup, unsplit=args.long, chunked=args.chunked))
-    meta = bc.run_metadata("bench_prefill", device, argv, bandwidth)
+                # after every case, so a run stopped by a time limit keeps what it measured
+                bc.write_json(args.out, meta, rows, mode=mode, fla_skipped=fla_reason, complete=False)
     print(f"\n{meta['device']}  copy bandwidth {meta['copy_bandwidth_gbps']:.0f} GB/s  commit {meta['commit']}")
     bc.print_table(rows, COLUMNS)
     for r in rows:
         for key in ("skipped", "ours_error", "ours_unsplit_error", "ours_chunked_error", "ours_tc_error", "fla_error"):
             if key in r:
                 print(f"{r['case']}: {key}: {r[key]}")
-    mode = "smoke" if args.smoke else ("long" if args.long else "default")
-    if args.chunked:
-        mode = "chunked" if mode == "default" else f"{mode}-chunked"
-    path = bc.write_json(args.out, meta, rows, mode=mode,
-                         fla_skipped=fla_reason)
+    path = bc.write_json(args.out, meta, rows, mode=mode, fla_skipped=fla_reason, complete=True)
     print(f"wrote {path}")
     return path
 

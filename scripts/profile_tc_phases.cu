@@ -5,7 +5,8 @@
 // state pass all chunks of a sequence per CTA).
 //
 //   nvcc -std=c++17 -O3 -arch=sm_90a -Icsrc scripts/profile_tc_phases.cu -o /tmp/profile_tc
-//   /tmp/profile_tc [N sequences] [tokens each] [heads]      # default 1 8192 96
+//   /tmp/profile_tc [N sequences] [tokens each] [heads] [state rows 64|32]   # default 1 8192 96,
+//   rows as the launcher picks
 #define KDA_TC_PHASE_CYCLES
 #include "../csrc/prefill/kda_prefill_tc_launch.cu"
 
@@ -112,6 +113,7 @@ int main(int argc, char** argv) {
   CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
   CHECK(cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, dev));
   p.num_sms = sms;
+  if (argc > 4) p.num_sms = std::atoi(argv[4]) == 64 ? 1 : 1 << 20;  // what makes the launcher pick those rows
 
   float* ws = nullptr;
   p.tc_chunk_slots = kda::tc_chunk_slots((int64_t)T, N);
@@ -140,10 +142,11 @@ int main(int argc, char** argv) {
   CHECK(cudaGetDeviceProperties(&prop, dev));
   const long long chunks_per_seq = (L + kda::tc::kC - 1) / kda::tc::kC;
   const long long prep_ctas = chunks_per_seq * N * H;  // CTAs with a chunk to prepare
-  const long long state_ctas = (long long)(K / kda::tc::kBV) * H * N;
-  std::printf("%s, %d SMs, clock %.2f GHz; N=%d L=%d H=%d: prepare %lld CTAs %.3f ms, state %lld CTAs %.3f ms, "
-              "total %.3f ms\n", prop.name, sms, clock_khz * 1e-6, N, L, H, prep_ctas, ms_prep, state_ctas, ms_state,
-              ms_prep + ms_state);
+  const int rows = kda::tc_state_uses_32_rows(p) ? 32 : 64;
+  const long long state_ctas = (long long)(K / rows) * H * N;
+  std::printf("%s, %d SMs, clock %.2f GHz; N=%d L=%d H=%d: prepare %lld CTAs %.3f ms, state %lld CTAs (%d rows) "
+              "%.3f ms, total %.3f ms\n", prop.name, sms, clock_khz * 1e-6, N, L, H, prep_ctas, ms_prep, state_ctas,
+              rows, ms_state, ms_prep + ms_state);
   std::printf("cycles per chunk per CTA (thread 0 of each CTA, between block-wide barriers):\n");
   for (int pass = 0; pass < 2; ++pass) {
     const int lo = pass ? kda::tc::kPrepPhases : 0, hi = pass ? kda::tc::kPhases : kda::tc::kPrepPhases;

@@ -15,16 +15,14 @@ namespace tc {
 constexpr int kC = 64;           // tokens per chunk (= the checkpoint interval)
 constexpr int kBlk = 16;         // tokens per block
 constexpr int kNB = kC / kBlk;   // blocks per chunk
-constexpr int kBV = 64;          // value rows per CTA of the state pass
 constexpr int kK = kHeadDim;     // 128 channels
 constexpr int kThr = 256;
 constexpr int kWarp = kThr / 32;
 static_assert(kC == kCheckpointEvery, "a chunk ends on every checkpoint");
 // Row pitches of the WMMA operand arrays in shared memory, padded by 4 floats so that the 8 rows
 // a tile load touches fall into different banks; tile rows stay 32-byte aligned.
-constexpr int kLdK = kK + 4;    // [.. x 128] arrays: S, Qe, Kd, Ke, w
+constexpr int kLdK = kK + 4;    // [.. x 128] arrays: S, Qe, Kd, Ke, w, beta v
 constexpr int kLdC = kC + 4;    // [64 x 64] arrays: A_qk, A_kk, T
-constexpr int kLdV = kBV + 4;   // [64 tokens x 64 rows] arrays: U, output staging
 
 // One workspace record per (chunk, head), fp32, unpadded rows (kda_prefill.h kTcRecordFloats):
 // what the state pass needs of a chunk, computed by the prepare pass.
@@ -108,23 +106,23 @@ __device__ __forceinline__ void load_tf32(Frag& f, const float* p, unsigned ld) 
   for (int i = 0; i < f.num_elements; ++i) f.x[i] = wmma::__float_to_tf32(f.x[i]);
 }
 
-// acc[s] += A[16 x k] B_s[k x 16] for the two output tiles of a warp, B_1 starting b_next floats
-// after B_0 (the next 16 columns); the tiles share A's fragment, loaded once per k-step. A
-// row-major (lda); B row-major (FragB = FragBr) or given as B^T row-major, i.e. col-major
+// acc[s] += A[16 x k] B_s[k x 16] for NT (1 or 2) output tiles of a warp, B_1 starting b_next
+// floats after B_0 (the next 16 columns); the tiles share A's fragment, loaded once per k-step.
+// A row-major (lda); B row-major (FragB = FragBr) or given as B^T row-major, i.e. col-major
 // (FragB = FragBc), with leading dimension ldb.
-template <typename FragB>
-__device__ __forceinline__ void mma_acc2(FragC (&acc)[2], const float* A, unsigned lda, const float* B,
-                                         unsigned ldb, unsigned b_next, int k) {
+template <typename FragB, int NT>
+__device__ __forceinline__ void mma_acc(FragC (&acc)[NT], const float* A, unsigned lda, const float* B,
+                                        unsigned ldb, unsigned b_next, int k) {
   constexpr bool kRowB = std::is_same<FragB, FragBr>::value;
   FragA a;
-  FragB b0, b1;
+  FragB b[NT];
   for (int kk = 0; kk < k; kk += 8) {
     const float* bk = B + (kRowB ? (size_t)kk * ldb : (size_t)kk);
     load_tf32(a, A + kk, lda);
-    load_tf32(b0, bk, ldb);
-    load_tf32(b1, bk + b_next, ldb);
-    wmma::mma_sync(acc[0], a, b0, acc[0]);
-    wmma::mma_sync(acc[1], a, b1, acc[1]);
+#pragma unroll
+    for (int s = 0; s < NT; ++s) load_tf32(b[s], bk + s * b_next, ldb);
+#pragma unroll
+    for (int s = 0; s < NT; ++s) wmma::mma_sync(acc[s], a, b[s], acc[s]);
   }
 }
 

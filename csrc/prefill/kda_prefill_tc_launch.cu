@@ -23,20 +23,33 @@ cudaError_t launch_kda_prefill_tc_prepare(const KdaPrefillParams& p, cudaStream_
   return cudaGetLastError();
 }
 
-template <typename StateT>
+template <int BV, typename StateT>
 static cudaError_t launch_state(const KdaPrefillParams& p, cudaStream_t stream) {
-  constexpr int smem = (int)sizeof(tc::StateSmem);
+  constexpr int smem = (int)sizeof(tc::StateSmem<BV>);
   static_assert(smem <= 227 * 1024, "shared memory of one CTA exceeds what Hopper grants");
-  const cudaError_t attr = allow_smem(kda_prefill_tc_state_kernel<StateT>, smem);
+  const cudaError_t attr = allow_smem(kda_prefill_tc_state_kernel<BV, StateT>, smem);
   if (attr != cudaSuccess) return attr;
-  const dim3 grid(kHeadDim / tc::kBV, p.H, p.N);
-  kda_prefill_tc_state_kernel<StateT><<<grid, tc::kThr, smem, stream>>>(p);
+  const dim3 grid(kHeadDim / BV, p.H, p.N);
+  kda_prefill_tc_state_kernel<BV, StateT><<<grid, tc::kThr, smem, stream>>>(p);
   return cudaGetLastError();
+}
+
+// 32 value rows per CTA when that finishes sooner: twice the CTAs, each about half the work of a
+// 64-row CTA (the same records to read), so it pays when 64-row CTAs would leave SMs idle.
+bool tc_state_uses_32_rows(const KdaPrefillParams& p) {
+  const int64_t ctas64 = 2 * (int64_t)p.H * p.N, sms = p.num_sms > 0 ? p.num_sms : 1;
+  const int64_t waves64 = (ctas64 + sms - 1) / sms, waves32 = (2 * ctas64 + sms - 1) / sms;
+  return 10 * waves32 < 16 * waves64;  // a 32-row CTA taken as 0.6 of a 64-row one
+}
+
+template <typename StateT>
+static cudaError_t launch_state_rows(const KdaPrefillParams& p, cudaStream_t stream) {
+  return tc_state_uses_32_rows(p) ? launch_state<32, StateT>(p, stream) : launch_state<64, StateT>(p, stream);
 }
 
 cudaError_t launch_kda_prefill_tc_state(const KdaPrefillParams& p, cudaStream_t stream) {
   if (p.N == 0 || p.H == 0) return cudaSuccess;
-  return p.state_bf16 ? launch_state<__nv_bfloat16>(p, stream) : launch_state<float>(p, stream);
+  return p.state_bf16 ? launch_state_rows<__nv_bfloat16>(p, stream) : launch_state_rows<float>(p, stream);
 }
 
 cudaError_t launch_kda_prefill_tc(const KdaPrefillParams& p, cudaStream_t stream) {

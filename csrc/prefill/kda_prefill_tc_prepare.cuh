@@ -22,15 +22,24 @@
 namespace kda {
 namespace tc {
 
+// A [64 x cols] shared array (row pitch ld) to a record field, 16 bytes per store, coalesced.
+__device__ __forceinline__ void store_rows(float* dst, const float* src, int ld, int cols) {
+  const int per_row = cols / 4;
+  for (int idx = threadIdx.x; idx < kC * per_row; idx += kThr) {
+    const int i = idx / per_row, c = idx % per_row * 4;
+    *reinterpret_cast<float4*>(dst + i * cols + c) = *reinterpret_cast<const float4*>(src + i * ld + c);
+  }
+}
+
 struct alignas(128) PrepSmem {
-  float Qr[kC][kLdK];  // q Ploc, then Qe; after Qe is written out, beta v
+  float Qr[kC][kLdK];  // q Ploc, then Qe; after Qe is written out beta v, then w staged
   float Kq[kC][kLdK];  // k Ploc, then Ke, then beta Ke
-  float Kb[kC][kLdK];  // k Rloc, then Kd
+  float Kb[kC][kLdK];  // k Rloc, then Kd, then u staged
   union {
     float al[kC][kK];  // a_t, until the decayed operands are built (2c)
     struct {
       float T[kC][kLdC];  // (I + beta A_kk)^-1
-      float X[kC][kLdV];  // the substitution's 16x16 temporaries
+      float X[kC][kLdC];  // the substitution's 16x16 temporaries
     } tu;
   } r1;
   float scratch[kWarp][kBlk][8];  // per-warp scaled Kb tile of one k-step
@@ -332,53 +341,46 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_prepare_kernel(con
   KDA_TC_MARK(6);
 
 
-  // 6. The record: Qe, Kd, A_qk, EL as they are; then beta v (0 past the end) into the Qr area
-  //    and beta into the Ke rows, and the WY factors u = T (beta v), w = T (beta Ke) on tensor
-  //    cores, stored from the accumulators straight to the record.
+  // 6. The record. v (0 past the end) is loaded first, its latency overlapping the stores of
+  //    Qe, Kd, A_qk, EL; then beta v goes to the Qr area and beta into the Ke rows, and the WY
+  //    factors u = T (beta v), w = T (beta Ke) run on tensor cores, each staged in a free
+  //    [64 x 128] area (Kb, then Qr) and stored with coalesced 16-byte writes.
   float* rec = chunk_record(p, cslot, h);
-  for (int idx = tid; idx < kC * kK / 4; idx += kThr) {
-    const int i = idx / (kK / 4), c = idx % (kK / 4) * 4;
-    *reinterpret_cast<float4*>(rec + kRecQe + i * kK + c) = *reinterpret_cast<const float4*>(&sm.Qr[i][c]);
-    *reinterpret_cast<float4*>(rec + kRecKd + i * kK + c) = *reinterpret_cast<const float4*>(&sm.Kb[i][c]);
+  constexpr int kPer = kC * kK / kThr;  // 32 values of v per thread
+  float vv[kPer];
+#pragma unroll
+  for (int m = 0; m < kPer; ++m) {
+    const int idx = tid + m * kThr, i = idx / kK, r = idx % kK;
+    vv[m] = i < nt ? bf2f(tv.v[(int64_t)(t0 + i) * p.v_st + r]) : 0.f;
   }
-  for (int idx = tid; idx < kC * kC / 4; idx += kThr) {
-    const int i = idx / (kC / 4), c = idx % (kC / 4) * 4;
-    *reinterpret_cast<float4*>(rec + kRecAqk + i * kC + c) = *reinterpret_cast<const float4*>(&sm.Aqk[i][c]);
-  }
+  store_rows(rec + kRecQe, &sm.Qr[0][0], kLdK, kK);
+  store_rows(rec + kRecKd, &sm.Kb[0][0], kLdK, kK);
+  store_rows(rec + kRecAqk, &sm.Aqk[0][0], kLdC, kC);
   if (tid < kK) rec[kRecEL + tid] = sm.EL[tid];
-  __syncthreads();  // Qe is out: its area takes beta v
-  {
-    constexpr int kPer = kC * kK / kThr;  // 32 values of v per thread, all loads issued first
-    float vv[kPer];
+  __syncthreads();  // Qe and Kd are out: their areas are free
 #pragma unroll
-    for (int m = 0; m < kPer; ++m) {
-      const int idx = tid + m * kThr, i = idx / kK, r = idx % kK;
-      vv[m] = i < nt ? bf2f(tv.v[(int64_t)(t0 + i) * p.v_st + r]) : 0.f;
-    }
-#pragma unroll
-    for (int m = 0; m < kPer; ++m) {
-      const int idx = tid + m * kThr, i = idx / kK, r = idx % kK;
-      sm.Qr[i][r] = sm.beta[i] * vv[m];
-      sm.Kq[i][r] *= sm.beta[i];
-    }
+  for (int m = 0; m < kPer; ++m) {
+    const int idx = tid + m * kThr, i = idx / kK, r = idx % kK;
+    sm.Qr[i][r] = sm.beta[i] * vv[m];
+    sm.Kq[i][r] *= sm.beta[i];
   }
   __syncthreads();
-  {
-    const int tm = warp / 2, tn0 = (warp % 2) * 4;  // 16 tokens x 64 columns of u and of w
+  const int tm = warp / 2, tn0 = (warp % 2) * 4;  // 16 tokens x 64 columns of u, then of w
 #pragma unroll 1
-    for (int out = 0; out < 2; ++out) {
-      const float* B = out == 0 ? &sm.Qr[0][0] : &sm.Kq[0][0];
-      float* dst = rec + (out == 0 ? kRecU : kRecW) + tm * 16 * kK;
+  for (int out = 0; out < 2; ++out) {
+    const float* B = out == 0 ? &sm.Qr[0][0] : &sm.Kq[0][0];
+    float* stage = out == 0 ? &sm.Kb[0][0] : &sm.Qr[0][0];  // Qr (beta v) is dead once u is done
 #pragma unroll 1
-      for (int s = 0; s < 4; s += 2) {
-        FragC acc[2];
-        wmma::fill_fragment(acc[0], 0.f);
-        wmma::fill_fragment(acc[1], 0.f);
-        mma_acc2<FragBr>(acc, &sm.r1.tu.T[tm * 16][0], kLdC, B + (tn0 + s) * 16, kLdK, 16, kC);
-        wmma::store_matrix_sync(dst + (tn0 + s) * 16, acc[0], kK, wmma::mem_row_major);
-        wmma::store_matrix_sync(dst + (tn0 + s + 1) * 16, acc[1], kK, wmma::mem_row_major);
-      }
+    for (int s = 0; s < 4; s += 2) {
+      FragC acc[2];
+      wmma::fill_fragment(acc[0], 0.f);
+      wmma::fill_fragment(acc[1], 0.f);
+      mma_acc<FragBr>(acc, &sm.r1.tu.T[tm * 16][0], kLdC, B + (tn0 + s) * 16, kLdK, 16, kC);
+      wmma::store_matrix_sync(stage + tm * 16 * kLdK + (tn0 + s) * 16, acc[0], kLdK, wmma::mem_row_major);
+      wmma::store_matrix_sync(stage + tm * 16 * kLdK + (tn0 + s + 1) * 16, acc[1], kLdK, wmma::mem_row_major);
     }
+    __syncthreads();
+    store_rows(rec + (out == 0 ? kRecU : kRecW), stage, kLdK, kK);
   }
   KDA_TC_MARK(7);
   KDA_TC_PROFILE_END();

@@ -166,8 +166,8 @@ def sms_for_rows(kind: str, rows: int | None, seq_heads: int) -> int:
         return 132
     if kind == "prefill_chunked":
         return 1 if rows == 64 else 2 * seq_heads + 1
-    if kind == "prefill_tc":
-        return 132
+    if kind == "prefill_tc":  # launch_kda_prefill_tc_state: 64 rows on 1 SM, 32 when SMs are plenty
+        return 1 if rows == 64 else 1 << 20
     return {32: 1, 16: 8 * seq_heads, 8: 8 * seq_heads + 1}[rows]
 
 

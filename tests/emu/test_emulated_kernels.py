@@ -21,7 +21,7 @@ D = 128
 TOL = 5e-3          # bf16 outputs alone give ~2e-3
 POISON = 1e30
 PREFILL = [("prefill", 8), ("prefill", 16), ("prefill", 32), ("prefill_chunked", 32), ("prefill_chunked", 64),
-           ("prefill_tc", 64)]
+           ("prefill_tc", 64), ("prefill_tc", 32)]
 ONE_EACH = [("prefill", 32), ("prefill_chunked", 64), ("prefill_tc", 64)]
 
 
@@ -143,7 +143,7 @@ def _tc_floats(T, N, H):
     return _ext.tc_workspace_floats(T, N, H)
 
 
-@pytest.mark.parametrize("kind,bv", ONE_EACH)
+@pytest.mark.parametrize("kind,bv", ONE_EACH + [("prefill_tc", 32)])
 def test_prefill_is_independent_of_the_thread_schedule(lib, kind, bv):
     lens, H = [70, 0, 9], 1
     inp = inputs(sum(lens), H)
