@@ -94,9 +94,13 @@ def prefill_tc(q, k, v, g, beta, A_log, dt_bias, cu_seqlens, state_pool, slots, 
     """q, k, g [T, H, K]; v [T, H, V]; beta [T, H] -> o [T, H, V] bf16; pool updated in place.
     Chunked TF32 tensor-core kernel in two passes (opt-in, docs/kernels.md); ``workspace``: fp32,
     at least tc_workspace_floats(T, N, H) elements (default: one cached per device)."""
+    need = tc_workspace_floats(q.shape[0], cu_seqlens.numel() - 1, q.shape[1])
     if workspace is None:
-        need = tc_workspace_floats(q.shape[0], cu_seqlens.numel() - 1, q.shape[1])
         workspace = tc_workspace(q.device, need)
+    elif (workspace.dtype != torch.float32 or workspace.device != q.device or not workspace.is_contiguous()
+          or workspace.numel() < need):
+        raise ValueError(f"workspace must be contiguous float32 on {q.device} with at least {need} elements "
+                         f"(tc_workspace_floats), got {workspace.dtype} on {workspace.device} with {workspace.numel()}")
 
     def op(*args):
         torch.ops.kda_serving.kda_prefill_tc(*args, workspace)
