@@ -1,6 +1,6 @@
 """The tensor-core prefill kernel's chunk algebra in torch, with the kernel's TF32 rounding points.
 
-``csrc/prefill/kda_prefill_tc_kernel.cuh`` feeds TF32 operands (fp32 values rounded to a 10-bit
+``csrc/prefill/kda_prefill_tc_*.cuh`` feed TF32 operands (fp32 values rounded to a 10-bit
 mantissa) to tensor cores and accumulates in fp32. This file is the same computation on the CPU,
 operand for operand, so the numerical design (which factors are formed how, what is rounded,
 how the unbounded gate stays finite) is checked against the fp64 gold in CI even where no GPU
@@ -15,8 +15,9 @@ Per 64-token chunk, in 4 blocks of 16 tokens, with a_t = exp(g_t) <= 1 the per-t
   factors are products of values <= 1: (q_i Ploc_i) . (k_j Rloc_j prod_{J<M<I} Ptot_M);
 * the four diagonal 16 x 16 blocks are computed exactly on CUDA cores with running products
   E_ij = prod_{j<t<=i} a_t, so no input overflows;
-* T = (I + A_kk)^-1 in fp32 by blocked forward substitution (``_blocked_inverse``); U = T W
-  on tensor cores;
+* T = (I + A_kk)^-1 in fp32 by blocked forward substitution (``_blocked_inverse``); the WY
+  factors u = T (beta v) and w = T (beta Ke) on tensor cores (the kernel's prepare pass, for all
+  chunks at once), then U = u - w S^T (its serial state pass);
 * the state stays fp32 and is rounded to TF32 only as a tensor-core operand.
 
 bf16 operands instead of TF32 measured 3.5-4.6e-3 relative RMS against fp64 here (the GPU tests
@@ -58,7 +59,7 @@ def _chunk(S, q, k, v, g, beta):
     qb, kb = q.view(nb, BLOCK, H, K), k.view(nb, BLOCK, H, K)
 
     Qe = _tf32((qb * pre[:, None] * Ploc).view(C, H, K))
-    Ke = _tf32((kb * pre[:, None] * Ploc).view(C, H, K))
+    Ke = (kb * pre[:, None] * Ploc).view(C, H, K)                    # fp32: only beta Ke is an operand
     Kd = _tf32((kb * Rloc * post[:, None]).view(C, H, K))
     EL = Ptot.prod(0)                                                 # [H, K]
     Qr, Kq = _tf32(qb * Ploc), _tf32(kb * Ploc)
@@ -84,8 +85,10 @@ def _chunk(S, q, k, v, g, beta):
 
     T = _blocked_inverse(Akk)
     S_op = _tf32(S)
-    W = beta.t()[:, :, None] * (v.permute(1, 0, 2) - torch.einsum("chk,hvk->hcv", Ke, S_op))
-    U = _tf32(T) @ _tf32(W)                                           # [H, C, V]
+    T_op = _tf32(T)
+    u = T_op @ _tf32(beta.t()[:, :, None] * v.permute(1, 0, 2))       # [H, C, V]
+    w = T_op @ _tf32(beta.t()[:, :, None] * Ke.permute(1, 0, 2))      # [H, C, K]
+    U = u - torch.einsum("hck,hvk->hcv", _tf32(w), S_op)
     U_op = _tf32(U)
     O = torch.einsum("chk,hvk->hcv", Qe, S_op) + _tf32(Aqk) @ U_op
     S_next = S * EL[:, None, :] + torch.einsum("hcv,chk->hvk", U_op, Kd)
