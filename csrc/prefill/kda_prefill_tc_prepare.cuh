@@ -25,6 +25,7 @@ namespace tc {
 // A [64 x cols] shared array (row pitch ld) to a record field, 16 bytes per store, coalesced.
 __device__ __forceinline__ void store_rows(float* dst, const float* src, int ld, int cols) {
   const int per_row = cols / 4;
+#pragma unroll 2
   for (int idx = threadIdx.x; idx < kC * per_row; idx += kThr) {
     const int i = idx / per_row, c = idx % per_row * 4;
     *reinterpret_cast<float4*>(dst + i * cols + c) = *reinterpret_cast<const float4*>(src + i * ld + c);
@@ -91,18 +92,21 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_prepare_kernel(con
   {
     constexpr int kPer = kC / kWarp;
     float qv[kPer][4], kv[kPer][4], gv[kPer][4], bv[kPer];
+    // row pointers of token t0 + warp, stepped by kWarp rows (cheaper than indexing every load)
+    const int64_t t = t0 + warp;
+    const __nv_bfloat16 *qp = tv.q + t * p.q_st + c4, *kp = tv.k + t * p.k_st + c4;
+    const __nv_bfloat16 *gp = tv.g + t * p.g_st + c4, *bp = tv.beta + t * p.beta_st;
 #pragma unroll
     for (int m = 0; m < kPer; ++m) {
-      const int i = warp + m * kWarp;
-      const int64_t t = t0 + i;
-      const bool live = i < nt;
+      const bool live = warp + m * kWarp < nt;
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        qv[m][j] = live ? bf2f(tv.q[t * p.q_st + c4 + j]) : 0.f;
-        kv[m][j] = live ? bf2f(tv.k[t * p.k_st + c4 + j]) : 0.f;
-        gv[m][j] = live ? bf2f(tv.g[t * p.g_st + c4 + j]) : 0.f;
+        qv[m][j] = live ? bf2f(qp[j]) : 0.f;
+        kv[m][j] = live ? bf2f(kp[j]) : 0.f;
+        gv[m][j] = live ? bf2f(gp[j]) : 0.f;
       }
-      bv[m] = live ? bf2f(tv.beta[t * p.beta_st]) : 0.f;
+      bv[m] = live ? bf2f(*bp) : 0.f;
+      qp += kWarp * p.q_st; kp += kWarp * p.k_st; gp += kWarp * p.g_st; bp += kWarp * p.beta_st;
     }
 #pragma unroll
     for (int m = 0; m < kPer; ++m) {
@@ -347,11 +351,12 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_prepare_kernel(con
   //    [64 x 128] area (Kb, then Qr) and stored with coalesced 16-byte writes.
   float* rec = chunk_record(p, cslot, h);
   constexpr int kPer = kC * kK / kThr;  // 32 values of v per thread
-  float vv[kPer];
+  float vv[kPer];  // thread: value row tid % 128 of tokens tid / 128 + 2m
+  {
+    const __nv_bfloat16* vp = tv.v + (int64_t)(t0 + tid / kK) * p.v_st + tid % kK;
+    const int64_t vstep = (kThr / kK) * p.v_st;
 #pragma unroll
-  for (int m = 0; m < kPer; ++m) {
-    const int idx = tid + m * kThr, i = idx / kK, r = idx % kK;
-    vv[m] = i < nt ? bf2f(tv.v[(int64_t)(t0 + i) * p.v_st + r]) : 0.f;
+    for (int m = 0; m < kPer; ++m, vp += vstep) vv[m] = tid / kK + m * (kThr / kK) < nt ? bf2f(*vp) : 0.f;
   }
   store_rows(rec + kRecQe, &sm.Qr[0][0], kLdK, kK);
   store_rows(rec + kRecKd, &sm.Kb[0][0], kLdK, kK);
@@ -360,9 +365,10 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_prepare_kernel(con
   __syncthreads();  // Qe and Kd are out: their areas are free
 #pragma unroll
   for (int m = 0; m < kPer; ++m) {
-    const int idx = tid + m * kThr, i = idx / kK, r = idx % kK;
-    sm.Qr[i][r] = sm.beta[i] * vv[m];
-    sm.Kq[i][r] *= sm.beta[i];
+    const int i = tid / kK + m * (kThr / kK), r = tid % kK;
+    const float b = sm.beta[i];
+    sm.Qr[i][r] = b * vv[m];
+    sm.Kq[i][r] *= b;
   }
   __syncthreads();
   const int tm = warp / 2, tn0 = (warp % 2) * 4;  // 16 tokens x 64 columns of u, then of w
