@@ -147,6 +147,7 @@ __device__ __forceinline__ void cp_async_wait_all() {
 __device__ __forceinline__ void copy_rows_async(float* dst, int dst_ld, const float* src, int src_ld, int rows,
                                                 int cols) {
   const int per_row = cols / 4;
+#pragma unroll 2
   for (int idx = threadIdx.x; idx < rows * per_row; idx += kThr) {
     const int r = idx / per_row, c = idx % per_row * 4;
     cp_async16(dst + r * dst_ld + c, src + (int64_t)r * src_ld + c);

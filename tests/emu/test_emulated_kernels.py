@@ -75,7 +75,7 @@ def test_prefill_kernels_vs_fp64(lib, kind, bv, pool_dtype, lb):
     check_prefill(*res, lb)
 
 
-@pytest.mark.parametrize("kind,bv", ONE_EACH)
+@pytest.mark.parametrize("kind,bv", ONE_EACH + [("prefill_tc", 32)])
 def test_prefill_checkpoints_every_64_tokens(lib, kind, bv):
     lens, H = [63, 64, 130], 2
     counts = [n // 64 for n in lens]
@@ -116,6 +116,17 @@ def test_prefill_strided_inputs_and_int64_offsets(lib, kind, bv):
     assert not q.is_contiguous() and not beta.is_contiguous()
     res = run_prefill(lib, kind, bv, lens, H, torch.float32, None, inp=(q, k, v, g, beta, A_log, dt), null=0,
                       cu_dtype=torch.int64)
+    check_prefill(*res, None)
+
+
+@pytest.mark.parametrize("bv", [64, 32])
+def test_tensor_core_prefill_many_sequences(lib, bv):
+    """Many short sequences: the prepare pass finds each chunk's sequence by a binary search over
+    cu_seqlens (and skips the slots between sequences); empty, one-token and 64-multiple lengths,
+    null slots, both gates' worth of random decays."""
+    torch.manual_seed(21)
+    lens = [int(x) for x in torch.randint(0, 140, (30,))] + [0, 1, 64, 128, 0]
+    res = run_prefill(lib, "prefill_tc", bv, lens, 1, torch.float32, None, null=3)
     check_prefill(*res, None)
 
 
