@@ -73,6 +73,7 @@ prefill_chunked = _prefill_op("kda_prefill_chunked", "Chunked CUDA-core kernel (
 # chunk slot, head); a call of Ttot tokens in N sequences uses (Ttot // 64 + N) * H records.
 TC_RECORD_FLOATS = 4 * 64 * 128 + 64 * 64 + 128
 _tc_workspaces: dict = {}  # device -> the largest workspace asked for so far
+_tc_outgrown: list = []    # replaced workspaces, kept alive: a captured CUDA graph may still use one
 
 
 def tc_workspace_floats(total_tokens: int, num_seqs: int, num_heads: int) -> int:
@@ -82,9 +83,12 @@ def tc_workspace_floats(total_tokens: int, num_seqs: int, num_heads: int) -> int
 def tc_workspace(device, floats: int) -> torch.Tensor:
     """A workspace of at least ``floats`` fp32 elements on ``device``: allocated when a call needs
     more than any before it, then reused (calls on one stream run one after another; a call being
-    captured into a CUDA graph must not be the first of its size)."""
+    captured into a CUDA graph must not be the first of its size). An outgrown workspace is never
+    freed, so a graph captured with it stays valid."""
     ws = _tc_workspaces.get(device)
     if ws is None or ws.numel() < floats:
+        if ws is not None:
+            _tc_outgrown.append(ws)
         ws = _tc_workspaces[device] = torch.empty(max(floats, 1), dtype=torch.float32, device=device)
     return ws
 
