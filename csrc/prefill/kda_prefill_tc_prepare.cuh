@@ -17,10 +17,88 @@
 // kda_serving/ops/tensorcore_mirror.py is this algorithm in torch; docs/kernels.md derives it.
 #pragma once
 
+#ifdef KDA_SIMT_EMULATOR
+#include <cstdlib>
+#endif
+
 #include "kda_prefill_tc_common.cuh"
 
 namespace kda {
 namespace tc {
+
+// N (4 or 8) consecutive bf16 values as fp32: one 8- or 16-byte load when kVec (the caller checked
+// the alignment), else N 2-byte loads. bf16 -> fp32 is a 16-bit shift.
+template <bool kVec, int N>
+__device__ __forceinline__ void ld_bf16(const __nv_bfloat16* src, float (&x)[N]) {
+  if constexpr (kVec) {
+    static_assert(N == 4 || N == 8, "8- or 16-byte loads");
+#ifdef KDA_SIMT_EMULATOR
+    if (reinterpret_cast<uintptr_t>(src) % (2 * N) != 0) std::abort();  // the CPU would not notice
+#endif
+    unsigned w[N / 2];
+    if constexpr (N == 4) {
+      const uint2 u = *reinterpret_cast<const uint2*>(src);
+      w[0] = u.x; w[1] = u.y;
+    } else {
+      const uint4 u = *reinterpret_cast<const uint4*>(src);
+      w[0] = u.x; w[1] = u.y; w[2] = u.z; w[3] = u.w;
+    }
+#pragma unroll
+    for (int k = 0; k < N / 2; ++k) {
+      x[2 * k] = __uint_as_float(w[k] << 16);
+      x[2 * k + 1] = __uint_as_float(w[k] & 0xffff0000u);
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < N; ++j) x[j] = bf2f(src[j]);
+  }
+}
+
+// Rows of `base` (row stride st elements) start `bytes`-aligned at every token.
+__device__ __forceinline__ bool rows_aligned(const __nv_bfloat16* base, int64_t st, int bytes) {
+  return reinterpret_cast<uintptr_t>(base) % bytes == 0 && (st * 2) % bytes == 0;
+}
+
+// Phase 1's loads: q, k, g (4 channels from c4) and beta of tokens t0 + warp + 8m, zero past the
+// end; row pointers stepped per token. kVec: one 8-byte load per row.
+template <bool kVec, int kPer>
+__device__ __forceinline__ void load_chunk_inputs(const KdaPrefillParams& p, const TokenView& tv, int t0, int nt,
+                                                  int warp, int c4, float (&qv)[kPer][4], float (&kv)[kPer][4],
+                                                  float (&gv)[kPer][4], float (&bv)[kPer]) {
+  const int64_t t = t0 + warp;
+  const __nv_bfloat16 *qp = tv.q + t * p.q_st + c4, *kp = tv.k + t * p.k_st + c4;
+  const __nv_bfloat16 *gp = tv.g + t * p.g_st + c4, *bp = tv.beta + t * p.beta_st;
+#pragma unroll
+  for (int m = 0; m < kPer; ++m) {
+    if (warp + m * kWarp < nt) {
+      ld_bf16<kVec>(qp, qv[m]);
+      ld_bf16<kVec>(kp, kv[m]);
+      ld_bf16<kVec>(gp, gv[m]);
+      bv[m] = bf2f(*bp);
+    } else {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) qv[m][j] = kv[m][j] = gv[m][j] = 0.f;
+      bv[m] = 0.f;
+    }
+    qp += kWarp * p.q_st; kp += kWarp * p.k_st; gp += kWarp * p.g_st; bp += kWarp * p.beta_st;
+  }
+}
+
+// Phase 6's v: value rows r8 .. r8+7 of tokens t0 + i0 + 16m (m < 4), zero past the end.
+template <bool kVec>
+__device__ __forceinline__ void load_chunk_v(const KdaPrefillParams& p, const TokenView& tv, int t0, int nt, int i0,
+                                             int r8, float (&vv)[4][8]) {
+  const __nv_bfloat16* vp = tv.v + (int64_t)(t0 + i0) * p.v_st + r8;
+#pragma unroll
+  for (int m = 0; m < 4; ++m, vp += 16 * p.v_st) {
+    if (i0 + 16 * m < nt) {
+      ld_bf16<kVec>(vp, vv[m]);
+    } else {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) vv[m][e] = 0.f;
+    }
+  }
+}
 
 // A [64 x cols] shared array (row pitch ld) to a record field, 16 bytes per store, coalesced.
 __device__ __forceinline__ void store_rows(float* dst, const float* src, int ld, int cols) {
@@ -92,22 +170,10 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_prepare_kernel(con
   {
     constexpr int kPer = kC / kWarp;
     float qv[kPer][4], kv[kPer][4], gv[kPer][4], bv[kPer];
-    // row pointers of token t0 + warp, stepped by kWarp rows (cheaper than indexing every load)
-    const int64_t t = t0 + warp;
-    const __nv_bfloat16 *qp = tv.q + t * p.q_st + c4, *kp = tv.k + t * p.k_st + c4;
-    const __nv_bfloat16 *gp = tv.g + t * p.g_st + c4, *bp = tv.beta + t * p.beta_st;
-#pragma unroll
-    for (int m = 0; m < kPer; ++m) {
-      const bool live = warp + m * kWarp < nt;
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        qv[m][j] = live ? bf2f(qp[j]) : 0.f;
-        kv[m][j] = live ? bf2f(kp[j]) : 0.f;
-        gv[m][j] = live ? bf2f(gp[j]) : 0.f;
-      }
-      bv[m] = live ? bf2f(*bp) : 0.f;
-      qp += kWarp * p.q_st; kp += kWarp * p.k_st; gp += kWarp * p.g_st; bp += kWarp * p.beta_st;
-    }
+    if (rows_aligned(tv.q, p.q_st, 8) && rows_aligned(tv.k, p.k_st, 8) && rows_aligned(tv.g, p.g_st, 8))
+      load_chunk_inputs<true>(p, tv, t0, nt, warp, c4, qv, kv, gv, bv);
+    else
+      load_chunk_inputs<false>(p, tv, t0, nt, warp, c4, qv, kv, gv, bv);
 #pragma unroll
     for (int m = 0; m < kPer; ++m) {
       const int i = warp + m * kWarp;
@@ -345,30 +411,33 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_prepare_kernel(con
   KDA_TC_MARK(6);
 
 
-  // 6. The record. v (0 past the end) is loaded first, its latency overlapping the stores of
-  //    Qe, Kd, A_qk, EL; then beta v goes to the Qr area and beta into the Ke rows, and the WY
-  //    factors u = T (beta v), w = T (beta Ke) run on tensor cores, each staged in a free
-  //    [64 x 128] area (Kb, then Qr) and stored with coalesced 16-byte writes.
+  // 6. The record. v (0 past the end) is loaded first (16-byte loads where rows are aligned),
+  //    its latency overlapping the stores of Qe, Kd, A_qk, EL; then beta v goes to the Qr area
+  //    and beta into the Ke rows, and the WY factors u = T (beta v), w = T (beta Ke) run on
+  //    tensor cores, each staged in a free [64 x 128] area (Kb, then Qr) and stored with
+  //    coalesced 16-byte writes.
   float* rec = chunk_record(p, cslot, h);
-  constexpr int kPer = kC * kK / kThr;  // 32 values of v per thread
-  float vv[kPer];  // thread: value row tid % 128 of tokens tid / 128 + 2m
-  {
-    const __nv_bfloat16* vp = tv.v + (int64_t)(t0 + tid / kK) * p.v_st + tid % kK;
-    const int64_t vstep = (kThr / kK) * p.v_st;
-#pragma unroll
-    for (int m = 0; m < kPer; ++m, vp += vstep) vv[m] = tid / kK + m * (kThr / kK) < nt ? bf2f(*vp) : 0.f;
-  }
+  const int vi0 = tid / 16, vr8 = tid % 16 * 8;  // tokens vi0 + 16m, value rows vr8 .. vr8+7
+  float vv[4][8];
+  if (rows_aligned(tv.v, p.v_st, 16)) load_chunk_v<true>(p, tv, t0, nt, vi0, vr8, vv);
+  else load_chunk_v<false>(p, tv, t0, nt, vi0, vr8, vv);
   store_rows(rec + kRecQe, &sm.Qr[0][0], kLdK, kK);
   store_rows(rec + kRecKd, &sm.Kb[0][0], kLdK, kK);
   store_rows(rec + kRecAqk, &sm.Aqk[0][0], kLdC, kC);
   if (tid < kK) rec[kRecEL + tid] = sm.EL[tid];
   __syncthreads();  // Qe and Kd are out: their areas are free
 #pragma unroll
-  for (int m = 0; m < kPer; ++m) {
-    const int i = tid / kK + m * (kThr / kK), r = tid % kK;
+  for (int m = 0; m < 4; ++m) {
+    const int i = vi0 + 16 * m;
     const float b = sm.beta[i];
-    sm.Qr[i][r] = b * vv[m];
-    sm.Kq[i][r] *= b;
+#pragma unroll
+    for (int e = 0; e < 8; e += 4) {
+      float4* k4 = reinterpret_cast<float4*>(&sm.Kq[i][vr8 + e]);
+      const float4 k = *k4;
+      *reinterpret_cast<float4*>(&sm.Qr[i][vr8 + e]) =
+          make_float4(b * vv[m][e], b * vv[m][e + 1], b * vv[m][e + 2], b * vv[m][e + 3]);
+      *k4 = make_float4(b * k.x, b * k.y, b * k.z, b * k.w);
+    }
   }
   __syncthreads();
   const int tm = warp / 2, tn0 = (warp % 2) * 4;  // 16 tokens x 64 columns of u, then of w

@@ -105,12 +105,15 @@ def test_prefill_adversarial(lib, kind, bv, lb):
     check_prefill(*res, lb)
 
 
+@pytest.mark.parametrize("shift", [0, 1])
 @pytest.mark.parametrize("kind,bv", ONE_EACH)
-def test_prefill_strided_inputs_and_int64_offsets(lib, kind, bv):
+def test_prefill_strided_inputs_and_int64_offsets(lib, kind, bv, shift):
+    """Row-strided column slices of one fused projection; shift 1 puts every row of q, k, v one
+    element (2 bytes) off alignment (the tensor-core kernel's vector loads must fall back)."""
     lens, H = [17, 0, 70], 2
     T = sum(lens)
-    mixed = torch.randn(T, 3 * H * D + 64).bfloat16()
-    q, k, v = (mixed[:, i * H * D:(i + 1) * H * D].view(T, H, D) for i in range(3))
+    mixed = torch.randn(T, 3 * H * D + 64 + shift).bfloat16()
+    q, k, v = (mixed[:, shift + i * H * D:shift + (i + 1) * H * D].view(T, H, D) for i in range(3))
     beta = (torch.randn(T, 2 * H) * 3).bfloat16()[:, :H]
     _, _, _, g, _, A_log, dt = inputs(T, H)
     assert not q.is_contiguous() and not beta.is_contiguous()
