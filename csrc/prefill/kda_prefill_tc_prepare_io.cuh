@@ -1,0 +1,100 @@
+// The tensor-core prepare pass's global-memory traffic (kda_prefill_tc_prepare.cuh): a chunk's
+// q, k, g, beta and v loads (vector loads where every row is aligned, else 2-byte loads) and the
+// coalesced stores of its workspace record.
+#pragma once
+
+#ifdef KDA_SIMT_EMULATOR
+#include <cstdlib>
+#endif
+
+#include "kda_prefill_tc_common.cuh"
+
+namespace kda {
+namespace tc {
+
+// N (4 or 8) consecutive bf16 values as fp32: one 8- or 16-byte load when kVec (the caller checked
+// the alignment), else N 2-byte loads. bf16 -> fp32 is a 16-bit shift.
+template <bool kVec, int N>
+__device__ __forceinline__ void ld_bf16(const __nv_bfloat16* src, float (&x)[N]) {
+  if constexpr (kVec) {
+    static_assert(N == 4 || N == 8, "8- or 16-byte loads");
+#ifdef KDA_SIMT_EMULATOR
+    if (reinterpret_cast<uintptr_t>(src) % (2 * N) != 0) std::abort();  // the CPU would not notice
+#endif
+    unsigned w[N / 2];
+    if constexpr (N == 4) {
+      const uint2 u = *reinterpret_cast<const uint2*>(src);
+      w[0] = u.x; w[1] = u.y;
+    } else {
+      const uint4 u = *reinterpret_cast<const uint4*>(src);
+      w[0] = u.x; w[1] = u.y; w[2] = u.z; w[3] = u.w;
+    }
+#pragma unroll
+    for (int k = 0; k < N / 2; ++k) {
+      x[2 * k] = __uint_as_float(w[k] << 16);
+      x[2 * k + 1] = __uint_as_float(w[k] & 0xffff0000u);
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < N; ++j) x[j] = bf2f(src[j]);
+  }
+}
+
+// Rows of `base` (row stride st elements) start `bytes`-aligned at every token.
+__device__ __forceinline__ bool rows_aligned(const __nv_bfloat16* base, int64_t st, int bytes) {
+  return reinterpret_cast<uintptr_t>(base) % bytes == 0 && (st * 2) % bytes == 0;
+}
+
+// Phase 1's loads: q, k, g (4 channels from c4) and beta of tokens t0 + warp + 8m, zero past the
+// end; row pointers stepped per token. kVec: one 8-byte load per row.
+template <bool kVec, int kPer>
+__device__ __forceinline__ void load_chunk_inputs(const KdaPrefillParams& p, const TokenView& tv, int t0, int nt,
+                                                  int warp, int c4, float (&qv)[kPer][4], float (&kv)[kPer][4],
+                                                  float (&gv)[kPer][4], float (&bv)[kPer]) {
+  const int64_t t = t0 + warp;
+  const __nv_bfloat16 *qp = tv.q + t * p.q_st + c4, *kp = tv.k + t * p.k_st + c4;
+  const __nv_bfloat16 *gp = tv.g + t * p.g_st + c4, *bp = tv.beta + t * p.beta_st;
+#pragma unroll
+  for (int m = 0; m < kPer; ++m) {
+    if (warp + m * kWarp < nt) {
+      ld_bf16<kVec>(qp, qv[m]);
+      ld_bf16<kVec>(kp, kv[m]);
+      ld_bf16<kVec>(gp, gv[m]);
+      bv[m] = bf2f(*bp);
+    } else {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) qv[m][j] = kv[m][j] = gv[m][j] = 0.f;
+      bv[m] = 0.f;
+    }
+    qp += kWarp * p.q_st; kp += kWarp * p.k_st; gp += kWarp * p.g_st; bp += kWarp * p.beta_st;
+  }
+}
+
+// Phase 6's v: value rows r8 .. r8+7 of tokens t0 + i0 + 16m (m < 4), zero past the end.
+template <bool kVec>
+__device__ __forceinline__ void load_chunk_v(const KdaPrefillParams& p, const TokenView& tv, int t0, int nt, int i0,
+                                             int r8, float (&vv)[4][8]) {
+  const __nv_bfloat16* vp = tv.v + (int64_t)(t0 + i0) * p.v_st + r8;
+#pragma unroll
+  for (int m = 0; m < 4; ++m, vp += 16 * p.v_st) {
+    if (i0 + 16 * m < nt) {
+      ld_bf16<kVec>(vp, vv[m]);
+    } else {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) vv[m][e] = 0.f;
+    }
+  }
+}
+
+// A [64 x cols] shared array (row pitch ld) to a record field, 16 bytes per store, coalesced.
+__device__ __forceinline__ void store_rows(float* dst, const float* src, int ld, int cols) {
+  const int per_row = cols / 4;
+#pragma unroll 2
+  for (int idx = threadIdx.x; idx < kC * per_row; idx += kThr) {
+    const int i = idx / per_row, c = idx % per_row * 4;
+    *reinterpret_cast<float4*>(dst + i * cols + c) = *reinterpret_cast<const float4*>(src + i * ld + c);
+  }
+}
+
+}  // namespace tc
+}  // namespace kda
