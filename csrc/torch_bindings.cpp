@@ -17,7 +17,7 @@
 //
 // kda_prefill_chunked(<same arguments as kda_prefill>) -> ()
 //   Same contract, computed by the chunked kernel (csrc/prefill/kda_prefill_chunked_*). Opt-in
-//   and not yet validated on a GPU: kda_serving.ops.kda_prefill calls it only when
+//   (slower than the default): kda_serving.ops.kda_prefill calls it only when
 //   KDA_SERVING_PREFILL_KERNEL=chunked (docs/kernels.md); the default is the token-serial kernel.
 //
 // kda_prefill_tc(<same arguments as kda_prefill>, Tensor(d!) workspace) -> ()
