@@ -37,8 +37,7 @@ const char* kPhaseNames[kda::tc::kPhases] = {
     "prepare 6. record out, beta v, u and w",
     "state: record loads (wait)",
     "state 1. w S^T, Qe S^T, U = u - w S^T",
-    "state 2. S decay, O += A_qk U, output",
-    "state 3. S += U^T Kd, checkpoint",
+    "state 2+3. O += A_qk U, output; S decay, += U^T Kd",
 };
 
 uint32_t g_rng = 12345u;

@@ -113,10 +113,9 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
     __syncthreads();  // U complete; every read of Qe, w and the undecayed S is done
     KDA_TC_MARK(kPrepPhases + 1);
 
-    // 2. The next chunk's Qe, w on their way; S decays by the chunk total EL;
-    //    O = Qe S^T + A_qk U, staged per tile and written out by the owning warp.
+    // 2. The next chunk's Qe, w on their way; O = Qe S^T + A_qk U, staged per tile and written
+    //    out by the owning warp.
     if (t0 + kC < len) load_qe_w(sm, chunk_record(p, cbase + j + 1, h));
-    for (int idx = tid; idx < BV * kK; idx += kThr) sm.S[idx / kK][idx % kK] *= sm.EL[idx % kK];
     mma_acc<FragBr>(acco, &sm.Aqk[tm * 16][0], kLdC, &sm.U[0][tn0 * 16], kLdV, 16, kC);
 #pragma unroll
     for (int s = 0; s < kNT; ++s) {
@@ -128,13 +127,15 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
         if (i < nt) tv.o[(int64_t)(t0 + i) * p.o_st + r] = __float2bfloat16(sm.O[i][r]);
       }
     }
-    __syncthreads();  // S decayed everywhere before the update reads it
-    KDA_TC_MARK(kPrepPhases + 2);
-
-    // 3. S += U^T Kd: tiles [16 value rows x 16 channels]; A = U^T (U col-major), B = Kd.
+    // 3. S <- S diag(EL) + U^T Kd by tiles [16 value rows x 16 channels]: the owning warp decays
+    //    its tile, then A = U^T (U col-major), B = Kd. Only this warp touches the tile between
+    //    the barriers, so no block-wide barrier separates decay and update.
 #pragma unroll 1
     for (int tile = warp; tile < (BV / 16) * (kK / 16); tile += kWarp) {
       const int tr = tile / (kK / 16), tcn = tile % (kK / 16);
+      for (int e = threadIdx.x % 32; e < 256; e += 32)
+        sm.S[tr * 16 + e / 16][tcn * 16 + e % 16] *= sm.EL[tcn * 16 + e % 16];
+      __syncwarp();
       FragC accs;
       wmma::load_matrix_sync(accs, &sm.S[tr * 16][tcn * 16], kLdK, wmma::mem_row_major);
       FragAc a;
@@ -151,7 +152,7 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
     __syncthreads();  // the update is complete: U, Kd, A_qk, EL may be overwritten
     if (ckpt && tend % kCheckpointEvery == 0)
       copy_state_out(sm, ckpt + (int64_t)(tend / kCheckpointEvery - 1) * p.inter_ss);
-    KDA_TC_MARK(kPrepPhases + 3);
+    KDA_TC_MARK(kPrepPhases + 2);
   }
   __syncthreads();
   copy_state_out(sm, dst);  // final state (the initial one, or zeros, for an empty sequence)
