@@ -26,7 +26,7 @@
 
 namespace {
 
-const char* kPhaseNames[kda::tc::kPhases] = {
+const char* kPhaseNames[] = {
     "prepare 1. inputs: q, k, g, beta into smem",
     "prepare 2a+3a. block totals, diagonal blocks",
     "prepare 2b+2c. decay products, block-local ops",
@@ -39,6 +39,7 @@ const char* kPhaseNames[kda::tc::kPhases] = {
     "state 1. w S^T, Qe S^T, U = u - w S^T",
     "state 2+3. O += A_qk U, output; S decay, += U^T Kd",
 };
+static_assert(sizeof(kPhaseNames) / sizeof(kPhaseNames[0]) == kda::tc::kPhases, "a name per phase");
 
 uint32_t g_rng = 12345u;
 float uniform() {  // in [-1, 1)
