@@ -12,6 +12,7 @@
 #include <cstdint>
 
 #include "../conv/conv1d.h"
+#include "kda_common.cuh"
 
 namespace kda {
 
@@ -83,14 +84,10 @@ __device__ __forceinline__ void conv_update_store(const Conv1dParams& p, int64_t
 constexpr int kConvVec = 8;
 
 __device__ __forceinline__ void ld8(const void* base, int64_t i, bool is_bf16, float (&v)[kConvVec]) {
-  if (is_bf16) {  // bf16 -> fp32 is a 16-bit shift; bit operations keep u in registers
+  if (is_bf16) {
     const uint4 u = *reinterpret_cast<const uint4*>(static_cast<const __nv_bfloat16*>(base) + i);
     const unsigned w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      v[2 * k] = __uint_as_float(w[k] << 16);
-      v[2 * k + 1] = __uint_as_float(w[k] & 0xffff0000u);
-    }
+    unpack_bf16(w, v);
   } else {
     const float4* f = reinterpret_cast<const float4*>(static_cast<const float*>(base) + i);
     const float4 a = f[0], b = f[1];

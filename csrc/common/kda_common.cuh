@@ -12,6 +12,17 @@ constexpr int kWarps = kThreads / 32;
 
 __device__ __forceinline__ float bf2f(__nv_bfloat16 x) { return __bfloat162float(x); }
 
+// n words of packed bf16 pairs (as one vector load returns them, lower half first) to 2n floats;
+// bf16 -> fp32 is a 16-bit shift, and bit operations keep the words in registers.
+template <int n>
+__device__ __forceinline__ void unpack_bf16(const unsigned (&w)[n], float (&x)[2 * n]) {
+#pragma unroll
+  for (int k = 0; k < n; ++k) {
+    x[2 * k] = __uint_as_float(w[k] << 16);
+    x[2 * k + 1] = __uint_as_float(w[k] & 0xffff0000u);
+  }
+}
+
 // Programmatic dependent launch (sm_90): a kernel started by launch_overlapping (launch_utils.h)
 // may run while the kernel before it in the stream finishes. pdl_wait() returns once that kernel
 // has completed and its writes are visible; nothing it writes may be read before. A kernel calls

@@ -77,9 +77,9 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_prepare_kernel(con
   //    One warp per token, 4 channels per lane. (a) All loads of a warp's tokens are issued
   //    before the first is used, so their latencies overlap; the raw values go to shared
   //    memory. (b) Norms, gates and beta one token at a time in a loop that is not unrolled:
-  //    unrolled over the 8 tokens this pass was half of the kernel's machine code, which is
-  //    fetched again for every chunk (the profile's warm re-run of a phase costs a fifth of
-  //    its first run). Each lane reads back only what it wrote; same arithmetic either way.
+  //    unrolled over the 8 tokens this pass was half of the kernel's machine code, which did
+  //    not stay in the instruction caches (a phase re-run on warm code took a fifth of its
+  //    first run, docs/kernels.md). Each lane reads back only what it wrote.
   {
     constexpr int kPer = kC / kWarp;
     float qv[kPer][4], kv[kPer][4], gv[kPer][4], bv[kPer];

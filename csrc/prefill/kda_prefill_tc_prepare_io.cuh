@@ -13,7 +13,7 @@ namespace kda {
 namespace tc {
 
 // N (4 or 8) consecutive bf16 values as fp32: one 8- or 16-byte load when kVec (the caller checked
-// the alignment), else N 2-byte loads. bf16 -> fp32 is a 16-bit shift.
+// the alignment), else N 2-byte loads.
 template <bool kVec, int N>
 __device__ __forceinline__ void ld_bf16(const __nv_bfloat16* src, float (&x)[N]) {
   if constexpr (kVec) {
@@ -21,18 +21,14 @@ __device__ __forceinline__ void ld_bf16(const __nv_bfloat16* src, float (&x)[N])
 #ifdef KDA_SIMT_EMULATOR
     if (reinterpret_cast<uintptr_t>(src) % (2 * N) != 0) std::abort();  // the CPU would not notice
 #endif
-    unsigned w[N / 2];
     if constexpr (N == 4) {
       const uint2 u = *reinterpret_cast<const uint2*>(src);
-      w[0] = u.x; w[1] = u.y;
+      const unsigned w[2] = {u.x, u.y};
+      unpack_bf16(w, x);
     } else {
       const uint4 u = *reinterpret_cast<const uint4*>(src);
-      w[0] = u.x; w[1] = u.y; w[2] = u.z; w[3] = u.w;
-    }
-#pragma unroll
-    for (int k = 0; k < N / 2; ++k) {
-      x[2 * k] = __uint_as_float(w[k] << 16);
-      x[2 * k + 1] = __uint_as_float(w[k] & 0xffff0000u);
+      const unsigned w[4] = {u.x, u.y, u.z, u.w};
+      unpack_bf16(w, x);
     }
   } else {
 #pragma unroll

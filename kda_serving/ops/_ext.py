@@ -76,8 +76,13 @@ _tc_workspaces: dict = {}  # device -> the largest workspace asked for so far
 _tc_outgrown: list = []    # replaced workspaces, kept alive: a captured CUDA graph may still use one
 
 
+def tc_chunk_slots(total_tokens: int, num_seqs: int) -> int:
+    """Chunk slots of a call: sequence n's chunks start at slot floor(bos_n / 64) + n."""
+    return total_tokens // 64 + num_seqs
+
+
 def tc_workspace_floats(total_tokens: int, num_seqs: int, num_heads: int) -> int:
-    return (total_tokens // 64 + num_seqs) * num_heads * TC_RECORD_FLOATS
+    return tc_chunk_slots(total_tokens, num_seqs) * num_heads * TC_RECORD_FLOATS
 
 
 def tc_workspace(device, floats: int) -> torch.Tensor:

@@ -198,7 +198,7 @@ def prefill(lib, kind: str, rows: int, q, k, v, g, beta, A_log, dt_bias, cu_seql
             workspace = torch.full((need,), float("nan"))  # poisoned: a record read before written shows
         if workspace.dtype != torch.float32 or not workspace.is_contiguous() or workspace.numel() < need:
             raise RuntimeError(f"workspace must be contiguous fp32 with at least {need} elements")  # as the binding
-        p.tc_workspace, p.tc_chunk_slots = _ptr(workspace), q.shape[0] // 64 + N
+        p.tc_workspace, p.tc_chunk_slots = _ptr(workspace), _ext.tc_chunk_slots(q.shape[0], N)
     if lib.emu_prefill(KINDS[kind], C.byref(p)) != 0:
         raise RuntimeError(f"emulated {kind} launch failed")
     return out

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from kda_serving import ops
+from kda_serving.ops import _ext
 from kda_serving.ops.naive import naive_kda
 from tests.conftest import rel_rms
 from tests.gpu.common import check_against
@@ -143,18 +144,15 @@ def test_prefill_offsets_counted_from_the_first(lib, kind, bv):
     inp = inputs(sum(lens), H)
     pool0, slots, has, _ = pool_for(lens, H, torch.float32, null=1)
     cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
-    ws = torch.full((_tc_floats(sum(lens), len(lens), H),), float("nan")) if kind == "prefill_tc" else None
+    ws = None
+    if kind == "prefill_tc":
+        ws = torch.full((_ext.tc_workspace_floats(sum(lens), len(lens), H),), float("nan"))
     results = []
     for base in (0, 100):
         pool = pool0.clone()
         out = emulated.prefill(lib, kind, bv, *inp, cu + base, pool, slots, has, workspace=ws)
         results.append((out, pool))
     assert torch.equal(results[1][0], results[0][0]) and torch.equal(results[1][1], results[0][1])
-
-
-def _tc_floats(T, N, H):
-    from kda_serving.ops import _ext
-    return _ext.tc_workspace_floats(T, N, H)
 
 
 @pytest.mark.parametrize("kind,bv", ONE_EACH + [("prefill_tc", 32)])

@@ -144,8 +144,8 @@ def test_tc_adversarial_and_long(lower_bound):
 
 def test_tc_workspace_checked_and_reusable():
     """The tensor-core kernel's workspace: too small, or not fp32, is refused with an error naming
-    it before anything runs (pool and output untouched; ops._ext checks it, the binding again); a NaN-poisoned one of exactly the size
-    asked for gives the same results as the cached default."""
+    it before anything runs (pool and output untouched; ops._ext checks it, the binding again); a
+    NaN-poisoned one of exactly the size asked for gives the same results as the cached default."""
     torch.manual_seed(5)
     H, lens = 2, [70, 0, 129]
     cu, pool, slots, has_init, _ = setup_pool(lens, H, torch.float32, n_null=1)
