@@ -204,8 +204,13 @@ def _version(module: str) -> str | None:
         return None
 
 
+def source_commit() -> str:
+    """The commit measured: KDA_SERVING_COMMIT (trees copied without .git), else git's HEAD."""
+    return os.environ.get("KDA_SERVING_COMMIT") or _git("rev-parse", "--short=12", "HEAD") or "nogit"
+
+
 def run_metadata(script: str, device: torch.device, argv, bandwidth: float) -> dict:
-    commit = os.environ.get("KDA_SERVING_COMMIT") or _git("rev-parse", "--short=12", "HEAD") or "nogit"
+    commit = source_commit()
     meta = {
         "script": script,
         "device": device_name(device),

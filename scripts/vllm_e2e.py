@@ -72,18 +72,6 @@ def has_cuda() -> bool:
         return False
 
 
-def source_commit() -> str:
-    """The commit measured: KDA_SERVING_COMMIT (trees copied without .git), else git's HEAD."""
-    env = os.environ.get("KDA_SERVING_COMMIT")
-    if env:
-        return env
-    try:
-        return subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip() or "nogit"
-    except (OSError, subprocess.SubprocessError):
-        return "nogit"
-
-
 def device_info() -> dict:
     import torch
     info = {"torch": torch.__version__, "python": sys.version.split()[0]}
@@ -482,6 +470,7 @@ def main() -> None:
     logs = args.out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     spec = {"model": str(model), "engine": engine, "shapes": shapes, "vocab": config["vocab_size"]}
+    from bench_common import source_commit  # beside this file; imports torch, which is loaded by now
     rec = {"benchmark": "vllm_e2e", "time": stamp, "commit": source_commit(), "device": dev,
            "weights": "vllm-dummy" if args.vllm_dummy_weights else "scaled-dummy", "config": args.config or
            ("kimi-linear-48b-a3b" if cuda else "tiny"), "layers": layers,
