@@ -5,7 +5,7 @@
 // state pass all chunks of a sequence per CTA).
 //
 //   nvcc -std=c++17 -O3 -arch=sm_90a -Icsrc scripts/profile_tc_phases.cu -o /tmp/profile_tc
-//   /tmp/profile_tc [N sequences] [tokens each] [heads] [state rows 64|32]   # default 1 8192 96,
+//   /tmp/profile_tc [N sequences] [tokens each] [heads] [state rows 128|64|32]   # default 1 8192 96,
 //   rows as the launcher picks
 #define KDA_TC_PHASE_CYCLES
 #include "../csrc/prefill/kda_prefill_tc_launch.cu"
@@ -35,9 +35,9 @@ const char* kPhaseNames[] = {
     "prepare 4a+5. T diagonal blocks, chunk operands",
     "prepare 4b. T off-diagonal blocks",
     "prepare 6. record out, beta v, u and w",
-    "state: record loads (wait)",
-    "state 1. w S^T, Qe S^T, U = u - w S^T",
-    "state 2+3. O += A_qk U, output; S decay, += U^T Kd",
+    "state 1. record in, partial S W^T, S Qe^T",
+    "state 2. partials exchanged, U = u - w S^T",
+    "state 3. O += U^T A_qk^T, S update, output",
 };
 static_assert(sizeof(kPhaseNames) / sizeof(kPhaseNames[0]) == kda::tc::kPhases, "a name per phase");
 
@@ -113,14 +113,23 @@ int main(int argc, char** argv) {
   CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
   CHECK(cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, dev));
   p.num_sms = sms;
-  if (argc > 4) p.num_sms = std::atoi(argv[4]) == 64 ? 1 : 1 << 20;  // what makes the launcher pick those rows
+  const int rows = argc > 4 ? std::atoi(argv[4]) : kda::tc_state_rows(p);
+  if (rows != 128 && rows != 64 && rows != 32) {
+    std::fprintf(stderr, "state rows: 128, 64 or 32\n");
+    return 2;
+  }
+  auto launch_state = [&]() {
+    return rows == 128 ? kda::launch_state<128, float>(p, 0)
+                       : rows == 64 ? kda::launch_state<64, float>(p, 0) : kda::launch_state<32, float>(p, 0);
+  };
 
   float* ws = nullptr;
   p.tc_chunk_slots = kda::tc_chunk_slots((int64_t)T, N);
   CHECK(cudaMalloc(&ws, (size_t)kda::tc_workspace_floats((int64_t)T, N, H) * sizeof(float)));
   p.tc_workspace = ws;
 
-  CHECK(kda::launch_kda_prefill_tc(p, 0));  // warm-up
+  CHECK(kda::launch_kda_prefill_tc_prepare(p, 0));  // warm-up
+  CHECK(launch_state());
   CHECK(cudaDeviceSynchronize());
   const unsigned long long zeros[kda::tc::kPhases] = {};
   CHECK(cudaMemcpyToSymbol(kda::tc::kda_tc_phase_cycles, zeros, sizeof(zeros)));
@@ -129,7 +138,7 @@ int main(int argc, char** argv) {
   CHECK(cudaEventRecord(ev[0]));
   CHECK(kda::launch_kda_prefill_tc_prepare(p, 0));
   CHECK(cudaEventRecord(ev[1]));
-  CHECK(kda::launch_kda_prefill_tc_state(p, 0));
+  CHECK(launch_state());
   CHECK(cudaEventRecord(ev[2]));
   CHECK(cudaEventSynchronize(ev[2]));
   float ms_prep = 0.f, ms_state = 0.f;
@@ -142,7 +151,6 @@ int main(int argc, char** argv) {
   CHECK(cudaGetDeviceProperties(&prop, dev));
   const long long chunks_per_seq = (L + kda::tc::kC - 1) / kda::tc::kC;
   const long long prep_ctas = chunks_per_seq * N * H;  // CTAs with a chunk to prepare
-  const int rows = kda::tc_state_uses_32_rows(p) ? 32 : 64;
   const long long state_ctas = (long long)(K / rows) * H * N;
   std::printf("%s, %d SMs, clock %.2f GHz; N=%d L=%d H=%d: prepare %lld CTAs %.3f ms, state %lld CTAs (%d rows) "
               "%.3f ms, total %.3f ms\n", prop.name, sms, clock_khz * 1e-6, N, L, H, prep_ctas, ms_prep, state_ctas,

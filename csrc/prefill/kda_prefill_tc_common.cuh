@@ -1,11 +1,9 @@
 // Shared by the two passes of the tensor-core chunked prefill (kda_prefill_tc_prepare.cuh and
 // kda_prefill_tc_state.cuh): chunk geometry, the workspace record a chunk's operands travel in,
-// the chunk -> sequence map, the TF32 WMMA helpers and the phase-cycle profile marks.
+// the chunk -> sequence map, the TF32 tensor-core helpers and the phase-cycle profile marks.
 #pragma once
 
 #include <mma.h>
-
-#include <type_traits>
 
 #include "prefill_sequence.cuh"
 
@@ -25,7 +23,8 @@ constexpr int kLdK = kK + 4;    // [.. x 128] arrays: S, Qe, Kd, Ke, w, beta v
 constexpr int kLdC = kC + 4;    // [64 x 64] arrays: A_qk, A_kk, T
 
 // One workspace record per (chunk, head), fp32, unpadded rows (kda_prefill.h kTcRecordFloats):
-// what the state pass needs of a chunk, computed by the prepare pass.
+// what the state pass needs of a chunk, computed by the prepare pass. Qe, Kd, w and A_qk are
+// stored rounded to TF32 (the state pass only multiplies them on tensor cores), u and EL not.
 constexpr int kRecQe = 0;                  // [64 x 128] q decayed to the chunk start
 constexpr int kRecKd = kRecQe + kC * kK;   // [64 x 128] k decayed to the chunk end
 constexpr int kRecW = kRecKd + kC * kK;    // [64 x 128] w = T beta Ke
@@ -92,38 +91,25 @@ __device__ unsigned long long kda_tc_phase_cycles[kPhases];
   } while (0)
 #endif
 
-using namespace nvcuda;
-using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
-using FragAc = wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::col_major>;
-using FragBr = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
-using FragBc = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major>;
-using FragC = wmma::fragment<wmma::accumulator, 16, 16, 8, float>;
+// Round to TF32 as the tensor cores' operands (cvt.rna: nearest, ties away from zero), as float.
+__device__ __forceinline__ float tf32_round(float x) { return nvcuda::wmma::__float_to_tf32(x); }
 
-template <typename Frag>
-__device__ __forceinline__ void load_tf32(Frag& f, const float* p, unsigned ld) {
-  wmma::load_matrix_sync(f, p, ld);
-#pragma unroll
-  for (int i = 0; i < f.num_elements; ++i) f.x[i] = wmma::__float_to_tf32(f.x[i]);
-}
+// One m16n8k8 TF32 tensor-core product d += a b on raw mma.sync fragments (PTX ISA layouts, with
+// g = lane / 4, t = lane % 4): a = A[g][t], A[g+8][t], A[g][t+4], A[g+8][t+4] of the 16 x 8 A;
+// b = B[t][g], B[t+4][g] of the 8 x 8 B; d = D[g][2t], D[g][2t+1], D[g+8][2t], D[g+8][2t+1].
+// Operands are TF32 bit patterns (to_tf32); the emulator gathers the warp's fragments.
+__device__ __forceinline__ uint32_t to_tf32(float x) { return __float_as_uint(tf32_round(x)); }
 
-// acc[s] += A[16 x k] B_s[k x 16] for NT (1 or 2) output tiles of a warp, B_1 starting b_next
-// floats after B_0 (the next 16 columns); the tiles share A's fragment, loaded once per k-step.
-// A row-major (lda); B row-major (FragB = FragBr) or given as B^T row-major, i.e. col-major
-// (FragB = FragBc), with leading dimension ldb.
-template <typename FragB, int NT>
-__device__ __forceinline__ void mma_acc(FragC (&acc)[NT], const float* A, unsigned lda, const float* B,
-                                        unsigned ldb, unsigned b_next, int k) {
-  constexpr bool kRowB = std::is_same<FragB, FragBr>::value;
-  FragA a;
-  FragB b[NT];
-  for (int kk = 0; kk < k; kk += 8) {
-    const float* bk = B + (kRowB ? (size_t)kk * ldb : (size_t)kk);
-    load_tf32(a, A + kk, lda);
-#pragma unroll
-    for (int s = 0; s < NT; ++s) load_tf32(b[s], bk + s * b_next, ldb);
-#pragma unroll
-    for (int s = 0; s < NT; ++s) wmma::mma_sync(acc[s], a, b[s], acc[s]);
-  }
+__device__ __forceinline__ void mma_tf32(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#ifdef KDA_SIMT_EMULATOR
+  emu::mma_m16n8k8_tf32(d, a, b0, b1);
+#else
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
 }
 
 // Asynchronous 16-byte global -> shared copies (cp.async); the emulator copies at once.
@@ -141,6 +127,7 @@ __device__ __forceinline__ void cp_async_wait_all() {
   asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
 #endif
 }
+
 
 // rows x cols floats, unpadded in global memory (row pitch src_ld), into shared rows of pitch
 // dst_ld; cols a multiple of 4. All threads of the CTA take part.

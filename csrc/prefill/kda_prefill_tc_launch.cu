@@ -34,17 +34,30 @@ static cudaError_t launch_state(const KdaPrefillParams& p, cudaStream_t stream) 
   return cudaGetLastError();
 }
 
-// 32 value rows per CTA when that finishes sooner: twice the CTAs, each about half the work of a
-// 64-row CTA (the same records to read), so it pays when 64-row CTAs would leave SMs idle.
-bool tc_state_uses_32_rows(const KdaPrefillParams& p) {
-  const int64_t ctas64 = 2 * (int64_t)p.H * p.N, sms = p.num_sms > 0 ? p.num_sms : 1;
-  const int64_t waves64 = (ctas64 + sms - 1) / sms, waves32 = (2 * ctas64 + sms - 1) / sms;
-  return 10 * waves32 < 16 * waves64;  // a 32-row CTA taken as 0.6 of a 64-row one
+// Value rows per state-pass CTA: fewer rows mean more CTAs (more SMs busy), each reading the
+// whole record per chunk and doing the products with W, Qe over fewer rows. Picks the fewest
+// waves, each weighted by the relative time of one CTA of that many rows (kRowCost).
+int tc_state_rows(const KdaPrefillParams& p) {
+  constexpr int kRows[3] = {128, 64, 32};
+  constexpr int kRowCost[3] = {16, 10, 7};  // tenths of a 64-row CTA's time per chunk
+  const int64_t seq_heads = (int64_t)p.H * p.N, sms = p.num_sms > 0 ? p.num_sms : 1;
+  int best = 0;
+  int64_t best_cost = -1;
+  for (int i = 0; i < 3; ++i) {
+    const int64_t ctas = seq_heads * (kHeadDim / kRows[i]);
+    const int64_t cost = (ctas + sms - 1) / sms * kRowCost[i];
+    if (best_cost < 0 || cost < best_cost) { best = i; best_cost = cost; }
+  }
+  return kRows[best];
 }
 
 template <typename StateT>
 static cudaError_t launch_state_rows(const KdaPrefillParams& p, cudaStream_t stream) {
-  return tc_state_uses_32_rows(p) ? launch_state<32, StateT>(p, stream) : launch_state<64, StateT>(p, stream);
+  switch (tc_state_rows(p)) {
+    case 128: return launch_state<128, StateT>(p, stream);
+    case 64: return launch_state<64, StateT>(p, stream);
+    default: return launch_state<32, StateT>(p, stream);
+  }
 }
 
 cudaError_t launch_kda_prefill_tc_state(const KdaPrefillParams& p, cudaStream_t stream) {

@@ -24,9 +24,9 @@ namespace kda {
 namespace tc {
 
 struct alignas(128) PrepSmem {
-  float Qr[kC][kLdK];  // q Ploc, then Qe; after Qe is written out beta v, then w staged
+  float Qr[kC][kLdK];  // q Ploc, then Qe; after Qe is written out beta v
   float Kq[kC][kLdK];  // k Ploc, then Ke, then beta Ke
-  float Kb[kC][kLdK];  // k Rloc, then Kd, then u staged
+  float Kb[kC][kLdK];  // k Rloc, then Kd
   union {
     float al[kC][kK];  // a_t, until the decayed operands are built (2c)
     struct {
@@ -34,7 +34,6 @@ struct alignas(128) PrepSmem {
       float X[kC][kLdC];  // the substitution's 16x16 temporaries
     } tu;
   } r1;
-  float scratch[kWarp][kBlk][8];  // per-warp scaled Kb tile of one k-step
   float Aqk[kC][kLdC];
   float Akk[kC][kLdC];
   float Ptot[kNB][kK];
@@ -54,7 +53,7 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_prepare_kernel(con
   PrepSmem& sm = *reinterpret_cast<PrepSmem*>(smem_raw);
   const int64_t cslot = blockIdx.x;
   const int h = blockIdx.y;
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
   if (p.N == 0) return;
   const int64_t base_tok = load_index(p.cu_seqlens, p.cu_seqlens_64, 0);
   const int n = chunk_sequence(p, cslot, base_tok);
@@ -108,7 +107,7 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_prepare_kernel(con
       qk_inv_norms(q, k, p.scale, rq, rk);
 #pragma unroll
       for (int j = 0; j < 4; ++j)
-        al[j] = live ? expf(kda_gate(g[j] + dtb4[j], a_h, p.has_lower_bound, p.lower_bound)) : 1.f;
+        al[j] = live ? decay_of_gate(g[j] + dtb4[j], a_h, p.has_lower_bound, p.lower_bound) : 1.f;
       *reinterpret_cast<float4*>(&sm.Qr[i][c4]) = make_float4(q[0] * rq, q[1] * rq, q[2] * rq, q[3] * rq);
       *reinterpret_cast<float4*>(&sm.Kq[i][c4]) = make_float4(k[0] * rk, k[1] * rk, k[2] * rk, k[3] * rk);
       *reinterpret_cast<float4*>(&sm.r1.al[i][c4]) = make_float4(al[0], al[1], al[2], al[3]);
@@ -206,38 +205,41 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_prepare_kernel(con
   __syncthreads();
   KDA_TC_MARK(2);
 
-  // 3b. Off-diagonal blocks (I > J) on tensor cores: job = (I, J); B tile = Kb_J scaled by
-  //     prod_{J<M<I} Ptot_M, written 8 channels at a time to a per-warp scratch. Blocks above
-  //     the diagonal are zeroed by the warps without a job.
+  // 3b. Off-diagonal blocks (I > J) on tensor cores (mma.sync m16n8k8, TF32): warp = job (I, J),
+  //     A = Qr_I / Kq_I [16 tokens x 8 channels] per k-step, B = (Kb_J scaled by
+  //     prod_{J<M<I} Ptot_M)^T, two 8-token tiles of J. Blocks above the diagonal are zeroed by
+  //     the warps without a job.
   {
     constexpr int kJobs = kNB * (kNB - 1) / 2;  // 6
     if (warp < kJobs) {
       int I = 1, J = warp;
       while (J >= I) { J -= I; ++I; }            // warp -> (1,0) (2,0) (2,1) (3,0) (3,1) (3,2)
-      FragC accq, acck;
-      wmma::fill_fragment(accq, 0.f);
-      wmma::fill_fragment(acck, 0.f);
-      FragA a;
-      FragBc b;
-      float* scr = &sm.scratch[warp][0][0];
+      float accq[2][4] = {}, acck[2][4] = {};
+#pragma unroll 2
       for (int kk = 0; kk < kK; kk += 8) {
+        const int c0 = kk + t4;  // this lane's channels c0, c0 + 4 of the k-step
+        float m0 = 1.f, m1 = 1.f;
+        for (int M = J + 1; M < I; ++M) { m0 *= sm.Ptot[M][c0]; m1 *= sm.Ptot[M][c0 + 4]; }
+        const float* qr = &sm.Qr[I * kBlk + g][c0];
+        const float* kq = &sm.Kq[I * kBlk + g][c0];
+        const uint32_t aq[4] = {to_tf32(qr[0]), to_tf32(qr[8 * kLdK]), to_tf32(qr[4]), to_tf32(qr[8 * kLdK + 4])};
+        const uint32_t ak[4] = {to_tf32(kq[0]), to_tf32(kq[8 * kLdK]), to_tf32(kq[4]), to_tf32(kq[8 * kLdK + 4])};
 #pragma unroll
-        for (int r = 0; r < 4; ++r) {
-          const int idx = lane + 32 * r, jr = idx / 8, cc = kk + idx % 8;
-          float m = 1.f;
-          for (int M = J + 1; M < I; ++M) m *= sm.Ptot[M][cc];
-          scr[jr * 8 + idx % 8] = sm.Kb[J * kBlk + jr][cc] * m;
+        for (int nt = 0; nt < 2; ++nt) {
+          const float* kb = &sm.Kb[J * kBlk + 8 * nt + g][c0];
+          const uint32_t b0 = to_tf32(kb[0] * m0), b1 = to_tf32(kb[4] * m1);
+          mma_tf32(accq[nt], aq, b0, b1);
+          mma_tf32(acck[nt], ak, b0, b1);
         }
-        __syncwarp();
-        load_tf32(b, scr, 8);
-        load_tf32(a, &sm.Qr[I * kBlk][kk], kLdK);
-        wmma::mma_sync(accq, a, b, accq);
-        load_tf32(a, &sm.Kq[I * kBlk][kk], kLdK);
-        wmma::mma_sync(acck, a, b, acck);
-        __syncwarp();
       }
-      wmma::store_matrix_sync(&sm.Aqk[I * kBlk][J * kBlk], accq, kLdC, wmma::mem_row_major);
-      wmma::store_matrix_sync(&sm.Akk[I * kBlk][J * kBlk], acck, kLdC, wmma::mem_row_major);
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) {
+        const int r = I * kBlk + g, c = J * kBlk + 8 * nt + 2 * t4;
+        *reinterpret_cast<float2*>(&sm.Aqk[r][c]) = make_float2(accq[nt][0], accq[nt][1]);
+        *reinterpret_cast<float2*>(&sm.Aqk[r + 8][c]) = make_float2(accq[nt][2], accq[nt][3]);
+        *reinterpret_cast<float2*>(&sm.Akk[r][c]) = make_float2(acck[nt][0], acck[nt][1]);
+        *reinterpret_cast<float2*>(&sm.Akk[r + 8][c]) = make_float2(acck[nt][2], acck[nt][3]);
+      }
     } else {
       for (int idx = (warp - kJobs) * 32 + lane; idx < kJobs * kBlk * kBlk; idx += (kWarp - kJobs) * 32) {
         const int job = idx / (kBlk * kBlk), r = (idx / kBlk) % kBlk, c = idx % kBlk;
@@ -325,20 +327,20 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_prepare_kernel(con
 
 
   // 6. The record. v (0 past the end) is loaded first (16-byte loads where rows are aligned),
-  //    its latency overlapping the stores of Qe, Kd, A_qk, EL; then beta v goes to the Qr area
-  //    and beta into the Ke rows, and the WY factors u = T (beta v), w = T (beta Ke) run on
-  //    tensor cores, each staged in a free [64 x 128] area (Kb, then Qr) and stored with
-  //    coalesced 16-byte writes.
+  //    its latency overlapping the stores of Qe, Kd, A_qk (TF32) and EL; then beta v goes to the
+  //    Qr area and beta into the Ke rows (both TF32), and the WY factors u = T (beta v),
+  //    w = T (beta Ke) run on tensor cores (mma.sync m16n8k8; warp = 16 tokens x 64 columns),
+  //    stored from the accumulators (8 rows x 32 bytes per store).
   float* rec = chunk_record(p, cslot, h);
   const int vi0 = tid / 16, vr8 = tid % 16 * 8;  // tokens vi0 + 16m, value rows vr8 .. vr8+7
   float vv[4][8];
   if (rows_aligned(tv.v, p.v_st, 16)) load_chunk_v<true>(p, tv, t0, nt, vi0, vr8, vv);
   else load_chunk_v<false>(p, tv, t0, nt, vi0, vr8, vv);
-  store_rows(rec + kRecQe, &sm.Qr[0][0], kLdK, kK);
-  store_rows(rec + kRecKd, &sm.Kb[0][0], kLdK, kK);
-  store_rows(rec + kRecAqk, &sm.Aqk[0][0], kLdC, kC);
+  store_rows<true>(rec + kRecQe, &sm.Qr[0][0], kLdK, kK);
+  store_rows<true>(rec + kRecKd, &sm.Kb[0][0], kLdK, kK);
+  store_rows<true>(rec + kRecAqk, &sm.Aqk[0][0], kLdC, kC);
   if (tid < kK) rec[kRecEL + tid] = sm.EL[tid];
-  __syncthreads();  // Qe and Kd are out: their areas are free
+  __syncthreads();  // Qe is out: its area is free
 #pragma unroll
   for (int m = 0; m < 4; ++m) {
     const int i = vi0 + 16 * m;
@@ -348,27 +350,37 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_prepare_kernel(con
       float4* k4 = reinterpret_cast<float4*>(&sm.Kq[i][vr8 + e]);
       const float4 k = *k4;
       *reinterpret_cast<float4*>(&sm.Qr[i][vr8 + e]) =
-          make_float4(b * vv[m][e], b * vv[m][e + 1], b * vv[m][e + 2], b * vv[m][e + 3]);
-      *k4 = make_float4(b * k.x, b * k.y, b * k.z, b * k.w);
+          make_float4(tf32_round(b * vv[m][e]), tf32_round(b * vv[m][e + 1]),
+                      tf32_round(b * vv[m][e + 2]), tf32_round(b * vv[m][e + 3]));
+      *k4 = make_float4(tf32_round(b * k.x), tf32_round(b * k.y),
+                        tf32_round(b * k.z), tf32_round(b * k.w));
     }
   }
   __syncthreads();
-  const int tm = warp / 2, tn0 = (warp % 2) * 4;  // 16 tokens x 64 columns of u, then of w
+  const int tm = warp / 2, n0 = (warp % 2) * 64;
 #pragma unroll 1
   for (int out = 0; out < 2; ++out) {
-    const float* B = out == 0 ? &sm.Qr[0][0] : &sm.Kq[0][0];
-    float* stage = out == 0 ? &sm.Kb[0][0] : &sm.Qr[0][0];  // Qr (beta v) is dead once u is done
-#pragma unroll 1
-    for (int s = 0; s < 4; s += 2) {
-      FragC acc[2];
-      wmma::fill_fragment(acc[0], 0.f);
-      wmma::fill_fragment(acc[1], 0.f);
-      mma_acc<FragBr>(acc, &sm.r1.tu.T[tm * 16][0], kLdC, B + (tn0 + s) * 16, kLdK, 16, kC);
-      wmma::store_matrix_sync(stage + tm * 16 * kLdK + (tn0 + s) * 16, acc[0], kLdK, wmma::mem_row_major);
-      wmma::store_matrix_sync(stage + tm * 16 * kLdK + (tn0 + s + 1) * 16, acc[1], kLdK, wmma::mem_row_major);
+    const float(*B)[kLdK] = out == 0 ? sm.Qr : sm.Kq;
+    float acc[8][4] = {};
+#pragma unroll
+    for (int ks = 0; ks < kC / 8; ++ks) {
+      const float* tr = &sm.r1.tu.T[tm * 16 + g][8 * ks + t4];
+      const uint32_t a[4] = {to_tf32(tr[0]), to_tf32(tr[8 * kLdC]), to_tf32(tr[4]), to_tf32(tr[8 * kLdC + 4])};
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const float* br = &B[8 * ks + t4][n0 + 8 * j + g];
+        mma_tf32(acc[j], a, __float_as_uint(br[0]), __float_as_uint(br[4 * kLdK]));
+      }
     }
-    __syncthreads();
-    store_rows(rec + (out == 0 ? kRecU : kRecW), stage, kLdK, kK);
+    float* dst = rec + (out == 0 ? kRecU : kRecW) + (tm * 16 + g) * kK + n0 + 2 * t4;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      if (out == 1)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[j][e] = tf32_round(acc[j][e]);  // w: TF32 (u enters fp32 math)
+      *reinterpret_cast<float2*>(dst + 8 * j) = make_float2(acc[j][0], acc[j][1]);
+      *reinterpret_cast<float2*>(dst + 8 * kK + 8 * j) = make_float2(acc[j][2], acc[j][3]);
+    }
   }
   KDA_TC_MARK(7);
   KDA_TC_PROFILE_END();

@@ -1,11 +1,16 @@
 // Tensor-core chunked prefill, pass 2 of 2: the serial part. One CTA per (sequence, head, block
-// of BV = 64 or 32 value rows), 8 warps; the fp32 state [BV rows x 128] stays in shared memory
-// across the sequence's chunks (BV = 32 doubles the CTAs when few sequences x heads would leave
-// SMs idle; the launcher picks). Per 64-token chunk it reads the record the prepare pass wrote
-// (kda_prefill_tc_prepare.cuh) and computes, on TF32 tensor cores with fp32 accumulation,
+// of BV = 128, 64 or 32 value rows), 8 warps; the launcher picks BV. Per 64-token chunk it reads
+// the record the prepare pass wrote (kda_prefill_tc_prepare.cuh) and computes, on TF32 tensor
+// cores (mma.sync m16n8k8) with fp32 accumulation,
 //   U = u - w S^T;  O = Qe S^T + A_qk U;  S <- S diag(EL) + U^T Kd
-// The next chunk's Qe and w are copied in (cp.async) while this chunk's output and state update
-// run.
+// The fp32 state stays in registers, as the accumulator fragments of the update: warp (vt, q)
+// holds value rows vt*16 .. vt*16+15 and channels q*kCW .. q*kCW+kCW-1, where the kNCW warps of a
+// value tile split the channels. A held tile is also, with the contraction index permuted, the A
+// fragment of S W^T and S Qe^T, so those products read only W and Qe from shared memory. Each
+// warp's products over its channels are partial sums; the value tile's warps hand each other the
+// partials of the token tiles the other completes (U, then O). The next chunk's Qe and w are
+// copied in (cp.async) while this chunk's output and update run; the rest of the record while
+// the products with S run.
 #pragma once
 
 #include "kda_prefill_tc_common.cuh"
@@ -13,43 +18,86 @@
 namespace kda {
 namespace tc {
 
+// Row pitch of the [64 x 128] record arrays in shared memory: rows 8 banks apart, so that the
+// 8-byte loads of S W^T's B fragments (4 rows x 8 floats per half-warp) and the 4-byte loads of
+// Kd's (4 rows x 8 floats per warp) hit every bank once.
+constexpr int kLdR = kK + 8;
+
 template <int BV>
-struct alignas(128) StateSmem {
-  static constexpr int kLdV = BV + 4;  // [64 tokens x BV rows] arrays
-  float S[BV][kLdK];    // state rows v0 .. v0+BV-1
-  float Qe[kC][kLdK];
-  float Kd[kC][kLdK];
-  float W[kC][kLdK];    // w = T beta Ke
-  float U[kC][kLdV];    // u (this CTA's value rows), then U = u - w S^T
-  float Aqk[kC][kLdC];
-  float O[kC][kLdV];    // output tile staging
-  float EL[kK];
+struct StateTiling {
+  static constexpr int kVT = BV / 16;           // 16-row value tiles
+  static constexpr int kNCW = kWarp / kVT;      // warps per value tile
+  static constexpr int kCW = kK / kNCW;         // channels of the state a warp holds
+  static constexpr int kSN = kCW / 8;           // its 8-channel state tiles
+  static constexpr int kTN = kC / 8 / kNCW;     // 8-token tiles of U and O a warp completes
+  static constexpr int kSlots = kC / 8 - kTN;   // partial tiles it hands to its value tile's other warps
+  static constexpr int kLdU = BV + 8;           // U rows 8 banks apart, like kLdR
+  static_assert(kVT * kNCW == kWarp && kTN >= 1, "BV = 128, 64 or 32");
 };
 
-template <int BV, typename StateT>
-__device__ __forceinline__ void copy_state_out(const StateSmem<BV>& sm, StateT* dst) {
-  for (int idx = threadIdx.x * 4; idx < BV * kK; idx += kThr * 4) {
-    const float x[4] = {sm.S[idx / kK][idx % kK], sm.S[idx / kK][idx % kK + 1], sm.S[idx / kK][idx % kK + 2],
-                        sm.S[idx / kK][idx % kK + 3]};
-    StateIO<StateT>::store(dst + idx, x);
-  }
-}
+template <int BV>
+struct alignas(128) StateSmem {
+  using G = StateTiling<BV>;
+  float Qe[kC][kLdR];
+  float W[kC][kLdR];   // w = T beta Ke
+  float Kd[kC][kLdR];
+  float U[kC][G::kLdU];  // u (this CTA's value rows), then U = u - w S^T as TF32
+  float Aqk[kC][kLdC];
+  float EL[kK];
+  float4 xch[kWarp][G::kSlots > 0 ? G::kSlots : 1][2][32];  // partial (w S^T, Qe S^T) tiles, per lane
+};
 
 // Qe and w of a chunk (the operands of the products with the undecayed state).
 template <int BV>
 __device__ __forceinline__ void load_qe_w(StateSmem<BV>& sm, const float* rec) {
-  copy_rows_async(&sm.Qe[0][0], kLdK, rec + kRecQe, kK, kC, kK);
-  copy_rows_async(&sm.W[0][0], kLdK, rec + kRecW, kK, kC, kK);
+  copy_rows_async(&sm.Qe[0][0], kLdR, rec + kRecQe, kK, kC, kK);
+  copy_rows_async(&sm.W[0][0], kLdR, rec + kRecW, kK, kC, kK);
 }
 
 // The rest: Kd, this CTA's columns of u, A_qk, EL.
 template <int BV>
 __device__ __forceinline__ void load_rest(StateSmem<BV>& sm, const float* rec, int v0) {
-  copy_rows_async(&sm.Kd[0][0], kLdK, rec + kRecKd, kK, kC, kK);
-  copy_rows_async(&sm.U[0][0], StateSmem<BV>::kLdV, rec + kRecU + v0, kK, kC, BV);
+  copy_rows_async(&sm.Kd[0][0], kLdR, rec + kRecKd, kK, kC, kK);
+  copy_rows_async(&sm.U[0][0], StateTiling<BV>::kLdU, rec + kRecU + v0, kK, kC, BV);
   copy_rows_async(&sm.Aqk[0][0], kLdC, rec + kRecAqk, kC, kC, kC);
   copy_rows_async(&sm.EL[0], kK, rec + kRecEL, kK, 1, kK);
 }
+
+__device__ __forceinline__ void load_pair(const float* p, float& a, float& b) {
+  const float2 x = *reinterpret_cast<const float2*>(p);
+  a = x.x; b = x.y;
+}
+__device__ __forceinline__ void load_pair(const __nv_bfloat16* p, float& a, float& b) {
+  const float2 x = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p));
+  a = x.x; b = x.y;
+}
+__device__ __forceinline__ void store_pair(float* p, float a, float b) {
+  *reinterpret_cast<float2*>(p) = make_float2(a, b);
+}
+__device__ __forceinline__ void store_pair(__nv_bfloat16* p, float a, float b) {
+  *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(a, b);
+}
+
+// A warp's state tiles from / to state rows (row pitch 128): s[j] = S[vr][c], S[vr][c+1],
+// S[vr+8][c], S[vr+8][c+1] with c = c0 + 8j (the accumulator layout of mma_tf32).
+template <int SN, typename StateT>
+__device__ __forceinline__ void load_state_tiles(const StateT* rows, int vr, int c0, float (&s)[SN][4]) {
+#pragma unroll
+  for (int j = 0; j < SN; ++j) {
+    load_pair(rows + vr * kK + c0 + 8 * j, s[j][0], s[j][1]);
+    load_pair(rows + (vr + 8) * kK + c0 + 8 * j, s[j][2], s[j][3]);
+  }
+}
+template <int SN, typename StateT>
+__device__ __forceinline__ void store_state_tiles(StateT* rows, int vr, int c0, const float (&s)[SN][4]) {
+#pragma unroll
+  for (int j = 0; j < SN; ++j) {
+    store_pair(rows + vr * kK + c0 + 8 * j, s[j][0], s[j][1]);
+    store_pair(rows + (vr + 8) * kK + c0 + 8 * j, s[j][2], s[j][3]);
+  }
+}
+
+__device__ __forceinline__ uint32_t smem_bits(const float& x) { return __float_as_uint(x); }
 
 }  // namespace tc
 
@@ -58,12 +106,11 @@ __device__ __forceinline__ void load_rest(StateSmem<BV>& sm, const float* rec, i
 template <int BV, typename StateT>
 __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const KdaPrefillParams p) {
   using namespace tc;
-  constexpr int kLdV = StateSmem<BV>::kLdV;
-  constexpr int kNT = BV / 32;  // output tiles per warp: 4 x BV/16 tiles over 8 warps
+  using G = StateTiling<BV>;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   StateSmem<BV>& sm = *reinterpret_cast<StateSmem<BV>*>(smem_raw);
   const int v0 = blockIdx.x * BV, h = blockIdx.y, n = blockIdx.z;
-  const int tid = threadIdx.x, warp = tid / 32;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
   const TokenView tv = prefill_tokens(p, n, h, v0);
   const int len = tv.len;
   if (prefill_null_slot<BV, kThr>(p, tv, n)) return;
@@ -72,90 +119,130 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
   StateT* ckpt = prefill_checkpoint_rows<StateT>(p, n, h, v0);
   const int64_t cbase = chunk_base(p, n, load_index(p.cu_seqlens, p.cu_seqlens_64, 0));
 
-  // Initial state rows into shared memory (zeros without an initial state).
-  for (int idx = tid * 4; idx < BV * kK; idx += kThr * 4) {
-    float x[4] = {0.f, 0.f, 0.f, 0.f};
-    if (p.has_initial_state[n]) StateIO<StateT>::load(dst + idx, x);
-    float* s = &sm.S[idx / kK][idx % kK];
-    s[0] = x[0]; s[1] = x[1]; s[2] = x[2]; s[3] = x[3];
+  const int vt = warp / G::kNCW, q = warp % G::kNCW;
+  const int vr = vt * 16 + g;                 // value rows vr and vr + 8 of this lane's fragments
+  const int cw0 = q * G::kCW;                 // first channel of this warp's state tiles
+  const int cs = cw0 + 2 * t4;                // channel of s[j][0], less 8j
+  float s[G::kSN][4];
+  if (p.has_initial_state[n]) {
+    load_state_tiles(dst, vr, cs, s);
+  } else {
+#pragma unroll
+    for (int j = 0; j < G::kSN; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
   }
   if (len > 0) load_qe_w(sm, chunk_record(p, cbase, h));
+  cp_async_wait_all();
+  __syncthreads();
 
-  // Warp w owns output tiles (tm, tn0 .. tn0 + kNT - 1) of the [64 tokens x BV rows] U / O.
-  const int tm = warp / 2, tn0 = (warp % 2) * kNT;
   KDA_TC_PROFILE_BEGIN();
   for (int t0 = 0, j = 0; t0 < len; t0 += kC, ++j) {
     const int nt = min(kC, len - t0);
-    load_rest(sm, chunk_record(p, cbase + j, h), v0);
+    load_rest(sm, chunk_record(p, cbase + j, h), v0);  // in flight during step 1
+
+    // 1. Partial X^T = S W^T and Y^T = S Qe^T over this warp's channels, [16 value rows x 64
+    //    tokens] as 8 token tiles. A = the state tile, its channels 2t, 2t+1 as k-slots t, t+4;
+    //    B = 2 adjacent channels of W / Qe (stored as TF32 by the prepare pass).
+    float x[8][4], y[8][4];
+#pragma unroll
+    for (int jt = 0; jt < 8; ++jt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) x[jt][e] = y[jt][e] = 0.f;
+#pragma unroll
+    for (int js = 0; js < G::kSN; ++js) {
+      const uint32_t a[4] = {to_tf32(s[js][0]), to_tf32(s[js][2]), to_tf32(s[js][1]), to_tf32(s[js][3])};
+      const int c = cs + 8 * js;
+#pragma unroll
+      for (int jt = 0; jt < 8; ++jt) {
+        const float2 bw = *reinterpret_cast<const float2*>(&sm.W[8 * jt + g][c]);
+        const float2 bq = *reinterpret_cast<const float2*>(&sm.Qe[8 * jt + g][c]);
+        mma_tf32(x[jt], a, __float_as_uint(bw.x), __float_as_uint(bw.y));
+        mma_tf32(y[jt], a, __float_as_uint(bq.x), __float_as_uint(bq.y));
+      }
+    }
+    // Token tile jt is completed by warp jt / kTN of the value tile; the others hand it their
+    // partials, in slots that skip their own tiles.
+    if constexpr (G::kNCW > 1) {
+#pragma unroll
+      for (int jt = 0; jt < 8; ++jt) {
+        const int owner = jt / G::kTN;
+        if (owner == q) continue;
+        const int slot = owner < q ? jt : jt - G::kTN;
+        sm.xch[warp][slot][0][lane] = make_float4(x[jt][0], x[jt][1], x[jt][2], x[jt][3]);
+        sm.xch[warp][slot][1][lane] = make_float4(y[jt][0], y[jt][1], y[jt][2], y[jt][3]);
+      }
+    }
     cp_async_wait_all();
-    __syncthreads();  // the chunk's record is in; the previous chunk's update is complete
+    __syncthreads();  // partials and the rest of the record in; every read of Qe and w done
     KDA_TC_MARK(kPrepPhases);
 
-    // 1. w S^T and Qe S^T (B = S^T: state rows as columns, col-major with ld kLdK);
-    //    U = u - w S^T in place of u, tile by tile by the owning warp.
-    FragC accw[kNT], acco[kNT];
+    // 2. The next chunk's Qe, w on their way. Own token tiles: the value tile's partials summed
+    //    (in warp order), then U = u - X in place of u, rounded to TF32 for its two products.
+    if (t0 + kC < len) load_qe_w(sm, chunk_record(p, cbase + j + 1, h));
 #pragma unroll
-    for (int s = 0; s < kNT; ++s) {
-      wmma::fill_fragment(accw[s], 0.f);
-      wmma::fill_fragment(acco[s], 0.f);
+    for (int jt = 0; jt < 8; ++jt) {
+      if (jt / G::kTN != q) continue;
+      if constexpr (G::kNCW > 1) {
+#pragma unroll
+        for (int q2 = 0; q2 < G::kNCW; ++q2) {
+          if (q2 == q) continue;
+          const int slot = q < q2 ? jt : jt - G::kTN;
+          const float4 px = sm.xch[vt * G::kNCW + q2][slot][0][lane];
+          const float4 py = sm.xch[vt * G::kNCW + q2][slot][1][lane];
+          x[jt][0] += px.x; x[jt][1] += px.y; x[jt][2] += px.z; x[jt][3] += px.w;
+          y[jt][0] += py.x; y[jt][1] += py.y; y[jt][2] += py.z; y[jt][3] += py.w;
+        }
+      }
+      float* u0 = &sm.U[8 * jt + 2 * t4][vr];  // x[jt] = X^T[vr][t], [vr][t+1], [vr+8][t], [vr+8][t+1]
+      float* u1 = u0 + G::kLdU;
+      u0[0] = tf32_round(u0[0] - x[jt][0]);
+      u1[0] = tf32_round(u1[0] - x[jt][1]);
+      u0[8] = tf32_round(u0[8] - x[jt][2]);
+      u1[8] = tf32_round(u1[8] - x[jt][3]);
     }
-    mma_acc<FragBc>(accw, &sm.W[tm * 16][0], kLdK, &sm.S[tn0 * 16][0], kLdK, 16 * kLdK, kK);
-    mma_acc<FragBc>(acco, &sm.Qe[tm * 16][0], kLdK, &sm.S[tn0 * 16][0], kLdK, 16 * kLdK, kK);
-#pragma unroll
-    for (int s = 0; s < kNT; ++s) {
-      float* u = &sm.U[tm * 16][(tn0 + s) * 16];
-      FragC uf;
-      wmma::load_matrix_sync(uf, u, kLdV, wmma::mem_row_major);
-#pragma unroll
-      for (int i = 0; i < uf.num_elements; ++i) uf.x[i] -= accw[s].x[i];
-      wmma::store_matrix_sync(u, uf, kLdV, wmma::mem_row_major);
-    }
-    __syncthreads();  // U complete; every read of Qe, w and the undecayed S is done
+    __syncthreads();  // U complete
     KDA_TC_MARK(kPrepPhases + 1);
 
-    // 2. The next chunk's Qe, w on their way; O = Qe S^T + A_qk U, staged per tile and written
-    //    out by the owning warp.
-    if (t0 + kC < len) load_qe_w(sm, chunk_record(p, cbase + j + 1, h));
-    mma_acc<FragBr>(acco, &sm.Aqk[tm * 16][0], kLdC, &sm.U[0][tn0 * 16], kLdV, 16, kC);
+    // 3. With A = U^T [16 value rows x 8 tokens] per token step ks: O^T += U^T A_qk^T on the own
+    //    token tiles (A_qk is 0 above the diagonal: tiles jt >= ks only), and the state update
+    //    S <- S diag(EL) + U^T Kd on the warp's state tiles.
 #pragma unroll
-    for (int s = 0; s < kNT; ++s) {
-      const int tn = tn0 + s;
-      wmma::store_matrix_sync(&sm.O[tm * 16][tn * 16], acco[s], kLdV, wmma::mem_row_major);
-      __syncwarp();
-      for (int e = threadIdx.x % 32; e < 256; e += 32) {
-        const int i = tm * 16 + e / 16, r = tn * 16 + e % 16;
-        if (i < nt) tv.o[(int64_t)(t0 + i) * p.o_st + r] = __float2bfloat16(sm.O[i][r]);
+    for (int js = 0; js < G::kSN; ++js) {
+      const float2 el = *reinterpret_cast<const float2*>(&sm.EL[cs + 8 * js]);
+      s[js][0] *= el.x; s[js][1] *= el.y; s[js][2] *= el.x; s[js][3] *= el.y;
+    }
+#pragma unroll
+    for (int ks = 0; ks < 8; ++ks) {
+      const float* ur = &sm.U[8 * ks + t4][vt * 16 + g];
+      const uint32_t a[4] = {smem_bits(ur[0]), smem_bits(ur[8]), smem_bits(ur[4 * G::kLdU]),
+                             smem_bits(ur[4 * G::kLdU + 8])};
+#pragma unroll
+      for (int jt = ks; jt < 8; ++jt) {
+        if (jt / G::kTN != q) continue;
+        const float* ar = &sm.Aqk[8 * jt + g][8 * ks + t4];
+        mma_tf32(y[jt], a, smem_bits(ar[0]), smem_bits(ar[4]));
+      }
+#pragma unroll
+      for (int js = 0; js < G::kSN; ++js) {
+        const float* kr = &sm.Kd[8 * ks + t4][cw0 + 8 * js + g];
+        mma_tf32(s[js], a, smem_bits(kr[0]), smem_bits(kr[4 * kLdR]));
       }
     }
-    // 3. S <- S diag(EL) + U^T Kd by tiles [16 value rows x 16 channels]: the owning warp decays
-    //    its tile, then A = U^T (U col-major), B = Kd. Only this warp touches the tile between
-    //    the barriers, so no block-wide barrier separates decay and update.
-#pragma unroll 1
-    for (int tile = warp; tile < (BV / 16) * (kK / 16); tile += kWarp) {
-      const int tr = tile / (kK / 16), tcn = tile % (kK / 16);
-      for (int e = threadIdx.x % 32; e < 256; e += 32)
-        sm.S[tr * 16 + e / 16][tcn * 16 + e % 16] *= sm.EL[tcn * 16 + e % 16];
-      __syncwarp();
-      FragC accs;
-      wmma::load_matrix_sync(accs, &sm.S[tr * 16][tcn * 16], kLdK, wmma::mem_row_major);
-      FragAc a;
-      FragBr b;
-#pragma unroll 2
-      for (int kk = 0; kk < kC; kk += 8) {
-        load_tf32(a, &sm.U[kk][tr * 16], kLdV);  // (row v, col t) at U[t][v]
-        load_tf32(b, &sm.Kd[kk][tcn * 16], kLdK);
-        wmma::mma_sync(accs, a, b, accs);
-      }
-      wmma::store_matrix_sync(&sm.S[tr * 16][tcn * 16], accs, kLdK, wmma::mem_row_major);
+#pragma unroll
+    for (int jt = 0; jt < 8; ++jt) {
+      if (jt / G::kTN != q) continue;
+      const int t = 8 * jt + 2 * t4;  // y[jt] = O^T[vr][t], [vr][t+1], [vr+8][t], [vr+8][t+1]
+      __nv_bfloat16* o = tv.o + (int64_t)(t0 + t) * p.o_st + vr;
+      if (t < nt) { o[0] = __float2bfloat16(y[jt][0]); o[8] = __float2bfloat16(y[jt][2]); }
+      if (t + 1 < nt) { o[p.o_st] = __float2bfloat16(y[jt][1]); o[p.o_st + 8] = __float2bfloat16(y[jt][3]); }
     }
     const int tend = t0 + nt;
-    __syncthreads();  // the update is complete: U, Kd, A_qk, EL may be overwritten
     if (ckpt && tend % kCheckpointEvery == 0)
-      copy_state_out(sm, ckpt + (int64_t)(tend / kCheckpointEvery - 1) * p.inter_ss);
+      store_state_tiles(ckpt + (int64_t)(tend / kCheckpointEvery - 1) * p.inter_ss, vr, cs, s);
+    cp_async_wait_all();  // the next chunk's Qe, w (this thread's copies)
+    __syncthreads();      // U, Kd, A_qk, EL free for the next chunk; its Qe, w visible
     KDA_TC_MARK(kPrepPhases + 2);
   }
-  __syncthreads();
-  copy_state_out(sm, dst);  // final state (the initial one, or zeros, for an empty sequence)
+  store_state_tiles(dst, vr, cs, s);  // final state (the initial one, or zeros, for an empty sequence)
   KDA_TC_PROFILE_END();
 }
 

@@ -160,14 +160,14 @@ def _ptr(t):
 
 def sms_for_rows(kind: str, rows: int | None, seq_heads: int) -> int:
     """An SM count that makes the launcher pick ``rows`` value rows per CTA for ``seq_heads``
-    (sequence, head) pairs (launch_utils.h pick_block_rows; the chunked launcher's 64 / 32);
-    ``rows=None``: an H100's 132 SMs, the launcher decides."""
+    (sequence, head) pairs (launch_utils.h pick_block_rows; the chunked launcher's 64 / 32; the
+    tensor-core state pass's 128 / 64 / 32); ``rows=None``: an H100's 132 SMs, the launcher decides."""
     if rows is None:
         return 132
     if kind == "prefill_chunked":
         return 1 if rows == 64 else 2 * seq_heads + 1
-    if kind == "prefill_tc":  # launch_kda_prefill_tc_state: 64 rows on 1 SM, 32 when SMs are plenty
-        return 1 if rows == 64 else 1 << 20
+    if kind == "prefill_tc":  # tc_state_rows: 128 rows on 1 SM, 64 on 2 per pair, 32 when SMs are plenty
+        return {128: 1, 64: 2 * seq_heads, 32: 1 << 20}[rows]
     return {32: 1, 16: 8 * seq_heads, 8: 8 * seq_heads + 1}[rows]
 
 

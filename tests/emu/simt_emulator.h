@@ -66,6 +66,7 @@ struct Block {
   std::vector<Fiber> fibers;
   std::vector<int> arrived;      // per barrier: 0 = the block, 1 + w = warp w
   std::vector<uint32_t> shfl;    // one 32-bit slot per thread
+  std::vector<float> frag;       // one mma.sync fragment set (a, b, c: 10 values) per thread
   ucontext_t sched_ctx;
   jmp_buf sched;
   int current = 0;
@@ -125,6 +126,7 @@ void launch(Idx grid, int threads, F&& fn) {
         blk.fibers.resize(threads);
         blk.arrived.assign(1 + threads / 32, 0);
         blk.shfl.assign(threads, 0);
+        blk.frag.assign((size_t)threads * 10, 0.f);
         g_blk = &blk;
         g_block = Idx{x, y, z};
         for (int t = 0; t < threads; ++t) {
@@ -195,6 +197,41 @@ T shfl_from(T v, int src_lane) {
   return r;
 }
 
+// mma.sync.m16n8k8 with TF32 operands and fp32 accumulation, as the tensor cores take their
+// fragments (PTX ISA layouts; g = lane / 4, t = lane % 4): every lane posts its a, b and c, then
+// computes its own four outputs from the warp's. The low 13 bits of a TF32 operand are ignored.
+inline void mma_m16n8k8_tf32(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  auto tf32 = [](uint32_t bits) {
+    bits &= ~0x1FFFu;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+  };
+  const int warp = g_thread.x / 32, lane = g_thread.x % 32;
+  float* mine = &g_blk->frag[(size_t)(warp * 32 + lane) * 10];
+  for (int i = 0; i < 4; ++i) mine[i] = tf32(a[i]);
+  mine[4] = tf32(b0);
+  mine[5] = tf32(b1);
+  for (int i = 0; i < 4; ++i) mine[6 + i] = d[i];
+  warp_barrier();
+  float A[16][8], B[8][8], C[16][8];
+  for (int l = 0; l < 32; ++l) {
+    const float* f = &g_blk->frag[(size_t)(warp * 32 + l) * 10];
+    const int g = l / 4, t = l % 4;
+    A[g][t] = f[0]; A[g + 8][t] = f[1]; A[g][t + 4] = f[2]; A[g + 8][t + 4] = f[3];
+    B[t][g] = f[4]; B[t + 4][g] = f[5];
+    C[g][2 * t] = f[6]; C[g][2 * t + 1] = f[7]; C[g + 8][2 * t] = f[8]; C[g + 8][2 * t + 1] = f[9];
+  }
+  warp_barrier();
+  const int g = lane / 4, t = lane % 4;
+  const int rows[4] = {g, g, g + 8, g + 8}, cols[4] = {2 * t, 2 * t + 1, 2 * t, 2 * t + 1};
+  for (int i = 0; i < 4; ++i) {
+    float acc = C[rows[i]][cols[i]];
+    for (int k = 0; k < 8; ++k) acc += A[rows[i]][k] * B[k][cols[i]];
+    d[i] = acc;
+  }
+}
+
 }  // namespace emu
 
 #define threadIdx (emu::g_thread)
@@ -207,6 +244,12 @@ inline T __shfl_xor_sync(unsigned, T v, int mask) { return emu::shfl_from(v, (in
 template <typename T>
 inline T __shfl_sync(unsigned, T v, int src) { return emu::shfl_from(v, src); }
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+inline float __log2f(float x) { return std::log2(x); }
+inline unsigned __float_as_uint(float x) {
+  unsigned u;
+  std::memcpy(&u, &x, 4);
+  return u;
+}
 inline float __uint_as_float(unsigned x) {
   float f;
   std::memcpy(&f, &x, 4);

@@ -22,7 +22,7 @@ D = 128
 TOL = 5e-3          # bf16 outputs alone give ~2e-3
 POISON = 1e30
 PREFILL = [("prefill", 8), ("prefill", 16), ("prefill", 32), ("prefill_chunked", 32), ("prefill_chunked", 64),
-           ("prefill_tc", 64), ("prefill_tc", 32)]
+           ("prefill_tc", 128), ("prefill_tc", 64), ("prefill_tc", 32)]
 ONE_EACH = [("prefill", 32), ("prefill_chunked", 64), ("prefill_tc", 64)]
 
 
