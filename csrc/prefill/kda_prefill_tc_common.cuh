@@ -51,6 +51,15 @@ __device__ __forceinline__ int chunk_sequence(const KdaPrefillParams& p, int64_t
   return lo;
 }
 
+// gridDim.x (the emulator keeps it as emu::g_grid: a gridDim macro would clash with cuda_runtime.h).
+__device__ __forceinline__ int64_t grid_ctas() {
+#ifdef KDA_SIMT_EMULATOR
+  return emu::g_grid.x;
+#else
+  return gridDim.x;
+#endif
+}
+
 __device__ __forceinline__ float* chunk_record(const KdaPrefillParams& p, int64_t slot, int h) {
   return p.tc_workspace + (slot * p.H + h) * (int64_t)kTcRecordFloats;
 }

@@ -18,8 +18,9 @@ cudaError_t launch_kda_prefill_tc_prepare(const KdaPrefillParams& p, cudaStream_
   if (p.N == 0 || p.H == 0 || p.tc_chunk_slots == 0) return cudaSuccess;
   const cudaError_t attr = allow_smem(kda_prefill_tc_prepare_kernel, smem);
   if (attr != cudaSuccess) return attr;
-  const dim3 grid((unsigned)p.tc_chunk_slots, p.H);
-  kda_prefill_tc_prepare_kernel<<<grid, tc::kThr, smem, stream>>>(p);
+  const int64_t items = p.tc_chunk_slots * p.H;  // persistent: at most one CTA per SM
+  const int64_t grid = p.num_sms > 0 && p.num_sms < items ? p.num_sms : items;
+  kda_prefill_tc_prepare_kernel<<<(unsigned)grid, tc::kThr, smem, stream>>>(p);
   return cudaGetLastError();
 }
 

@@ -45,344 +45,378 @@ struct alignas(128) PrepSmem {
 
 }  // namespace tc
 
-// grid = (tc_chunk_slots, H), tc::kThr threads, dynamic smem sizeof(tc::PrepSmem). Slots past a
-// sequence's chunks, and sequences with a null slot, have nothing to do.
+// Persistent: grid = min(work items, SMs), tc::kThr threads, dynamic smem sizeof(tc::PrepSmem);
+// CTA b takes work items b, b + grid, ... (item = chunk slot * H + head). Slots past a sequence's
+// chunks, and sequences with a null slot, have nothing to do. When q, k, g rows are 8-byte
+// aligned, the next item's q, k, g, beta loads are issued as soon as this item's are unpacked, so
+// their latency overlaps this item's work instead of stalling the CTA (one per SM).
 __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_prepare_kernel(const KdaPrefillParams p) {
   using namespace tc;
+  constexpr int kPer = kC / kWarp;  // tokens per warp in the per-token passes
   extern __shared__ __align__(128) unsigned char smem_raw[];
   PrepSmem& sm = *reinterpret_cast<PrepSmem*>(smem_raw);
-  const int64_t cslot = blockIdx.x;
-  const int h = blockIdx.y;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
   if (p.N == 0) return;
   const int64_t base_tok = load_index(p.cu_seqlens, p.cu_seqlens_64, 0);
-  const int n = chunk_sequence(p, cslot, base_tok);
-  const TokenView tv = prefill_tokens(p, n, h, 0);
-  const int t0 = (int)(cslot - chunk_base(p, n, base_tok)) * kC;
-  if (t0 >= tv.len || p.slots[n] <= 0) return;
-  const int nt = min(kC, tv.len - t0);
-
-  const float a_h = expf(p.A_log[h]);
+  const int64_t items = p.tc_chunk_slots * p.H, stride = grid_ctas();
   const int ch = tid % kK;          // channel of this thread in the per-channel passes
   const int half = tid / kK;        // which two blocks of the chunk it walks
   const int c4 = lane * 4;          // first of the 4 channels of this lane in the per-token passes
-  float dtb4[4];
-#pragma unroll
-  for (int j = 0; j < 4; ++j) dtb4[j] = p.dt_bias[h * kHeadDim + c4 + j];
+  const bool vec = qkg_rows_aligned(p);
+  auto item_tokens = [&](int64_t item, int& n, TokenView& tv, int& t0) {
+    const int64_t cslot = item / p.H;
+    n = chunk_sequence(p, cslot, base_tok);
+    tv = prefill_tokens(p, n, (int)(item % p.H), 0);
+    t0 = (int)(cslot - chunk_base(p, n, base_tok)) * kC;
+  };
+  RawChunkInputs<kPer> raw;
+  int64_t item = next_prep_item(p, blockIdx.x, stride, items, base_tok);
+  if (vec && item < items) {
+    int n0, s0;
+    TokenView tv0;
+    item_tokens(item, n0, tv0, s0);
+    issue_chunk_loads(p, tv0, s0, min(kC, tv0.len - s0), warp, c4, raw);
+  }
 
   KDA_TC_PROFILE_BEGIN();
-  // 1. The chunk's inputs into shared memory, read from global memory once: q, k L2-normalised
-  //    and not yet decayed in Qr, Kq; the per-token decays a_t in al (1 past the end); beta.
-  //    One warp per token, 4 channels per lane. (a) All loads of a warp's tokens are issued
-  //    before the first is used, so their latencies overlap; the raw values go to shared
-  //    memory. (b) Norms, gates and beta one token at a time in a loop that is not unrolled:
-  //    unrolled over the 8 tokens this pass was half of the kernel's machine code, which did
-  //    not stay in the instruction caches (a phase re-run on warm code took a fifth of its
-  //    first run, docs/kernels.md). Each lane reads back only what it wrote.
-  {
-    constexpr int kPer = kC / kWarp;
-    float qv[kPer][4], kv[kPer][4], gv[kPer][4], bv[kPer];
-    if (rows_aligned(tv.q, p.q_st, 8) && rows_aligned(tv.k, p.k_st, 8) && rows_aligned(tv.g, p.g_st, 8))
-      load_chunk_inputs<true>(p, tv, t0, nt, warp, c4, qv, kv, gv, bv);
-    else
-      load_chunk_inputs<false>(p, tv, t0, nt, warp, c4, qv, kv, gv, bv);
+  while (item < items) {
+    const int64_t cslot = item / p.H;
+    const int h = (int)(item % p.H);
+    int n, t0;
+    TokenView tv;
+    item_tokens(item, n, tv, t0);
+    const int nt = min(kC, tv.len - t0);
+    const int64_t next = next_prep_item(p, item + stride, stride, items, base_tok);
+    const float a_h = expf(p.A_log[h]);
+    float dtb4[4];
 #pragma unroll
-    for (int m = 0; m < kPer; ++m) {
-      const int i = warp + m * kWarp;
-      *reinterpret_cast<float4*>(&sm.Qr[i][c4]) = make_float4(qv[m][0], qv[m][1], qv[m][2], qv[m][3]);
-      *reinterpret_cast<float4*>(&sm.Kq[i][c4]) = make_float4(kv[m][0], kv[m][1], kv[m][2], kv[m][3]);
-      *reinterpret_cast<float4*>(&sm.r1.al[i][c4]) = make_float4(gv[m][0], gv[m][1], gv[m][2], gv[m][3]);
-      if (lane == 0) sm.beta[i] = bv[m];
-    }
-#pragma unroll 1
-    for (int m = 0; m < kPer; ++m) {
-      const int i = warp + m * kWarp;
-      const bool live = i < nt;
-      const float4 q4 = *reinterpret_cast<const float4*>(&sm.Qr[i][c4]);
-      const float4 k4 = *reinterpret_cast<const float4*>(&sm.Kq[i][c4]);
-      const float4 g4 = *reinterpret_cast<const float4*>(&sm.r1.al[i][c4]);
-      const float q[4] = {q4.x, q4.y, q4.z, q4.w}, k[4] = {k4.x, k4.y, k4.z, k4.w};
-      const float g[4] = {g4.x, g4.y, g4.z, g4.w};
-      float rq, rk, al[4];
-      qk_inv_norms(q, k, p.scale, rq, rk);
-#pragma unroll
-      for (int j = 0; j < 4; ++j)
-        al[j] = live ? decay_of_gate(g[j] + dtb4[j], a_h, p.has_lower_bound, p.lower_bound) : 1.f;
-      *reinterpret_cast<float4*>(&sm.Qr[i][c4]) = make_float4(q[0] * rq, q[1] * rq, q[2] * rq, q[3] * rq);
-      *reinterpret_cast<float4*>(&sm.Kq[i][c4]) = make_float4(k[0] * rk, k[1] * rk, k[2] * rk, k[3] * rk);
-      *reinterpret_cast<float4*>(&sm.r1.al[i][c4]) = make_float4(al[0], al[1], al[2], al[3]);
-      if (lane == 0) sm.beta[i] = live ? sigmoid_stable(sm.beta[i]) : 0.f;
-    }
-  }
-  __syncthreads();
-  KDA_TC_MARK(0);
+    for (int j = 0; j < 4; ++j) dtb4[j] = p.dt_bias[h * kHeadDim + c4 + j];
 
-  // 2a. Block totals of the decays; thread = (channel, two blocks).
-  for (int b = 2 * half; b < 2 * half + 2; ++b) {
-    float P = 1.f;
-    for (int i = b * kBlk; i < (b + 1) * kBlk; ++i) P *= sm.r1.al[i][ch];
-    sm.Ptot[b][ch] = P;
-  }
-
-  // 3a. Diagonal blocks on CUDA cores, from the undecayed q, k in shared memory. Item = (block,
-  //     pair of columns j1 = jj, j2 = 15 - jj of it): their lower triangles hold 17 rows
-  //     together, so a pair costs 17 row steps where two separate columns would cost 32. Each
-  //     lane holds 4 channels; step 0 / 1 are the diagonal entries (q_j . k_j, E = 1), steps
-  //     2..16 walk j1's rows below the diagonal, then j2's, with the running product
-  //     E = prod_{j<t<=i} a_t. The 17 + 15 partial dot products (A_qk for every step, A_kk for
-  //     steps 2..16) stay in registers; one reduce-scatter over the warp (RowReduce, 31 shuffles)
-  //     then leaves lane L with the full sum of value L. Rows past the end are zero in Qr / Kq.
-  for (int item = warp; item < kNB * kBlk / 2; item += kWarp) {
-    const int i0 = item / (kBlk / 2) * kBlk, jj = item % (kBlk / 2);
-    const int j1 = i0 + jj, j2 = i0 + kBlk - 1 - jj;
-    const int sw = kBlk + 1 - jj;  // first step of column j2's rows below its diagonal
-    const float4 k14 = *reinterpret_cast<const float4*>(&sm.Kq[j1][c4]);
-    const float4 k24 = *reinterpret_cast<const float4*>(&sm.Kq[j2][c4]);
-    const float4 q14 = *reinterpret_cast<const float4*>(&sm.Qr[j1][c4]);
-    const float4 q24 = *reinterpret_cast<const float4*>(&sm.Qr[j2][c4]);
-    const float kj1[4] = {k14.x, k14.y, k14.z, k14.w}, kj2[4] = {k24.x, k24.y, k24.z, k24.w};
-    float part[2 * kBlk];  // [0, 17): A_qk of steps 0..16, [17, 32): A_kk of steps 2..16
-    part[0] = q14.x * kj1[0] + q14.y * kj1[1] + q14.z * kj1[2] + q14.w * kj1[3];
-    part[1] = q24.x * kj2[0] + q24.y * kj2[1] + q24.z * kj2[2] + q24.w * kj2[3];
-    float E[4] = {1.f, 1.f, 1.f, 1.f};
+    // 1. The chunk's inputs into shared memory, read from global memory once: q, k L2-normalised
+    //    and not yet decayed in Qr, Kq; the per-token decays a_t in al (1 past the end); beta.
+    //    One warp per token, 4 channels per lane. (a) The raw values go to shared memory: loaded
+    //    one item ahead (aligned rows), or here with 2-byte loads, all issued before the first is
+    //    used. (b) Norms, gates and beta one token at a time in a loop that is not unrolled:
+    //    unrolled over the 8 tokens this pass was half of the kernel's machine code, which did
+    //    not stay in the instruction caches (a phase re-run on warm code took a fifth of its
+    //    first run, docs/kernels.md). Each lane reads back only what it wrote.
+    {
+      float qv[kPer][4], kv[kPer][4], gv[kPer][4], bv[kPer];
+      if (vec) unpack_chunk_inputs(raw, qv, kv, gv, bv);
+      else load_chunk_inputs(p, tv, t0, nt, warp, c4, qv, kv, gv, bv);
 #pragma unroll
-    for (int st = 2; st <= kBlk; ++st) {
-      const bool second = st >= sw;
-      const int i = i0 + (second ? st - 1 : jj + st - 1);
-      const float4 q4 = *reinterpret_cast<const float4*>(&sm.Qr[i][c4]);
-      const float4 k4 = *reinterpret_cast<const float4*>(&sm.Kq[i][c4]);
-      const float4 a4 = *reinterpret_cast<const float4*>(&sm.r1.al[i][c4]);
-      const float qi[4] = {q4.x, q4.y, q4.z, q4.w}, ki[4] = {k4.x, k4.y, k4.z, k4.w};
-      const float ai[4] = {a4.x, a4.y, a4.z, a4.w};
-      float sq = 0.f, sk = 0.f;
-#pragma unroll
-      for (int x = 0; x < 4; ++x) {
-        E[x] = (st == sw ? 1.f : E[x]) * ai[x];
-        const float kjx = (second ? kj2[x] : kj1[x]) * E[x];
-        sq += qi[x] * kjx;
-        sk += ki[x] * kjx;
+      for (int m = 0; m < kPer; ++m) {
+        const int i = warp + m * kWarp;
+        *reinterpret_cast<float4*>(&sm.Qr[i][c4]) = make_float4(qv[m][0], qv[m][1], qv[m][2], qv[m][3]);
+        *reinterpret_cast<float4*>(&sm.Kq[i][c4]) = make_float4(kv[m][0], kv[m][1], kv[m][2], kv[m][3]);
+        *reinterpret_cast<float4*>(&sm.r1.al[i][c4]) = make_float4(gv[m][0], gv[m][1], gv[m][2], gv[m][3]);
+        if (lane == 0) sm.beta[i] = bv[m];
       }
-      part[st] = sq;
-      part[kBlk - 1 + st] = sk;
+      if (vec && next < items) {
+        int n1, s1;
+        TokenView tv1;
+        item_tokens(next, n1, tv1, s1);
+        issue_chunk_loads(p, tv1, s1, min(kC, tv1.len - s1), warp, c4, raw);
+      }
+#pragma unroll 1
+      for (int m = 0; m < kPer; ++m) {
+        const int i = warp + m * kWarp;
+        const bool live = i < nt;
+        const float4 q4 = *reinterpret_cast<const float4*>(&sm.Qr[i][c4]);
+        const float4 k4 = *reinterpret_cast<const float4*>(&sm.Kq[i][c4]);
+        const float4 g4 = *reinterpret_cast<const float4*>(&sm.r1.al[i][c4]);
+        const float q[4] = {q4.x, q4.y, q4.z, q4.w}, k[4] = {k4.x, k4.y, k4.z, k4.w};
+        const float g[4] = {g4.x, g4.y, g4.z, g4.w};
+        float rq, rk, al[4];
+        qk_inv_norms(q, k, p.scale, rq, rk);
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+          al[j] = live ? decay_of_gate(g[j] + dtb4[j], a_h, p.has_lower_bound, p.lower_bound) : 1.f;
+        *reinterpret_cast<float4*>(&sm.Qr[i][c4]) = make_float4(q[0] * rq, q[1] * rq, q[2] * rq, q[3] * rq);
+        *reinterpret_cast<float4*>(&sm.Kq[i][c4]) = make_float4(k[0] * rk, k[1] * rk, k[2] * rk, k[3] * rk);
+        *reinterpret_cast<float4*>(&sm.r1.al[i][c4]) = make_float4(al[0], al[1], al[2], al[3]);
+        if (lane == 0) sm.beta[i] = live ? sigmoid_stable(sm.beta[i]) : 0.f;
+      }
     }
-    const float sum = RowReduce<2 * kBlk, 16>::run(part, lane);  // of value row_of_lane<32>(lane) = lane
-    const int st = lane <= kBlk ? lane : lane - (kBlk - 1);  // the step lane L's sum belongs to
-    const bool second = st == 1 || st >= sw;
-    const int i = i0 + (st == 0 ? jj : st == 1 ? kBlk - 1 - jj : second ? st - 1 : jj + st - 1);
-    if (lane <= kBlk) sm.Aqk[i][second ? j2 : j1] = sum;
-    else sm.Akk[i][second ? j2 : j1] = sum;
-    // The pair's entries above the diagonal (and A_kk's diagonal) are zero: A_qk rows 0..jj-1
-    // of j1 and 0..14-jj of j2 (15 lanes); A_kk rows 0..jj of j1 and 0..15-jj of j2 (17 lanes).
-    if (lane < kBlk - 1) sm.Aqk[i0 + (lane < jj ? lane : lane - jj)][lane < jj ? j1 : j2] = 0.f;
-    if (lane <= kBlk) sm.Akk[i0 + (lane <= jj ? lane : lane - jj - 1)][lane <= jj ? j1 : j2] = 0.f;
-  }
-  __syncthreads();
-  KDA_TC_MARK(1);
+    __syncthreads();
+    KDA_TC_MARK(0);
 
-  // 2b. Products of block totals before / after each block, and the chunk total.
-  if (tid < kK) {
-    float x = 1.f;
-    for (int b = 0; b < kNB; ++b) { sm.pre[b][ch] = x; x *= sm.Ptot[b][ch]; }
-    sm.EL[ch] = x;
-    x = 1.f;
-    for (int b = kNB - 1; b >= 0; --b) { sm.post[b][ch] = x; x *= sm.Ptot[b][ch]; }
-  }
-  // 2c. Block-local decayed operands, in place: Kb = k Rloc (backward products, from the
-  //     undecayed Kq), then Qr = q Ploc and Kq = k Ploc (forward products).
-  for (int b = 2 * half; b < 2 * half + 2; ++b) {
-    float R = 1.f;
-    for (int j = (b + 1) * kBlk - 1; j >= b * kBlk; --j) {
-      sm.Kb[j][ch] = sm.Kq[j][ch] * R;
-      R *= sm.r1.al[j][ch];
+    // 2a. Block totals of the decays; thread = (channel, two blocks).
+    for (int b = 2 * half; b < 2 * half + 2; ++b) {
+      float P = 1.f;
+      for (int i = b * kBlk; i < (b + 1) * kBlk; ++i) P *= sm.r1.al[i][ch];
+      sm.Ptot[b][ch] = P;
     }
-    float P = 1.f;
-    for (int i = b * kBlk; i < (b + 1) * kBlk; ++i) {
-      P *= sm.r1.al[i][ch];
-      sm.Qr[i][ch] *= P;
-      sm.Kq[i][ch] *= P;
-    }
-  }
-  __syncthreads();
-  KDA_TC_MARK(2);
 
-  // 3b. Off-diagonal blocks (I > J) on tensor cores (mma.sync m16n8k8, TF32): warp = job (I, J),
-  //     A = Qr_I / Kq_I [16 tokens x 8 channels] per k-step, B = (Kb_J scaled by
-  //     prod_{J<M<I} Ptot_M)^T, two 8-token tiles of J. Blocks above the diagonal are zeroed by
-  //     the warps without a job.
-  {
-    constexpr int kJobs = kNB * (kNB - 1) / 2;  // 6
-    if (warp < kJobs) {
-      int I = 1, J = warp;
-      while (J >= I) { J -= I; ++I; }            // warp -> (1,0) (2,0) (2,1) (3,0) (3,1) (3,2)
-      float accq[2][4] = {}, acck[2][4] = {};
+    // 3a. Diagonal blocks on CUDA cores, from the undecayed q, k in shared memory. Item = (block,
+    //     pair of columns j1 = jj, j2 = 15 - jj of it): their lower triangles hold 17 rows
+    //     together, so a pair costs 17 row steps where two separate columns would cost 32. Each
+    //     lane holds 4 channels; step 0 / 1 are the diagonal entries (q_j . k_j, E = 1), steps
+    //     2..16 walk j1's rows below the diagonal, then j2's, with the running product
+    //     E = prod_{j<t<=i} a_t. The 17 + 15 partial dot products (A_qk for every step, A_kk for
+    //     steps 2..16) stay in registers; one reduce-scatter over the warp (RowReduce, 31 shuffles)
+    //     then leaves lane L with the full sum of value L. Rows past the end are zero in Qr / Kq.
+    for (int item = warp; item < kNB * kBlk / 2; item += kWarp) {
+      const int i0 = item / (kBlk / 2) * kBlk, jj = item % (kBlk / 2);
+      const int j1 = i0 + jj, j2 = i0 + kBlk - 1 - jj;
+      const int sw = kBlk + 1 - jj;  // first step of column j2's rows below its diagonal
+      const float4 k14 = *reinterpret_cast<const float4*>(&sm.Kq[j1][c4]);
+      const float4 k24 = *reinterpret_cast<const float4*>(&sm.Kq[j2][c4]);
+      const float4 q14 = *reinterpret_cast<const float4*>(&sm.Qr[j1][c4]);
+      const float4 q24 = *reinterpret_cast<const float4*>(&sm.Qr[j2][c4]);
+      const float kj1[4] = {k14.x, k14.y, k14.z, k14.w}, kj2[4] = {k24.x, k24.y, k24.z, k24.w};
+      float part[2 * kBlk];  // [0, 17): A_qk of steps 0..16, [17, 32): A_kk of steps 2..16
+      part[0] = q14.x * kj1[0] + q14.y * kj1[1] + q14.z * kj1[2] + q14.w * kj1[3];
+      part[1] = q24.x * kj2[0] + q24.y * kj2[1] + q24.z * kj2[2] + q24.w * kj2[3];
+      float E[4] = {1.f, 1.f, 1.f, 1.f};
+#pragma unroll
+      for (int st = 2; st <= kBlk; ++st) {
+        const bool second = st >= sw;
+        const int i = i0 + (second ? st - 1 : jj + st - 1);
+        const float4 q4 = *reinterpret_cast<const float4*>(&sm.Qr[i][c4]);
+        const float4 k4 = *reinterpret_cast<const float4*>(&sm.Kq[i][c4]);
+        const float4 a4 = *reinterpret_cast<const float4*>(&sm.r1.al[i][c4]);
+        const float qi[4] = {q4.x, q4.y, q4.z, q4.w}, ki[4] = {k4.x, k4.y, k4.z, k4.w};
+        const float ai[4] = {a4.x, a4.y, a4.z, a4.w};
+        float sq = 0.f, sk = 0.f;
+#pragma unroll
+        for (int x = 0; x < 4; ++x) {
+          E[x] = (st == sw ? 1.f : E[x]) * ai[x];
+          const float kjx = (second ? kj2[x] : kj1[x]) * E[x];
+          sq += qi[x] * kjx;
+          sk += ki[x] * kjx;
+        }
+        part[st] = sq;
+        part[kBlk - 1 + st] = sk;
+      }
+      const float sum = RowReduce<2 * kBlk, 16>::run(part, lane);  // of value row_of_lane<32>(lane) = lane
+      const int st = lane <= kBlk ? lane : lane - (kBlk - 1);  // the step lane L's sum belongs to
+      const bool second = st == 1 || st >= sw;
+      const int i = i0 + (st == 0 ? jj : st == 1 ? kBlk - 1 - jj : second ? st - 1 : jj + st - 1);
+      if (lane <= kBlk) sm.Aqk[i][second ? j2 : j1] = sum;
+      else sm.Akk[i][second ? j2 : j1] = sum;
+      // The pair's entries above the diagonal (and A_kk's diagonal) are zero: A_qk rows 0..jj-1
+      // of j1 and 0..14-jj of j2 (15 lanes); A_kk rows 0..jj of j1 and 0..15-jj of j2 (17 lanes).
+      if (lane < kBlk - 1) sm.Aqk[i0 + (lane < jj ? lane : lane - jj)][lane < jj ? j1 : j2] = 0.f;
+      if (lane <= kBlk) sm.Akk[i0 + (lane <= jj ? lane : lane - jj - 1)][lane <= jj ? j1 : j2] = 0.f;
+    }
+    __syncthreads();
+    KDA_TC_MARK(1);
+
+    // 2b. Products of block totals before / after each block, and the chunk total.
+    if (tid < kK) {
+      float x = 1.f;
+      for (int b = 0; b < kNB; ++b) { sm.pre[b][ch] = x; x *= sm.Ptot[b][ch]; }
+      sm.EL[ch] = x;
+      x = 1.f;
+      for (int b = kNB - 1; b >= 0; --b) { sm.post[b][ch] = x; x *= sm.Ptot[b][ch]; }
+    }
+    // 2c. Block-local decayed operands, in place: Kb = k Rloc (backward products, from the
+    //     undecayed Kq), then Qr = q Ploc and Kq = k Ploc (forward products).
+    for (int b = 2 * half; b < 2 * half + 2; ++b) {
+      float R = 1.f;
+      for (int j = (b + 1) * kBlk - 1; j >= b * kBlk; --j) {
+        sm.Kb[j][ch] = sm.Kq[j][ch] * R;
+        R *= sm.r1.al[j][ch];
+      }
+      float P = 1.f;
+      for (int i = b * kBlk; i < (b + 1) * kBlk; ++i) {
+        P *= sm.r1.al[i][ch];
+        sm.Qr[i][ch] *= P;
+        sm.Kq[i][ch] *= P;
+      }
+    }
+    __syncthreads();
+    KDA_TC_MARK(2);
+
+    // 3b. Off-diagonal blocks (I > J) on tensor cores (mma.sync m16n8k8, TF32): warp = job (I, J),
+    //     A = Qr_I / Kq_I [16 tokens x 8 channels] per k-step, B = (Kb_J scaled by
+    //     prod_{J<M<I} Ptot_M)^T, two 8-token tiles of J. Blocks above the diagonal are zeroed by
+    //     the warps without a job.
+    {
+      constexpr int kJobs = kNB * (kNB - 1) / 2;  // 6
+      if (warp < kJobs) {
+        int I = 1, J = warp;
+        while (J >= I) { J -= I; ++I; }            // warp -> (1,0) (2,0) (2,1) (3,0) (3,1) (3,2)
+        float accq[2][4] = {}, acck[2][4] = {};
 #pragma unroll 2
-      for (int kk = 0; kk < kK; kk += 8) {
-        const int c0 = kk + t4;  // this lane's channels c0, c0 + 4 of the k-step
-        float m0 = 1.f, m1 = 1.f;
-        for (int M = J + 1; M < I; ++M) { m0 *= sm.Ptot[M][c0]; m1 *= sm.Ptot[M][c0 + 4]; }
-        const float* qr = &sm.Qr[I * kBlk + g][c0];
-        const float* kq = &sm.Kq[I * kBlk + g][c0];
-        const uint32_t aq[4] = {to_tf32(qr[0]), to_tf32(qr[8 * kLdK]), to_tf32(qr[4]), to_tf32(qr[8 * kLdK + 4])};
-        const uint32_t ak[4] = {to_tf32(kq[0]), to_tf32(kq[8 * kLdK]), to_tf32(kq[4]), to_tf32(kq[8 * kLdK + 4])};
+        for (int kk = 0; kk < kK; kk += 8) {
+          const int c0 = kk + t4;  // this lane's channels c0, c0 + 4 of the k-step
+          float m0 = 1.f, m1 = 1.f;
+          for (int M = J + 1; M < I; ++M) { m0 *= sm.Ptot[M][c0]; m1 *= sm.Ptot[M][c0 + 4]; }
+          const float* qr = &sm.Qr[I * kBlk + g][c0];
+          const float* kq = &sm.Kq[I * kBlk + g][c0];
+          const uint32_t aq[4] = {to_tf32(qr[0]), to_tf32(qr[8 * kLdK]), to_tf32(qr[4]), to_tf32(qr[8 * kLdK + 4])};
+          const uint32_t ak[4] = {to_tf32(kq[0]), to_tf32(kq[8 * kLdK]), to_tf32(kq[4]), to_tf32(kq[8 * kLdK + 4])};
+#pragma unroll
+          for (int nt = 0; nt < 2; ++nt) {
+            const float* kb = &sm.Kb[J * kBlk + 8 * nt + g][c0];
+            const uint32_t b0 = to_tf32(kb[0] * m0), b1 = to_tf32(kb[4] * m1);
+            mma_tf32(accq[nt], aq, b0, b1);
+            mma_tf32(acck[nt], ak, b0, b1);
+          }
+        }
 #pragma unroll
         for (int nt = 0; nt < 2; ++nt) {
-          const float* kb = &sm.Kb[J * kBlk + 8 * nt + g][c0];
-          const uint32_t b0 = to_tf32(kb[0] * m0), b1 = to_tf32(kb[4] * m1);
-          mma_tf32(accq[nt], aq, b0, b1);
-          mma_tf32(acck[nt], ak, b0, b1);
+          const int r = I * kBlk + g, c = J * kBlk + 8 * nt + 2 * t4;
+          *reinterpret_cast<float2*>(&sm.Aqk[r][c]) = make_float2(accq[nt][0], accq[nt][1]);
+          *reinterpret_cast<float2*>(&sm.Aqk[r + 8][c]) = make_float2(accq[nt][2], accq[nt][3]);
+          *reinterpret_cast<float2*>(&sm.Akk[r][c]) = make_float2(acck[nt][0], acck[nt][1]);
+          *reinterpret_cast<float2*>(&sm.Akk[r + 8][c]) = make_float2(acck[nt][2], acck[nt][3]);
+        }
+      } else {
+        for (int idx = (warp - kJobs) * 32 + lane; idx < kJobs * kBlk * kBlk; idx += (kWarp - kJobs) * 32) {
+          const int job = idx / (kBlk * kBlk), r = (idx / kBlk) % kBlk, c = idx % kBlk;
+          int I = 1, J = job;
+          while (J >= I) { J -= I; ++I; }
+          sm.Aqk[J * kBlk + r][I * kBlk + c] = 0.f;  // the transposed position: above the diagonal
+          sm.Akk[J * kBlk + r][I * kBlk + c] = 0.f;
         }
       }
+    }
+    __syncthreads();
+    KDA_TC_MARK(3);
+
+    // 4a. beta into A_kk rows; T's diagonal blocks by forward substitution (thread = block,
+    //     column); T's blocks above the diagonal are zero.
+    for (int idx = tid; idx < kC * kC; idx += kThr) sm.Akk[idx / kC][idx % kC] *= sm.beta[idx / kC];
+    __syncthreads();
+    KDA_TC_MARK(4);
+    if (tid < kC) {
+      // Column j of its block's T in registers, fully unrolled: the A loads do not depend on the
+      // solve and are broadcasts (the 16 threads of a block read the same entries); entries above
+      // j come out 0 (every term multiplies an entry above j) and the diagonal is set to 1.
+      const int j = tid, lo = j / kBlk * kBlk;
+      float col[kBlk];
 #pragma unroll
-      for (int nt = 0; nt < 2; ++nt) {
-        const int r = I * kBlk + g, c = J * kBlk + 8 * nt + 2 * t4;
-        *reinterpret_cast<float2*>(&sm.Aqk[r][c]) = make_float2(accq[nt][0], accq[nt][1]);
-        *reinterpret_cast<float2*>(&sm.Aqk[r + 8][c]) = make_float2(accq[nt][2], accq[nt][3]);
-        *reinterpret_cast<float2*>(&sm.Akk[r][c]) = make_float2(acck[nt][0], acck[nt][1]);
-        *reinterpret_cast<float2*>(&sm.Akk[r + 8][c]) = make_float2(acck[nt][2], acck[nt][3]);
+      for (int r = 0; r < kBlk; ++r) {
+        float x = 0.f;
+#pragma unroll
+        for (int m = 0; m < r; ++m) x -= sm.Akk[lo + r][lo + m] * col[m];
+        col[r] = lo + r < j ? 0.f : (lo + r == j ? 1.f : x);
       }
+#pragma unroll
+      for (int r = 0; r < kBlk; ++r) sm.r1.tu.T[lo + r][j] = col[r];
     } else {
-      for (int idx = (warp - kJobs) * 32 + lane; idx < kJobs * kBlk * kBlk; idx += (kWarp - kJobs) * 32) {
-        const int job = idx / (kBlk * kBlk), r = (idx / kBlk) % kBlk, c = idx % kBlk;
-        int I = 1, J = job;
-        while (J >= I) { J -= I; ++I; }
-        sm.Aqk[J * kBlk + r][I * kBlk + c] = 0.f;  // the transposed position: above the diagonal
-        sm.Akk[J * kBlk + r][I * kBlk + c] = 0.f;
+      for (int idx = tid - kC; idx < kC * kC; idx += kThr - kC) {
+        const int i = idx / kC, j = idx % kC;
+        if (j / kBlk > i / kBlk) sm.r1.tu.T[i][j] = 0.f;
       }
     }
-  }
-  __syncthreads();
-  KDA_TC_MARK(3);
-
-  // 4a. beta into A_kk rows; T's diagonal blocks by forward substitution (thread = block,
-  //     column); T's blocks above the diagonal are zero.
-  for (int idx = tid; idx < kC * kC; idx += kThr) sm.Akk[idx / kC][idx % kC] *= sm.beta[idx / kC];
-  __syncthreads();
-  KDA_TC_MARK(4);
-  if (tid < kC) {
-    // Column j of its block's T in registers, fully unrolled: the A loads do not depend on the
-    // solve and are broadcasts (the 16 threads of a block read the same entries); entries above
-    // j come out 0 (every term multiplies an entry above j) and the diagonal is set to 1.
-    const int j = tid, lo = j / kBlk * kBlk;
-    float col[kBlk];
-#pragma unroll
-    for (int r = 0; r < kBlk; ++r) {
-      float x = 0.f;
-#pragma unroll
-      for (int m = 0; m < r; ++m) x -= sm.Akk[lo + r][lo + m] * col[m];
-      col[r] = lo + r < j ? 0.f : (lo + r == j ? 1.f : x);
-    }
-#pragma unroll
-    for (int r = 0; r < kBlk; ++r) sm.r1.tu.T[lo + r][j] = col[r];
-  } else {
-    for (int idx = tid - kC; idx < kC * kC; idx += kThr - kC) {
-      const int i = idx / kC, j = idx % kC;
-      if (j / kBlk > i / kBlk) sm.r1.tu.T[i][j] = 0.f;
-    }
-  }
-  // 5. Chunk-level operands: Qe = Qr pre, Ke = Kq pre, Kd = Kb post (T is not read here).
-  for (int idx = tid; idx < kC * kK; idx += kThr) {
-    const int i = idx / kK, c = idx % kK, b = i / kBlk;
-    sm.Qr[i][c] *= sm.pre[b][c];
-    sm.Kq[i][c] *= sm.pre[b][c];
-    sm.Kb[i][c] *= sm.post[b][c];
-  }
-  __syncthreads();
-  KDA_TC_MARK(5);
-
-  // 4b. T's blocks below the diagonal, by distance d = I - J:
-  //     X = sum_{J<=M<I} A_IM T_MJ;  T_IJ = -T_II X. Temporaries in the U area. A thread computes
-  //     4 adjacent columns of one row (one scalar and one float4 load per 4 FMAs), summing in the
-  //     same order as a one-entry-per-thread loop would.
-  float* X = &sm.r1.tu.X[0][0];
-  constexpr int kQuads = kBlk * kBlk / 4;  // 4-column pieces of a 16 x 16 tile
-  for (int d = 1; d < kNB; ++d) {
-    const int tiles = kNB - d;
-    for (int idx = tid; idx < tiles * kQuads; idx += kThr) {
-      const int J = idx / kQuads, I = J + d, r = (idx / 4) % kBlk, c = idx % 4 * 4;
-      float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
-      for (int col = J * kBlk; col < I * kBlk; ++col) {
-        const float a = sm.Akk[I * kBlk + r][col];
-        const float4 t = *reinterpret_cast<const float4*>(&sm.r1.tu.T[col][J * kBlk + c]);
-        x.x += a * t.x; x.y += a * t.y; x.z += a * t.z; x.w += a * t.w;
-      }
-      *reinterpret_cast<float4*>(&X[J * kBlk * kBlk + r * kBlk + c]) = x;
+    // 5. Chunk-level operands: Qe = Qr pre, Ke = Kq pre, Kd = Kb post (T is not read here), 4
+    //    channels per step.
+    for (int idx = tid; idx < kC * kK / 4; idx += kThr) {
+      const int i = idx / (kK / 4), c = idx % (kK / 4) * 4, b = i / kBlk;
+      const float4 pr = *reinterpret_cast<const float4*>(&sm.pre[b][c]);
+      const float4 po = *reinterpret_cast<const float4*>(&sm.post[b][c]);
+      float4* q = reinterpret_cast<float4*>(&sm.Qr[i][c]);
+      float4* k = reinterpret_cast<float4*>(&sm.Kq[i][c]);
+      float4* d = reinterpret_cast<float4*>(&sm.Kb[i][c]);
+      const float4 qv = *q, kv = *k, dv = *d;
+      *q = make_float4(qv.x * pr.x, qv.y * pr.y, qv.z * pr.z, qv.w * pr.w);
+      *k = make_float4(kv.x * pr.x, kv.y * pr.y, kv.z * pr.z, kv.w * pr.w);
+      *d = make_float4(dv.x * po.x, dv.y * po.y, dv.z * po.z, dv.w * po.w);
     }
     __syncthreads();
-    for (int idx = tid; idx < tiles * kQuads; idx += kThr) {
-      const int J = idx / kQuads, I = J + d, r = (idx / 4) % kBlk, c = idx % 4 * 4;
-      const float* Xt = X + J * kBlk * kBlk;
-      float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll
-      for (int m = 0; m < kBlk; ++m) {
-        const float a = sm.r1.tu.T[I * kBlk + r][I * kBlk + m];
-        const float4 t = *reinterpret_cast<const float4*>(&Xt[m * kBlk + c]);
-        x.x += a * t.x; x.y += a * t.y; x.z += a * t.z; x.w += a * t.w;
+    KDA_TC_MARK(5);
+
+    // 4b. T's blocks below the diagonal, by distance d = I - J:
+    //     X = sum_{J<=M<I} A_IM T_MJ;  T_IJ = -T_II X. Temporaries in the U area. A thread computes
+    //     4 adjacent columns of one row (one scalar and one float4 load per 4 FMAs), summing in the
+    //     same order as a one-entry-per-thread loop would.
+    float* X = &sm.r1.tu.X[0][0];
+    constexpr int kQuads = kBlk * kBlk / 4;  // 4-column pieces of a 16 x 16 tile
+    for (int d = 1; d < kNB; ++d) {
+      const int tiles = kNB - d;
+      for (int idx = tid; idx < tiles * kQuads; idx += kThr) {
+        const int J = idx / kQuads, I = J + d, r = (idx / 4) % kBlk, c = idx % 4 * 4;
+        float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
+        for (int col = J * kBlk; col < I * kBlk; ++col) {
+          const float a = sm.Akk[I * kBlk + r][col];
+          const float4 t = *reinterpret_cast<const float4*>(&sm.r1.tu.T[col][J * kBlk + c]);
+          x.x += a * t.x; x.y += a * t.y; x.z += a * t.z; x.w += a * t.w;
+        }
+        *reinterpret_cast<float4*>(&X[J * kBlk * kBlk + r * kBlk + c]) = x;
       }
-      *reinterpret_cast<float4*>(&sm.r1.tu.T[I * kBlk + r][J * kBlk + c]) = make_float4(-x.x, -x.y, -x.z, -x.w);
+      __syncthreads();
+      for (int idx = tid; idx < tiles * kQuads; idx += kThr) {
+        const int J = idx / kQuads, I = J + d, r = (idx / 4) % kBlk, c = idx % 4 * 4;
+        const float* Xt = X + J * kBlk * kBlk;
+        float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+        for (int m = 0; m < kBlk; ++m) {
+          const float a = sm.r1.tu.T[I * kBlk + r][I * kBlk + m];
+          const float4 t = *reinterpret_cast<const float4*>(&Xt[m * kBlk + c]);
+          x.x += a * t.x; x.y += a * t.y; x.z += a * t.z; x.w += a * t.w;
+        }
+        *reinterpret_cast<float4*>(&sm.r1.tu.T[I * kBlk + r][J * kBlk + c]) = make_float4(-x.x, -x.y, -x.z, -x.w);
+      }
+      __syncthreads();
+    }
+
+    KDA_TC_MARK(6);
+
+
+    // 6. The record. v (0 past the end) is loaded first (16-byte loads where rows are aligned),
+    //    its latency overlapping the stores of Qe, Kd, A_qk (TF32) and EL; then beta v goes to the
+    //    Qr area and beta into the Ke rows (both TF32), and the WY factors u = T (beta v),
+    //    w = T (beta Ke) run on tensor cores (mma.sync m16n8k8; warp = 16 tokens x 64 columns),
+    //    stored from the accumulators (8 rows x 32 bytes per store).
+    float* rec = chunk_record(p, cslot, h);
+    const int vi0 = tid / 16, vr8 = tid % 16 * 8;  // tokens vi0 + 16m, value rows vr8 .. vr8+7
+    float vv[4][8];
+    if (rows_aligned(tv.v, p.v_st, 16)) load_chunk_v<true>(p, tv, t0, nt, vi0, vr8, vv);
+    else load_chunk_v<false>(p, tv, t0, nt, vi0, vr8, vv);
+    store_rows<true>(rec + kRecQe, &sm.Qr[0][0], kLdK, kK);
+    store_rows<true>(rec + kRecKd, &sm.Kb[0][0], kLdK, kK);
+    store_rows<true>(rec + kRecAqk, &sm.Aqk[0][0], kLdC, kC);
+    if (tid < kK) rec[kRecEL + tid] = sm.EL[tid];
+    __syncthreads();  // Qe is out: its area is free
+#pragma unroll
+    for (int m = 0; m < 4; ++m) {
+      const int i = vi0 + 16 * m;
+      const float b = sm.beta[i];
+#pragma unroll
+      for (int e = 0; e < 8; e += 4) {
+        float4* k4 = reinterpret_cast<float4*>(&sm.Kq[i][vr8 + e]);
+        const float4 k = *k4;
+        *reinterpret_cast<float4*>(&sm.Qr[i][vr8 + e]) =
+            make_float4(tf32_round(b * vv[m][e]), tf32_round(b * vv[m][e + 1]),
+                        tf32_round(b * vv[m][e + 2]), tf32_round(b * vv[m][e + 3]));
+        *k4 = make_float4(tf32_round(b * k.x), tf32_round(b * k.y),
+                          tf32_round(b * k.z), tf32_round(b * k.w));
+      }
     }
     __syncthreads();
-  }
-
-  KDA_TC_MARK(6);
-
-
-  // 6. The record. v (0 past the end) is loaded first (16-byte loads where rows are aligned),
-  //    its latency overlapping the stores of Qe, Kd, A_qk (TF32) and EL; then beta v goes to the
-  //    Qr area and beta into the Ke rows (both TF32), and the WY factors u = T (beta v),
-  //    w = T (beta Ke) run on tensor cores (mma.sync m16n8k8; warp = 16 tokens x 64 columns),
-  //    stored from the accumulators (8 rows x 32 bytes per store).
-  float* rec = chunk_record(p, cslot, h);
-  const int vi0 = tid / 16, vr8 = tid % 16 * 8;  // tokens vi0 + 16m, value rows vr8 .. vr8+7
-  float vv[4][8];
-  if (rows_aligned(tv.v, p.v_st, 16)) load_chunk_v<true>(p, tv, t0, nt, vi0, vr8, vv);
-  else load_chunk_v<false>(p, tv, t0, nt, vi0, vr8, vv);
-  store_rows<true>(rec + kRecQe, &sm.Qr[0][0], kLdK, kK);
-  store_rows<true>(rec + kRecKd, &sm.Kb[0][0], kLdK, kK);
-  store_rows<true>(rec + kRecAqk, &sm.Aqk[0][0], kLdC, kC);
-  if (tid < kK) rec[kRecEL + tid] = sm.EL[tid];
-  __syncthreads();  // Qe is out: its area is free
-#pragma unroll
-  for (int m = 0; m < 4; ++m) {
-    const int i = vi0 + 16 * m;
-    const float b = sm.beta[i];
-#pragma unroll
-    for (int e = 0; e < 8; e += 4) {
-      float4* k4 = reinterpret_cast<float4*>(&sm.Kq[i][vr8 + e]);
-      const float4 k = *k4;
-      *reinterpret_cast<float4*>(&sm.Qr[i][vr8 + e]) =
-          make_float4(tf32_round(b * vv[m][e]), tf32_round(b * vv[m][e + 1]),
-                      tf32_round(b * vv[m][e + 2]), tf32_round(b * vv[m][e + 3]));
-      *k4 = make_float4(tf32_round(b * k.x), tf32_round(b * k.y),
-                        tf32_round(b * k.z), tf32_round(b * k.w));
-    }
-  }
-  __syncthreads();
-  const int tm = warp / 2, n0 = (warp % 2) * 64;
+    const int tm = warp / 2, n0 = (warp % 2) * 64;
 #pragma unroll 1
-  for (int out = 0; out < 2; ++out) {
-    const float(*B)[kLdK] = out == 0 ? sm.Qr : sm.Kq;
-    float acc[8][4] = {};
+    for (int out = 0; out < 2; ++out) {
+      const float(*B)[kLdK] = out == 0 ? sm.Qr : sm.Kq;
+      float acc[8][4] = {};
 #pragma unroll
-    for (int ks = 0; ks < kC / 8; ++ks) {
-      const float* tr = &sm.r1.tu.T[tm * 16 + g][8 * ks + t4];
-      const uint32_t a[4] = {to_tf32(tr[0]), to_tf32(tr[8 * kLdC]), to_tf32(tr[4]), to_tf32(tr[8 * kLdC + 4])};
+      for (int ks = 0; ks < kC / 8; ++ks) {
+        const float* tr = &sm.r1.tu.T[tm * 16 + g][8 * ks + t4];
+        const uint32_t a[4] = {to_tf32(tr[0]), to_tf32(tr[8 * kLdC]), to_tf32(tr[4]), to_tf32(tr[8 * kLdC + 4])};
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          const float* br = &B[8 * ks + t4][n0 + 8 * j + g];
+          mma_tf32(acc[j], a, __float_as_uint(br[0]), __float_as_uint(br[4 * kLdK]));
+        }
+      }
+      float* dst = rec + (out == 0 ? kRecU : kRecW) + (tm * 16 + g) * kK + n0 + 2 * t4;
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
-        const float* br = &B[8 * ks + t4][n0 + 8 * j + g];
-        mma_tf32(acc[j], a, __float_as_uint(br[0]), __float_as_uint(br[4 * kLdK]));
+        if (out == 1)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc[j][e] = tf32_round(acc[j][e]);  // w: TF32 (u enters fp32 math)
+        *reinterpret_cast<float2*>(dst + 8 * j) = make_float2(acc[j][0], acc[j][1]);
+        *reinterpret_cast<float2*>(dst + 8 * kK + 8 * j) = make_float2(acc[j][2], acc[j][3]);
       }
     }
-    float* dst = rec + (out == 0 ? kRecU : kRecW) + (tm * 16 + g) * kK + n0 + 2 * t4;
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      if (out == 1)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc[j][e] = tf32_round(acc[j][e]);  // w: TF32 (u enters fp32 math)
-      *reinterpret_cast<float2*>(dst + 8 * j) = make_float2(acc[j][0], acc[j][1]);
-      *reinterpret_cast<float2*>(dst + 8 * kK + 8 * j) = make_float2(acc[j][2], acc[j][3]);
-    }
+    KDA_TC_MARK(7);
+    __syncthreads();  // every read of this item's shared arrays is done before the next item's writes
+    item = next;
   }
-  KDA_TC_MARK(7);
   KDA_TC_PROFILE_END();
 }
 

@@ -58,9 +58,9 @@ __device__ __forceinline__ bool rows_aligned(const __nv_bfloat16* base, int64_t 
   return reinterpret_cast<uintptr_t>(base) % bytes == 0 && (st * 2) % bytes == 0;
 }
 
-// Phase 1's loads: q, k, g (4 channels from c4) and beta of tokens t0 + warp + 8m, zero past the
-// end; row pointers stepped per token. kVec: one 8-byte load per row.
-template <bool kVec, int kPer>
+// Phase 1's loads where rows are not 8-byte aligned: q, k, g (4 channels from c4, 2-byte loads)
+// and beta of tokens t0 + warp + 8m, zero past the end; row pointers stepped per token.
+template <int kPer>
 __device__ __forceinline__ void load_chunk_inputs(const KdaPrefillParams& p, const TokenView& tv, int t0, int nt,
                                                   int warp, int c4, float (&qv)[kPer][4], float (&kv)[kPer][4],
                                                   float (&gv)[kPer][4], float (&bv)[kPer]) {
@@ -70,9 +70,9 @@ __device__ __forceinline__ void load_chunk_inputs(const KdaPrefillParams& p, con
 #pragma unroll
   for (int m = 0; m < kPer; ++m) {
     if (warp + m * kWarp < nt) {
-      ld_bf16<kVec>(qp, qv[m]);
-      ld_bf16<kVec>(kp, kv[m]);
-      ld_bf16<kVec>(gp, gv[m]);
+      ld_bf16<false>(qp, qv[m]);
+      ld_bf16<false>(kp, kv[m]);
+      ld_bf16<false>(gp, gv[m]);
       bv[m] = bf2f(*bp);
     } else {
 #pragma unroll
@@ -81,6 +81,75 @@ __device__ __forceinline__ void load_chunk_inputs(const KdaPrefillParams& p, con
     }
     qp += kWarp * p.q_st; kp += kWarp * p.k_st; gp += kWarp * p.g_st; bp += kWarp * p.beta_st;
   }
+}
+
+// q, k, g rows of every sequence and head start 8-byte aligned: the prepare pass loads a lane's
+// 4 channels as one 8-byte load and can have the next chunk's loads in flight in registers.
+__device__ __forceinline__ bool qkg_rows_aligned(const KdaPrefillParams& p) {
+  auto ok = [](const void* base, int64_t st, int64_t sh) {
+    return reinterpret_cast<uintptr_t>(base) % 8 == 0 && (st * 2) % 8 == 0 && (sh * 2) % 8 == 0;
+  };
+  return ok(p.q, p.q_st, p.q_sh) && ok(p.k, p.k_st, p.k_sh) && ok(p.g, p.g_st, p.g_sh);
+}
+
+// A chunk's q, k, g, beta as loaded (bf16), one warp per token t0 + warp + 8m, 4 channels per lane:
+// kept raw so that the loads can be issued a chunk ahead and only waited for when unpacked.
+template <int kPer>
+struct RawChunkInputs {
+  uint2 q[kPer], k[kPer], g[kPer];
+  __nv_bfloat16 beta[kPer];
+};
+
+template <int kPer>
+__device__ __forceinline__ void issue_chunk_loads(const KdaPrefillParams& p, const TokenView& tv, int t0, int nt,
+                                                  int warp, int c4, RawChunkInputs<kPer>& r) {
+  const int64_t t = t0 + warp;
+  const __nv_bfloat16 *qp = tv.q + t * p.q_st + c4, *kp = tv.k + t * p.k_st + c4;
+  const __nv_bfloat16 *gp = tv.g + t * p.g_st + c4, *bp = tv.beta + t * p.beta_st;
+#pragma unroll
+  for (int m = 0; m < kPer; ++m) {
+    if (warp + m * kWarp < nt) {
+#ifdef KDA_SIMT_EMULATOR
+      if (reinterpret_cast<uintptr_t>(qp) % 8 || reinterpret_cast<uintptr_t>(kp) % 8 ||
+          reinterpret_cast<uintptr_t>(gp) % 8)
+        std::abort();  // the CPU would not notice a misaligned vector load
+#endif
+      r.q[m] = *reinterpret_cast<const uint2*>(qp);
+      r.k[m] = *reinterpret_cast<const uint2*>(kp);
+      r.g[m] = *reinterpret_cast<const uint2*>(gp);
+      r.beta[m] = *bp;
+    } else {
+      r.q[m] = r.k[m] = r.g[m] = make_uint2(0u, 0u);
+      r.beta[m] = __float2bfloat16(0.f);
+    }
+    qp += kWarp * p.q_st; kp += kWarp * p.k_st; gp += kWarp * p.g_st; bp += kWarp * p.beta_st;
+  }
+}
+
+template <int kPer>
+__device__ __forceinline__ void unpack_chunk_inputs(const RawChunkInputs<kPer>& r, float (&qv)[kPer][4],
+                                                    float (&kv)[kPer][4], float (&gv)[kPer][4], float (&bv)[kPer]) {
+#pragma unroll
+  for (int m = 0; m < kPer; ++m) {
+    const unsigned q[2] = {r.q[m].x, r.q[m].y}, k[2] = {r.k[m].x, r.k[m].y}, g[2] = {r.g[m].x, r.g[m].y};
+    unpack_bf16(q, qv[m]);
+    unpack_bf16(k, kv[m]);
+    unpack_bf16(g, gv[m]);
+    bv[m] = bf2f(r.beta[m]);
+  }
+}
+
+// The first prepare work item (chunk slot item / H, head item % H) at or after `item`, stepping by
+// `stride`, that has tokens to prepare; `items` when none is left.
+__device__ __forceinline__ int64_t next_prep_item(const KdaPrefillParams& p, int64_t item, int64_t stride,
+                                                  int64_t items, int64_t base_tok) {
+  for (; item < items; item += stride) {
+    const int64_t cslot = item / p.H;
+    const int n = chunk_sequence(p, cslot, base_tok);
+    const int64_t len = load_index(p.cu_seqlens, p.cu_seqlens_64, n + 1) - load_index(p.cu_seqlens, p.cu_seqlens_64, n);
+    if ((cslot - chunk_base(p, n, base_tok)) * kC < len && p.slots[n] > 0) return item;
+  }
+  return items;
 }
 
 // Phase 6's v: value rows r8 .. r8+7 of tokens t0 + i0 + 16m (m < 4), zero past the end.

@@ -72,7 +72,7 @@ struct Block {
   int current = 0;
 };
 
-inline Idx g_thread, g_block;
+inline Idx g_thread, g_block, g_grid;
 inline Block* g_blk = nullptr;
 inline Order g_order = kForward;
 inline uint64_t g_seed = 1;
@@ -116,6 +116,7 @@ template <class F>
 void launch(Idx grid, int threads, F&& fn) {
   std::function<void()> body = fn;
   g_body = &body;
+  g_grid = grid;
   std::vector<char> stacks((size_t)threads * kStack);
   uint64_t rng = g_seed;
   for (unsigned z = 0; z < grid.z; ++z)
