@@ -71,11 +71,11 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_prepare_kernel(con
   };
   RawChunkInputs<kPer> raw;
   int64_t item = next_prep_item(p, blockIdx.x, stride, items, base_tok);
-  if (vec && item < items) {
+  if (item < items) {
     int n0, s0;
     TokenView tv0;
     item_tokens(item, n0, tv0, s0);
-    issue_chunk_loads(p, tv0, s0, min(kC, tv0.len - s0), warp, c4, raw);
+    issue_chunk_loads(p, tv0, s0, min(kC, tv0.len - s0), warp, c4, vec, raw);
   }
 
   KDA_TC_PROFILE_BEGIN();
@@ -94,16 +94,14 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_prepare_kernel(con
 
     // 1. The chunk's inputs into shared memory, read from global memory once: q, k L2-normalised
     //    and not yet decayed in Qr, Kq; the per-token decays a_t in al (1 past the end); beta.
-    //    One warp per token, 4 channels per lane. (a) The raw values go to shared memory: loaded
-    //    one item ahead (aligned rows), or here with 2-byte loads, all issued before the first is
-    //    used. (b) Norms, gates and beta one token at a time in a loop that is not unrolled:
+    //    One warp per token, 4 channels per lane. (a) The raw values, loaded one item ahead (with
+    //    unaligned rows the 2-byte loads wait there), go to shared memory. (b) Norms, gates and beta one token at a time in a loop that is not unrolled:
     //    unrolled over the 8 tokens this pass was half of the kernel's machine code, which did
     //    not stay in the instruction caches (a phase re-run on warm code took a fifth of its
     //    first run, docs/kernels.md). Each lane reads back only what it wrote.
     {
       float qv[kPer][4], kv[kPer][4], gv[kPer][4], bv[kPer];
-      if (vec) unpack_chunk_inputs(raw, qv, kv, gv, bv);
-      else load_chunk_inputs(p, tv, t0, nt, warp, c4, qv, kv, gv, bv);
+      unpack_chunk_inputs(raw, qv, kv, gv, bv);
 #pragma unroll
       for (int m = 0; m < kPer; ++m) {
         const int i = warp + m * kWarp;
@@ -112,11 +110,11 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_prepare_kernel(con
         *reinterpret_cast<float4*>(&sm.r1.al[i][c4]) = make_float4(gv[m][0], gv[m][1], gv[m][2], gv[m][3]);
         if (lane == 0) sm.beta[i] = bv[m];
       }
-      if (vec && next < items) {
+      if (next < items) {
         int n1, s1;
         TokenView tv1;
         item_tokens(next, n1, tv1, s1);
-        issue_chunk_loads(p, tv1, s1, min(kC, tv1.len - s1), warp, c4, raw);
+        issue_chunk_loads(p, tv1, s1, min(kC, tv1.len - s1), warp, c4, vec, raw);
       }
 #pragma unroll 1
       for (int m = 0; m < kPer; ++m) {
@@ -320,6 +318,11 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_prepare_kernel(con
     __syncthreads();
     KDA_TC_MARK(5);
 
+    // v's loads (this chunk's, for phase 6) in flight during 4b.
+    const int vi0 = tid / 16, vr8 = tid % 16 * 8;  // tokens vi0 + 16m, value rows vr8 .. vr8+7
+    uint4 vraw[4];
+    issue_v_loads(p, tv, t0, nt, vi0, vr8, rows_aligned(tv.v, p.v_st, 16), vraw);
+
     // 4b. T's blocks below the diagonal, by distance d = I - J:
     //     X = sum_{J<=M<I} A_IM T_MJ;  T_IJ = -T_II X. Temporaries in the U area. A thread computes
     //     4 adjacent columns of one row (one scalar and one float4 load per 4 FMAs), summing in the
@@ -357,16 +360,11 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_prepare_kernel(con
     KDA_TC_MARK(6);
 
 
-    // 6. The record. v (0 past the end) is loaded first (16-byte loads where rows are aligned),
-    //    its latency overlapping the stores of Qe, Kd, A_qk (TF32) and EL; then beta v goes to the
-    //    Qr area and beta into the Ke rows (both TF32), and the WY factors u = T (beta v),
-    //    w = T (beta Ke) run on tensor cores (mma.sync m16n8k8; warp = 16 tokens x 64 columns),
-    //    stored from the accumulators (8 rows x 32 bytes per store).
+    // 6. The record: Qe, Kd, A_qk (TF32) and EL out; then beta v goes to the Qr area and beta
+    //    into the Ke rows (both TF32), and the WY factors u = T (beta v), w = T (beta Ke) run on
+    //    tensor cores (mma.sync m16n8k8; warp = 16 tokens x 64 columns), stored from the
+    //    accumulators (8 rows x 32 bytes per store).
     float* rec = chunk_record(p, cslot, h);
-    const int vi0 = tid / 16, vr8 = tid % 16 * 8;  // tokens vi0 + 16m, value rows vr8 .. vr8+7
-    float vv[4][8];
-    if (rows_aligned(tv.v, p.v_st, 16)) load_chunk_v<true>(p, tv, t0, nt, vi0, vr8, vv);
-    else load_chunk_v<false>(p, tv, t0, nt, vi0, vr8, vv);
     store_rows<true>(rec + kRecQe, &sm.Qr[0][0], kLdK, kK);
     store_rows<true>(rec + kRecKd, &sm.Kb[0][0], kLdK, kK);
     store_rows<true>(rec + kRecAqk, &sm.Aqk[0][0], kLdC, kC);
@@ -376,13 +374,16 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_prepare_kernel(con
     for (int m = 0; m < 4; ++m) {
       const int i = vi0 + 16 * m;
       const float b = sm.beta[i];
+      float vv[8];
+      const unsigned vw[4] = {vraw[m].x, vraw[m].y, vraw[m].z, vraw[m].w};
+      unpack_bf16(vw, vv);
 #pragma unroll
       for (int e = 0; e < 8; e += 4) {
         float4* k4 = reinterpret_cast<float4*>(&sm.Kq[i][vr8 + e]);
         const float4 k = *k4;
         *reinterpret_cast<float4*>(&sm.Qr[i][vr8 + e]) =
-            make_float4(tf32_round(b * vv[m][e]), tf32_round(b * vv[m][e + 1]),
-                        tf32_round(b * vv[m][e + 2]), tf32_round(b * vv[m][e + 3]));
+            make_float4(tf32_round(b * vv[e]), tf32_round(b * vv[e + 1]),
+                        tf32_round(b * vv[e + 2]), tf32_round(b * vv[e + 3]));
         *k4 = make_float4(tf32_round(b * k.x), tf32_round(b * k.y),
                           tf32_round(b * k.z), tf32_round(b * k.w));
       }

@@ -1,6 +1,6 @@
 // The tensor-core prepare pass's global-memory traffic (kda_prefill_tc_prepare.cuh): a chunk's
-// q, k, g, beta and v loads (vector loads where every row is aligned, else 2-byte loads) and the
-// coalesced stores of its workspace record.
+// q, k, g, beta and v loads (vector loads where every row is aligned, else 2-byte loads), kept
+// raw until used, and the coalesced stores of its workspace record.
 #pragma once
 
 #ifdef KDA_SIMT_EMULATOR
@@ -12,28 +12,28 @@
 namespace kda {
 namespace tc {
 
-// N (4 or 8) consecutive bf16 values as fp32: one 8- or 16-byte load when kVec (the caller checked
-// the alignment), else N 2-byte loads.
-template <bool kVec, int N>
-__device__ __forceinline__ void ld_bf16(const __nv_bfloat16* src, float (&x)[N]) {
-  if constexpr (kVec) {
-    static_assert(N == 4 || N == 8, "8- or 16-byte loads");
+// 4 / 8 consecutive bf16 values as loaded (bf16 pairs in 32-bit words, first in the low half):
+// one 8- / 16-byte load when vec (the caller checked the alignment), else 2-byte loads packed,
+// which wait for their data here.
+__device__ __forceinline__ uint2 ld_raw4(const __nv_bfloat16* src, bool vec) {
+  if (vec) {
 #ifdef KDA_SIMT_EMULATOR
-    if (reinterpret_cast<uintptr_t>(src) % (2 * N) != 0) std::abort();  // the CPU would not notice
+    if (reinterpret_cast<uintptr_t>(src) % 8 != 0) std::abort();  // the CPU would not notice
 #endif
-    if constexpr (N == 4) {
-      const uint2 u = *reinterpret_cast<const uint2*>(src);
-      const unsigned w[2] = {u.x, u.y};
-      unpack_bf16(w, x);
-    } else {
-      const uint4 u = *reinterpret_cast<const uint4*>(src);
-      const unsigned w[4] = {u.x, u.y, u.z, u.w};
-      unpack_bf16(w, x);
-    }
-  } else {
-#pragma unroll
-    for (int j = 0; j < N; ++j) x[j] = bf2f(src[j]);
+    return *reinterpret_cast<const uint2*>(src);
   }
+  const unsigned short* h = reinterpret_cast<const unsigned short*>(src);
+  return make_uint2(h[0] | (unsigned)h[1] << 16, h[2] | (unsigned)h[3] << 16);
+}
+__device__ __forceinline__ uint4 ld_raw8(const __nv_bfloat16* src, bool vec) {
+  if (vec) {
+#ifdef KDA_SIMT_EMULATOR
+    if (reinterpret_cast<uintptr_t>(src) % 16 != 0) std::abort();
+#endif
+    return *reinterpret_cast<const uint4*>(src);
+  }
+  const uint2 lo = ld_raw4(src, false), hi = ld_raw4(src + 4, false);
+  return make_uint4(lo.x, lo.y, hi.x, hi.y);
 }
 
 // The decay a_t = exp(gate) of one channel, from the MUFU ex2 / lg2 approximations (about 1e-6
@@ -58,33 +58,8 @@ __device__ __forceinline__ bool rows_aligned(const __nv_bfloat16* base, int64_t 
   return reinterpret_cast<uintptr_t>(base) % bytes == 0 && (st * 2) % bytes == 0;
 }
 
-// Phase 1's loads where rows are not 8-byte aligned: q, k, g (4 channels from c4, 2-byte loads)
-// and beta of tokens t0 + warp + 8m, zero past the end; row pointers stepped per token.
-template <int kPer>
-__device__ __forceinline__ void load_chunk_inputs(const KdaPrefillParams& p, const TokenView& tv, int t0, int nt,
-                                                  int warp, int c4, float (&qv)[kPer][4], float (&kv)[kPer][4],
-                                                  float (&gv)[kPer][4], float (&bv)[kPer]) {
-  const int64_t t = t0 + warp;
-  const __nv_bfloat16 *qp = tv.q + t * p.q_st + c4, *kp = tv.k + t * p.k_st + c4;
-  const __nv_bfloat16 *gp = tv.g + t * p.g_st + c4, *bp = tv.beta + t * p.beta_st;
-#pragma unroll
-  for (int m = 0; m < kPer; ++m) {
-    if (warp + m * kWarp < nt) {
-      ld_bf16<false>(qp, qv[m]);
-      ld_bf16<false>(kp, kv[m]);
-      ld_bf16<false>(gp, gv[m]);
-      bv[m] = bf2f(*bp);
-    } else {
-#pragma unroll
-      for (int j = 0; j < 4; ++j) qv[m][j] = kv[m][j] = gv[m][j] = 0.f;
-      bv[m] = 0.f;
-    }
-    qp += kWarp * p.q_st; kp += kWarp * p.k_st; gp += kWarp * p.g_st; bp += kWarp * p.beta_st;
-  }
-}
-
-// q, k, g rows of every sequence and head start 8-byte aligned: the prepare pass loads a lane's
-// 4 channels as one 8-byte load and can have the next chunk's loads in flight in registers.
+// q, k, g rows of every sequence and head start 8-byte aligned: a lane's 4 channels are one
+// 8-byte load, which the prepare pass can keep in flight while it works on the previous chunk.
 __device__ __forceinline__ bool qkg_rows_aligned(const KdaPrefillParams& p) {
   auto ok = [](const void* base, int64_t st, int64_t sh) {
     return reinterpret_cast<uintptr_t>(base) % 8 == 0 && (st * 2) % 8 == 0 && (sh * 2) % 8 == 0;
@@ -92,8 +67,9 @@ __device__ __forceinline__ bool qkg_rows_aligned(const KdaPrefillParams& p) {
   return ok(p.q, p.q_st, p.q_sh) && ok(p.k, p.k_st, p.k_sh) && ok(p.g, p.g_st, p.g_sh);
 }
 
-// A chunk's q, k, g, beta as loaded (bf16), one warp per token t0 + warp + 8m, 4 channels per lane:
-// kept raw so that the loads can be issued a chunk ahead and only waited for when unpacked.
+// A chunk's q, k, g, beta as loaded (bf16), one warp per token t0 + warp + 8m, 4 channels per lane
+// from c4, zero past the end: kept raw so that the loads can be issued a chunk ahead and only
+// waited for when unpacked. Row pointers stepped per token.
 template <int kPer>
 struct RawChunkInputs {
   uint2 q[kPer], k[kPer], g[kPer];
@@ -102,21 +78,16 @@ struct RawChunkInputs {
 
 template <int kPer>
 __device__ __forceinline__ void issue_chunk_loads(const KdaPrefillParams& p, const TokenView& tv, int t0, int nt,
-                                                  int warp, int c4, RawChunkInputs<kPer>& r) {
+                                                  int warp, int c4, bool vec, RawChunkInputs<kPer>& r) {
   const int64_t t = t0 + warp;
   const __nv_bfloat16 *qp = tv.q + t * p.q_st + c4, *kp = tv.k + t * p.k_st + c4;
   const __nv_bfloat16 *gp = tv.g + t * p.g_st + c4, *bp = tv.beta + t * p.beta_st;
 #pragma unroll
   for (int m = 0; m < kPer; ++m) {
     if (warp + m * kWarp < nt) {
-#ifdef KDA_SIMT_EMULATOR
-      if (reinterpret_cast<uintptr_t>(qp) % 8 || reinterpret_cast<uintptr_t>(kp) % 8 ||
-          reinterpret_cast<uintptr_t>(gp) % 8)
-        std::abort();  // the CPU would not notice a misaligned vector load
-#endif
-      r.q[m] = *reinterpret_cast<const uint2*>(qp);
-      r.k[m] = *reinterpret_cast<const uint2*>(kp);
-      r.g[m] = *reinterpret_cast<const uint2*>(gp);
+      r.q[m] = ld_raw4(qp, vec);
+      r.k[m] = ld_raw4(kp, vec);
+      r.g[m] = ld_raw4(gp, vec);
       r.beta[m] = *bp;
     } else {
       r.q[m] = r.k[m] = r.g[m] = make_uint2(0u, 0u);
@@ -152,20 +123,13 @@ __device__ __forceinline__ int64_t next_prep_item(const KdaPrefillParams& p, int
   return items;
 }
 
-// Phase 6's v: value rows r8 .. r8+7 of tokens t0 + i0 + 16m (m < 4), zero past the end.
-template <bool kVec>
-__device__ __forceinline__ void load_chunk_v(const KdaPrefillParams& p, const TokenView& tv, int t0, int nt, int i0,
-                                             int r8, float (&vv)[4][8]) {
+// Phase 6's v, issued early: value rows r8 .. r8+7 of tokens t0 + i0 + 16m (m < 4), zero past
+// the end; vec: 16-byte loads (rows 16-byte aligned).
+__device__ __forceinline__ void issue_v_loads(const KdaPrefillParams& p, const TokenView& tv, int t0, int nt, int i0,
+                                              int r8, bool vec, uint4 (&raw)[4]) {
   const __nv_bfloat16* vp = tv.v + (int64_t)(t0 + i0) * p.v_st + r8;
 #pragma unroll
-  for (int m = 0; m < 4; ++m, vp += 16 * p.v_st) {
-    if (i0 + 16 * m < nt) {
-      ld_bf16<kVec>(vp, vv[m]);
-    } else {
-#pragma unroll
-      for (int e = 0; e < 8; ++e) vv[m][e] = 0.f;
-    }
-  }
+  for (int m = 0; m < 4; ++m, vp += 16 * p.v_st) raw[m] = i0 + 16 * m < nt ? ld_raw8(vp, vec) : make_uint4(0u, 0u, 0u, 0u);
 }
 
 // A [64 x cols] shared array (row pitch ld) to a record field, 16 bytes per store, coalesced.
