@@ -154,8 +154,8 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_prepare_kernel(con
     //     E = prod_{j<t<=i} a_t. The 17 + 15 partial dot products (A_qk for every step, A_kk for
     //     steps 2..16) stay in registers; one reduce-scatter over the warp (RowReduce, 31 shuffles)
     //     then leaves lane L with the full sum of value L. Rows past the end are zero in Qr / Kq.
-    for (int item = warp; item < kNB * kBlk / 2; item += kWarp) {
-      const int i0 = item / (kBlk / 2) * kBlk, jj = item % (kBlk / 2);
+    for (int pair = warp; pair < kNB * kBlk / 2; pair += kWarp) {
+      const int i0 = pair / (kBlk / 2) * kBlk, jj = pair % (kBlk / 2);
       const int j1 = i0 + jj, j2 = i0 + kBlk - 1 - jj;
       const int sw = kBlk + 1 - jj;  // first step of column j2's rows below its diagonal
       const float4 k14 = *reinterpret_cast<const float4*>(&sm.Kq[j1][c4]);
