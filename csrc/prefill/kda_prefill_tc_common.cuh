@@ -17,9 +17,9 @@ constexpr int kK = kHeadDim;     // 128 channels
 constexpr int kThr = 256;
 constexpr int kWarp = kThr / 32;
 static_assert(kC == kCheckpointEvery, "a chunk ends on every checkpoint");
-// Row pitches of the WMMA operand arrays in shared memory, padded by 4 floats so that the 8 rows
-// a tile load touches fall into different banks; tile rows stay 32-byte aligned.
-constexpr int kLdK = kK + 4;    // [.. x 128] arrays: S, Qe, Kd, Ke, w, beta v
+// Row pitches of the prepare pass's operand arrays in shared memory, padded by 4 floats so that
+// an A-fragment load (8 rows x 4 columns) hits 32 banks; rows stay 16-byte aligned.
+constexpr int kLdK = kK + 4;    // [64 x 128] arrays: Qr/Qe, Kq/Ke, Kb/Kd, beta v
 constexpr int kLdC = kC + 4;    // [64 x 64] arrays: A_qk, A_kk, T
 
 // One workspace record per (chunk, head), fp32, unpadded rows (kda_prefill.h kTcRecordFloats):

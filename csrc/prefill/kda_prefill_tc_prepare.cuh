@@ -1,6 +1,7 @@
 // Tensor-core chunked prefill, pass 1 of 2: everything of a 64-token chunk that does not depend
-// on the state, for all chunks of all sequences at once. One CTA per (chunk slot, head), 8 warps:
-// it reads the chunk's q, k, g, beta, v once and writes one workspace record
+// on the state, for all chunks of all sequences at once. A work item is a (chunk slot, head), one
+// CTA of 8 warps per SM walks items; an item reads the chunk's q, k, g, beta, v once and writes one
+// workspace record
 // (kda_prefill_tc_common.cuh): Qe, Kd, A_qk, the chunk's total decay EL, and the WY factors
 // u = T beta v and w = T beta Ke, so that the serial state pass (kda_prefill_tc_state.cuh) is
 // left with U = u - w S^T, O = Qe S^T + A_qk U and S <- S diag(EL) + U^T Kd.

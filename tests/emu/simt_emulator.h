@@ -1,11 +1,10 @@
 // A small SIMT emulator that runs the CUDA kernels of csrc/ on the CPU, for tests on machines
 // without a GPU. Every CUDA thread of a block is a fiber (ucontext) on one OS thread: a fiber
-// runs until it reaches a barrier (__syncthreads, __syncwarp, a warp shuffle or a WMMA
-// load/store), then the next runnable fiber runs. Blocks run one after another. The order in
+// runs until it reaches a barrier (__syncthreads, __syncwarp, a warp shuffle or an mma.sync
+// product), then the next runnable fiber runs. Blocks run one after another. The order in
 // which runnable fibers are resumed is forward, reverse or pseudo-random (set_order), so a
-// missing barrier shows up as results that differ between orders. WMMA fragments hold the whole
-// tile in every lane (each lane computes the full product; lane 0 stores), so they need no
-// fragment layout.
+// missing barrier shows up as results that differ between orders. An mma.sync product gathers
+// the warp's fragments by their PTX layouts (mma_m16n8k8_tf32).
 //
 // What it checks: indexing, the algorithm, barrier placement (by comparing schedules),
 // rounding (tf32 conversions are applied where the code asks). What it cannot: timing,
@@ -264,16 +263,6 @@ inline int max(int a, int b) { return a > b ? a : b; }
 namespace nvcuda {
 namespace wmma {
 
-struct matrix_a {};
-struct matrix_b {};
-struct accumulator {};
-struct row_major {};
-struct col_major {};
-namespace precision {
-struct tf32 {};
-}  // namespace precision
-enum layout_t { mem_row_major, mem_col_major };
-
 // Round to TF32 as cvt.rna.tf32.f32 does: nearest, ties away from zero; inf/nan kept.
 inline float __float_to_tf32(float x) {
   uint32_t i;
@@ -282,59 +271,6 @@ inline float __float_to_tf32(float x) {
   float r;
   std::memcpy(&r, &i, 4);
   return r;
-}
-
-template <class Use, int M, int N, int K, class T, class Layout = void>
-struct fragment {
-  static constexpr int R = std::is_same<Use, matrix_b>::value ? K : M;
-  static constexpr int C = std::is_same<Use, matrix_a>::value ? K : N;
-  static constexpr int num_elements = R * C;
-  float x[R * C];  // the logical tile, row-major, in every lane
-};
-
-template <class Use, int M, int N, int K, class T, class L>
-inline void fill_fragment(fragment<Use, M, N, K, T, L>& f, float v) {
-  for (int i = 0; i < f.num_elements; ++i) f.x[i] = v;
-}
-
-template <class Use, int M, int N, int K, class T, class L>
-inline void load_matrix_sync(fragment<Use, M, N, K, T, L>& f, const float* p, unsigned ld) {
-  using F = fragment<Use, M, N, K, T, L>;
-  emu::warp_barrier();
-  for (int r = 0; r < F::R; ++r)
-    for (int c = 0; c < F::C; ++c)
-      f.x[r * F::C + c] = std::is_same<L, row_major>::value ? p[(size_t)r * ld + c] : p[(size_t)c * ld + r];
-  emu::warp_barrier();
-}
-
-template <int M, int N, int K, class T>
-inline void load_matrix_sync(fragment<accumulator, M, N, K, T, void>& f, const float* p, unsigned ld, layout_t l) {
-  emu::warp_barrier();
-  for (int r = 0; r < M; ++r)
-    for (int c = 0; c < N; ++c) f.x[r * N + c] = l == mem_row_major ? p[(size_t)r * ld + c] : p[(size_t)c * ld + r];
-  emu::warp_barrier();
-}
-
-template <int M, int N, int K, class T>
-inline void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, T, void>& f, unsigned ld, layout_t l) {
-  emu::warp_barrier();
-  if (emu::g_thread.x % 32 == 0)
-    for (int r = 0; r < M; ++r)
-      for (int c = 0; c < N; ++c) (l == mem_row_major ? p[(size_t)r * ld + c] : p[(size_t)c * ld + r]) = f.x[r * N + c];
-  emu::warp_barrier();
-}
-
-template <int M, int N, int K, class TA, class LA, class TB, class LB, class TC>
-inline void mma_sync(fragment<accumulator, M, N, K, TC, void>& d, const fragment<matrix_a, M, N, K, TA, LA>& a,
-                     const fragment<matrix_b, M, N, K, TB, LB>& b, const fragment<accumulator, M, N, K, TC, void>& c) {
-  float out[M * N];
-  for (int r = 0; r < M; ++r)
-    for (int cc = 0; cc < N; ++cc) {
-      float acc = c.x[r * N + cc];
-      for (int k = 0; k < K; ++k) acc += a.x[r * K + k] * b.x[k * N + cc];
-      out[r * N + cc] = acc;
-    }
-  std::memcpy(d.x, out, sizeof(out));
 }
 
 }  // namespace wmma
