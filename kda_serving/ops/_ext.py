@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from . import tc_windows
+
 _loaded: bool | None = None
 
 
@@ -102,8 +104,22 @@ def prefill_tc(q, k, v, g, beta, A_log, dt_bias, cu_seqlens, state_pool, slots, 
                *, lower_bound=None, scale=None, inter=None, inter_offsets=None, out=None, workspace=None):
     """q, k, g [T, H, K]; v [T, H, V]; beta [T, H] -> o [T, H, V] bf16; pool updated in place.
     Chunked TF32 tensor-core kernel in two passes (opt-in, docs/kernels.md); ``workspace``: fp32,
-    at least tc_workspace_floats(T, N, H) elements (default: one cached per device)."""
+    at least tc_workspace_floats(T, N, H) elements (default: one cached per device, and a call
+    that would need more than KDA_SERVING_TC_WORKSPACE_MB runs in token windows, tc_windows.py)."""
     need = tc_workspace_floats(q.shape[0], cu_seqlens.numel() - 1, q.shape[1])
+    if workspace is None and need * 4 > tc_windows.workspace_limit_bytes():
+        if out is None:
+            out = torch.empty(v.shape, dtype=torch.bfloat16, device=v.device)
+        bounds = [int(x) for x in cu_seqlens.tolist()]
+        max_slots = max(2, tc_windows.workspace_limit_bytes() // (4 * q.shape[1] * TC_RECORD_FLOATS))
+
+        def window(q_, k_, v_, g_, beta_, cu_, slots_, has_, offs_, out_):  # within the limit by the plan
+            ws = tc_workspace(q.device, tc_workspace_floats(q_.shape[0], cu_.numel() - 1, q.shape[1]))
+            prefill_tc(q_, k_, v_, g_, beta_, A_log, dt_bias, cu_, state_pool, slots_, has_, lower_bound=lower_bound,
+                       scale=scale, inter=inter, inter_offsets=offs_, out=out_, workspace=ws)
+        tc_windows.run_windows(window, tc_windows.plan_windows(bounds, max_slots), bounds, q, k, v, g, beta, slots,
+                               has_initial_state, inter_offsets, out)
+        return out
     if workspace is None:
         workspace = tc_workspace(q.device, need)
     elif (workspace.dtype != torch.float32 or workspace.device != q.device or not workspace.is_contiguous()

@@ -38,8 +38,9 @@ def log_path_once(op: str, path: str) -> None:
 
 def prefill_kernel():
     """The extension's prefill entry that ``KDA_SERVING_PREFILL_KERNEL`` selects: ``chunked``
-    (CUDA cores) or ``tc`` (TF32 tensor cores), both opt-in because they measured slower than the
-    token-serial default (docs/kernels.md); anything else the default. Read on every call."""
+    (CUDA cores; measured slower than the token-serial default) or ``tc`` (TF32 tensor cores;
+    measured faster than the default but slower than fla, with a workspace that grows with the
+    call; README, docs/kernels.md); anything else the default. Read on every call."""
     from . import _ext
     choice = os.environ.get("KDA_SERVING_PREFILL_KERNEL")
     return {"chunked": _ext.prefill_chunked, "tc": _ext.prefill_tc}.get(choice, _ext.prefill)

@@ -76,3 +76,50 @@ def test_continuous_batching_on_the_kernels(kernel_path, monkeypatch, spec, deco
     monkeypatch.setattr(dispatch, "_logged", set())
     simulate(("cpu", torch.bfloat16, D, TOL, decode_kernel), spec, None, monkeypatch)
     assert {"kda_prefill:cuda", "causal_conv1d_prefill:cuda"} | decode_ops <= dispatch._logged, dispatch._logged
+
+
+@pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16])
+def test_tc_workspace_limit_runs_token_windows(kernel_path, monkeypatch, pool_dtype):
+    """The tensor-core kernel over its workspace limit (KDA_SERVING_TC_WORKSPACE_MB) runs in token
+    windows that cut sequences at multiples of 64 of their tokens: the same outputs, final states
+    and 64-token checkpoints as one call (bit for bit with an fp32 pool; the bf16 pool rounds the
+    carried state), null and empty sequences included."""
+    from kda_serving.ops import _ext, tc_windows
+    monkeypatch.setenv("KDA_SERVING_PREFILL_KERNEL", "tc")
+    torch.manual_seed(4)
+    lens, H = [200, 0, 9, 130, 64], 2
+    N = len(lens)
+    cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
+    inp = inputs(sum(lens), H)
+    pool0 = torch.full((N + 2, H, D, D), 1e30, dtype=pool_dtype)
+    pool0[1:N + 1] = (torch.randn(N, H, D, D) * 0.3).to(pool_dtype)
+    slots = torch.tensor([1, 2, 0, 4, 5], dtype=torch.int32)
+    has = torch.tensor([True, True, True, False, True])
+    counts = [n // 64 for n in lens]
+    offsets = torch.tensor([0] + counts[:-1]).cumsum(0).to(torch.int64)
+    record_mb = 4 * H * _ext.TC_RECORD_FLOATS / (1 << 20)
+    results, calls = [], []
+    real = _ext.prefill_tc
+    for limit_slots in (None, 3):  # one call; windows of at most 3 chunk slots
+        if limit_slots is None:
+            monkeypatch.delenv("KDA_SERVING_TC_WORKSPACE_MB", raising=False)
+        else:
+            monkeypatch.setenv("KDA_SERVING_TC_WORKSPACE_MB", str(limit_slots * record_mb))
+        calls.clear()
+        monkeypatch.setattr(_ext, "prefill_tc", lambda *a, **kw: calls.append(a[7].tolist()) or real(*a, **kw))
+        pool = pool0.clone()
+        inter = torch.full((sum(counts) + 1, H, D, D), float("nan"), dtype=pool_dtype)
+        out = torch.full((sum(lens), H, D), float("nan")).bfloat16()
+        ops.kda_prefill(*inp, cu_seqlens=cu, state_pool=pool, slots=slots, has_initial_state=has, out=out,
+                        intermediate_states=inter, intermediate_offsets=offsets)
+        results.append((out, pool, inter, list(calls)))
+    (o1, p1, i1, c1), (o2, p2, i2, c2) = results
+    assert len(c1) == 1
+    plan = tc_windows.plan_windows(cu.tolist(), 3)
+    assert len(plan) > N and len(c2) == 1 + len(plan)  # the outer call, then one per window
+    assert not o2.isnan().any() and not i2[:sum(counts)].isnan().any()
+    if pool_dtype == torch.float32:
+        assert torch.equal(o1, o2) and torch.equal(p1, p2) and torch.equal(i1[:sum(counts)], i2[:sum(counts)])
+    else:
+        assert rel_rms(o2, o1) <= TOL and rel_rms(p2[1:N + 1], p1[1:N + 1]) <= TOL
+    assert torch.equal(p2[[0, 3, 6]], pool0[[0, 3, 6]])

@@ -1,7 +1,9 @@
 """The tensor-core prefill's cached workspace (kda_serving.ops._ext): sized by the record count of
 csrc/prefill/kda_prefill.h, reused while large enough, replaced when outgrown without freeing the
-old one (a CUDA graph captured with it keeps a valid pointer)."""
+old one (a CUDA graph captured with it keeps a valid pointer); the token windows a call over the
+workspace limit runs in (kda_serving.ops.tc_windows)."""
 
+import pytest
 import torch
 
 from kda_serving.ops import _ext
@@ -26,3 +28,41 @@ def test_cached_grown_and_outgrown_kept():
     assert _ext.tc_workspace(dev, 1000).data_ptr() == b.data_ptr()
     _ext._tc_workspaces.pop(dev, None)
     _ext._tc_outgrown.clear()
+
+
+def test_token_windows_cover_every_token_in_whole_chunks():
+    """plan_windows: pieces in token order cover each sequence exactly, cut only at multiples of 64
+    of its own tokens; each window's slot bound (sum of ceil(len / 64) + 1) fits, and so does what
+    the kernel sizes (floor(Tw / 64) + Nw)."""
+    import random
+
+    from kda_serving.ops.tc_windows import plan_windows
+    rng = random.Random(3)
+    for _ in range(200):
+        lens = [rng.choice([0, 1, 63, 64, 65, rng.randrange(0, 700)]) for _ in range(rng.randrange(1, 6))]
+        bounds = [0]
+        for n in lens:
+            bounds.append(bounds[-1] + n)
+        cap = rng.randrange(2, 12)
+        covered = {n: 0 for n in range(len(lens))}
+        pieces = [p for w in plan_windows(bounds, cap) for p in w]
+        for w in plan_windows(bounds, cap):
+            assert sum(-(-length // 64) + 1 for _, _, length in w) <= cap
+            assert sum(length for _, _, length in w) // 64 + len(w) <= cap
+        assert [n for n, _, _ in pieces] == sorted(n for n, _, _ in pieces)
+        for n, s, length in pieces:
+            assert s == covered[n] and s % 64 == 0
+            covered[n] += length
+        assert [covered[n] for n in range(len(lens))] == lens
+
+
+def test_workspace_limit_read_from_the_environment(monkeypatch):
+    from kda_serving.ops import tc_windows
+    monkeypatch.delenv("KDA_SERVING_TC_WORKSPACE_MB", raising=False)
+    assert tc_windows.workspace_limit_bytes() == tc_windows.DEFAULT_LIMIT_MB << 20
+    monkeypatch.setenv("KDA_SERVING_TC_WORKSPACE_MB", "1.5")
+    assert tc_windows.workspace_limit_bytes() == 3 << 19
+    for bad in ("0", "-1", "lots"):
+        monkeypatch.setenv("KDA_SERVING_TC_WORKSPACE_MB", bad)
+        with pytest.raises(ValueError, match="KDA_SERVING_TC_WORKSPACE_MB"):
+            tc_windows.workspace_limit_bytes()
