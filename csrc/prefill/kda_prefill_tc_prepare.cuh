@@ -48,9 +48,10 @@ struct alignas(128) PrepSmem {
 
 // Persistent: grid = min(work items, SMs), tc::kThr threads, dynamic smem sizeof(tc::PrepSmem);
 // CTA b takes work items b, b + grid, ... (item = chunk slot * H + head). Slots past a sequence's
-// chunks, and sequences with a null slot, have nothing to do. When q, k, g rows are 8-byte
-// aligned, the next item's q, k, g, beta loads are issued as soon as this item's are unpacked, so
-// their latency overlaps this item's work instead of stalling the CTA (one per SM).
+// chunks, and sequences with a null slot, have nothing to do. The next item's q, k, g, beta loads
+// are issued as soon as this item's are unpacked, so their latency overlaps this item's work
+// instead of stalling the CTA (one per SM); that takes 8-byte aligned rows (qkg_rows_aligned),
+// else the 2-byte loads wait where they are issued.
 __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_prepare_kernel(const KdaPrefillParams p) {
   using namespace tc;
   constexpr int kPer = kC / kWarp;  // tokens per warp in the per-token passes
