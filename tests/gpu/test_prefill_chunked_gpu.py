@@ -16,8 +16,8 @@ if not kernels_available():
 
 pytestmark = [pytest.mark.gpu, pytest.mark.optin_kernel]
 
-from tests.gpu.common import (D, DEV, TOL, make_gate, prefill_against_gold, rel_rms,  # noqa: E402
-                              setup_pool)
+from tests.gpu.common import (D, DEV, TOL, check_against, make_gate, prefill_against_gold,  # noqa: E402
+                              rel_rms, run_naive, setup_pool)
 
 
 def make_inputs(T, H, center=0.0, strided=False):
@@ -165,3 +165,33 @@ def test_tc_workspace_checked_and_reusable():
     o2 = _ext.prefill_tc(*inputs, cu, pool, slots, has_init, workspace=ws)
     sync()
     assert torch.equal(o1, o2) and torch.equal(p1, pool)
+
+
+def test_tc_token_windows_match_one_call(monkeypatch):
+    """Over KDA_SERVING_TC_WORKSPACE_MB the tensor-core prefill runs in token windows that cut
+    sequences at multiples of 64 of their tokens: with an fp32 pool the outputs, final states and
+    checkpoints are those of one call, bit for bit, and match the fp64 gold."""
+    torch.manual_seed(8)
+    H, lens = 2, [1500, 0, 333, 64, 129]
+    cu, pool0, slots, has_init, init = setup_pool(lens, H, torch.float32, n_null=1)
+    inputs = make_inputs(int(cu[-1]), H)
+    counts = [n // 64 for n in lens]
+    offsets = torch.tensor([0] + counts[:-1]).cumsum(0).to(DEV, torch.int64)
+    record_mb = 4 * H * _ext.TC_RECORD_FLOATS / (1 << 20)
+    runs = []
+    for limit_mb in (None, 7 * record_mb):  # one call; windows of at most 7 chunk slots
+        if limit_mb is None:
+            monkeypatch.delenv("KDA_SERVING_TC_WORKSPACE_MB", raising=False)
+        else:
+            monkeypatch.setenv("KDA_SERVING_TC_WORKSPACE_MB", str(limit_mb))
+        pool = pool0.clone()
+        inter = torch.full((sum(counts), H, D, D), float("nan"), device=DEV)
+        out = _ext.prefill_tc(*inputs, cu, pool, slots, has_init, inter=inter, inter_offsets=offsets)
+        sync()
+        runs.append((out, pool, inter))
+    (o1, p1, i1), (o2, p2, i2) = runs
+    # the null sequence's checkpoint rows stay NaN in both
+    assert torch.equal(o1, o2) and torch.equal(p1, p2) and torch.equal(i1.isnan(), i2.isnan())
+    assert torch.equal(i1.nan_to_num(), i2.nan_to_num()) and not i2[:sum(counts[:-1])].isnan().any()
+    o_ref, s_ref = run_naive(*inputs, cu, init, None)
+    check_against(o2, p2, pool0, cu, slots, o_ref, s_ref)
