@@ -97,18 +97,31 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_prepare_kernel(con
     // 1. The chunk's inputs into shared memory, read from global memory once: q, k L2-normalised
     //    and not yet decayed in Qr, Kq; the per-token decays a_t in al (1 past the end); beta.
     //    One warp per token, 4 channels per lane. (a) The raw values, loaded one item ahead (with
-    //    unaligned rows the 2-byte loads wait there), go to shared memory. (b) Norms, gates and beta one token at a time in a loop that is not unrolled:
-    //    unrolled over the 8 tokens this pass was half of the kernel's machine code, which did
-    //    not stay in the instruction caches (a phase re-run on warm code took a fifth of its
-    //    first run, docs/kernels.md). Each lane reads back only what it wrote.
+    //    unaligned rows the 2-byte loads wait there), are unpacked; the 16 squared norms of the
+    //    warp's 8 tokens are reduced together (one reduce-scatter, RowReduce, instead of 16
+    //    dependent 5-shuffle sums) and q, k go to shared memory normalised. (b) Gates and beta one
+    //    token at a time in a loop that is not unrolled (unrolled, this pass was once half of the
+    //    kernel's machine code, docs/kernels.md). Each lane reads back only what it wrote.
     {
       float qv[kPer][4], kv[kPer][4], gv[kPer][4], bv[kPer];
       unpack_chunk_inputs(raw, qv, kv, gv, bv);
+      float part[2 * kPer];  // [m]: |q_m|^2 of this lane's channels, [kPer + m]: |k_m|^2
+#pragma unroll
+      for (int m = 0; m < kPer; ++m) {
+        part[m] = qv[m][0] * qv[m][0] + qv[m][1] * qv[m][1] + qv[m][2] * qv[m][2] + qv[m][3] * qv[m][3];
+        part[kPer + m] = kv[m][0] * kv[m][0] + kv[m][1] * kv[m][1] + kv[m][2] * kv[m][2] + kv[m][3] * kv[m][3];
+      }
+      const int row = row_of_lane<2 * kPer>(lane);  // the norm this lane completes
+      const float inv = rsqrtf(RowReduce<2 * kPer, 16>::run(part, lane) + 1e-6f) * (row < kPer ? p.scale : 1.f);
 #pragma unroll
       for (int m = 0; m < kPer; ++m) {
         const int i = warp + m * kWarp;
-        *reinterpret_cast<float4*>(&sm.Qr[i][c4]) = make_float4(qv[m][0], qv[m][1], qv[m][2], qv[m][3]);
-        *reinterpret_cast<float4*>(&sm.Kq[i][c4]) = make_float4(kv[m][0], kv[m][1], kv[m][2], kv[m][3]);
+        const float rq = __shfl_sync(0xffffffffu, inv, lane_of_row<2 * kPer>(m));
+        const float rk = __shfl_sync(0xffffffffu, inv, lane_of_row<2 * kPer>(kPer + m));
+        *reinterpret_cast<float4*>(&sm.Qr[i][c4]) =
+            make_float4(qv[m][0] * rq, qv[m][1] * rq, qv[m][2] * rq, qv[m][3] * rq);
+        *reinterpret_cast<float4*>(&sm.Kq[i][c4]) =
+            make_float4(kv[m][0] * rk, kv[m][1] * rk, kv[m][2] * rk, kv[m][3] * rk);
         *reinterpret_cast<float4*>(&sm.r1.al[i][c4]) = make_float4(gv[m][0], gv[m][1], gv[m][2], gv[m][3]);
         if (lane == 0) sm.beta[i] = bv[m];
       }
@@ -122,18 +135,12 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_prepare_kernel(con
       for (int m = 0; m < kPer; ++m) {
         const int i = warp + m * kWarp;
         const bool live = i < nt;
-        const float4 q4 = *reinterpret_cast<const float4*>(&sm.Qr[i][c4]);
-        const float4 k4 = *reinterpret_cast<const float4*>(&sm.Kq[i][c4]);
         const float4 g4 = *reinterpret_cast<const float4*>(&sm.r1.al[i][c4]);
-        const float q[4] = {q4.x, q4.y, q4.z, q4.w}, k[4] = {k4.x, k4.y, k4.z, k4.w};
         const float g[4] = {g4.x, g4.y, g4.z, g4.w};
-        float rq, rk, al[4];
-        qk_inv_norms(q, k, p.scale, rq, rk);
+        float al[4];
 #pragma unroll
         for (int j = 0; j < 4; ++j)
           al[j] = live ? decay_of_gate(g[j] + dtb4[j], a_h, p.has_lower_bound, p.lower_bound) : 1.f;
-        *reinterpret_cast<float4*>(&sm.Qr[i][c4]) = make_float4(q[0] * rq, q[1] * rq, q[2] * rq, q[3] * rq);
-        *reinterpret_cast<float4*>(&sm.Kq[i][c4]) = make_float4(k[0] * rk, k[1] * rk, k[2] * rk, k[3] * rk);
         *reinterpret_cast<float4*>(&sm.r1.al[i][c4]) = make_float4(al[0], al[1], al[2], al[3]);
         if (lane == 0) sm.beta[i] = live ? sigmoid_stable(sm.beta[i]) : 0.f;
       }
