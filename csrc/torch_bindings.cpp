@@ -22,7 +22,7 @@
 //
 // kda_prefill_tc(<same arguments as kda_prefill>, Tensor(d!) workspace) -> ()
 //   Same contract, computed by the tensor-core chunked kernel (csrc/prefill/kda_prefill_tc_*,
-//   64-token chunks, TF32 WMMA) in two passes through `workspace`: contiguous fp32 with at least
+//   64-token chunks, TF32 mma.sync) in two passes through `workspace`: contiguous fp32 with at least
 //   (Ttot / 64 + N) * H * 36992 elements (kda_prefill.h tc_workspace_floats), reused across
 //   calls on one stream. Opt-in (KDA_SERVING_PREFILL_KERNEL=tc).
 //

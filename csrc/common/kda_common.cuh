@@ -89,6 +89,14 @@ template <> struct StateIO<float> {
   static __device__ __forceinline__ void store(float* p, const float (&x)[4]) {
     *reinterpret_cast<float4*>(p) = make_float4(x[0], x[1], x[2], x[3]);
   }
+  // Two consecutive channels (the tensor-core state pass's accumulator pairs).
+  static __device__ __forceinline__ void load2(const float* p, float& a, float& b) {
+    const float2 v = *reinterpret_cast<const float2*>(p);
+    a = v.x; b = v.y;
+  }
+  static __device__ __forceinline__ void store2(float* p, float a, float b) {
+    *reinterpret_cast<float2*>(p) = make_float2(a, b);
+  }
 };
 
 template <> struct StateIO<__nv_bfloat16> {
@@ -106,6 +114,13 @@ template <> struct StateIO<__nv_bfloat16> {
     raw.x = *reinterpret_cast<const uint32_t*>(&a);
     raw.y = *reinterpret_cast<const uint32_t*>(&b);
     *reinterpret_cast<uint2*>(p) = raw;
+  }
+  static __device__ __forceinline__ void load2(const __nv_bfloat16* p, float& a, float& b) {
+    const float2 v = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p));
+    a = v.x; b = v.y;
+  }
+  static __device__ __forceinline__ void store2(__nv_bfloat16* p, float a, float b) {
+    *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(a, b);
   }
 };
 

@@ -137,7 +137,6 @@ __device__ __forceinline__ void cp_async_wait_all() {
 #endif
 }
 
-
 // rows x cols floats, unpadded in global memory (row pitch src_ld), into shared rows of pitch
 // dst_ld; cols a multiple of 4. All threads of the CTA take part.
 __device__ __forceinline__ void copy_rows_async(float* dst, int dst_ld, const float* src, int src_ld, int rows,

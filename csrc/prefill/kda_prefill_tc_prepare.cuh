@@ -65,18 +65,18 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_prepare_kernel(con
   const int half = tid / kK;        // which two blocks of the chunk it walks
   const int c4 = lane * 4;          // first of the 4 channels of this lane in the per-token passes
   const bool vec = qkg_rows_aligned(p);
-  auto item_tokens = [&](int64_t item, int& n, TokenView& tv, int& t0) {
-    const int64_t cslot = item / p.H;
-    n = chunk_sequence(p, cslot, base_tok);
+  // Item `item` of sequence n (found by next_prep_item): its tokens and first token t0.
+  auto item_tokens = [&](int64_t item, int n, TokenView& tv, int& t0) {
     tv = prefill_tokens(p, n, (int)(item % p.H), 0);
-    t0 = (int)(cslot - chunk_base(p, n, base_tok)) * kC;
+    t0 = (int)(item / p.H - chunk_base(p, n, base_tok)) * kC;
   };
   RawChunkInputs<kPer> raw;
-  int64_t item = next_prep_item(p, blockIdx.x, stride, items, base_tok);
+  int n;
+  int64_t item = next_prep_item(p, blockIdx.x, stride, items, base_tok, n);
   if (item < items) {
-    int n0, s0;
+    int s0;
     TokenView tv0;
-    item_tokens(item, n0, tv0, s0);
+    item_tokens(item, n, tv0, s0);
     issue_chunk_loads(p, tv0, s0, min(kC, tv0.len - s0), warp, c4, vec, raw);
   }
 
@@ -84,11 +84,12 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_prepare_kernel(con
   while (item < items) {
     const int64_t cslot = item / p.H;
     const int h = (int)(item % p.H);
-    int n, t0;
+    int t0;
     TokenView tv;
     item_tokens(item, n, tv, t0);
     const int nt = min(kC, tv.len - t0);
-    const int64_t next = next_prep_item(p, item + stride, stride, items, base_tok);
+    int n_next;
+    const int64_t next = next_prep_item(p, item + stride, stride, items, base_tok, n_next);
     const float a_h = expf(p.A_log[h]);
     float dtb4[4];
 #pragma unroll
@@ -126,9 +127,9 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_prepare_kernel(con
         if (lane == 0) sm.beta[i] = bv[m];
       }
       if (next < items) {
-        int n1, s1;
+        int s1;
         TokenView tv1;
-        item_tokens(next, n1, tv1, s1);
+        item_tokens(next, n_next, tv1, s1);
         issue_chunk_loads(p, tv1, s1, min(kC, tv1.len - s1), warp, c4, vec, raw);
       }
 #pragma unroll 1
@@ -426,6 +427,7 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_prepare_kernel(con
     KDA_TC_MARK(7);
     __syncthreads();  // every read of this item's shared arrays is done before the next item's writes
     item = next;
+    n = n_next;
   }
   KDA_TC_PROFILE_END();
 }

@@ -61,8 +61,8 @@ __device__ __forceinline__ bool rows_aligned(const __nv_bfloat16* base, int64_t 
 // q, k, g rows of every sequence and head start 8-byte aligned: a lane's 4 channels are one
 // 8-byte load, which the prepare pass can keep in flight while it works on the previous chunk.
 __device__ __forceinline__ bool qkg_rows_aligned(const KdaPrefillParams& p) {
-  auto ok = [](const void* base, int64_t st, int64_t sh) {
-    return reinterpret_cast<uintptr_t>(base) % 8 == 0 && (st * 2) % 8 == 0 && (sh * 2) % 8 == 0;
+  auto ok = [](const void* base, int64_t st, int64_t sh) {  // every head's rows
+    return rows_aligned(static_cast<const __nv_bfloat16*>(base), st, 8) && (sh * 2) % 8 == 0;
   };
   return ok(p.q, p.q_st, p.q_sh) && ok(p.k, p.k_st, p.k_sh) && ok(p.g, p.g_st, p.g_sh);
 }
@@ -111,12 +111,12 @@ __device__ __forceinline__ void unpack_chunk_inputs(const RawChunkInputs<kPer>& 
 }
 
 // The first prepare work item (chunk slot item / H, head item % H) at or after `item`, stepping by
-// `stride`, that has tokens to prepare; `items` when none is left.
+// `stride`, that has tokens to prepare, and its sequence n; `items` when none is left.
 __device__ __forceinline__ int64_t next_prep_item(const KdaPrefillParams& p, int64_t item, int64_t stride,
-                                                  int64_t items, int64_t base_tok) {
+                                                  int64_t items, int64_t base_tok, int& n) {
   for (; item < items; item += stride) {
     const int64_t cslot = item / p.H;
-    const int n = chunk_sequence(p, cslot, base_tok);
+    n = chunk_sequence(p, cslot, base_tok);
     const int64_t len = load_index(p.cu_seqlens, p.cu_seqlens_64, n + 1) - load_index(p.cu_seqlens, p.cu_seqlens_64, n);
     if ((cslot - chunk_base(p, n, base_tok)) * kC < len && p.slots[n] > 0) return item;
   }

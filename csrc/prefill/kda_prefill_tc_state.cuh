@@ -63,41 +63,24 @@ __device__ __forceinline__ void load_rest(StateSmem<BV>& sm, const float* rec, i
   copy_rows_async(&sm.EL[0], kK, rec + kRecEL, kK, 1, kK);
 }
 
-__device__ __forceinline__ void load_pair(const float* p, float& a, float& b) {
-  const float2 x = *reinterpret_cast<const float2*>(p);
-  a = x.x; b = x.y;
-}
-__device__ __forceinline__ void load_pair(const __nv_bfloat16* p, float& a, float& b) {
-  const float2 x = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p));
-  a = x.x; b = x.y;
-}
-__device__ __forceinline__ void store_pair(float* p, float a, float b) {
-  *reinterpret_cast<float2*>(p) = make_float2(a, b);
-}
-__device__ __forceinline__ void store_pair(__nv_bfloat16* p, float a, float b) {
-  *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(a, b);
-}
-
 // A warp's state tiles from / to state rows (row pitch 128): s[j] = S[vr][c], S[vr][c+1],
 // S[vr+8][c], S[vr+8][c+1] with c = c0 + 8j (the accumulator layout of mma_tf32).
 template <int SN, typename StateT>
 __device__ __forceinline__ void load_state_tiles(const StateT* rows, int vr, int c0, float (&s)[SN][4]) {
 #pragma unroll
   for (int j = 0; j < SN; ++j) {
-    load_pair(rows + vr * kK + c0 + 8 * j, s[j][0], s[j][1]);
-    load_pair(rows + (vr + 8) * kK + c0 + 8 * j, s[j][2], s[j][3]);
+    StateIO<StateT>::load2(rows + vr * kK + c0 + 8 * j, s[j][0], s[j][1]);
+    StateIO<StateT>::load2(rows + (vr + 8) * kK + c0 + 8 * j, s[j][2], s[j][3]);
   }
 }
 template <int SN, typename StateT>
 __device__ __forceinline__ void store_state_tiles(StateT* rows, int vr, int c0, const float (&s)[SN][4]) {
 #pragma unroll
   for (int j = 0; j < SN; ++j) {
-    store_pair(rows + vr * kK + c0 + 8 * j, s[j][0], s[j][1]);
-    store_pair(rows + (vr + 8) * kK + c0 + 8 * j, s[j][2], s[j][3]);
+    StateIO<StateT>::store2(rows + vr * kK + c0 + 8 * j, s[j][0], s[j][1]);
+    StateIO<StateT>::store2(rows + (vr + 8) * kK + c0 + 8 * j, s[j][2], s[j][3]);
   }
 }
-
-__device__ __forceinline__ uint32_t smem_bits(const float& x) { return __float_as_uint(x); }
 
 }  // namespace tc
 
@@ -213,18 +196,18 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
 #pragma unroll
     for (int ks = 0; ks < 8; ++ks) {
       const float* ur = &sm.U[8 * ks + t4][vt * 16 + g];
-      const uint32_t a[4] = {smem_bits(ur[0]), smem_bits(ur[8]), smem_bits(ur[4 * G::kLdU]),
-                             smem_bits(ur[4 * G::kLdU + 8])};
+      const uint32_t a[4] = {__float_as_uint(ur[0]), __float_as_uint(ur[8]), __float_as_uint(ur[4 * G::kLdU]),
+                             __float_as_uint(ur[4 * G::kLdU + 8])};
 #pragma unroll
       for (int jt = ks; jt < 8; ++jt) {
         if (jt / G::kTN != q) continue;
         const float* ar = &sm.Aqk[8 * jt + g][8 * ks + t4];
-        mma_tf32(y[jt], a, smem_bits(ar[0]), smem_bits(ar[4]));
+        mma_tf32(y[jt], a, __float_as_uint(ar[0]), __float_as_uint(ar[4]));
       }
 #pragma unroll
       for (int js = 0; js < G::kSN; ++js) {
         const float* kr = &sm.Kd[8 * ks + t4][cw0 + 8 * js + g];
-        mma_tf32(s[js], a, smem_bits(kr[0]), smem_bits(kr[4 * kLdR]));
+        mma_tf32(s[js], a, __float_as_uint(kr[0]), __float_as_uint(kr[4 * kLdR]));
       }
     }
 #pragma unroll

@@ -107,11 +107,12 @@ def prefill_tc(q, k, v, g, beta, A_log, dt_bias, cu_seqlens, state_pool, slots, 
     at least tc_workspace_floats(T, N, H) elements (default: one cached per device, and a call
     that would need more than KDA_SERVING_TC_WORKSPACE_MB runs in token windows, tc_windows.py)."""
     need = tc_workspace_floats(q.shape[0], cu_seqlens.numel() - 1, q.shape[1])
-    if workspace is None and need * 4 > tc_windows.workspace_limit_bytes():
+    limit = tc_windows.workspace_limit_bytes() if workspace is None else None
+    if limit is not None and need * 4 > limit:
         if out is None:
             out = torch.empty(v.shape, dtype=torch.bfloat16, device=v.device)
         bounds = [int(x) for x in cu_seqlens.tolist()]
-        max_slots = max(2, tc_windows.workspace_limit_bytes() // (4 * q.shape[1] * TC_RECORD_FLOATS))
+        max_slots = max(2, limit // (4 * q.shape[1] * TC_RECORD_FLOATS))
 
         def window(q_, k_, v_, g_, beta_, cu_, slots_, has_, offs_, out_):  # within the limit by the plan
             ws = tc_workspace(q.device, tc_workspace_floats(q_.shape[0], cu_.numel() - 1, q.shape[1]))
