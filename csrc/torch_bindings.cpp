@@ -65,7 +65,10 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cstdint>
+#include <cstdlib>
 #include <optional>
+#include <string>
 #include <utility>
 
 #include "conv/conv1d.h"
@@ -462,6 +465,10 @@ void kda_decode_fused(const Tensor& mixed_qkv, const Tensor& g, const Tensor& be
   }
   const c10::cuda::CUDAGuard guard(g.device());
   p.dec.num_sms = num_sms();
+  // KDA_SERVING_DECODE_KERNEL=rows keeps the row-block kernels (read on every call, like the
+  // prefill selection; for comparisons and tests).
+  const char* sel = std::getenv("KDA_SERVING_DECODE_KERNEL");
+  p.head_min_seq_heads = sel && std::string(sel) == "rows" ? INT64_MAX : kda::kDecodeHeadMinSeqHeads;
   const cudaError_t err = kda::kda_decode_fused_launch(p, at::cuda::getCurrentCUDAStream());
   KDA_CHECK(err == cudaSuccess, "kda_decode_fused launch failed: ", cudaGetErrorString(err));
 }

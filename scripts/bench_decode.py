@@ -8,7 +8,9 @@ One decode step of one layer for B sequences, one token each. Timed region, per 
   back, then ``fused_recurrent_kda_fwd`` with ``ssm_state_indices`` in place (q, k, v copied
   contiguous first, as fla's kernel needs).
 - "fused" (ours only): ``ops.kda_decode_fused``, the conv update and the KDA step from mixed_qkv
-  in one call (what the backend runs for decode), on the same pools and inputs as "total".
+  in one call (what the backend runs for decode), on the same pools and inputs as "total": one
+  CTA per (row, head); "fused_rows": the same call on the row-block kernels
+  (KDA_SERVING_DECODE_KERNEL=rows at capture).
 - "kda": the KDA call alone on contiguous q, k, v, g, beta (same for both).
 Each graph replays many calls, cycling over input sets on disjoint slots so the states touched
 exceed twice the L2 cache; the number is the median replay time over the calls it holds.
@@ -20,6 +22,7 @@ g; beta) read once, the bf16 output written once, at the copy bandwidth of the s
 from __future__ import annotations
 
 import math
+import os
 import sys
 
 import bench_common as bc
@@ -81,6 +84,17 @@ class DecodeCase:
                                             state_pool=self.state_pool, slots=self.slots[i], lower_bound=lb,
                                             out=self.out)
 
+    def fused_rows_fn(self, i, lb):
+        fn = self.fused_fn(i, lb)
+
+        def with_rows():
+            os.environ["KDA_SERVING_DECODE_KERNEL"] = "rows"  # read by the extension at each call
+            try:
+                return fn()
+            finally:
+                del os.environ["KDA_SERVING_DECODE_KERNEL"]
+        return with_rows
+
     def kda_fn(self, impl, i, lb):
         q, k, v = self.qkv[i]
         return lambda: impl.kda_decode(q, k, v, self.g[i], self.beta[i], self.A_log, self.dt_bias,
@@ -101,7 +115,7 @@ def cross_check(case, lb, with_fla):
     of each against ours (outputs, states and conv rows of the batch's slots)."""
     slots = case.slots[0].long()
     s0, c0 = case.state_pool.clone(), case.conv_pool.clone()
-    runs = {"ours": case.total_fn(ops, 0, lb), "fused": case.fused_fn(0, lb)}
+    runs = {"ours": case.total_fn(ops, 0, lb), "fused": case.fused_fn(0, lb), "fused_rows": case.fused_rows_fn(0, lb)}
     if with_fla:
         runs["fla"] = case.total_fn(fla_ops, 0, lb)
     res = {}
@@ -127,7 +141,7 @@ def run_case(B, H, d, pool_name, lb, device, bandwidth, fla_reason, samples, min
     row = dict(case=f"B{B} H{H} {pool_name}", shape=dict(B=B, H=H, K=d, V=d, conv_width=W, dtype="bfloat16",
                                                           pool_dtype=pool_name),
                input_sets=nsets, calls_per_replay=reps,
-               ours_us=None, ours_fused_us=None, fla_us=None, ours_kda_us=None, fla_kda_us=None)
+               ours_us=None, ours_fused_us=None, ours_fused_rows_us=None, fla_us=None, ours_kda_us=None, fla_kda_us=None)
     case = DecodeCase(B, H, d, POOL_DTYPES[pool_name], nsets, device)
     total, kda = case.floor_bytes()
     row["floor_us"], row["kda_floor_us"] = bc.floor_ms(total, bandwidth) * 1e3, bc.floor_ms(kda, bandwidth) * 1e3
@@ -139,6 +153,7 @@ def run_case(B, H, d, pool_name, lb, device, bandwidth, fla_reason, samples, min
     timed = {f"{name}{part}": [make(impl, i, lb) for i in range(nsets)]
              for name, impl in impls for part, make in (("", case.total_fn), ("_kda", case.kda_fn))}
     timed["ours_fused"] = [case.fused_fn(i, lb) for i in range(nsets)]
+    timed["ours_fused_rows"] = [case.fused_rows_fn(i, lb) for i in range(nsets)]
     for key, fns in timed.items():
         try:
             row[f"{key}_us"] = bc.graph_time_ms(fns, device, reps=reps, samples=samples) * 1e3
@@ -147,6 +162,7 @@ def run_case(B, H, d, pool_name, lb, device, bandwidth, fla_reason, samples, min
     row["speedup_vs_fla"] = bc.ratio(row["fla_us"], row["ours_us"])
     row["fused_speedup_vs_fla"] = bc.ratio(row["fla_us"], row["ours_fused_us"])
     row["fused_hbm_floor_fraction"] = bc.ratio(row["floor_us"], row["ours_fused_us"])
+    row["fused_rows_hbm_floor_fraction"] = bc.ratio(row["floor_us"], row["ours_fused_rows_us"])
     row["kda_speedup_vs_fla"] = bc.ratio(row["fla_kda_us"], row["ours_kda_us"])
     row["hbm_floor_fraction"] = bc.ratio(row["floor_us"], row["ours_us"])
     row["kda_hbm_floor_fraction"] = bc.ratio(row["kda_floor_us"], row["ours_kda_us"])
@@ -157,7 +173,7 @@ def run_case(B, H, d, pool_name, lb, device, bandwidth, fla_reason, samples, min
 
 COLUMNS = [("case", "case"), ("ours_us", "ours us"), ("ours_fused_us", "fused us"), ("fla_us", "fla us"),
            ("speedup_vs_fla", "speedup"), ("fused_speedup_vs_fla", "fused speedup"),
-           ("fused_hbm_floor_fraction", "fused floor frac"),
+           ("fused_hbm_floor_fraction", "fused floor frac"), ("ours_fused_rows_us", "fused rows us"),
            ("floor_us", "floor us"), ("hbm_floor_fraction", "floor frac"),
            ("fla_hbm_floor_fraction", "fla floor frac"), ("ours_kda_us", "kda us"),
            ("fla_kda_us", "fla kda us"), ("kda_speedup_vs_fla", "kda speedup"),

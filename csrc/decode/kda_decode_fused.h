@@ -26,7 +26,13 @@ struct KdaDecodeFusedParams {
   const void* norm_weight;
   bool norm_weight_bf16;
   float norm_eps;
+  // One CTA per (row, head) (kda_decode_head_kernel.cuh) when T <= 8 and B * H reaches this;
+  // otherwise the row-block kernels. The extension sets kDecodeHeadMinSeqHeads, or INT64_MAX
+  // when KDA_SERVING_DECODE_KERNEL=rows.
+  int64_t head_min_seq_heads;
 };
+
+constexpr int64_t kDecodeHeadMinSeqHeads = 0;
 
 cudaError_t kda_decode_fused_launch(const KdaDecodeFusedParams& p, cudaStream_t stream);
 

@@ -1,9 +1,17 @@
-// Launch code for the fused decode: main kernel (row block and state dtype instantiations),
-// then the conv pool write-back and the optional gated RMSNorm, in stream order.
-#include "kda_decode_fused_kernel.cuh"
+// Launch code for the fused decode: the one-CTA-per-head kernel, or the row-block main kernel
+// (row block and state dtype instantiations) followed by the conv pool write-back and the
+// optional gated RMSNorm, in stream order.
+#include "kda_decode_head_kernel.cuh"
 #include "../common/launch_utils.h"
 
 namespace kda {
+
+template <typename StateT>
+static void launch_head(const KdaDecodeFusedParams& p, cudaStream_t stream) {
+  const unsigned grid = (unsigned)((int64_t)p.dec.B * p.dec.H);
+  if (p.dec.T == 1) kda_decode_head_kernel<StateT, 1><<<grid, kHeadThreads, 0, stream>>>(p);
+  else kda_decode_head_kernel<StateT, kHeadMaxT><<<grid, kHeadThreads, 0, stream>>>(p);
+}
 
 template <int BV, typename StateT>
 static void launch_main(const KdaDecodeFusedParams& p, cudaStream_t stream) {
@@ -22,6 +30,11 @@ static void launch_rows(const KdaDecodeFusedParams& p, cudaStream_t stream) {
 
 cudaError_t kda_decode_fused_launch(const KdaDecodeFusedParams& p, cudaStream_t stream) {
   if (p.dec.B == 0 || p.dec.T == 0 || p.dec.H == 0) return cudaSuccess;
+  if (p.dec.T <= kHeadMaxT && (int64_t)p.dec.B * p.dec.H >= p.head_min_seq_heads) {
+    if (p.dec.state_bf16) launch_head<__nv_bfloat16>(p, stream);
+    else launch_head<float>(p, stream);
+    return cudaGetLastError();
+  }
   if (p.dec.state_bf16) launch_rows<__nv_bfloat16>(p, stream);
   else launch_rows<float>(p, stream);
   cudaError_t err = cudaGetLastError();

@@ -68,10 +68,13 @@ class ConvParams(C.Structure):
 class DecodeFusedParams(C.Structure):
     _fields_ = [("dec", DecodeParams), ("conv", ConvParams), ("out_gate", C.c_void_p), ("gate_sb", C.c_int64),
                 ("gate_st", C.c_int64), ("gate_sh", C.c_int64), ("norm_weight", C.c_void_p),
-                ("norm_weight_bf16", C.c_bool), ("norm_eps", C.c_float)]
+                ("norm_weight_bf16", C.c_bool), ("norm_eps", C.c_float), ("head_min_seq_heads", C.c_int64)]
 
 
-LAYOUTS = [(PrefillParams, "tc_chunk_slots"), (DecodeParams, "num_sms"), (ConvParams, "vec8_min_elems"), (DecodeFusedParams, "norm_eps")]
+LAYOUTS = [(PrefillParams, "tc_chunk_slots"), (DecodeParams, "num_sms"), (ConvParams, "vec8_min_elems"),
+           (DecodeFusedParams, "head_min_seq_heads")]
+# kda_decode_fused.h kDecodeHeadMinSeqHeads: B * H from which the one-CTA-per-head kernel runs.
+DECODE_HEAD_MIN_SEQ_HEADS = 0
 
 
 def cuda_include() -> Path | None:
@@ -115,6 +118,8 @@ def build(extra_flags: tuple[str, ...] = ()) -> C.CDLL:
             raise RuntimeError(f"the ctypes mirror {struct.__name__} does not match csrc/")
     if so.emu_layout(2 * len(LAYOUTS)) != _ext.TC_RECORD_FLOATS:
         raise RuntimeError("kda_serving.ops._ext.TC_RECORD_FLOATS does not match csrc/ kTcRecordFloats")
+    if so.emu_layout(2 * len(LAYOUTS) + 1) != DECODE_HEAD_MIN_SEQ_HEADS:
+        raise RuntimeError("DECODE_HEAD_MIN_SEQ_HEADS does not match csrc/ kDecodeHeadMinSeqHeads")
     so.emu_set_order.argtypes = [C.c_int, C.c_uint64]
     so.emu_prefill.argtypes = [C.c_int, C.POINTER(PrefillParams)]
     so.emu_decode.argtypes = [C.POINTER(DecodeParams)]
@@ -278,13 +283,20 @@ def conv_update(lib, x, weight, bias, conv_pool, slots, num_accepted=None, out=N
 def decode_fused(lib, rows: int, mixed_qkv, g, beta, A_log, dt_bias, conv_weight, conv_bias, conv_pool, state_pool,
                  slots, num_accepted=None, *, lower_bound=None, scale=None, out_gate=None, norm_weight=None,
                  norm_eps=1e-6, out=None):
-    """Emulated kda_decode_fused: conv update + decode / verify (+ gated RMSNorm) from mixed_qkv."""
+    """Emulated kda_decode_fused: conv update + decode / verify (+ gated RMSNorm) from mixed_qkv.
+    rows: 128 for the one-CTA-per-head kernel (T <= 8), 8 / 16 / 32 for the row-block kernels, None
+    for the extension's choice (with KDA_SERVING_DECODE_KERNEL=rows honoured as the binding does)."""
     B, T, H = g.shape[:3]
     out = torch.empty(B, T, H, g.shape[-1], dtype=torch.bfloat16) if out is None else out
     keep = {}
     p = DecodeFusedParams()
-    p.dec = _decode_params(g, beta, A_log, dt_bias, state_pool, slots, num_accepted, lower_bound, scale, out, rows,
-                           keep)
+    p.dec = _decode_params(g, beta, A_log, dt_bias, state_pool, slots, num_accepted, lower_bound, scale, out,
+                           None if rows == 128 else rows, keep)
+    if rows is None:
+        force_rows = os.environ.get("KDA_SERVING_DECODE_KERNEL") == "rows"
+        p.head_min_seq_heads = (1 << 62) if force_rows else DECODE_HEAD_MIN_SEQ_HEADS
+    else:
+        p.head_min_seq_heads = 0 if rows == 128 else 1 << 62
     p.conv = _conv_layer(mixed_qkv, conv_weight, conv_bias, conv_pool, mixed_qkv.shape[2], keep)
     p.conv.x, p.conv.x_sb, p.conv.x_st = _ptr(mixed_qkv), mixed_qkv.stride(0), mixed_qkv.stride(1)
     p.conv.num_accepted, p.conv.N, p.conv.T = p.dec.num_accepted, B, T

@@ -285,7 +285,7 @@ def test_conv_update_kernels_agree(lib, spec):
 
 @pytest.mark.parametrize("norm", [False, True])
 @pytest.mark.parametrize("spec", [False, True])
-@pytest.mark.parametrize("bv", [8, 32])
+@pytest.mark.parametrize("bv", [8, 32, 128])  # 128: one CTA per (row, head)
 @pytest.mark.parametrize("x_pad", [0, 4])  # 4: rows not 16-byte aligned, one-channel conv write-back
 def test_fused_decode_vs_reference(lib, bv, spec, norm, x_pad):
     H, B, T, W = 2, 3, (3 if spec else 1), 4
@@ -337,7 +337,10 @@ def test_decode_kernels_are_independent_of_the_thread_schedule(lib):
         o1 = emulated.decode(lib, 16, q, k, v, g, beta, A_log, dt, s1, slots, acc)
         o2 = emulated.decode_fused(lib, 16, mixed, g, beta, A_log, dt, cw, cb, c, s2, slots, acc, out_gate=gate,
                                    norm_weight=nw)
-        results.append((o1, o2, c, s1, s2))
+        c3, s3 = conv0.clone(), state0.clone()
+        o3 = emulated.decode_fused(lib, 128, mixed, g, beta, A_log, dt, cw, cb, c3, s3, slots, acc, out_gate=gate,
+                                   norm_weight=nw)
+        results.append((o1, o2, c, s1, s2, o3, c3, s3))
     lib.emu_set_order(0, 1)
     for r in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(r, results[0]))

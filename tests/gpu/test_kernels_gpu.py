@@ -377,7 +377,10 @@ def run_fused(c, lower_bound=None, out_gate=None, norm_weight=None, eps=1e-6, ou
 @pytest.mark.parametrize("norm", [False, True])
 @pytest.mark.parametrize("W,T,verify", [(4, 1, False), (2, 1, False), (4, 3, True), (3, 4, True)])
 @pytest.mark.parametrize("B,H", [(6, 4), (1, 1), (8, 32)])  # row blocks 16, 8 and 32
-def test_decode_fused_vs_reference_and_gold(lower_bound, pool_dtype, norm, W, T, verify, B, H):
+@pytest.mark.parametrize("kernel", ["head", "rows"])  # one CTA per (row, head), or the row-block kernels
+def test_decode_fused_vs_reference_and_gold(lower_bound, pool_dtype, norm, W, T, verify, B, H, kernel, monkeypatch):
+    if kernel == "rows":
+        monkeypatch.setenv("KDA_SERVING_DECODE_KERNEL", "rows")
     torch.manual_seed(hash((lower_bound, str(pool_dtype), norm, W, T, B, H)) % 2**31)
     c = fused_case(B, T, H, W, pool_dtype, verify)
     out_gate = torch.randn(B, T, H, D, device=DEV).bfloat16() if norm else None
@@ -426,9 +429,12 @@ def test_decode_fused_vs_reference_and_gold(lower_bound, pool_dtype, norm, W, T,
 
 @pytest.mark.parametrize("verify", [False, True])
 @pytest.mark.parametrize("norm", [False, True])
-def test_decode_fused_cuda_graph_replay_equals_eager(verify, norm):
+@pytest.mark.parametrize("kernel", ["head", "rows"])
+def test_decode_fused_cuda_graph_replay_equals_eager(verify, norm, kernel, monkeypatch):
     if EMULATE:
         pytest.skip("CUDA graphs need a GPU")
+    if kernel == "rows":
+        monkeypatch.setenv("KDA_SERVING_DECODE_KERNEL", "rows")
     torch.manual_seed(7 + verify + 2 * norm)
     B, T, H, W = 8, (3 if verify else 1), 4, 4
     c = fused_case(B, T, H, W, torch.float32, verify)
