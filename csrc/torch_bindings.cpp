@@ -422,6 +422,20 @@ void causal_conv1d_update(const Tensor& x, const Tensor& weight, const std::opti
   KDA_CHECK(err == cudaSuccess, "causal_conv1d_update launch failed: ", cudaGetErrorString(err));
 }
 
+// KDA_SERVING_DECODE_KERNEL (read on every call, like the prefill selection; for comparisons and
+// tests): rows, head, cluster16 or cluster32 picks the fused decode's kernels; unset, auto.
+int fused_kernel_choice() {
+  const char* sel = std::getenv("KDA_SERVING_DECODE_KERNEL");
+  if (sel == nullptr || *sel == 0 || std::string(sel) == "auto") return kda::kFusedAuto;
+  const std::string s(sel);
+  if (s == "rows") return kda::kFusedRows;
+  if (s == "head") return kda::kFusedHead;
+  if (s == "cluster16") return kda::kFusedCluster16;
+  if (s == "cluster32") return kda::kFusedCluster32;
+  KDA_CHECK(false, "KDA_SERVING_DECODE_KERNEL must be auto, rows, head, cluster16 or cluster32, got '", s, "'");
+  return kda::kFusedAuto;
+}
+
 void kda_decode_fused(const Tensor& mixed_qkv, const Tensor& g, const Tensor& beta,
                       const Tensor& A_log, const Tensor& dt_bias, const Tensor& conv_weight,
                       const std::optional<Tensor>& conv_bias, Tensor& conv_pool, Tensor& state_pool,
@@ -465,10 +479,7 @@ void kda_decode_fused(const Tensor& mixed_qkv, const Tensor& g, const Tensor& be
   }
   const c10::cuda::CUDAGuard guard(g.device());
   p.dec.num_sms = num_sms();
-  // KDA_SERVING_DECODE_KERNEL=rows keeps the row-block kernels (read on every call, like the
-  // prefill selection; for comparisons and tests).
-  const char* sel = std::getenv("KDA_SERVING_DECODE_KERNEL");
-  p.head_min_seq_heads = sel && std::string(sel) == "rows" ? INT64_MAX : kda::kDecodeHeadMinSeqHeads;
+  p.kernel = fused_kernel_choice();
   const cudaError_t err = kda::kda_decode_fused_launch(p, at::cuda::getCurrentCUDAStream());
   KDA_CHECK(err == cudaSuccess, "kda_decode_fused launch failed: ", cudaGetErrorString(err));
 }

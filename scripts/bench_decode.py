@@ -8,9 +8,9 @@ One decode step of one layer for B sequences, one token each. Timed region, per 
   back, then ``fused_recurrent_kda_fwd`` with ``ssm_state_indices`` in place (q, k, v copied
   contiguous first, as fla's kernel needs).
 - "fused" (ours only): ``ops.kda_decode_fused``, the conv update and the KDA step from mixed_qkv
-  in one call (what the backend runs for decode), on the same pools and inputs as "total": one
-  CTA per (row, head); "fused_rows": the same call on the row-block kernels
-  (KDA_SERVING_DECODE_KERNEL=rows at capture).
+  in one call (what the backend runs for decode), on the same pools and inputs as "total", with
+  the extension's choice of kernels; "fused_<kernel>": the same call with
+  KDA_SERVING_DECODE_KERNEL=<kernel> at capture (rows, head, cluster16, cluster32).
 - "kda": the KDA call alone on contiguous q, k, v, g, beta (same for both).
 Each graph replays many calls, cycling over input sets on disjoint slots so the states touched
 exceed twice the L2 cache; the number is the median replay time over the calls it holds.
@@ -33,6 +33,7 @@ from kda_serving.baselines import fla_ops
 
 D, W = 128, 4
 GATES = {"kimi": None, "bounded": -5.0}
+FUSED_KERNELS = ("rows", "head", "cluster16", "cluster32")  # KDA_SERVING_DECODE_KERNEL values
 POOL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -84,16 +85,16 @@ class DecodeCase:
                                             state_pool=self.state_pool, slots=self.slots[i], lower_bound=lb,
                                             out=self.out)
 
-    def fused_rows_fn(self, i, lb):
+    def fused_kernel_fn(self, i, lb, kernel):
         fn = self.fused_fn(i, lb)
 
-        def with_rows():
-            os.environ["KDA_SERVING_DECODE_KERNEL"] = "rows"  # read by the extension at each call
+        def with_kernel():
+            os.environ["KDA_SERVING_DECODE_KERNEL"] = kernel  # read by the extension at each call
             try:
                 return fn()
             finally:
                 del os.environ["KDA_SERVING_DECODE_KERNEL"]
-        return with_rows
+        return with_kernel
 
     def kda_fn(self, impl, i, lb):
         q, k, v = self.qkv[i]
@@ -115,7 +116,8 @@ def cross_check(case, lb, with_fla):
     of each against ours (outputs, states and conv rows of the batch's slots)."""
     slots = case.slots[0].long()
     s0, c0 = case.state_pool.clone(), case.conv_pool.clone()
-    runs = {"ours": case.total_fn(ops, 0, lb), "fused": case.fused_fn(0, lb), "fused_rows": case.fused_rows_fn(0, lb)}
+    runs = {"ours": case.total_fn(ops, 0, lb), "fused": case.fused_fn(0, lb)}
+    runs.update({f"fused_{k}": case.fused_kernel_fn(0, lb, k) for k in FUSED_KERNELS})
     if with_fla:
         runs["fla"] = case.total_fn(fla_ops, 0, lb)
     res = {}
@@ -141,7 +143,7 @@ def run_case(B, H, d, pool_name, lb, device, bandwidth, fla_reason, samples, min
     row = dict(case=f"B{B} H{H} {pool_name}", shape=dict(B=B, H=H, K=d, V=d, conv_width=W, dtype="bfloat16",
                                                           pool_dtype=pool_name),
                input_sets=nsets, calls_per_replay=reps,
-               ours_us=None, ours_fused_us=None, ours_fused_rows_us=None, fla_us=None, ours_kda_us=None, fla_kda_us=None)
+               ours_us=None, ours_fused_us=None, fla_us=None, ours_kda_us=None, fla_kda_us=None)
     case = DecodeCase(B, H, d, POOL_DTYPES[pool_name], nsets, device)
     total, kda = case.floor_bytes()
     row["floor_us"], row["kda_floor_us"] = bc.floor_ms(total, bandwidth) * 1e3, bc.floor_ms(kda, bandwidth) * 1e3
@@ -153,7 +155,8 @@ def run_case(B, H, d, pool_name, lb, device, bandwidth, fla_reason, samples, min
     timed = {f"{name}{part}": [make(impl, i, lb) for i in range(nsets)]
              for name, impl in impls for part, make in (("", case.total_fn), ("_kda", case.kda_fn))}
     timed["ours_fused"] = [case.fused_fn(i, lb) for i in range(nsets)]
-    timed["ours_fused_rows"] = [case.fused_rows_fn(i, lb) for i in range(nsets)]
+    for k in FUSED_KERNELS:
+        timed[f"ours_fused_{k}"] = [case.fused_kernel_fn(i, lb, k) for i in range(nsets)]
     for key, fns in timed.items():
         try:
             row[f"{key}_us"] = bc.graph_time_ms(fns, device, reps=reps, samples=samples) * 1e3
@@ -162,7 +165,8 @@ def run_case(B, H, d, pool_name, lb, device, bandwidth, fla_reason, samples, min
     row["speedup_vs_fla"] = bc.ratio(row["fla_us"], row["ours_us"])
     row["fused_speedup_vs_fla"] = bc.ratio(row["fla_us"], row["ours_fused_us"])
     row["fused_hbm_floor_fraction"] = bc.ratio(row["floor_us"], row["ours_fused_us"])
-    row["fused_rows_hbm_floor_fraction"] = bc.ratio(row["floor_us"], row["ours_fused_rows_us"])
+    for k in FUSED_KERNELS:
+        row[f"fused_{k}_hbm_floor_fraction"] = bc.ratio(row["floor_us"], row.get(f"ours_fused_{k}_us"))
     row["kda_speedup_vs_fla"] = bc.ratio(row["fla_kda_us"], row["ours_kda_us"])
     row["hbm_floor_fraction"] = bc.ratio(row["floor_us"], row["ours_us"])
     row["kda_hbm_floor_fraction"] = bc.ratio(row["kda_floor_us"], row["ours_kda_us"])
@@ -173,7 +177,8 @@ def run_case(B, H, d, pool_name, lb, device, bandwidth, fla_reason, samples, min
 
 COLUMNS = [("case", "case"), ("ours_us", "ours us"), ("ours_fused_us", "fused us"), ("fla_us", "fla us"),
            ("speedup_vs_fla", "speedup"), ("fused_speedup_vs_fla", "fused speedup"),
-           ("fused_hbm_floor_fraction", "fused floor frac"), ("ours_fused_rows_us", "fused rows us"),
+           ("fused_hbm_floor_fraction", "fused floor frac"),
+           *[(f"ours_fused_{k}_us", f"{k} us") for k in FUSED_KERNELS],
            ("floor_us", "floor us"), ("hbm_floor_fraction", "floor frac"),
            ("fla_hbm_floor_fraction", "fla floor frac"), ("ours_kda_us", "kda us"),
            ("fla_kda_us", "fla kda us"), ("kda_speedup_vs_fla", "kda speedup"),

@@ -158,4 +158,52 @@ __device__ __forceinline__ void conv_update_store8(const Conv1dParams& p, int64_
   }
 }
 
+// One conv channel of a decode / verify row, over T <= MaxT tokens, in registers (the fused
+// decode kernels). f holds the W-1 window rows right-aligned in its first kConvHist entries,
+// then x of the T tokens; the taps are right-aligned the same way, so output t reads f[t + i] at
+// compile-time indices whatever W is. Taps before ``lead`` are skipped, which keeps the sum in
+// the conv kernels' order (bias, then taps oldest first).
+constexpr int kConvHist = kConvMaxWidth - 1;
+
+template <int MaxT>
+struct ConvChannel {
+  float w[kConvMaxWidth], b;
+  float f[kConvHist + MaxT];
+
+  __device__ __forceinline__ void load(const Conv1dParams& cp, const __nv_bfloat16* x, int64_t base,
+                                       int off, int d, int T) {
+    const int lead = kConvMaxWidth - cp.W;
+#pragma unroll
+    for (int i = 0; i < kConvMaxWidth; ++i)
+      w[i] = i >= lead ? ld_any(cp.weight, (int64_t)d * cp.W + (i - lead), cp.weight_bf16) : 0.f;
+    b = cp.bias ? ld_any(cp.bias, d, cp.weight_bf16) : 0.f;
+#pragma unroll
+    for (int e = 0; e < kConvHist; ++e)
+      f[e] = e >= lead ? ld_any(cp.pool, base + (int64_t)(off + e - lead) * cp.pool_sr, cp.pool_bf16) : 0.f;
+#pragma unroll
+    for (int t = 0; t < MaxT; ++t) f[kConvHist + t] = t < T ? bf2f(x[(int64_t)t * cp.x_st + d]) : 0.f;
+  }
+
+  // Output of token t (a compile-time index in the caller's unrolled loop), rounded to bf16 as
+  // the unfused conv op stores it.
+  __device__ __forceinline__ float out(int t, const Conv1dParams& cp) const {
+    const int lead = kConvMaxWidth - cp.W;
+    float acc = b;
+#pragma unroll
+    for (int i = 0; i < kConvMaxWidth; ++i)
+      if (i >= lead) acc += w[i] * f[t + i];
+    return bf2f(__float2bfloat16(conv_act(acc, cp.silu)));
+  }
+
+  // conv_update_store from registers: rows [0, nrows) get the last nrows entries of window ++ x.
+  __device__ __forceinline__ void store_pool(const Conv1dParams& cp, int64_t base, int T, int nrows) const {
+    const int first = kConvHist + T - nrows;  // >= lead: only loaded entries are written
+#pragma unroll
+    for (int e = 0; e < kConvHist + MaxT; ++e) {
+      const int row = e - first;
+      if (row >= 0 && row < nrows) st_any(cp.pool, base + (int64_t)row * cp.pool_sr, f[e], cp.pool_bf16);
+    }
+  }
+};
+
 }  // namespace kda

@@ -26,13 +26,17 @@ struct KdaDecodeFusedParams {
   const void* norm_weight;
   bool norm_weight_bf16;
   float norm_eps;
-  // One CTA per (row, head) (kda_decode_head_kernel.cuh) when T <= 8 and B * H reaches this;
-  // otherwise the row-block kernels. The extension sets kDecodeHeadMinSeqHeads, or INT64_MAX
-  // when KDA_SERVING_DECODE_KERNEL=rows.
-  int64_t head_min_seq_heads;
+  // Which kernels run (kFused*): the extension passes kFusedAuto, or what
+  // KDA_SERVING_DECODE_KERNEL names (rows, head, cluster16, cluster32; for comparisons and tests).
+  int kernel;
 };
 
-constexpr int64_t kDecodeHeadMinSeqHeads = 0;
+// kFusedRows: the row-block kernel, the conv pool write-back, the norm (three launches; any T).
+// kFusedHead: one CTA per (row, head) (kda_decode_head_kernel.cuh; T <= 8).
+// kFusedCluster16/32: a cluster of 8 / 4 CTAs of 16 / 32 rows per (row, head)
+// (kda_decode_cluster_kernel.cuh; T <= 8). kFusedAuto: a cluster kernel for T <= 8 (16 rows
+// when 32 would leave SMs idle), else rows. A choice that does not apply to T falls back to rows.
+constexpr int kFusedAuto = 0, kFusedRows = 1, kFusedHead = 2, kFusedCluster16 = 3, kFusedCluster32 = 4;
 
 cudaError_t kda_decode_fused_launch(const KdaDecodeFusedParams& p, cudaStream_t stream);
 

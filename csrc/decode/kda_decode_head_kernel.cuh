@@ -17,52 +17,6 @@ namespace kda {
 constexpr int kHeadWarps = 8;
 constexpr int kHeadThreads = kHeadWarps * 32;
 constexpr int kHeadMaxT = kHeadWarps;
-constexpr int kConvHist = kConvMaxWidth - 1;
-
-// One conv channel over T <= MaxT tokens. f holds the W-1 window rows right-aligned in its
-// first kConvHist entries, then x of the T tokens; the taps are right-aligned the same way, so
-// output t reads f[t + i] at compile-time indices whatever W is. Taps before ``lead`` are skipped,
-// which keeps the sum in the conv kernels' order (bias, then taps oldest first).
-template <int MaxT>
-struct HeadConvChannel {
-  float w[kConvMaxWidth], b;
-  float f[kConvHist + MaxT];
-
-  __device__ __forceinline__ void load(const Conv1dParams& cp, const __nv_bfloat16* x, int64_t base,
-                                       int off, int d, int T) {
-    const int lead = kConvMaxWidth - cp.W;
-#pragma unroll
-    for (int i = 0; i < kConvMaxWidth; ++i)
-      w[i] = i >= lead ? ld_any(cp.weight, (int64_t)d * cp.W + (i - lead), cp.weight_bf16) : 0.f;
-    b = cp.bias ? ld_any(cp.bias, d, cp.weight_bf16) : 0.f;
-#pragma unroll
-    for (int e = 0; e < kConvHist; ++e)
-      f[e] = e >= lead ? ld_any(cp.pool, base + (int64_t)(off + e - lead) * cp.pool_sr, cp.pool_bf16) : 0.f;
-#pragma unroll
-    for (int t = 0; t < MaxT; ++t) f[kConvHist + t] = t < T ? bf2f(x[(int64_t)t * cp.x_st + d]) : 0.f;
-  }
-
-  // Output of token t (a compile-time index in the caller's unrolled loop), rounded to bf16 as
-  // the unfused conv op stores it.
-  __device__ __forceinline__ float out(int t, const Conv1dParams& cp) const {
-    const int lead = kConvMaxWidth - cp.W;
-    float acc = b;
-#pragma unroll
-    for (int i = 0; i < kConvMaxWidth; ++i)
-      if (i >= lead) acc += w[i] * f[t + i];
-    return bf2f(__float2bfloat16(conv_act(acc, cp.silu)));
-  }
-
-  // conv_update_store from registers: rows [0, nrows) get the last nrows entries of window ++ x.
-  __device__ __forceinline__ void store_pool(const Conv1dParams& cp, int64_t base, int T, int nrows) const {
-    const int first = kConvHist + T - nrows;  // >= lead: only loaded entries are written
-#pragma unroll
-    for (int e = 0; e < kConvHist + MaxT; ++e) {
-      const int row = e - first;
-      if (row >= 0 && row < nrows) st_any(cp.pool, base + (int64_t)row * cp.pool_sr, f[e], cp.pool_bf16);
-    }
-  }
-};
 
 // grid = B * H (row n = blockIdx.x / H, head h = blockIdx.x % H), kHeadThreads threads, T <= MaxT
 // (1 for decode: the registers of the longer windows would spill).
@@ -95,7 +49,7 @@ kda_decode_head_kernel(const __grid_constant__ KdaDecodeFusedParams p) {
   const int64_t cbase = (int64_t)r.conv_slot * cp.pool_ss;
   const int d0 = q_thread ? h * kHeadDim + tid : HK + h * kHeadDim + (tid - kHeadDim);
   const int d1 = 2 * HK + h * kHeadDim + tid;
-  HeadConvChannel<MaxT> ch0, ch1;
+  ConvChannel<MaxT> ch0, ch1;
   ch0.load(cp, x, cbase + (int64_t)d0 * cp.pool_sd, r.off, d0, T);
   if (q_thread) ch1.load(cp, x, cbase + (int64_t)d1 * cp.pool_sd, r.off, d1, T);
 

@@ -68,13 +68,13 @@ class ConvParams(C.Structure):
 class DecodeFusedParams(C.Structure):
     _fields_ = [("dec", DecodeParams), ("conv", ConvParams), ("out_gate", C.c_void_p), ("gate_sb", C.c_int64),
                 ("gate_st", C.c_int64), ("gate_sh", C.c_int64), ("norm_weight", C.c_void_p),
-                ("norm_weight_bf16", C.c_bool), ("norm_eps", C.c_float), ("head_min_seq_heads", C.c_int64)]
+                ("norm_weight_bf16", C.c_bool), ("norm_eps", C.c_float), ("kernel", C.c_int)]
 
 
 LAYOUTS = [(PrefillParams, "tc_chunk_slots"), (DecodeParams, "num_sms"), (ConvParams, "vec8_min_elems"),
-           (DecodeFusedParams, "head_min_seq_heads")]
-# kda_decode_fused.h kDecodeHeadMinSeqHeads: B * H from which the one-CTA-per-head kernel runs.
-DECODE_HEAD_MIN_SEQ_HEADS = 0
+           (DecodeFusedParams, "kernel")]
+# kda_decode_fused.h kFused*, by the names KDA_SERVING_DECODE_KERNEL takes.
+FUSED_KERNELS = {"auto": 0, "rows": 1, "head": 2, "cluster16": 3, "cluster32": 4}
 
 
 def cuda_include() -> Path | None:
@@ -118,8 +118,8 @@ def build(extra_flags: tuple[str, ...] = ()) -> C.CDLL:
             raise RuntimeError(f"the ctypes mirror {struct.__name__} does not match csrc/")
     if so.emu_layout(2 * len(LAYOUTS)) != _ext.TC_RECORD_FLOATS:
         raise RuntimeError("kda_serving.ops._ext.TC_RECORD_FLOATS does not match csrc/ kTcRecordFloats")
-    if so.emu_layout(2 * len(LAYOUTS) + 1) != DECODE_HEAD_MIN_SEQ_HEADS:
-        raise RuntimeError("DECODE_HEAD_MIN_SEQ_HEADS does not match csrc/ kDecodeHeadMinSeqHeads")
+    if so.emu_layout(2 * len(LAYOUTS) + 1) != FUSED_KERNELS["cluster32"]:
+        raise RuntimeError("FUSED_KERNELS does not match csrc/ kFused*")
     so.emu_set_order.argtypes = [C.c_int, C.c_uint64]
     so.emu_prefill.argtypes = [C.c_int, C.POINTER(PrefillParams)]
     so.emu_decode.argtypes = [C.POINTER(DecodeParams)]
@@ -285,7 +285,8 @@ def decode_fused(lib, rows: int, mixed_qkv, g, beta, A_log, dt_bias, conv_weight
                  norm_eps=1e-6, out=None):
     """Emulated kda_decode_fused: conv update + decode / verify (+ gated RMSNorm) from mixed_qkv.
     rows: 128 for the one-CTA-per-head kernel (T <= 8), 8 / 16 / 32 for the row-block kernels, None
-    for the extension's choice (with KDA_SERVING_DECODE_KERNEL=rows honoured as the binding does)."""
+    for the extension's choice (KDA_SERVING_DECODE_KERNEL honoured as the binding does; auto runs the
+    head kernel here, the cluster kernels need a GPU)."""
     B, T, H = g.shape[:3]
     out = torch.empty(B, T, H, g.shape[-1], dtype=torch.bfloat16) if out is None else out
     keep = {}
@@ -293,10 +294,9 @@ def decode_fused(lib, rows: int, mixed_qkv, g, beta, A_log, dt_bias, conv_weight
     p.dec = _decode_params(g, beta, A_log, dt_bias, state_pool, slots, num_accepted, lower_bound, scale, out,
                            None if rows == 128 else rows, keep)
     if rows is None:
-        force_rows = os.environ.get("KDA_SERVING_DECODE_KERNEL") == "rows"
-        p.head_min_seq_heads = (1 << 62) if force_rows else DECODE_HEAD_MIN_SEQ_HEADS
+        p.kernel = FUSED_KERNELS[os.environ.get("KDA_SERVING_DECODE_KERNEL") or "auto"]
     else:
-        p.head_min_seq_heads = 0 if rows == 128 else 1 << 62
+        p.kernel = FUSED_KERNELS["head" if rows == 128 else "rows"]
     p.conv = _conv_layer(mixed_qkv, conv_weight, conv_bias, conv_pool, mixed_qkv.shape[2], keep)
     p.conv.x, p.conv.x_sb, p.conv.x_st = _ptr(mixed_qkv), mixed_qkv.stride(0), mixed_qkv.stride(1)
     p.conv.num_accepted, p.conv.N, p.conv.T = p.dec.num_accepted, B, T

@@ -308,6 +308,17 @@ def test_conv_update_then_decode(graph, pool_dtype):
     assert torch.equal(pools["graph"][1], pools["eager"][1])
 
 
+# KDA_SERVING_DECODE_KERNEL values: the extension's choice, the row-block kernels, one CTA per
+# (row, head), clusters of 8 / 4 CTAs per (row, head).
+FUSED_KERNELS = ["auto", "rows", "head", "cluster16", "cluster32"]
+
+
+def use_fused_kernel(kernel, monkeypatch):
+    if EMULATE and kernel.startswith("cluster"):
+        pytest.skip("the CPU emulator runs one CTA at a time: no thread-block clusters")
+    monkeypatch.setenv("KDA_SERVING_DECODE_KERNEL", kernel)
+
+
 def fused_case(B, T, H, W, pool_dtype, verify):
     """Layer tensors for the fused decode: strided mixed_qkv, conv/state pools poisoned with 1e30
     except the rows a live sequence reads. Returns a dict of kernel arguments."""
@@ -377,10 +388,9 @@ def run_fused(c, lower_bound=None, out_gate=None, norm_weight=None, eps=1e-6, ou
 @pytest.mark.parametrize("norm", [False, True])
 @pytest.mark.parametrize("W,T,verify", [(4, 1, False), (2, 1, False), (4, 3, True), (3, 4, True)])
 @pytest.mark.parametrize("B,H", [(6, 4), (1, 1), (8, 32)])  # row blocks 16, 8 and 32
-@pytest.mark.parametrize("kernel", ["head", "rows"])  # one CTA per (row, head), or the row-block kernels
+@pytest.mark.parametrize("kernel", FUSED_KERNELS)
 def test_decode_fused_vs_reference_and_gold(lower_bound, pool_dtype, norm, W, T, verify, B, H, kernel, monkeypatch):
-    if kernel == "rows":
-        monkeypatch.setenv("KDA_SERVING_DECODE_KERNEL", "rows")
+    use_fused_kernel(kernel, monkeypatch)
     torch.manual_seed(hash((lower_bound, str(pool_dtype), norm, W, T, B, H)) % 2**31)
     c = fused_case(B, T, H, W, pool_dtype, verify)
     out_gate = torch.randn(B, T, H, D, device=DEV).bfloat16() if norm else None
@@ -429,12 +439,11 @@ def test_decode_fused_vs_reference_and_gold(lower_bound, pool_dtype, norm, W, T,
 
 @pytest.mark.parametrize("verify", [False, True])
 @pytest.mark.parametrize("norm", [False, True])
-@pytest.mark.parametrize("kernel", ["head", "rows"])
+@pytest.mark.parametrize("kernel", FUSED_KERNELS)
 def test_decode_fused_cuda_graph_replay_equals_eager(verify, norm, kernel, monkeypatch):
     if EMULATE:
         pytest.skip("CUDA graphs need a GPU")
-    if kernel == "rows":
-        monkeypatch.setenv("KDA_SERVING_DECODE_KERNEL", "rows")
+    use_fused_kernel(kernel, monkeypatch)
     torch.manual_seed(7 + verify + 2 * norm)
     B, T, H, W = 8, (3 if verify else 1), 4, 4
     c = fused_case(B, T, H, W, torch.float32, verify)
