@@ -422,18 +422,13 @@ void causal_conv1d_update(const Tensor& x, const Tensor& weight, const std::opti
   KDA_CHECK(err == cudaSuccess, "causal_conv1d_update launch failed: ", cudaGetErrorString(err));
 }
 
-// KDA_SERVING_DECODE_KERNEL (read on every call, like the prefill selection; for comparisons and
-// tests): rows, head, cluster16 or cluster32 picks the fused decode's kernels; unset, auto.
+// KDA_SERVING_FUSED_DECODE_PATH=rows keeps the fused decode on its three-kernel path (read on every
+// call, like the prefill selection; for comparisons and tests); unset or auto, the default.
 int fused_kernel_choice() {
-  const char* sel = std::getenv("KDA_SERVING_DECODE_KERNEL");
+  const char* sel = std::getenv("KDA_SERVING_FUSED_DECODE_PATH");
   if (sel == nullptr || *sel == 0 || std::string(sel) == "auto") return kda::kFusedAuto;
-  const std::string s(sel);
-  if (s == "rows") return kda::kFusedRows;
-  if (s == "head") return kda::kFusedHead;
-  if (s == "cluster16") return kda::kFusedCluster16;
-  if (s == "cluster32") return kda::kFusedCluster32;
-  KDA_CHECK(false, "KDA_SERVING_DECODE_KERNEL must be auto, rows, head, cluster16 or cluster32, got '", s, "'");
-  return kda::kFusedAuto;
+  KDA_CHECK(std::string(sel) == "rows", "KDA_SERVING_FUSED_DECODE_PATH must be auto or rows, got '", sel, "'");
+  return kda::kFusedRows;
 }
 
 void kda_decode_fused(const Tensor& mixed_qkv, const Tensor& g, const Tensor& beta,
@@ -457,6 +452,10 @@ void kda_decode_fused(const Tensor& mixed_qkv, const Tensor& g, const Tensor& be
   p.conv.x = mixed_qkv.data_ptr(); p.conv.x_sb = mixed_qkv.stride(0); p.conv.x_st = mixed_qkv.stride(1);
   p.conv.num_accepted = p.dec.num_accepted;
   p.conv.N = (int)B; p.conv.T = (int)T;
+  // The pair path's conv outputs, from torch's caching allocator (stream-ordered; inside a CUDA
+  // graph capture, from the graph's pool).
+  const Tensor conv_out = at::empty({B, T, D}, mixed_qkv.options());
+  p.conv.y = conv_out.data_ptr(); p.conv.y_sb = conv_out.stride(0); p.conv.y_st = conv_out.stride(1);
   KDA_CHECK(out_gate.has_value() == norm_weight.has_value(),
             "out_gate and norm_weight must be given together");
   if (out_gate.has_value()) {

@@ -9,8 +9,8 @@ One decode step of one layer for B sequences, one token each. Timed region, per 
   contiguous first, as fla's kernel needs).
 - "fused" (ours only): ``ops.kda_decode_fused``, the conv update and the KDA step from mixed_qkv
   in one call (what the backend runs for decode), on the same pools and inputs as "total", with
-  the extension's choice of kernels; "fused_<kernel>": the same call with
-  KDA_SERVING_DECODE_KERNEL=<kernel> at capture (rows, head, cluster16, cluster32).
+  the extension's choice of kernels; "fused_rows": the same call on its three-kernel path
+  (KDA_SERVING_FUSED_DECODE_PATH=rows at capture).
 - "kda": the KDA call alone on contiguous q, k, v, g, beta (same for both).
 Each graph replays many calls, cycling over input sets on disjoint slots so the states touched
 exceed twice the L2 cache; the number is the median replay time over the calls it holds.
@@ -33,7 +33,7 @@ from kda_serving.baselines import fla_ops
 
 D, W = 128, 4
 GATES = {"kimi": None, "bounded": -5.0}
-FUSED_KERNELS = ("rows", "head", "cluster16", "cluster32")  # KDA_SERVING_DECODE_KERNEL values
+FUSED_KERNELS = ("rows",)  # KDA_SERVING_FUSED_DECODE_PATH values besides the default
 POOL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -89,11 +89,11 @@ class DecodeCase:
         fn = self.fused_fn(i, lb)
 
         def with_kernel():
-            os.environ["KDA_SERVING_DECODE_KERNEL"] = kernel  # read by the extension at each call
+            os.environ["KDA_SERVING_FUSED_DECODE_PATH"] = kernel  # read by the extension at each call
             try:
                 return fn()
             finally:
-                del os.environ["KDA_SERVING_DECODE_KERNEL"]
+                del os.environ["KDA_SERVING_FUSED_DECODE_PATH"]
         return with_kernel
 
     def kda_fn(self, impl, i, lb):

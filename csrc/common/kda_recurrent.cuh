@@ -111,10 +111,9 @@ __device__ __forceinline__ void zero_output(const TokenView& tv) {
     tv.o[(int64_t)(idx / BV) * tv.so + idx % BV] = z;
 }
 
-// NW warps per CTA (the decode's one-CTA-per-head kernel runs 8 with all 128 rows).
-template <int BV, typename StateT, int NW = kWarps>
+template <int BV, typename StateT>
 struct RowBlock {
-  static constexpr int RPW = BV / NW;  // rows per warp
+  static constexpr int RPW = BV / kWarps;  // rows per warp
   static_assert(RPW >= 1 && RPW <= 32 && (RPW & (RPW - 1)) == 0, "rows per warp");
 
   float S[RPW][4];
@@ -190,7 +189,7 @@ struct RowBlock {
         src.stage(sm, t0, n);
         __syncthreads();
       }
-      for (int i = warp; i < n; i += NW) {
+      for (int i = warp; i < n; i += kWarps) {
         const int64_t t = t0 + i;
         const __nv_bfloat16* gp = tv.g + t * tv.sg + c;
         float qv[4], kv[4], gv[4];
@@ -215,7 +214,7 @@ struct RowBlock {
         if (lane == 0) sm.beta[i] = sigmoid_stable(bf2f(tv.beta[t * tv.sb]));
       }
       if constexpr (!Src::kStages)
-        for (int idx = threadIdx.x; idx < n * BV; idx += NW * 32)
+        for (int idx = threadIdx.x; idx < n * BV; idx += kThreads)
           sm.v[idx / BV][idx % BV] = src.load_v(t0 + idx / BV, idx % BV);
       __syncthreads();
       for (int i = 0; i < n; ++i) {
@@ -223,7 +222,7 @@ struct RowBlock {
         sink(t0 + i, *this);
       }
       __syncthreads();
-      for (int idx = threadIdx.x; idx < n * BV; idx += NW * 32)
+      for (int idx = threadIdx.x; idx < n * BV; idx += kThreads)
         tv.o[(int64_t)(t0 + idx / BV) * tv.so + idx % BV] = __float2bfloat16(sm.o[idx / BV][idx % BV]);
     }
   }

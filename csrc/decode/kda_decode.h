@@ -35,6 +35,14 @@ struct KdaDecodeParams {
   bool has_lower_bound;
   float lower_bound;
   int num_sms;
+  // Fused decode only (0 otherwise): conv width and pool rows. A row is then also null when its
+  // conv slot slots[n, 0] is <= 0 or its conv window [off, off+W-1) leaves the R rows (the fused
+  // op's rule, kda_decode_fused_kernel.cuh).
+  int conv_W, conv_R;
+  // Whether the kernel may read slots and state rows before the kernel ahead of it in the stream
+  // has finished (programmatic launch): only when that kernel is known to write neither, as the
+  // fused decode's conv kernel. Otherwise every global read waits for it.
+  bool early_state;
 };
 
 cudaError_t kda_decode_launch(const KdaDecodeParams& p, cudaStream_t stream);

@@ -17,7 +17,8 @@ struct KdaDecodeFusedParams {
   // conv.x = mixed_qkv [B, T, 3*H*128] bf16 (x_sb, x_st; channels contiguous; q | k | v
   // column blocks of H*128 each); conv.weight [D, W], conv.bias, conv.pool [S, R, D] with
   // D = 3*H*128; conv.T = T; conv.num_accepted = dec.num_accepted; conv.silu = true.
-  // conv.y, conv.slots and the prefill fields are unused: the conv slot is slots[n, 0].
+  // conv.y [B, T, D] bf16 (y_sb, y_st): the pair path's conv outputs (any contents before).
+  // conv.slots and the prefill fields are unused: the conv slot is slots[n, 0].
   Conv1dParams conv;
   // Optional gated RMSNorm of the output over V: out_gate [B, T, H, V] bf16 (last dim
   // contiguous) and norm_weight [V] fp32/bf16; out_gate == nullptr skips it.
@@ -26,17 +27,14 @@ struct KdaDecodeFusedParams {
   const void* norm_weight;
   bool norm_weight_bf16;
   float norm_eps;
-  // Which kernels run (kFused*): the extension passes kFusedAuto, or what
-  // KDA_SERVING_DECODE_KERNEL names (rows, head, cluster16, cluster32; for comparisons and tests).
+  // Which kernels run: kFusedAuto (the pair path of kda_decode_fused_kernel.cuh for T <= 8, else
+  // the three-kernel path) or kFusedRows (the three-kernel path; KDA_SERVING_FUSED_DECODE_PATH=rows,
+  // for comparisons and tests).
   int kernel;
 };
 
-// kFusedRows: the row-block kernel, the conv pool write-back, the norm (three launches; any T).
-// kFusedHead: one CTA per (row, head) (kda_decode_head_kernel.cuh; T <= 8).
-// kFusedCluster16/32: a cluster of 8 / 4 CTAs of 16 / 32 rows per (row, head)
-// (kda_decode_cluster_kernel.cuh; T <= 8). kFusedAuto: a cluster kernel for T <= 8 (16 rows
-// when 32 would leave SMs idle), else rows. A choice that does not apply to T falls back to rows.
-constexpr int kFusedAuto = 0, kFusedRows = 1, kFusedHead = 2, kFusedCluster16 = 3, kFusedCluster32 = 4;
+constexpr int kFusedAuto = 0, kFusedRows = 1;
+constexpr int kPairMaxT = 8;
 
 cudaError_t kda_decode_fused_launch(const KdaDecodeFusedParams& p, cudaStream_t stream);
 

@@ -1,7 +1,25 @@
 // Fused decode / verify: causal conv1d update + SiLU on mixed_qkv, then the KDA recurrence on
-// the state pool in place, then (optionally) the gated RMSNorm of the output.
+// the state pool in place, then (optionally) the gated RMSNorm of the output. Stream-ordered
+// kernels, none allocating or syncing with the host (CUDA-graph safe).
 //
-// Three stream-ordered kernels, none allocating or syncing with the host (CUDA-graph safe):
+// T <= kPairMaxT (decode and verify), the default: two kernels through a bf16 buffer of conv
+// outputs [B, T, 3*H*128] (KdaDecodeFusedParams::conv.y), then the norm kernel (3. below):
+//
+//  P1. kda_fused_conv_kernel, one thread per (row, channel): the conv outputs of the live rows
+//      into conv.y, and the channel's pool column rewritten from the registers that read it. It
+//      releases its dependents at its start.
+//  P2. kda_decode_kernel (kda_decode_kernel.cuh) on the column blocks of conv.y, launched to
+//      overlap P1: its CTAs load their state rows while P1 runs (P1 writes no state) and wait
+//      for P1 before reading q, k, v. dec.conv_W / conv_R make it treat the rows P1 skips as null.
+//
+// Measured on an H100 (bench_decode, benchmarks/results/bench_decode-*-84aff01.json), one kernel
+// for the whole step was slower than this pair at every B >= 64: 1.10-1.34x with one CTA per
+// (row, head) (64 KiB of fp32 state, two CTAs per SM), 1.29-1.55x with clusters of four 32-row
+// CTAs sharing the conv outputs through distributed shared memory, 1.6-2.0x with the row-block
+// kernel below. Small CTAs whose state loads overlap the kernel before them keep more bytes in
+// flight.
+//
+// T > kPairMaxT: three kernels without the buffer:
 //
 //  1. kda_decode_fused_kernel, grid (V / BV, H, B) as kda_decode. The CTA computes the conv
 //     outputs it needs straight from the conv window and mixed_qkv (all 2·K q/k channels of its
@@ -124,6 +142,26 @@ kda_decode_fused_kernel(const __grid_constant__ KdaDecodeFusedParams p) {
                           HK + h * kHeadDim,
                           2 * HK + h * kHeadDim + v0};
   decode_rows<BV, StateT>(p.dec, tv, src, r.start, sm);
+}
+
+// P1 of the pair path. grid = (ceil(D / kThreads), B); T <= MaxT.
+template <int MaxT>
+__global__ void __launch_bounds__(kThreads)
+kda_fused_conv_kernel(const __grid_constant__ KdaDecodeFusedParams p) {
+  pdl_release_dependents();
+  const Conv1dParams& cp = p.conv;
+  const int d = blockIdx.x * kThreads + threadIdx.x, n = blockIdx.y, T = cp.T;
+  if (d >= cp.D) return;
+  const FusedRow r = fused_row(p, n);
+  if (!r.live) return;
+  const int64_t base = (int64_t)r.conv_slot * cp.pool_ss + (int64_t)d * cp.pool_sd;
+  ConvChannel<MaxT> ch;
+  ch.load(cp, static_cast<const __nv_bfloat16*>(cp.x) + (int64_t)n * cp.x_sb, base, r.off, d, T);
+  __nv_bfloat16* y = static_cast<__nv_bfloat16*>(cp.y) + (int64_t)n * cp.y_sb + d;
+#pragma unroll
+  for (int t = 0; t < MaxT; ++t)
+    if (t < T) y[(int64_t)t * cp.y_st] = __float2bfloat16(ch.out(t, cp));
+  ch.store_pool(cp, base, T, cp.num_accepted ? min(cp.R, cp.W - 2 + T) : cp.W - 1);
 }
 
 // Conv pool write-back after kernel 1. One thread per channel, or (Vec8, where conv_vec8_ok)

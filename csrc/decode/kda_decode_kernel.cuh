@@ -8,11 +8,13 @@ namespace kda {
 
 // Slot the start state of row n is read from; <= 0 means null (zero output, no state access).
 // Verify: slots[n, num_accepted[n]-1] (column 0 without num_accepted); an out-of-range count is null.
+// With conv_W > 0 (fused decode) a row without a valid conv slot and window is null too.
 __device__ __forceinline__ int decode_start_slot(const KdaDecodeParams& p, int n) {
   const int32_t* srow = p.slots + n * p.slots_sb;
-  if (!p.verify) return srow[0];
   const int a = p.num_accepted ? p.num_accepted[n] : 1;
-  return (a >= 1 && a <= p.slot_cols) ? srow[a - 1] : 0;
+  int s = !p.verify ? srow[0] : (a >= 1 && a <= p.slot_cols) ? srow[a - 1] : 0;
+  if (p.conv_W > 0 && (srow[0] <= 0 || a < 1 || a - 1 + p.conv_W - 1 > p.conv_R)) s = 0;
+  return s;
 }
 
 // The recurrence of one CTA = (V block blockIdx.x, head blockIdx.y, row blockIdx.z) from the
@@ -30,8 +32,8 @@ __device__ __forceinline__ void decode_rows(const KdaDecodeParams& p, const Toke
 
   GateArgs ga{expf(p.A_log[h]), p.has_lower_bound, p.lower_bound, p.scale, p.dt_bias + h * kHeadDim};
   RowBlock<BV, StateT> rb;
-  // The kernel this one may overlap (the conv update, kda_decode_launch.cu) does not touch the
-  // state pool, so the rows load before pdl_wait; q, k, v may be that kernel's output.
+  // With early_state the kernel this one overlaps writes no state (kda_decode.h), so the rows load
+  // before pdl_wait; q, k, v may be that kernel's output.
   rb.load(slot_rows(start));
   pdl_wait();
   if (p.verify) {
@@ -73,6 +75,7 @@ __global__ void __launch_bounds__(kThreads) kda_decode_kernel(const KdaDecodePar
   tv.v = bf(p.v) + n * p.v_sb + h * p.v_sh + v0;
   tv.sq = p.q_st; tv.sk = p.k_st; tv.sv = p.v_st;
 
+  if (!p.early_state) pdl_wait();
   const int start = decode_start_slot(p, n);
   if (start <= 0) {
     zero_output<BV>(tv);

@@ -4,8 +4,9 @@
 
 namespace kda {
 
-// Overlapping launch: the CTAs read their state rows while the conv update before them (which
-// releases its dependents at its start) finishes, and wait for it before reading q, k, v.
+// Overlapping launch: the CTAs start while the kernel before them finishes. They wait for it before
+// any global read, or (early_state: the fused decode's conv kernel, which releases its dependents
+// at its start and writes no state) only before reading q, k, v.
 template <int BV, typename StateT>
 static cudaError_t launch(const KdaDecodeParams& p, cudaStream_t stream) {
   const dim3 grid(kHeadDim / BV, p.H, p.B);

@@ -44,13 +44,13 @@ extern "C" int64_t emu_layout(int which) {
     case 0: return sizeof(kda::KdaPrefillParams);
     case 1: return offsetof(kda::KdaPrefillParams, tc_chunk_slots);
     case 2: return sizeof(kda::KdaDecodeParams);
-    case 3: return offsetof(kda::KdaDecodeParams, num_sms);
+    case 3: return offsetof(kda::KdaDecodeParams, early_state);
     case 4: return sizeof(kda::Conv1dParams);
     case 5: return offsetof(kda::Conv1dParams, vec8_min_elems);
     case 6: return sizeof(kda::KdaDecodeFusedParams);
     case 7: return offsetof(kda::KdaDecodeFusedParams, kernel);
     case 8: return kda::kTcRecordFloats;
-    case 9: return kda::kFusedCluster32;
+    case 9: return kda::kFusedRows;
   }
   return -1;
 }

@@ -52,7 +52,8 @@ class DecodeParams(C.Structure):
          ("state_bf16", C.c_bool), ("slots", C.c_void_p), ("slots_sb", C.c_int64), ("slot_cols", C.c_int),
          ("verify", C.c_bool), ("num_accepted", C.c_void_p), ("o", C.c_void_p), ("o_sb", C.c_int64),
          ("o_st", C.c_int64), ("o_sh", C.c_int64), ("B", C.c_int), ("T", C.c_int), ("H", C.c_int),
-         ("scale", C.c_float), ("has_lower_bound", C.c_bool), ("lower_bound", C.c_float), ("num_sms", C.c_int)]
+         ("scale", C.c_float), ("has_lower_bound", C.c_bool), ("lower_bound", C.c_float), ("num_sms", C.c_int),
+         ("conv_W", C.c_int), ("conv_R", C.c_int), ("early_state", C.c_bool)]
 
 
 class ConvParams(C.Structure):
@@ -71,10 +72,10 @@ class DecodeFusedParams(C.Structure):
                 ("norm_weight_bf16", C.c_bool), ("norm_eps", C.c_float), ("kernel", C.c_int)]
 
 
-LAYOUTS = [(PrefillParams, "tc_chunk_slots"), (DecodeParams, "num_sms"), (ConvParams, "vec8_min_elems"),
+LAYOUTS = [(PrefillParams, "tc_chunk_slots"), (DecodeParams, "early_state"), (ConvParams, "vec8_min_elems"),
            (DecodeFusedParams, "kernel")]
-# kda_decode_fused.h kFused*, by the names KDA_SERVING_DECODE_KERNEL takes.
-FUSED_KERNELS = {"auto": 0, "rows": 1, "head": 2, "cluster16": 3, "cluster32": 4}
+# kda_decode_fused.h kFused*, by the names KDA_SERVING_FUSED_DECODE_PATH takes.
+FUSED_KERNELS = {"auto": 0, "rows": 1}
 
 
 def cuda_include() -> Path | None:
@@ -118,7 +119,7 @@ def build(extra_flags: tuple[str, ...] = ()) -> C.CDLL:
             raise RuntimeError(f"the ctypes mirror {struct.__name__} does not match csrc/")
     if so.emu_layout(2 * len(LAYOUTS)) != _ext.TC_RECORD_FLOATS:
         raise RuntimeError("kda_serving.ops._ext.TC_RECORD_FLOATS does not match csrc/ kTcRecordFloats")
-    if so.emu_layout(2 * len(LAYOUTS) + 1) != FUSED_KERNELS["cluster32"]:
+    if so.emu_layout(2 * len(LAYOUTS) + 1) != FUSED_KERNELS["rows"]:
         raise RuntimeError("FUSED_KERNELS does not match csrc/ kFused*")
     so.emu_set_order.argtypes = [C.c_int, C.c_uint64]
     so.emu_prefill.argtypes = [C.c_int, C.POINTER(PrefillParams)]
@@ -282,24 +283,23 @@ def conv_update(lib, x, weight, bias, conv_pool, slots, num_accepted=None, out=N
 
 def decode_fused(lib, rows: int, mixed_qkv, g, beta, A_log, dt_bias, conv_weight, conv_bias, conv_pool, state_pool,
                  slots, num_accepted=None, *, lower_bound=None, scale=None, out_gate=None, norm_weight=None,
-                 norm_eps=1e-6, out=None):
+                 norm_eps=1e-6, out=None, kernel=None):
     """Emulated kda_decode_fused: conv update + decode / verify (+ gated RMSNorm) from mixed_qkv.
-    rows: 128 for the one-CTA-per-head kernel (T <= 8), 8 / 16 / 32 for the row-block kernels, None
-    for the extension's choice (KDA_SERVING_DECODE_KERNEL honoured as the binding does; auto runs the
-    head kernel here, the cluster kernels need a GPU)."""
+    rows: 8 / 16 / 32 value rows per CTA of the decode kernel, None for the launcher's choice.
+    kernel: "auto" (the conv + decode pair for T <= 8) or "rows" (the three-kernel path); None reads
+    KDA_SERVING_FUSED_DECODE_PATH as the binding does."""
     B, T, H = g.shape[:3]
     out = torch.empty(B, T, H, g.shape[-1], dtype=torch.bfloat16) if out is None else out
     keep = {}
     p = DecodeFusedParams()
-    p.dec = _decode_params(g, beta, A_log, dt_bias, state_pool, slots, num_accepted, lower_bound, scale, out,
-                           None if rows == 128 else rows, keep)
-    if rows is None:
-        p.kernel = FUSED_KERNELS[os.environ.get("KDA_SERVING_DECODE_KERNEL") or "auto"]
-    else:
-        p.kernel = FUSED_KERNELS["head" if rows == 128 else "rows"]
+    p.dec = _decode_params(g, beta, A_log, dt_bias, state_pool, slots, num_accepted, lower_bound, scale, out, rows,
+                           keep)
+    p.kernel = FUSED_KERNELS[kernel or os.environ.get("KDA_SERVING_FUSED_DECODE_PATH") or "auto"]
     p.conv = _conv_layer(mixed_qkv, conv_weight, conv_bias, conv_pool, mixed_qkv.shape[2], keep)
     p.conv.x, p.conv.x_sb, p.conv.x_st = _ptr(mixed_qkv), mixed_qkv.stride(0), mixed_qkv.stride(1)
     p.conv.num_accepted, p.conv.N, p.conv.T = p.dec.num_accepted, B, T
+    keep["y"] = torch.empty(B, T, mixed_qkv.shape[2], dtype=torch.bfloat16)  # the pair path's conv outputs
+    p.conv.y, p.conv.y_sb, p.conv.y_st = _ptr(keep["y"]), keep["y"].stride(0), keep["y"].stride(1)
     if out_gate is not None:
         keep["nw"] = norm_weight.contiguous()
         p.out_gate, p.gate_sb, p.gate_st, p.gate_sh = _ptr(out_gate), *out_gate.stride()[:3]

@@ -308,15 +308,12 @@ def test_conv_update_then_decode(graph, pool_dtype):
     assert torch.equal(pools["graph"][1], pools["eager"][1])
 
 
-# KDA_SERVING_DECODE_KERNEL values: the extension's choice, the row-block kernels, one CTA per
-# (row, head), clusters of 8 / 4 CTAs per (row, head).
-FUSED_KERNELS = ["auto", "rows", "head", "cluster16", "cluster32"]
+# KDA_SERVING_FUSED_DECODE_PATH values: the conv + decode pair (T <= 8), the three-kernel path.
+FUSED_KERNELS = ["auto", "rows"]
 
 
 def use_fused_kernel(kernel, monkeypatch):
-    if EMULATE and kernel.startswith("cluster"):
-        pytest.skip("the CPU emulator runs one CTA at a time: no thread-block clusters")
-    monkeypatch.setenv("KDA_SERVING_DECODE_KERNEL", kernel)
+    monkeypatch.setenv("KDA_SERVING_FUSED_DECODE_PATH", kernel)
 
 
 def fused_case(B, T, H, W, pool_dtype, verify):
