@@ -454,7 +454,7 @@ void kda_decode_fused(const Tensor& mixed_qkv, const Tensor& g, const Tensor& be
   p.conv.N = (int)B; p.conv.T = (int)T;
   // The pair path's conv outputs, from torch's caching allocator (stream-ordered; inside a CUDA
   // graph capture, from the graph's pool).
-  const Tensor conv_out = at::empty({B, T, D}, mixed_qkv.options());
+  const Tensor conv_out = mixed_qkv.new_empty({B, T, D});
   p.conv.y = conv_out.data_ptr(); p.conv.y_sb = conv_out.stride(0); p.conv.y_st = conv_out.stride(1);
   KDA_CHECK(out_gate.has_value() == norm_weight.has_value(),
             "out_gate and norm_weight must be given together");
