@@ -48,7 +48,8 @@ def prefill_kernel():
 
 def decode_fused_selected() -> bool:
     """Whether the backend decodes with the single fused call (``kda_decode_fused``: conv update,
-    recurrence and gated norm in one op), selected by ``KDA_SERVING_DECODE_KERNEL=fused``. By
-    default it runs ``causal_conv1d_update`` + ``kda_decode`` (+ the norm), which measured faster
-    on an H100 at every batch (README). Read on every call."""
-    return os.environ.get("KDA_SERVING_DECODE_KERNEL") == "fused"
+    recurrence and gated norm in one op), the default: on an H100 it measured faster than
+    ``causal_conv1d_update`` + ``kda_decode`` at every batch (README), because only inside the op
+    may the decode kernel load its state rows while the conv kernel runs.
+    ``KDA_SERVING_DECODE_KERNEL=ops`` runs the separate ops. Read on every call."""
+    return os.environ.get("KDA_SERVING_DECODE_KERNEL") != "ops"

@@ -16,7 +16,7 @@ D = 32
 _GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 SETUPS = [pytest.param(("cpu", torch.float32, 32, 1e-5, None), id="cpu"),
           pytest.param(("cuda", torch.bfloat16, 128, 5e-3, None), id="cuda", marks=_GPU),
-          pytest.param(("cuda", torch.bfloat16, 128, 5e-3, "fused"), id="cuda-fused-decode", marks=_GPU)]
+          pytest.param(("cuda", torch.bfloat16, 128, 5e-3, "ops"), id="cuda-decode-ops", marks=_GPU)]
 
 
 def make_params(lb, device="cpu", d=D):

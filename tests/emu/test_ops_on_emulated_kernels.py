@@ -66,7 +66,7 @@ def test_kda_prefill_on_each_kernel_and_split(kernel_path, monkeypatch, kernel, 
 
 
 @pytest.mark.parametrize("decode_kernel,decode_ops", [
-    (None, {"causal_conv1d_update:cuda", "kda_decode:cuda"}), ("fused", {"kda_decode_fused:cuda"})])
+    ("ops", {"causal_conv1d_update:cuda", "kda_decode:cuda"}), (None, {"kda_decode_fused:cuda"})])
 @pytest.mark.parametrize("spec", [0, 2])
 def test_continuous_batching_on_the_kernels(kernel_path, monkeypatch, spec, decode_kernel, decode_ops):
     """The backend simulation (tests/backend) with bf16 activations and head dim 128 on the
