@@ -57,7 +57,8 @@
 //   state_pool, then, with out_gate [B, T, H, 128] bf16 and norm_weight [128] fp32/bf16,
 //   out = RMSNorm(out)·norm_weight·sigmoid(out_gate) per head. slots / num_accepted as for
 //   kda_decode; a row whose start slot or conv slot is <= 0 (or whose conv window leaves the
-//   pool) gets zero output and touches neither pool.
+//   pool) gets zero output and touches neither pool. Allocates its conv output buffer
+//   [B, T, 3*H*128] bf16 through torch's caching allocator (csrc/decode/kda_decode_fused_kernel.cuh).
 
 #include <Python.h>
 
