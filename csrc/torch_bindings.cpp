@@ -425,11 +425,11 @@ void causal_conv1d_update(const Tensor& x, const Tensor& weight, const std::opti
 
 // KDA_SERVING_FUSED_DECODE_PATH=rows keeps the fused decode on its three-kernel path (read on every
 // call, like the prefill selection; for comparisons and tests); unset or auto, the default.
-int fused_kernel_choice() {
+int fused_path_choice() {
   const char* sel = std::getenv("KDA_SERVING_FUSED_DECODE_PATH");
-  if (sel == nullptr || *sel == 0 || std::string(sel) == "auto") return kda::kFusedAuto;
+  if (sel == nullptr || *sel == 0 || std::string(sel) == "auto") return kda::kFusedPathAuto;
   KDA_CHECK(std::string(sel) == "rows", "KDA_SERVING_FUSED_DECODE_PATH must be auto or rows, got '", sel, "'");
-  return kda::kFusedRows;
+  return kda::kFusedPathRows;
 }
 
 void kda_decode_fused(const Tensor& mixed_qkv, const Tensor& g, const Tensor& beta,
@@ -453,10 +453,15 @@ void kda_decode_fused(const Tensor& mixed_qkv, const Tensor& g, const Tensor& be
   p.conv.x = mixed_qkv.data_ptr(); p.conv.x_sb = mixed_qkv.stride(0); p.conv.x_st = mixed_qkv.stride(1);
   p.conv.num_accepted = p.dec.num_accepted;
   p.conv.N = (int)B; p.conv.T = (int)T;
+  p.dec.conv_W = p.conv.W; p.dec.conv_R = p.conv.R;
+  p.path = fused_path_choice();
   // The pair path's conv outputs, from torch's caching allocator (stream-ordered; inside a CUDA
   // graph capture, from the graph's pool).
-  const Tensor conv_out = mixed_qkv.new_empty({B, T, D});
-  p.conv.y = conv_out.data_ptr(); p.conv.y_sb = conv_out.stride(0); p.conv.y_st = conv_out.stride(1);
+  Tensor conv_out;
+  if (kda::fused_uses_pair(p.path, (int)T)) {
+    conv_out = mixed_qkv.new_empty({B, T, D});
+    p.conv.y = conv_out.data_ptr(); p.conv.y_sb = conv_out.stride(0); p.conv.y_st = conv_out.stride(1);
+  }
   KDA_CHECK(out_gate.has_value() == norm_weight.has_value(),
             "out_gate and norm_weight must be given together");
   if (out_gate.has_value()) {
@@ -479,7 +484,6 @@ void kda_decode_fused(const Tensor& mixed_qkv, const Tensor& g, const Tensor& be
   }
   const c10::cuda::CUDAGuard guard(g.device());
   p.dec.num_sms = num_sms();
-  p.kernel = fused_kernel_choice();
   const cudaError_t err = kda::kda_decode_fused_launch(p, at::cuda::getCurrentCUDAStream());
   KDA_CHECK(err == cudaSuccess, "kda_decode_fused launch failed: ", cudaGetErrorString(err));
 }

@@ -33,7 +33,6 @@ from kda_serving.baselines import fla_ops
 
 D, W = 128, 4
 GATES = {"kimi": None, "bounded": -5.0}
-FUSED_KERNELS = ("rows",)  # KDA_SERVING_FUSED_DECODE_PATH values besides the default
 POOL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -85,16 +84,16 @@ class DecodeCase:
                                             state_pool=self.state_pool, slots=self.slots[i], lower_bound=lb,
                                             out=self.out)
 
-    def fused_kernel_fn(self, i, lb, kernel):
+    def fused_rows_fn(self, i, lb):
         fn = self.fused_fn(i, lb)
 
-        def with_kernel():
-            os.environ["KDA_SERVING_FUSED_DECODE_PATH"] = kernel  # read by the extension at each call
+        def on_rows_path():
+            os.environ["KDA_SERVING_FUSED_DECODE_PATH"] = "rows"  # read by the extension at each call
             try:
                 return fn()
             finally:
                 del os.environ["KDA_SERVING_FUSED_DECODE_PATH"]
-        return with_kernel
+        return on_rows_path
 
     def kda_fn(self, impl, i, lb):
         q, k, v = self.qkv[i]
@@ -116,8 +115,7 @@ def cross_check(case, lb, with_fla):
     of each against ours (outputs, states and conv rows of the batch's slots)."""
     slots = case.slots[0].long()
     s0, c0 = case.state_pool.clone(), case.conv_pool.clone()
-    runs = {"ours": case.total_fn(ops, 0, lb), "fused": case.fused_fn(0, lb)}
-    runs.update({f"fused_{k}": case.fused_kernel_fn(0, lb, k) for k in FUSED_KERNELS})
+    runs = {"ours": case.total_fn(ops, 0, lb), "fused": case.fused_fn(0, lb), "fused_rows": case.fused_rows_fn(0, lb)}
     if with_fla:
         runs["fla"] = case.total_fn(fla_ops, 0, lb)
     res = {}
@@ -155,8 +153,7 @@ def run_case(B, H, d, pool_name, lb, device, bandwidth, fla_reason, samples, min
     timed = {f"{name}{part}": [make(impl, i, lb) for i in range(nsets)]
              for name, impl in impls for part, make in (("", case.total_fn), ("_kda", case.kda_fn))}
     timed["ours_fused"] = [case.fused_fn(i, lb) for i in range(nsets)]
-    for k in FUSED_KERNELS:
-        timed[f"ours_fused_{k}"] = [case.fused_kernel_fn(i, lb, k) for i in range(nsets)]
+    timed["ours_fused_rows"] = [case.fused_rows_fn(i, lb) for i in range(nsets)]
     for key, fns in timed.items():
         try:
             row[f"{key}_us"] = bc.graph_time_ms(fns, device, reps=reps, samples=samples) * 1e3
@@ -165,8 +162,7 @@ def run_case(B, H, d, pool_name, lb, device, bandwidth, fla_reason, samples, min
     row["speedup_vs_fla"] = bc.ratio(row["fla_us"], row["ours_us"])
     row["fused_speedup_vs_fla"] = bc.ratio(row["fla_us"], row["ours_fused_us"])
     row["fused_hbm_floor_fraction"] = bc.ratio(row["floor_us"], row["ours_fused_us"])
-    for k in FUSED_KERNELS:
-        row[f"fused_{k}_hbm_floor_fraction"] = bc.ratio(row["floor_us"], row.get(f"ours_fused_{k}_us"))
+    row["fused_rows_hbm_floor_fraction"] = bc.ratio(row["floor_us"], row.get("ours_fused_rows_us"))
     row["kda_speedup_vs_fla"] = bc.ratio(row["fla_kda_us"], row["ours_kda_us"])
     row["hbm_floor_fraction"] = bc.ratio(row["floor_us"], row["ours_us"])
     row["kda_hbm_floor_fraction"] = bc.ratio(row["kda_floor_us"], row["ours_kda_us"])
@@ -178,7 +174,7 @@ def run_case(B, H, d, pool_name, lb, device, bandwidth, fla_reason, samples, min
 COLUMNS = [("case", "case"), ("ours_us", "ours us"), ("ours_fused_us", "fused us"), ("fla_us", "fla us"),
            ("speedup_vs_fla", "speedup"), ("fused_speedup_vs_fla", "fused speedup"),
            ("fused_hbm_floor_fraction", "fused floor frac"),
-           *[(f"ours_fused_{k}_us", f"{k} us") for k in FUSED_KERNELS],
+           ("ours_fused_rows_us", "rows us"),
            ("floor_us", "floor us"), ("hbm_floor_fraction", "floor frac"),
            ("fla_hbm_floor_fraction", "fla floor frac"), ("ours_kda_us", "kda us"),
            ("fla_kda_us", "fla kda us"), ("kda_speedup_vs_fla", "kda speedup"),

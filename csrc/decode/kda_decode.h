@@ -36,8 +36,8 @@ struct KdaDecodeParams {
   float lower_bound;
   int num_sms;
   // Fused decode only (0 otherwise): conv width and pool rows. A row is then also null when its
-  // conv slot slots[n, 0] is <= 0 or its conv window [off, off+W-1) leaves the R rows (the fused
-  // op's rule, kda_decode_fused_kernel.cuh).
+  // conv slot slots[n, 0] is <= 0 or its conv window [off, off+W-1) leaves the R rows
+  // (decode_start_slot; the fused op's rule for both pools).
   int conv_W, conv_R;
   // Whether the kernel may read slots and state rows before the kernel ahead of it in the stream
   // has finished (programmatic launch): only when that kernel is known to write neither, as the

@@ -12,7 +12,8 @@ namespace kda {
 
 struct KdaDecodeFusedParams {
   // g, beta, A_log, dt_bias, state pool, slots, num_accepted, output, B, T, H, scale and gate
-  // bound exactly as for kda_decode; q, k, v are unused (they come from the conv).
+  // bound exactly as for kda_decode, and dec.conv_W / conv_R = conv.W / R (rows without a valid
+  // conv slot and window are null); q, k, v are unused (they come from the conv).
   KdaDecodeParams dec;
   // conv.x = mixed_qkv [B, T, 3*H*128] bf16 (x_sb, x_st; channels contiguous; q | k | v
   // column blocks of H*128 each); conv.weight [D, W], conv.bias, conv.pool [S, R, D] with
@@ -27,14 +28,17 @@ struct KdaDecodeFusedParams {
   const void* norm_weight;
   bool norm_weight_bf16;
   float norm_eps;
-  // Which kernels run: kFusedAuto (the pair path of kda_decode_fused_kernel.cuh for T <= 8, else
-  // the three-kernel path) or kFusedRows (the three-kernel path; KDA_SERVING_FUSED_DECODE_PATH=rows,
+  // Which path runs: kFusedPathAuto (the pair path of kda_decode_fused_kernel.cuh for T <= 8, else
+  // the three-kernel path) or kFusedPathRows (the three-kernel path; KDA_SERVING_FUSED_DECODE_PATH=rows,
   // for comparisons and tests).
-  int kernel;
+  int path;
 };
 
-constexpr int kFusedAuto = 0, kFusedRows = 1;
+constexpr int kFusedPathAuto = 0, kFusedPathRows = 1;
 constexpr int kPairMaxT = 8;
+
+// Whether a call takes the pair path (and needs conv.y).
+inline bool fused_uses_pair(int path, int T) { return path != kFusedPathRows && T <= kPairMaxT; }
 
 cudaError_t kda_decode_fused_launch(const KdaDecodeFusedParams& p, cudaStream_t stream);
 

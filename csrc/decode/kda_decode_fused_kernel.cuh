@@ -37,9 +37,10 @@
 //     (row, token, head), one warp per 128-wide row, in place on the bf16 output, as the
 //     unfused gated_rms_norm does on the output of kda_decode.
 //
-// Row n is live when its start slot (decode_start_slot) and its conv slot slots[n, 0] are > 0
-// and its conv window [off, off+W-1), off = num_accepted[n]-1 (0 without), lies in the R pool
-// rows. A row that is not live gets zero output and touches neither pool.
+// Row n is live when its start slot (decode_start_slot, which with dec.conv_W set also needs the
+// conv slot slots[n, 0] > 0 and the conv window [off, off+W-1), off = num_accepted[n]-1 (0
+// without), inside the R pool rows) is > 0. A row that is not live gets zero output and touches
+// neither pool.
 #pragma once
 
 #include "../common/conv_window.cuh"
@@ -60,7 +61,7 @@ __device__ __forceinline__ FusedRow fused_row(const KdaDecodeFusedParams& p, int
   r.start = decode_start_slot(p.dec, n);
   r.conv_slot = p.dec.slots[n * p.dec.slots_sb];
   r.off = p.conv.num_accepted ? p.conv.num_accepted[n] - 1 : 0;
-  r.live = r.start > 0 && r.conv_slot > 0 && r.off >= 0 && r.off + p.conv.W - 1 <= p.conv.R;
+  r.live = r.start > 0;  // conv slot and window checked there too (dec.conv_W)
   return r;
 }
 

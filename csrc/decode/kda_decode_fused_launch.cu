@@ -50,16 +50,14 @@ static cudaError_t launch_pair(const KdaDecodeFusedParams& p, cudaStream_t strea
   dec.q_sb = dec.k_sb = dec.v_sb = p.conv.y_sb;
   dec.q_st = dec.k_st = dec.v_st = p.conv.y_st;
   dec.q_sh = dec.k_sh = dec.v_sh = kHeadDim;
-  dec.conv_W = p.conv.W;
-  dec.conv_R = p.conv.R;
   dec.early_state = true;  // P1 writes no state: the state rows load while it runs
   return kda_decode_launch(dec, stream);
 }
 
 cudaError_t kda_decode_fused_launch(const KdaDecodeFusedParams& p, cudaStream_t stream) {
   if (p.dec.B == 0 || p.dec.T == 0 || p.dec.H == 0) return cudaSuccess;
-  const bool pair = p.kernel != kFusedRows && p.dec.T <= kPairMaxT;
-  const cudaError_t err = pair ? launch_pair(p, stream) : launch_three_kernels(p, stream);
+  const cudaError_t err =
+      fused_uses_pair(p.path, p.dec.T) ? launch_pair(p, stream) : launch_three_kernels(p, stream);
   if (err != cudaSuccess) return err;
   if (p.out_gate) {
     const long long rows = (long long)p.dec.B * p.dec.T * p.dec.H;

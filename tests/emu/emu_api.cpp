@@ -38,7 +38,7 @@ extern "C" int emu_conv(int update, const kda::Conv1dParams* p) {
 }
 
 // Layout checks for the ctypes mirrors: sizeof and the offset of the last field of each struct;
-// then the tensor-core prefill's workspace record size and the last fused decode kernel choice.
+// then the tensor-core prefill's workspace record size and the last fused decode path.
 extern "C" int64_t emu_layout(int which) {
   switch (which) {
     case 0: return sizeof(kda::KdaPrefillParams);
@@ -48,9 +48,9 @@ extern "C" int64_t emu_layout(int which) {
     case 4: return sizeof(kda::Conv1dParams);
     case 5: return offsetof(kda::Conv1dParams, vec8_min_elems);
     case 6: return sizeof(kda::KdaDecodeFusedParams);
-    case 7: return offsetof(kda::KdaDecodeFusedParams, kernel);
+    case 7: return offsetof(kda::KdaDecodeFusedParams, path);
     case 8: return kda::kTcRecordFloats;
-    case 9: return kda::kFusedRows;
+    case 9: return kda::kFusedPathRows;
   }
   return -1;
 }

@@ -69,13 +69,13 @@ class ConvParams(C.Structure):
 class DecodeFusedParams(C.Structure):
     _fields_ = [("dec", DecodeParams), ("conv", ConvParams), ("out_gate", C.c_void_p), ("gate_sb", C.c_int64),
                 ("gate_st", C.c_int64), ("gate_sh", C.c_int64), ("norm_weight", C.c_void_p),
-                ("norm_weight_bf16", C.c_bool), ("norm_eps", C.c_float), ("kernel", C.c_int)]
+                ("norm_weight_bf16", C.c_bool), ("norm_eps", C.c_float), ("path", C.c_int)]
 
 
 LAYOUTS = [(PrefillParams, "tc_chunk_slots"), (DecodeParams, "early_state"), (ConvParams, "vec8_min_elems"),
-           (DecodeFusedParams, "kernel")]
+           (DecodeFusedParams, "path")]
 # kda_decode_fused.h kFused*, by the names KDA_SERVING_FUSED_DECODE_PATH takes.
-FUSED_KERNELS = {"auto": 0, "rows": 1}
+FUSED_PATHS = {"auto": 0, "rows": 1}
 
 
 def cuda_include() -> Path | None:
@@ -119,8 +119,8 @@ def build(extra_flags: tuple[str, ...] = ()) -> C.CDLL:
             raise RuntimeError(f"the ctypes mirror {struct.__name__} does not match csrc/")
     if so.emu_layout(2 * len(LAYOUTS)) != _ext.TC_RECORD_FLOATS:
         raise RuntimeError("kda_serving.ops._ext.TC_RECORD_FLOATS does not match csrc/ kTcRecordFloats")
-    if so.emu_layout(2 * len(LAYOUTS) + 1) != FUSED_KERNELS["rows"]:
-        raise RuntimeError("FUSED_KERNELS does not match csrc/ kFused*")
+    if so.emu_layout(2 * len(LAYOUTS) + 1) != FUSED_PATHS["rows"]:
+        raise RuntimeError("FUSED_PATHS does not match csrc/ kFused*")
     so.emu_set_order.argtypes = [C.c_int, C.c_uint64]
     so.emu_prefill.argtypes = [C.c_int, C.POINTER(PrefillParams)]
     so.emu_decode.argtypes = [C.POINTER(DecodeParams)]
@@ -283,10 +283,10 @@ def conv_update(lib, x, weight, bias, conv_pool, slots, num_accepted=None, out=N
 
 def decode_fused(lib, rows: int, mixed_qkv, g, beta, A_log, dt_bias, conv_weight, conv_bias, conv_pool, state_pool,
                  slots, num_accepted=None, *, lower_bound=None, scale=None, out_gate=None, norm_weight=None,
-                 norm_eps=1e-6, out=None, kernel=None):
+                 norm_eps=1e-6, out=None, path=None):
     """Emulated kda_decode_fused: conv update + decode / verify (+ gated RMSNorm) from mixed_qkv.
     rows: 8 / 16 / 32 value rows per CTA of the decode kernel, None for the launcher's choice.
-    kernel: "auto" (the conv + decode pair for T <= 8) or "rows" (the three-kernel path); None reads
+    path: "auto" (the conv + decode pair for T <= 8) or "rows" (the three-kernel path); None reads
     KDA_SERVING_FUSED_DECODE_PATH as the binding does."""
     B, T, H = g.shape[:3]
     out = torch.empty(B, T, H, g.shape[-1], dtype=torch.bfloat16) if out is None else out
@@ -294,10 +294,11 @@ def decode_fused(lib, rows: int, mixed_qkv, g, beta, A_log, dt_bias, conv_weight
     p = DecodeFusedParams()
     p.dec = _decode_params(g, beta, A_log, dt_bias, state_pool, slots, num_accepted, lower_bound, scale, out, rows,
                            keep)
-    p.kernel = FUSED_KERNELS[kernel or os.environ.get("KDA_SERVING_FUSED_DECODE_PATH") or "auto"]
+    p.path = FUSED_PATHS[path or os.environ.get("KDA_SERVING_FUSED_DECODE_PATH") or "auto"]
     p.conv = _conv_layer(mixed_qkv, conv_weight, conv_bias, conv_pool, mixed_qkv.shape[2], keep)
     p.conv.x, p.conv.x_sb, p.conv.x_st = _ptr(mixed_qkv), mixed_qkv.stride(0), mixed_qkv.stride(1)
     p.conv.num_accepted, p.conv.N, p.conv.T = p.dec.num_accepted, B, T
+    p.dec.conv_W, p.dec.conv_R = p.conv.W, p.conv.R
     keep["y"] = torch.empty(B, T, mixed_qkv.shape[2], dtype=torch.bfloat16)  # the pair path's conv outputs
     p.conv.y, p.conv.y_sb, p.conv.y_st = _ptr(keep["y"]), keep["y"].stride(0), keep["y"].stride(1)
     if out_gate is not None:

@@ -287,8 +287,8 @@ def test_conv_update_kernels_agree(lib, spec):
 @pytest.mark.parametrize("spec", [False, True])
 @pytest.mark.parametrize("bv", [8, 32])
 @pytest.mark.parametrize("x_pad", [0, 4])  # 4: rows not 16-byte aligned, one-channel conv write-back
-@pytest.mark.parametrize("kernel", ["auto", "rows"])  # the conv + decode pair, the three-kernel path
-def test_fused_decode_vs_reference(lib, bv, spec, norm, x_pad, kernel):
+@pytest.mark.parametrize("path", ["auto", "rows"])  # the conv + decode pair, the three-kernel path
+def test_fused_decode_vs_reference(lib, bv, spec, norm, x_pad, path):
     H, B, T, W = 2, 3, (3 if spec else 1), 4
     Dm = 3 * H * D
     mixed = torch.randn(B, T, Dm + x_pad).bfloat16()[..., x_pad:]
@@ -309,7 +309,7 @@ def test_fused_decode_vs_reference(lib, bv, spec, norm, x_pad, kernel):
     kw = dict(out_gate=torch.randn(B, T, H, D).bfloat16(), norm_weight=torch.rand(D) + 0.5, norm_eps=1e-5) if norm else {}
     c_ours, s_ours, c_ref, s_ref = conv0.clone(), state0.clone(), conv0.clone(), state0.clone()
     o = emulated.decode_fused(lib, bv, mixed, g, beta, A_log, dt, cw, cb, c_ours, s_ours, slots, acc,
-                              out=torch.full((B, T, H, D), float("nan")).bfloat16(), kernel=kernel, **kw)
+                              out=torch.full((B, T, H, D), float("nan")).bfloat16(), path=path, **kw)
     o_ref = ops.kda_decode_fused(mixed, g, beta, A_log, dt, conv_weight=cw, conv_bias=cb, conv_pool=c_ref,
                                  state_pool=s_ref, slots=slots, num_accepted_tokens=acc, **kw)
     live = [0, 1] if spec else [0, 2]
@@ -337,10 +337,10 @@ def test_decode_kernels_are_independent_of_the_thread_schedule(lib):
         c, s1, s2 = conv0.clone(), state0.clone(), state0.clone()
         o1 = emulated.decode(lib, 16, q, k, v, g, beta, A_log, dt, s1, slots, acc)
         o2 = emulated.decode_fused(lib, 16, mixed, g, beta, A_log, dt, cw, cb, c, s2, slots, acc, out_gate=gate,
-                                   norm_weight=nw, kernel="rows")
+                                   norm_weight=nw, path="rows")
         c3, s3 = conv0.clone(), state0.clone()
         o3 = emulated.decode_fused(lib, 16, mixed, g, beta, A_log, dt, cw, cb, c3, s3, slots, acc, out_gate=gate,
-                                   norm_weight=nw, kernel="auto")
+                                   norm_weight=nw, path="auto")
         results.append((o1, o2, c, s1, s2, o3, c3, s3))
     lib.emu_set_order(0, 1)
     for r in results[1:]:

@@ -309,11 +309,7 @@ def test_conv_update_then_decode(graph, pool_dtype):
 
 
 # KDA_SERVING_FUSED_DECODE_PATH values: the conv + decode pair (T <= 8), the three-kernel path.
-FUSED_KERNELS = ["auto", "rows"]
-
-
-def use_fused_kernel(kernel, monkeypatch):
-    monkeypatch.setenv("KDA_SERVING_FUSED_DECODE_PATH", kernel)
+FUSED_PATHS = ["auto", "rows"]
 
 
 def fused_case(B, T, H, W, pool_dtype, verify):
@@ -385,9 +381,9 @@ def run_fused(c, lower_bound=None, out_gate=None, norm_weight=None, eps=1e-6, ou
 @pytest.mark.parametrize("norm", [False, True])
 @pytest.mark.parametrize("W,T,verify", [(4, 1, False), (2, 1, False), (4, 3, True), (3, 4, True)])
 @pytest.mark.parametrize("B,H", [(6, 4), (1, 1), (8, 32)])  # row blocks 16, 8 and 32
-@pytest.mark.parametrize("kernel", FUSED_KERNELS)
-def test_decode_fused_vs_reference_and_gold(lower_bound, pool_dtype, norm, W, T, verify, B, H, kernel, monkeypatch):
-    use_fused_kernel(kernel, monkeypatch)
+@pytest.mark.parametrize("path", FUSED_PATHS)
+def test_decode_fused_vs_reference_and_gold(lower_bound, pool_dtype, norm, W, T, verify, B, H, path, monkeypatch):
+    monkeypatch.setenv("KDA_SERVING_FUSED_DECODE_PATH", path)
     torch.manual_seed(hash((lower_bound, str(pool_dtype), norm, W, T, B, H)) % 2**31)
     c = fused_case(B, T, H, W, pool_dtype, verify)
     out_gate = torch.randn(B, T, H, D, device=DEV).bfloat16() if norm else None
@@ -436,11 +432,11 @@ def test_decode_fused_vs_reference_and_gold(lower_bound, pool_dtype, norm, W, T,
 
 @pytest.mark.parametrize("verify", [False, True])
 @pytest.mark.parametrize("norm", [False, True])
-@pytest.mark.parametrize("kernel", FUSED_KERNELS)
-def test_decode_fused_cuda_graph_replay_equals_eager(verify, norm, kernel, monkeypatch):
+@pytest.mark.parametrize("path", FUSED_PATHS)
+def test_decode_fused_cuda_graph_replay_equals_eager(verify, norm, path, monkeypatch):
     if EMULATE:
         pytest.skip("CUDA graphs need a GPU")
-    use_fused_kernel(kernel, monkeypatch)
+    monkeypatch.setenv("KDA_SERVING_FUSED_DECODE_PATH", path)
     torch.manual_seed(7 + verify + 2 * norm)
     B, T, H, W = 8, (3 if verify else 1), 4, 4
     c = fused_case(B, T, H, W, torch.float32, verify)
