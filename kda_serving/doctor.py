@@ -18,10 +18,13 @@ def _plugin_registered(group: str) -> bool:
 
 def _prefill_kernel_name() -> str:
     """Which CUDA prefill kernel KDA_SERVING_PREFILL_KERNEL selects (docs/kernels.md)."""
-    from .ops.dispatch import prefill_kernel
-    names = {"prefill": "token-serial (default)", "prefill_chunked": "chunked, CUDA cores (opt-in)",
-             "prefill_tc": "chunked, TF32 tensor cores (opt-in)"}
-    return names[prefill_kernel().__name__]
+    from .ops.dispatch import DEFAULT_PREFILL_KERNEL, prefill_kernel_name
+    try:
+        choice = prefill_kernel_name()
+    except ValueError as e:
+        return f"invalid: {e}"
+    names = {"tc": "chunked, TF32 tensor cores", "serial": "token-serial", "chunked": "chunked, CUDA cores"}
+    return names[choice] + (" (default)" if choice == DEFAULT_PREFILL_KERNEL else "")
 
 
 def report() -> list[tuple[str, str]]:

@@ -8,9 +8,12 @@ token are recorded). With --long, ``ours_unsplit`` times the same call without t
 cu_seqlens, i.e. with splitting disabled. fla is ``kda_serving.baselines.fla_ops.kda_prefill``: gather the
 initial states from the pool, ``chunk_kda`` (V-first fp32 states, gate / L2 norm / beta sigmoid in
 the kernel; the bounded gate with safe_gate=True, lower_bound=-5), scatter the final states back.
-Both allocate their output inside the timed call. With --chunked (CUDA path only) the opt-in
-chunked kernels (``ours_chunked``: CUDA cores, ``ours_tc``: TF32 tensor cores; docs/kernels.md)
-are timed on the same call, unsplit, and cross-checked against ``ours``.
+Both allocate their output inside the timed call. "ours" runs the kernel KDA_SERVING_PREFILL_KERNEL
+selects (default: the TF32 tensor-core kernel, never split unless KDA_SERVING_PREFILL_SPLIT forces a
+length; the token-serial kernel is split by the planner). With --kernels (CUDA path only) the
+named kernels (``serial``: token-serial, ``chunked``: CUDA cores, ``tc``: tensor cores;
+docs/kernels.md) are also timed on the same call, unsplit, as ``ours_<name>``, and cross-checked
+against ``ours``.
 
 HBM floor: q, k, v, g, beta read once, o written once, the states read and written once, at the
 copy bandwidth measured in the same run. Extra memory: peak device memory allocated during one
@@ -26,6 +29,7 @@ import torch
 
 from kda_serving import ops
 from kda_serving.baselines import fla_ops
+from kda_serving.ops.dispatch import PREFILL_KERNELS, prefill_kernel_name
 from kda_serving.ops.split_prefill import describe_split
 
 D = 128
@@ -35,7 +39,7 @@ CASES = [(96, [8192]), (96, [1024] * 8), (32, [32768]), (32, [4096] * 8), (8, [1
 LONG_CASES = [(H, [T]) for H in (4, 8, 16, 32) for T in (K32, K128, 512 * 1024, 1024 * 1024)] + \
              [(H, [K128] + [1024] * 63) for H in (4, 8, 16, 32)]
 SMOKE_CASES = [(2, [64]), (2, [40, 0, 24])]
-CHUNKED = ("chunked", "tc")  # opt-in kernels timed beside the default on the CUDA path
+KERNELS = ("serial", "chunked", "tc")  # --kernels: timed beside "ours" on the CUDA path
 POOL_ORDER = ("cu_seqlens", "state_pool", "slots", "has_initial_state")
 SMOKE_D = 32
 
@@ -72,10 +76,10 @@ def io_bytes(x: dict, pool: torch.Tensor, N: int) -> int:
     return inputs + x["v"].numel() * x["v"].element_size() + 2 * N * state
 
 
-def run_case(H, d, seqlens, gate, device, bandwidth, fla_reason, iters, warmup, unsplit=False, chunked=False):
+def run_case(H, d, seqlens, gate, device, bandwidth, fla_reason, iters, warmup, unsplit=False, kernels=()):
     T, N = sum(seqlens), len(seqlens)
     lb = GATES[gate]
-    row = dict(case=f"H{H} {describe(seqlens)} {gate}", gate=gate, lower_bound=lb,
+    row = dict(case=f"H{H} {describe(seqlens)} {gate}", gate=gate, lower_bound=lb, prefill_kernel=prefill_kernel_name(),
                shape=dict(H=H, K=d, V=d, tokens=T, num_seqs=N, seqlens=describe(seqlens),
                           dtype="bfloat16", pool_dtype="float32"),
                ours_ms=None, fla_ms=None, ours_extra_bytes_per_token=None, fla_extra_bytes_per_token=None)
@@ -100,11 +104,13 @@ def run_case(H, d, seqlens, gate, device, bandwidth, fla_reason, iters, warmup, 
     if fla_reason is None:
         impls["fla"] = lambda: fla_ops.kda_prefill(*args, **pool_args, lower_bound=lb, cu_seqlens_cpu=cu_cpu)
         row["fla_backend"] = fla_ops.chunk_backend(lb)
-    if chunked and kernel_path and d == D:  # last: a fault there leaves the other numbers taken
+    if kernels and kernel_path and d == D:  # last: a fault there leaves the other numbers taken
         from kda_serving.ops import _ext
-        for name in CHUNKED:
+        for name in kernels:
             impls[f"ours_{name}"] = (lambda fn: lambda: fn(*args, *(pool_args[k] for k in POOL_ORDER),
-                                                           lower_bound=lb))(getattr(_ext, f"prefill_{name}"))
+                                                           lower_bound=lb))(getattr(_ext, PREFILL_KERNELS[name]))
+    if kernel_path and d == D:
+        from kda_serving.ops import _ext
         # the tensor-core kernel's workspace is cached across calls, so its peak misses it
         row["tc_workspace_bytes_per_token"] = _ext.tc_workspace_floats(T, N, H) * 4 / T
     row["floor_ms"] = bc.floor_ms(io_bytes(x, pool, N), bandwidth)
@@ -120,7 +126,7 @@ def run_case(H, d, seqlens, gate, device, bandwidth, fla_reason, iters, warmup, 
     if "ours" in results and "fla" in results:
         row["fla_vs_ours_out_rel_rms"] = bc.rel_rms(results["fla"][0], results["ours"][0])
         row["fla_vs_ours_state_rel_rms"] = bc.rel_rms(results["fla"][1], results["ours"][1])
-    for name in CHUNKED:
+    for name in KERNELS:
         if "ours" in results and f"ours_{name}" in results:
             row[f"{name}_vs_ours_out_rel_rms"] = bc.rel_rms(results[f"ours_{name}"][0], results["ours"][0])
             row[f"{name}_vs_ours_state_rel_rms"] = bc.rel_rms(results[f"ours_{name}"][1], results["ours"][1])
@@ -138,7 +144,7 @@ def run_case(H, d, seqlens, gate, device, bandwidth, fla_reason, iters, warmup, 
         except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
             row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
     row["speedup_vs_fla"] = bc.ratio(row.get("fla_ms"), row.get("ours_ms"))
-    for name in CHUNKED:
+    for name in kernels:
         row[f"{name}_speedup_vs_fla"] = bc.ratio(row.get("fla_ms"), row.get(f"ours_{name}_ms"))
     if unsplit:
         row["split_speedup"] = bc.ratio(row.get("ours_unsplit_ms"), row.get("ours_ms"))
@@ -148,8 +154,10 @@ def run_case(H, d, seqlens, gate, device, bandwidth, fla_reason, iters, warmup, 
 
 
 COLUMNS = [("case", "case"), ("ours_ms", "ours ms"), ("ours_unsplit_ms", "unsplit ms"), ("split_segment", "segment"),
-           ("fla_ms", "fla ms"), ("speedup_vs_fla", "speedup"), ("ours_chunked_ms", "chunked ms"),
-           ("ours_tc_ms", "tc ms"), ("tc_speedup_vs_fla", "tc speedup"), ("tc_vs_ours_out_rel_rms", "tc o rel rms"),
+           ("fla_ms", "fla ms"), ("speedup_vs_fla", "speedup"), ("ours_serial_ms", "serial ms"),
+           ("serial_speedup_vs_fla", "serial speedup"), ("serial_vs_ours_out_rel_rms", "serial o rel rms"),
+           ("ours_chunked_ms", "chunked ms"), ("ours_tc_ms", "tc ms"), ("tc_speedup_vs_fla", "tc speedup"),
+           ("tc_workspace_bytes_per_token", "tc ws B/tok"),
            ("floor_ms", "floor ms"), ("hbm_floor_fraction", "floor frac"),
            ("fla_hbm_floor_fraction", "fla floor frac"), ("ours_extra_bytes_per_token", "extra B/tok"),
            ("fla_extra_bytes_per_token", "fla extra B/tok"), ("split_workspace_bytes_per_token", "split B/tok"),
@@ -162,8 +170,9 @@ def main(argv=None):
     p.add_argument("--long", action="store_true",
                    help="long single sequences: H in {4,8,16,32} x {32K,128K,512K,1M}, and 1x128K+63x1K")
     p.add_argument("--gates", nargs="+", choices=list(GATES), default=list(GATES))
-    p.add_argument("--chunked", action="store_true",
-                   help="also time the opt-in chunked kernels (KDA_SERVING_PREFILL_KERNEL=chunked / tc)")
+    p.add_argument("--kernels", nargs="+", choices=KERNELS, default=[],
+                   help="also time these prefill kernels, unsplit (serial: token-serial, chunked: CUDA cores, "
+                        "tc: tensor cores)")
     p.add_argument("--iters", type=int, default=50, help="timing samples per shape (at most)")
     p.add_argument("--heads", type=int, nargs="+", default=None, help="only the cases with these head counts")
     p.add_argument("--max-tokens", type=int, default=None, help="only the cases of at most this many tokens")
@@ -181,19 +190,20 @@ def main(argv=None):
     rows = []
     meta = bc.run_metadata("bench_prefill", device, argv, bandwidth)
     mode = "smoke" if args.smoke else ("long" if args.long else "default")
-    if args.chunked:
-        mode = "chunked" if mode == "default" else f"{mode}-chunked"
+    if args.kernels:
+        mode += "-" + "-".join(args.kernels)
     with torch.inference_mode():
         for H, seqlens in cases:
             for gate in args.gates:
                 rows.append(bc.run_case_timed(run_case, H, d, seqlens, gate, device, bandwidth, fla_reason,
-                                              iters, warmup, unsplit=args.long, chunked=args.chunked))
+                                              iters, warmup, unsplit=args.long, kernels=tuple(args.kernels)))
                 # after every case, so a run stopped by a time limit keeps what it measured
                 bc.write_json(args.out, meta, rows, mode=mode, fla_skipped=fla_reason, complete=False)
-    print(f"\n{meta['device']}  copy bandwidth {meta['copy_bandwidth_gbps']:.0f} GB/s  commit {meta['commit']}")
+    print(f"\n{meta['device']}  copy bandwidth {meta['copy_bandwidth_gbps']:.0f} GB/s  commit {meta['commit']}  "
+          f"prefill kernel {prefill_kernel_name()}")
     bc.print_table(rows, COLUMNS)
     for r in rows:
-        for key in ("skipped", "ours_error", "ours_unsplit_error", "ours_chunked_error", "ours_tc_error", "fla_error"):
+        for key in ("skipped", "ours_error", "ours_unsplit_error", "fla_error") + tuple(f"ours_{k}_error" for k in KERNELS):
             if key in r:
                 print(f"{r['case']}: {key}: {r[key]}")
     path = bc.write_json(args.out, meta, rows, mode=mode, fla_skipped=fla_reason, complete=True)

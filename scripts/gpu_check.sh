@@ -6,8 +6,8 @@
 #                                              (default: the first four)
 #
 # build: the extension (skipped when a built kda_serving/_C*.so is present and KDA_SERVING_REBUILD
-# is unset). tests: the GPU tests except the 128K-token split cases; the opt-in kernels
-# (KDA_SERVING_PREFILL_KERNEL=chunked / tc) run in a process of their own, next to the default
+# is unset). tests: the GPU tests except the 128K-token split cases; the opt-in chunked CUDA-core
+# prefill (KDA_SERVING_PREFILL_KERNEL=chunked) runs in a process of its own, next to the other
 # kernels' process, so a fault in one (an illegal address leaves the CUDA context unusable) cannot
 # take the other's results with it. bench: prefill (all kernels), decode, one layer (BENCHES picks
 # some, e.g. BENCHES="decode layer"). long: the
@@ -51,7 +51,7 @@ if has tests; then
 fi
 if has bench; then
   benches=" ${BENCHES:-prefill decode layer} "
-  [[ $benches == *" prefill "* ]] && TAIL=22 step bench_prefill python3 scripts/bench_prefill.py --chunked --out "$OUT"
+  [[ $benches == *" prefill "* ]] && TAIL=22 step bench_prefill python3 scripts/bench_prefill.py --kernels serial chunked --out "$OUT"
   [[ $benches == *" decode "* ]] && TAIL=22 step bench_decode python3 scripts/bench_decode.py --out "$OUT"
   [[ $benches == *" layer "* ]] && TAIL=12 step bench_layer python3 scripts/bench_layer.py --out "$OUT"
 fi

@@ -4,7 +4,7 @@ import torch
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (SM90) and the built extension")
-    config.addinivalue_line("markers", "optin_kernel: exercises an opt-in prefill kernel (chunked, tensor-core) "
+    config.addinivalue_line("markers", "optin_kernel: exercises the opt-in chunked CUDA-core prefill kernel "
                                        "(scripts/gpu_check.sh runs these in a process of their own)")
 
 

@@ -10,8 +10,9 @@ def test_report_runs_and_names_the_path():
     assert {"torch", "GPU", "CUDA extension", "KDA op path", "vLLM plugin registered"} <= rows.keys()
 
 
-@pytest.mark.parametrize("env,name", [(None, "token-serial"), ("chunked", "CUDA cores"), ("tc", "tensor cores"),
-                                      ("bogus", "token-serial")])
+@pytest.mark.parametrize("env,name", [(None, "tensor cores (default)"), ("auto", "tensor cores (default)"),
+                                      ("serial", "token-serial"), ("chunked", "CUDA cores"),
+                                      ("tc", "tensor cores (default)"), ("bogus", "invalid")])
 def test_prefill_kernel_follows_the_env(monkeypatch, env, name):
     if env is None:
         monkeypatch.delenv("KDA_SERVING_PREFILL_KERNEL", raising=False)

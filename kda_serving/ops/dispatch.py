@@ -36,14 +36,28 @@ def log_path_once(op: str, path: str) -> None:
         logger.info("kda_serving.%s runs the %s path", op, path)
 
 
+# KDA_SERVING_PREFILL_KERNEL value -> the extension's prefill entry.
+PREFILL_KERNELS = {"tc": "prefill_tc", "serial": "prefill", "chunked": "prefill_chunked"}
+DEFAULT_PREFILL_KERNEL = "tc"
+
+
+def prefill_kernel_name() -> str:
+    """``KDA_SERVING_PREFILL_KERNEL``: ``tc`` (the default; TF32 tensor cores, chunks of 64 tokens,
+    measured faster than the other two on every benchmarked shape), ``serial`` (token-serial, the
+    kernel long sequences are split for) or ``chunked`` (CUDA cores); unset or ``auto`` is the
+    default. Read on every call."""
+    raw = os.environ.get("KDA_SERVING_PREFILL_KERNEL", "").strip().lower()
+    choice = DEFAULT_PREFILL_KERNEL if raw in ("", "auto") else raw
+    if choice not in PREFILL_KERNELS:
+        raise ValueError(f"KDA_SERVING_PREFILL_KERNEL: expected one of auto, {', '.join(PREFILL_KERNELS)}; "
+                         f"got {raw!r}")
+    return choice
+
+
 def prefill_kernel():
-    """The extension's prefill entry that ``KDA_SERVING_PREFILL_KERNEL`` selects: ``chunked``
-    (CUDA cores; measured slower than the token-serial default) or ``tc`` (TF32 tensor cores;
-    measured faster than the default but slower than fla, with a workspace that grows with the
-    call; README, docs/kernels.md); anything else the default. Read on every call."""
+    """The extension's prefill entry that ``KDA_SERVING_PREFILL_KERNEL`` selects."""
     from . import _ext
-    choice = os.environ.get("KDA_SERVING_PREFILL_KERNEL")
-    return {"chunked": _ext.prefill_chunked, "tc": _ext.prefill_tc}.get(choice, _ext.prefill)
+    return getattr(_ext, PREFILL_KERNELS[prefill_kernel_name()])
 
 
 def decode_fused_selected() -> bool:

@@ -36,7 +36,7 @@ import functools
 import torch
 
 from . import reference
-from .dispatch import log_path_once, prefill_kernel
+from .dispatch import log_path_once, prefill_kernel, prefill_kernel_name
 from .split_plan import ALIGN, SplitLayout, block_rows, build_layout, plan_split, workspace_bytes
 
 CORRECTION_BUDGET = 256 << 20  # bytes of fp32 temporaries in the output correction
@@ -59,13 +59,16 @@ def host_bounds(cu_seqlens: torch.Tensor, cu_seqlens_cpu: torch.Tensor | None) -
 def choose_segment(bounds: list[int] | None, num_heads: int, K: int, V: int, device: torch.device,
                    kernel_path: bool) -> int | None:
     """The segment length ``kda_prefill`` splits with, or None. Splitting needs host lengths and
-    V = K (the transition state is [K, K] in the [V, K] pool shape); the cost model runs only for
-    the CUDA kernels (on the CPU and the reference path only a forced length splits)."""
+    V = K (the transition state is [K, K] in the [V, K] pool shape). The cost model is calibrated
+    on the token-serial CUDA kernel and runs only when that kernel is selected; with the others
+    (the tensor-core default measured faster unsplit than the token-serial kernel split), on the
+    CPU and on the reference path only a forced length splits."""
     if bounds is None or V != K or len(bounds) < 2:
         return None
     lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    planned = kernel_path and device.type == "cuda" and prefill_kernel_name() == "serial"
     sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device()) \
-        if kernel_path and device.type == "cuda" else None
+        if planned else None
     ctas = V // block_rows(len(lengths) * num_heads, sms) if sms else 1
     return plan_split(lengths, num_heads, sms, ctas_per_seq_head=ctas, head_dim=V)
 

@@ -25,7 +25,7 @@ def inputs(T, H):
 
 
 @pytest.mark.parametrize("split", [None, "64"])
-@pytest.mark.parametrize("kernel", [None, "chunked", "tc"])
+@pytest.mark.parametrize("kernel", [None, "serial", "chunked", "tc"])
 def test_kda_prefill_on_each_kernel_and_split(kernel_path, monkeypatch, kernel, split):
     for name, value in (("KDA_SERVING_PREFILL_KERNEL", kernel), ("KDA_SERVING_PREFILL_SPLIT", split)):
         if value is None:
@@ -33,7 +33,8 @@ def test_kda_prefill_on_each_kernel_and_split(kernel_path, monkeypatch, kernel, 
         else:
             monkeypatch.setenv(name, value)
     assert ops.op_path(torch.empty(0)) == "cuda"
-    assert dispatch.prefill_kernel().__name__ == {None: "prefill", "chunked": "prefill_chunked", "tc": "prefill_tc"}[kernel]
+    assert dispatch.prefill_kernel().__name__ == {None: "prefill_tc", "serial": "prefill", "chunked": "prefill_chunked",
+                                              "tc": "prefill_tc"}[kernel]
     lens, H = [150, 0, 9, 70], 2
     N = len(lens)
     cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32)

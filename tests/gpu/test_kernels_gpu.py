@@ -36,21 +36,23 @@ def make_pool(S, H, dtype):
     return torch.full((S, H, D, D), POISON, dtype=dtype, device=DEV)
 
 
+@pytest.mark.parametrize("kernel", ["prefill_tc", "prefill"])
 @pytest.mark.parametrize("lower_bound", [None, -5.0])
 @pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("center", [-8.0, 0.0, 8.0, None])
 @pytest.mark.parametrize("H", [1, 4, 8, 32, 96])
-def test_prefill_vs_naive(lower_bound, pool_dtype, center, H):
+def test_prefill_vs_naive(lower_bound, pool_dtype, center, H, kernel):
+    """The tensor-core default and the token-serial kernel over the gate/bias sweep and H 1-96."""
     torch.manual_seed(hash((lower_bound, str(pool_dtype), center, H)) % 2**31)
     lens = [0, 1, 15, 16, 17, 64, 65] + ([3000] if H <= 4 else [300])
     lens += [5, 9]  # null sequences
     cu, pool, slots, has_init, init = setup_pool(lens, H, pool_dtype)
     inputs = make_inputs(int(cu[-1]), H, center=center)
-    prefill_against_gold(_ext.prefill, inputs, cu, pool, slots, has_init, init, lower_bound)
+    prefill_against_gold(getattr(_ext, kernel), inputs, cu, pool, slots, has_init, init, lower_bound)
 
 
-@pytest.mark.parametrize("kernel", ["prefill"] + [pytest.param(k, marks=pytest.mark.optin_kernel)
-                                                  for k in ("prefill_chunked", "prefill_tc")])
+@pytest.mark.parametrize("kernel", ["prefill_tc", "prefill",
+                                    pytest.param("prefill_chunked", marks=pytest.mark.optin_kernel)])
 @pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("idx_dtype", [torch.int32, torch.int64])
 def test_prefill_intermediate_states(pool_dtype, idx_dtype, kernel):

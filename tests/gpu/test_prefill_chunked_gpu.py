@@ -1,5 +1,5 @@
-"""The chunked prefill kernels (CUDA-core and tensor-core) vs the fp64 recurrence and the token-serial
-kernel (needs Hopper + _C)."""
+"""The chunked prefill kernels (tensor-core, the default, and the opt-in CUDA-core one) vs the fp64
+recurrence and the token-serial kernel (needs Hopper + _C)."""
 
 import math
 
@@ -14,7 +14,7 @@ if not kernels_available():
     pytest.skip("CUDA extension or a Hopper GPU is not available", allow_module_level=True)
 
 
-pytestmark = [pytest.mark.gpu, pytest.mark.optin_kernel]
+pytestmark = pytest.mark.gpu
 
 from tests.gpu.common import (D, DEV, TOL, check_against, make_gate, prefill_against_gold,  # noqa: E402
                               rel_rms, run_naive, setup_pool)
@@ -36,7 +36,7 @@ def make_inputs(T, H, center=0.0, strided=False):
 
 
 LENS = [0, 1, 15, 16, 17, 64, 65, 1000]
-KERNELS = ["prefill_chunked", "prefill_tc"]
+KERNELS = [pytest.param("prefill_chunked", marks=pytest.mark.optin_kernel), "prefill_tc"]
 
 
 @pytest.mark.parametrize("lower_bound", [None, -5.0])
@@ -95,9 +95,12 @@ def test_chunked_vs_token_serial(lower_bound, pool_dtype, H, kernel):
             assert torch.equal(pool2[s], pool[s]), s
 
 
-@pytest.mark.parametrize("env,kernel", [("chunked", "prefill_chunked"), ("tc", "prefill_tc")])
+@pytest.mark.parametrize("env,kernel", [(None, "prefill_tc"), ("auto", "prefill_tc"), ("tc", "prefill_tc"),
+                                        ("serial", "prefill"),
+                                        pytest.param("chunked", "prefill_chunked", marks=pytest.mark.optin_kernel)])
 def test_env_var_selects_the_kernel(monkeypatch, env, kernel):
-    """kda_serving.ops.kda_prefill runs a chunked kernel only when KDA_SERVING_PREFILL_KERNEL names it."""
+    """kda_serving.ops.kda_prefill runs the kernel KDA_SERVING_PREFILL_KERNEL names, the tensor-core
+    one when unset; an unknown name is refused before anything runs."""
     from kda_serving.ops import kda_prefill
     torch.manual_seed(5)
     H = 2
@@ -112,14 +115,14 @@ def test_env_var_selects_the_kernel(monkeypatch, env, kernel):
         return kda_prefill(q, k, v, g, beta, A_log, dt_bias, cu_seqlens=cu, state_pool=fn_pool,
                            slots=slots, has_initial_state=has_init)
 
-    pools = [pool.clone() for _ in range(4)]
-    o_default = run(pools[0], None)
-    o_chosen = run(pools[1], env)
-    o_serial = _ext.prefill(q, k, v, g, beta, A_log, dt_bias, cu, pools[2], slots, has_init)
-    o_direct = getattr(_ext, kernel)(q, k, v, g, beta, A_log, dt_bias, cu, pools[3], slots, has_init)
+    pools = [pool.clone() for _ in range(3)]
+    o_chosen = run(pools[0], env)
+    o_direct = getattr(_ext, kernel)(q, k, v, g, beta, A_log, dt_bias, cu, pools[1], slots, has_init)
     sync()
-    assert torch.equal(o_default, o_serial) and torch.equal(pools[0], pools[2])
-    assert torch.equal(o_chosen, o_direct) and torch.equal(pools[1], pools[3])
+    assert torch.equal(o_chosen, o_direct) and torch.equal(pools[0], pools[1])
+    with pytest.raises(ValueError, match="KDA_SERVING_PREFILL_KERNEL"):
+        run(pools[2], "fast")
+    assert torch.equal(pools[2], pool)
 
 
 @pytest.mark.parametrize("lower_bound", [None, -5.0])

@@ -61,6 +61,7 @@ def run(inp, lens, pool, has, lb, cu_cpu):
 @pytest.mark.parametrize("H", [4, 8])
 @pytest.mark.parametrize("lens", [[131072], [16384, 700, 0, 9000]], ids=["1x128K", "varlen"])
 def test_split_matches_unsplit_and_fp64(monkeypatch, lens, H, lb):
+    monkeypatch.setenv("KDA_SERVING_PREFILL_KERNEL", "serial")  # the kernel the planner is calibrated on
     N = len(lens)
     cu_cpu = torch.tensor([0] + lens).cumsum(0)
     inp = make_inputs(sum(lens), H)
@@ -94,10 +95,10 @@ def test_split_matches_unsplit_and_fp64(monkeypatch, lens, H, lb):
     assert rel_rms(serial_o, ref_o) <= TOL
 
 
-@pytest.mark.optin_kernel
 @pytest.mark.parametrize("lb", [None, -5.0])
 def test_split_on_the_tensor_core_kernel(monkeypatch, lb):
-    """KDA_SERVING_PREFILL_KERNEL=tc runs the split passes on the tensor-core kernel; fp64 gold."""
+    """The tensor-core kernel (the default) is not split by the planner; a forced segment length
+    runs the split passes on it; both match the fp64 gold."""
     lens = [16384, 700, 0, 9000]
     N, H = len(lens), 4
     cu_cpu = torch.tensor([0] + lens).cumsum(0)
@@ -105,13 +106,21 @@ def test_split_on_the_tensor_core_kernel(monkeypatch, lb):
     pool0 = torch.full((N + 2, H, D, D), 1e30, device=DEV)
     pool0[1:N + 1] = 0.1 * torch.randn(N, H, D, D, device=DEV)
     has = torch.tensor([True, False, True, True], device=DEV)
-    monkeypatch.setenv("KDA_SERVING_PREFILL_KERNEL", "tc")
-    monkeypatch.setenv(split_plan.ENV, "1024")
-    pool = pool0.clone()
-    out = run(inp, lens, pool, has, lb, cu_cpu)
-    sync()
+    calls = []
+    real = sp.split_prefill
+    monkeypatch.setattr(sp, "split_prefill", lambda *a, **kw: calls.append(kw["segment"]) or real(*a, **kw))
+    monkeypatch.delenv("KDA_SERVING_PREFILL_KERNEL", raising=False)
     init = torch.where(has[:, None, None, None], pool0[1:N + 1], 0.0)
     ref_o, ref_s = gold(*inp, cu_cpu.tolist(), init, lb)
-    assert rel_rms(out, ref_o) <= TOL
-    assert rel_rms(pool[1:N + 1], ref_s) <= TOL
-    assert torch.equal(pool[[0, N + 1]], pool0[[0, N + 1]])
+    for env in (None, "1024"):
+        if env is None:
+            monkeypatch.delenv(split_plan.ENV, raising=False)
+        else:
+            monkeypatch.setenv(split_plan.ENV, env)
+        pool = pool0.clone()
+        out = run(inp, lens, pool, has, lb, cu_cpu)
+        sync()
+        assert rel_rms(out, ref_o) <= TOL, env
+        assert rel_rms(pool[1:N + 1], ref_s) <= TOL, env
+        assert torch.equal(pool[[0, N + 1]], pool0[[0, N + 1]]), env
+    assert calls == [1024], calls
