@@ -75,7 +75,8 @@ prefill_chunked = _prefill_op("kda_prefill_chunked", "Chunked CUDA-core kernel (
 # chunk slot, head); a call of Ttot tokens in N sequences uses (Ttot // 64 + N) * H records.
 TC_RECORD_FLOATS = 4 * 64 * 128 + 64 * 64 + 128
 _tc_workspaces: dict = {}  # device -> the largest workspace asked for so far
-_tc_outgrown: list = []    # replaced workspaces, kept alive: a captured CUDA graph may still use one
+_tc_outgrown: list = []    # replaced workspaces a captured CUDA graph still uses, kept alive
+_tc_captured: set = set()  # data pointers of workspaces used inside a CUDA graph capture
 
 
 def tc_chunk_slots(total_tokens: int, num_seqs: int) -> int:
@@ -90,14 +91,25 @@ def tc_workspace_floats(total_tokens: int, num_seqs: int, num_heads: int) -> int
 def tc_workspace(device, floats: int) -> torch.Tensor:
     """A workspace of at least ``floats`` fp32 elements on ``device``: allocated when a call needs
     more than any before it, then reused (calls on one stream run one after another; a call being
-    captured into a CUDA graph must not be the first of its size). An outgrown workspace is never
-    freed, so a graph captured with it stays valid."""
+    captured into a CUDA graph must not be the first of its size). It grows by at least a quarter
+    each time, so a server whose batches grow token by token reallocates a few dozen times, not
+    once per size. An outgrown workspace is freed unless a CUDA graph captured a call with it
+    (``note_captured``): that graph keeps using it."""
     ws = _tc_workspaces.get(device)
     if ws is None or ws.numel() < floats:
-        if ws is not None:
+        if ws is not None and ws.data_ptr() in _tc_captured:
             _tc_outgrown.append(ws)
-        ws = _tc_workspaces[device] = torch.empty(max(floats, 1), dtype=torch.float32, device=device)
+        size = max(floats, 1) if ws is None else max(floats, ws.numel() + ws.numel() // 4)
+        _tc_workspaces.pop(device, None)
+        ws = None  # the old one goes back to the allocator before the new one is taken
+        ws = _tc_workspaces[device] = torch.empty(size, dtype=torch.float32, device=device)
     return ws
+
+
+def note_captured(workspace: torch.Tensor) -> None:
+    """Records that a CUDA graph being captured uses ``workspace``, so it is never freed."""
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        _tc_captured.add(workspace.data_ptr())
 
 
 def prefill_tc(q, k, v, g, beta, A_log, dt_bias, cu_seqlens, state_pool, slots, has_initial_state,
@@ -127,6 +139,8 @@ def prefill_tc(q, k, v, g, beta, A_log, dt_bias, cu_seqlens, state_pool, slots, 
           or workspace.numel() < need):
         raise ValueError(f"workspace must be contiguous float32 on {q.device} with at least {need} elements "
                          f"(tc_workspace_floats), got {workspace.dtype} on {workspace.device} with {workspace.numel()}")
+
+    note_captured(workspace)
 
     def op(*args):
         torch.ops.kda_serving.kda_prefill_tc(*args, workspace)

@@ -1,6 +1,6 @@
 """The tensor-core prefill's cached workspace (kda_serving.ops._ext): sized by the record count of
-csrc/prefill/kda_prefill.h, reused while large enough, replaced when outgrown without freeing the
-old one (a CUDA graph captured with it keeps a valid pointer); the token windows a call over the
+csrc/prefill/kda_prefill.h, reused while large enough, replaced by one at least a quarter larger
+when outgrown, the old one freed unless a CUDA graph captured it; the token windows a call over the
 workspace limit runs in (kda_serving.ops.tc_windows)."""
 
 import pytest
@@ -16,18 +16,25 @@ def test_size_formula():
     assert _ext.tc_workspace_floats(0, 3, 2) == 3 * 2 * _ext.TC_RECORD_FLOATS
 
 
-def test_cached_grown_and_outgrown_kept():
+def test_cached_grown_and_outgrown_freed_unless_captured(monkeypatch):
     dev = torch.device("cpu")
     _ext._tc_workspaces.pop(dev, None)
+    _ext._tc_outgrown.clear()
     a = _ext.tc_workspace(dev, 1000)
     assert a.dtype == torch.float32 and a.numel() >= 1000
     assert _ext.tc_workspace(dev, 500).data_ptr() == a.data_ptr()      # reused
-    b = _ext.tc_workspace(dev, 5000)
-    assert b.numel() >= 5000 and b.data_ptr() != a.data_ptr()
-    assert any(t is a for t in _ext._tc_outgrown)                       # the old one stays alive
-    assert _ext.tc_workspace(dev, 1000).data_ptr() == b.data_ptr()
+    b = _ext.tc_workspace(dev, 1001)
+    assert b.numel() >= 1250 and b.data_ptr() != a.data_ptr()          # grown by a quarter at least
+    assert not _ext._tc_outgrown                                        # nothing captured: a is freed
+    assert _ext.tc_workspace(dev, 1250).data_ptr() == b.data_ptr()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    _ext.note_captured(b)                                               # a graph captured a call with b
+    c = _ext.tc_workspace(dev, 5000)
+    assert c.numel() >= 5000 and any(t is b for t in _ext._tc_outgrown)  # b stays alive for that graph
     _ext._tc_workspaces.pop(dev, None)
     _ext._tc_outgrown.clear()
+    _ext._tc_captured.clear()
 
 
 def test_token_windows_cover_every_token_in_whole_chunks():
