@@ -59,6 +59,10 @@
 //   kda_decode; a row whose start slot or conv slot is <= 0 (or whose conv window leaves the
 //   pool) gets zero output and touches neither pool. Allocates its conv output buffer
 //   [B, T, 3*H*128] bf16 through torch's caching allocator (csrc/decode/kda_decode_fused_kernel.cuh).
+//
+// gated_rms_norm(Tensor x, Tensor gate, Tensor weight, float eps, Tensor(a!) out) -> ()
+//   x, gate, out [M, H, 128] bf16 (last dim contiguous, other strides free; out may be x);
+//   weight [128] fp32/bf16: out = RMSNorm(x)·weight·sigmoid(gate) per 128-wide row, in fp32.
 
 #include <Python.h>
 
@@ -75,6 +79,7 @@
 #include "conv/conv1d.h"
 #include "decode/kda_decode.h"
 #include "decode/kda_decode_fused.h"
+#include "norm/gated_rms_norm.h"
 #include "prefill/kda_prefill.h"
 
 namespace kda {
@@ -488,6 +493,39 @@ void kda_decode_fused(const Tensor& mixed_qkv, const Tensor& g, const Tensor& be
   KDA_CHECK(err == cudaSuccess, "kda_decode_fused launch failed: ", cudaGetErrorString(err));
 }
 
+void gated_rms_norm(const Tensor& x, const Tensor& gate, const Tensor& weight, double eps, Tensor& out) {
+  KDA_CHECK(x.is_cuda() && x.dim() == 3 && x.size(2) == kDim, "x must be a CUDA [M, H, 128] tensor, got ",
+            x.sizes());
+  const Named rows[] = {{&x, "x"}, {&gate, "gate"}, {&out, "out"}};
+  for (const auto& [t, name] : rows) {
+    check_cuda(*t, name, x);
+    check_dtype(*t, name, at::kBFloat16);
+    check_last_contig(*t, name);
+    KDA_CHECK(t->sizes() == x.sizes(), name, " must be ", x.sizes(), ", got ", t->sizes());
+  }
+  check_cuda(weight, "weight", x);
+  KDA_CHECK(weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kBFloat16,
+            "weight must be float32 or bfloat16, got ", weight.scalar_type());
+  KDA_CHECK(weight.numel() == kDim && weight.is_contiguous(), "weight must be contiguous [128]");
+  KDA_CHECK(eps > 0.0, "eps must be positive");
+  kda::GatedRmsNormParams p{};
+  p.x = x.data_ptr(); p.gate = gate.data_ptr(); p.out = out.data_ptr();
+  p.x_s0 = x.stride(0); p.x_s1 = x.stride(1);
+  p.g_s0 = gate.stride(0); p.g_s1 = gate.stride(1);
+  p.o_s0 = out.stride(0); p.o_s1 = out.stride(1);
+  p.M = x.size(0); p.H = (int)x.size(1);
+  p.weight = weight.data_ptr(); p.weight_bf16 = weight.scalar_type() == at::kBFloat16;
+  p.eps = (float)eps;
+  // four bf16 per lane in one 8-byte access when every row start is 8-byte aligned
+  p.vec = true;
+  for (const auto& [t, name] : rows)
+    p.vec = p.vec && reinterpret_cast<uintptr_t>(t->data_ptr()) % 8 == 0 && t->stride(0) % 4 == 0 &&
+            t->stride(1) % 4 == 0;
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaError_t err = kda::gated_rms_norm_launch(p, at::cuda::getCurrentCUDAStream());
+  KDA_CHECK(err == cudaSuccess, "gated_rms_norm launch failed: ", cudaGetErrorString(err));
+}
+
 // Meta kernels: the ops only mutate their arguments, so tracing needs nothing more.
 void kda_prefill_meta(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                       const Tensor&, const Tensor&, const Tensor&, Tensor&, const Tensor&,
@@ -507,6 +545,7 @@ void kda_decode_fused_meta(const Tensor&, const Tensor&, const Tensor&, const Te
                            const std::optional<Tensor>&, double, Tensor&) {}
 void conv_prefill_meta(const Tensor&, const Tensor&, const std::optional<Tensor>&, const Tensor&,
                        Tensor&, const Tensor&, const Tensor&, bool, Tensor&) {}
+void gated_rms_norm_meta(const Tensor&, const Tensor&, const Tensor&, double, Tensor&) {}
 void conv_update_meta(const Tensor&, const Tensor&, const std::optional<Tensor>&, Tensor&,
                       const Tensor&, const std::optional<Tensor>&, bool, Tensor&) {}
 
@@ -544,6 +583,7 @@ TORCH_LIBRARY(kda_serving, m) {
       "Tensor conv_weight, Tensor? conv_bias, Tensor(a!) conv_pool, Tensor(b!) state_pool, "
       "Tensor slots, Tensor? num_accepted, float? lower_bound, float scale, Tensor? out_gate, "
       "Tensor? norm_weight, float norm_eps, Tensor(c!) out) -> ()");
+  m.def("gated_rms_norm(Tensor x, Tensor gate, Tensor weight, float eps, Tensor(a!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(kda_serving, CUDA, m) {
@@ -554,6 +594,7 @@ TORCH_LIBRARY_IMPL(kda_serving, CUDA, m) {
   m.impl("causal_conv1d_prefill", &causal_conv1d_prefill);
   m.impl("causal_conv1d_update", &causal_conv1d_update);
   m.impl("kda_decode_fused", &kda_decode_fused);
+  m.impl("gated_rms_norm", &gated_rms_norm);
 }
 
 TORCH_LIBRARY_IMPL(kda_serving, Meta, m) {
@@ -564,6 +605,7 @@ TORCH_LIBRARY_IMPL(kda_serving, Meta, m) {
   m.impl("causal_conv1d_prefill", &conv_prefill_meta);
   m.impl("causal_conv1d_update", &conv_update_meta);
   m.impl("kda_decode_fused", &kda_decode_fused_meta);
+  m.impl("gated_rms_norm", &gated_rms_norm_meta);
 }
 
 // Importing kda_serving._C loads this library, which runs the registrations above.

@@ -120,6 +120,44 @@ inline bool conv_vec8_ok(const Conv1dParams& p) {
          mult8(p.x_st) && mult8(p.pool_ss) && mult8(p.pool_sr);
 }
 
+// The taps of eight channels from d0 and one token step over them. wh: the taps on the W-1
+// inputs before the token; wx: the tap on the token (loaded at its runtime index, so no register
+// array is indexed at run time). The taps are summed oldest first, as ConvWeights' users do.
+struct ConvTaps8 {
+  float wh[kConvMaxWidth - 1][kConvVec], wx[kConvVec], b[kConvVec];
+
+  __device__ __forceinline__ ConvTaps8(const Conv1dParams& p, int d0) {
+#pragma unroll
+    for (int c = 0; c < kConvVec; ++c) {
+      const int64_t row = (int64_t)(d0 + c) * p.W;
+#pragma unroll
+      for (int j = 0; j < kConvMaxWidth - 1; ++j)
+        wh[j][c] = j < p.W - 1 ? ld_any(p.weight, row + j, p.weight_bf16) : 0.f;
+      wx[c] = ld_any(p.weight, row + p.W - 1, p.weight_bf16);
+      b[c] = p.bias ? ld_any(p.bias, d0 + c, p.weight_bf16) : 0.f;
+    }
+  }
+
+  // out = act(conv) of token xt after the window win (oldest first); then xt enters the window.
+  __device__ __forceinline__ void step(const Conv1dParams& p, float (&win)[kConvMaxWidth - 1][kConvVec],
+                                       const float (&xt)[kConvVec], float (&out)[kConvVec]) const {
+#pragma unroll
+    for (int c = 0; c < kConvVec; ++c) {
+      float acc = b[c];
+#pragma unroll
+      for (int j = 0; j < kConvMaxWidth - 1; ++j)
+        if (j < p.W - 1) acc += wh[j][c] * win[j][c];
+      acc += wx[c] * xt[c];
+      out[c] = conv_act(acc, p.silu);
+    }
+#pragma unroll
+    for (int j = 0; j < kConvMaxWidth - 1; ++j)
+#pragma unroll
+      for (int c = 0; c < kConvVec; ++c)
+        win[j][c] = j < p.W - 2 ? win[(j + 1) % (kConvMaxWidth - 1)][c] : (j == p.W - 2 ? xt[c] : win[j][c]);
+  }
+};
+
 // The W-1 history rows of the window starting at row off, eight channels from base
 // (= slot * pool_ss + d0); rows past W-2 are zero.
 __device__ __forceinline__ void load_window8(const Conv1dParams& p, int64_t base, int off,

@@ -78,6 +78,84 @@ __global__ void __launch_bounds__(kConvThreads) conv1d_prefill_out_kernel(const 
   }
 }
 
+constexpr int kConvVecTokensPerCta = 64;
+
+// The window before token t of the sequence starting at bos, eight channels from d0: its inputs
+// where they exist, else history rows [0, W-1) of pool[slot] (zeros without initial state).
+__device__ __forceinline__ void conv_prefill_window8(const Conv1dParams& p, const __nv_bfloat16* x, int d0,
+                                                     int64_t t, int64_t bos, bool init, int slot,
+                                                     float (&win)[kConvMaxWidth - 1][kConvVec]) {
+#pragma unroll
+  for (int j = 0; j < kConvMaxWidth - 1; ++j) {
+    const int64_t src = t - (p.W - 1) + j;
+    if (j < p.W - 1 && src >= bos) {
+      ld8(x, src * p.x_st + d0, true, win[j]);
+    } else if (j < p.W - 1 && init) {
+      ld8(p.pool, (int64_t)slot * p.pool_ss + ((p.W - 1) + (src - bos)) * p.pool_sr + d0, p.pool_bf16, win[j]);
+    } else {
+#pragma unroll
+      for (int c = 0; c < kConvVec; ++c) win[j][c] = 0.f;
+    }
+  }
+}
+
+// Outputs, eight channels per thread (conv_vec8_ok). grid = (ceil(D / 1024), ceil(Ttot / 64)).
+// The W-1 inputs before each token stay in registers, so a token costs one 16-byte load and
+// one 16-byte store (the one-channel kernel above re-reads W two-byte inputs per token); the
+// taps are summed in the same order, so both give the same bits.
+__global__ void __launch_bounds__(kConvThreads) conv1d_prefill_out_vec_kernel(const Conv1dParams p) {
+  const int d0 = (blockIdx.x * kConvThreads + threadIdx.x) * kConvVec;
+  if (d0 >= p.D) return;
+  const int64_t t_begin = (int64_t)blockIdx.y * kConvVecTokensPerCta;
+  const int64_t t_end = min(t_begin + kConvVecTokensPerCta, p.total_tokens);
+  __nv_bfloat16* y = static_cast<__nv_bfloat16*>(p.y);
+  const __nv_bfloat16* x = static_cast<const __nv_bfloat16*>(p.x);
+  float zero[kConvVec];
+#pragma unroll
+  for (int c = 0; c < kConvVec; ++c) zero[c] = 0.f;
+  if (p.N == 0) {  // every row is padding
+    for (int64_t t = t_begin; t < t_end; ++t) st8(y, t * p.y_st + d0, true, zero);
+    return;
+  }
+  const ConvTaps8 taps(p, d0);
+  const int64_t cu0 = conv_index(p.cu_seqlens, p.cu_seqlens_64, 0);
+  auto cu = [&](int i) { return conv_index(p.cu_seqlens, p.cu_seqlens_64, i) - cu0; };
+  int lo = 0, hi = p.N;  // last n with cu(n) <= t_begin
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) / 2;
+    if (cu(mid) <= t_begin) lo = mid; else hi = mid;
+  }
+  int n = lo;
+  int64_t bos = cu(n), eos = cu(n + 1);
+  const int64_t end_all = cu(p.N);
+  int slot = p.slots[n];
+  float win[kConvMaxWidth - 1][kConvVec];  // inputs t-(W-1) .. t-1 of sequence n, oldest first
+  conv_prefill_window8(p, x, d0, t_begin, bos, slot > 0 && p.has_initial_state[n], slot, win);
+  float xn[kConvVec];  // x[t + 1], loaded while token t is computed
+  ld8(x, t_begin * p.x_st + d0, true, xn);
+  for (int64_t t = t_begin; t < t_end; ++t) {
+    float xt[kConvVec], out[kConvVec];
+#pragma unroll
+    for (int c = 0; c < kConvVec; ++c) xt[c] = xn[c];
+    if (t + 1 < t_end) ld8(x, (t + 1) * p.x_st + d0, true, xn);
+    if (t >= eos && n < p.N - 1) {
+      while (t >= eos && n < p.N - 1) {
+        ++n;
+        bos = eos;
+        eos = cu(n + 1);
+      }
+      slot = p.slots[n];
+      conv_prefill_window8(p, x, d0, t, bos, slot > 0 && p.has_initial_state[n], slot, win);
+    }
+    if (slot <= 0 || t >= end_all) {  // null slot or padding row
+      st8(y, t * p.y_st + d0, true, zero);
+      continue;
+    }
+    taps.step(p, win, xt, out);
+    st8(y, t * p.y_st + d0, true, out);
+  }
+}
+
 // State shift-in, launched after the output kernel so that every history read is done.
 // grid = (ceil(D / 128), N). Row i gets element len+i of (history ++ sequence), i < W-1;
 // reading index len+i >= i keeps the ascending in-place update safe.
@@ -164,18 +242,7 @@ __global__ void __launch_bounds__(kConvThreads) conv1d_update_vec_kernel(const C
     return;
   }
   const int64_t base = (int64_t)slot * p.pool_ss + d0;
-  // wh: the taps on the W-1 history rows; wx: the tap on the new input (loaded at its runtime
-  // index, so no register array is indexed at run time)
-  float wh[kConvMaxWidth - 1][kConvVec], wx[kConvVec], bias[kConvVec];
-#pragma unroll
-  for (int c = 0; c < kConvVec; ++c) {
-    const int64_t row = (int64_t)(d0 + c) * p.W;
-#pragma unroll
-    for (int j = 0; j < kConvMaxWidth - 1; ++j)
-      wh[j][c] = j < p.W - 1 ? ld_any(p.weight, row + j, p.weight_bf16) : 0.f;
-    wx[c] = ld_any(p.weight, row + p.W - 1, p.weight_bf16);
-    bias[c] = p.bias ? ld_any(p.bias, d0 + c, p.weight_bf16) : 0.f;
-  }
+  const ConvTaps8 taps(p, d0);
   float hist[kConvMaxWidth - 1][kConvVec];  // the window as read, for the write-back
   load_window8(p, base, off, hist);
   float win[kConvMaxWidth - 1][kConvVec];   // history, oldest first, shifted per token
@@ -186,21 +253,8 @@ __global__ void __launch_bounds__(kConvThreads) conv1d_update_vec_kernel(const C
   for (int t = 0; t < p.T; ++t) {
     float xt[kConvVec];
     ld8(p.x, xb + (int64_t)t * p.x_st, true, xt);
-#pragma unroll
-    for (int c = 0; c < kConvVec; ++c) {
-      float acc = bias[c];
-#pragma unroll
-      for (int j = 0; j < kConvMaxWidth - 1; ++j)
-        if (j < p.W - 1) acc += wh[j][c] * win[j][c];
-      acc += wx[c] * xt[c];
-      v[c] = conv_act(acc, p.silu);
-    }
+    taps.step(p, win, xt, v);
     st8(p.y, yb + (int64_t)t * p.y_st, true, v);
-#pragma unroll
-    for (int j = 0; j < kConvMaxWidth - 1; ++j)
-#pragma unroll
-      for (int c = 0; c < kConvVec; ++c)
-        win[j][c] = j < p.W - 2 ? win[(j + 1) % (kConvMaxWidth - 1)][c] : (j == p.W - 2 ? xt[c] : win[j][c]);
   }
   conv_update_store8(p, base, hist, static_cast<const __nv_bfloat16*>(p.x) + xb, p.x_st);
 }

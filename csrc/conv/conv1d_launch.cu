@@ -6,7 +6,12 @@ namespace kda {
 cudaError_t conv1d_prefill_launch(const Conv1dParams& p, cudaStream_t stream) {
   if (p.D == 0) return cudaSuccess;
   const int dblocks = (p.D + kConvThreads - 1) / kConvThreads;
-  if (p.total_tokens > 0) {
+  if (p.total_tokens > 0 && conv_vec8_ok(p)) {  // 16-byte accesses
+    const int groups = p.D / kConvVec;
+    const int64_t tiles = (p.total_tokens + kConvVecTokensPerCta - 1) / kConvVecTokensPerCta;
+    const dim3 grid((groups + kConvThreads - 1) / kConvThreads, (unsigned)tiles);
+    conv1d_prefill_out_vec_kernel<<<grid, kConvThreads, 0, stream>>>(p);
+  } else if (p.total_tokens > 0) {
     const int64_t tiles = (p.total_tokens + kConvTokensPerCta - 1) / kConvTokensPerCta;
     conv1d_prefill_out_kernel<<<dim3(dblocks, (unsigned)tiles), kConvThreads, 0, stream>>>(p);
   }

@@ -44,6 +44,7 @@
 #pragma once
 
 #include "../common/conv_window.cuh"
+#include "../common/gated_norm.cuh"
 #include "kda_decode_fused.h"
 #include "kda_decode_kernel.cuh"
 
@@ -205,20 +206,7 @@ kda_fused_norm_kernel(const __grid_constant__ KdaDecodeFusedParams p) {
   __nv_bfloat16* o = static_cast<__nv_bfloat16*>(dp.o) + n * dp.o_sb + t * dp.o_st + h * dp.o_sh;
   const __nv_bfloat16* gt = static_cast<const __nv_bfloat16*>(p.out_gate) + n * p.gate_sb +
                             t * p.gate_st + h * p.gate_sh;
-  float x[4], ss = 0.f;
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    x[j] = bf2f(o[lane * 4 + j]);
-    ss += x[j] * x[j];
-  }
-  ss = warp_sum(ss);
-  const float r = rsqrtf(ss / kHeadDim + p.norm_eps);
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const int c = lane * 4 + j;
-    const float w = ld_any(p.norm_weight, c, p.norm_weight_bf16);
-    o[c] = __float2bfloat16(x[j] * r * w * sigmoid_stable(bf2f(gt[c])));
-  }
+  gated_rms_norm_row<false>(o, gt, o, p.norm_weight, p.norm_weight_bf16, p.norm_eps, lane);
 }
 
 }  // namespace kda

@@ -246,7 +246,33 @@ def gated_rms_norm(x, gate, weight, eps=1e-6, out=None):
     check_tensor("weight", weight, dtypes=FLOAT_INPUTS, shape=(x.shape[-1],), device=x.device)
     out = torch.empty_like(x) if out is None else \
         check_tensor("out", out, dtypes=FLOAT_INPUTS, shape=tuple(x.shape), device=x.device)
-    return reference.gated_rms_norm(x, gate, weight, eps, out)
+    rows = _norm_rows(x, gate, out) if _kernel_ready(x, x, gate, out) and x.shape[-1] == 128 and eps > 0 \
+        and weight.dtype in (torch.float32, torch.bfloat16) and weight.is_contiguous() else None
+    args = (x, gate, weight, eps, out)
+    if rows is None:
+        return _run("gated_rms_norm", False, args, None)
+
+    def kernel():
+        from . import _ext
+        _ext.gated_rms_norm(*rows[:2], weight, eps, rows[2])
+        return out
+    return _run("gated_rms_norm", True, args, kernel)
+
+
+def _norm_rows(*tensors):
+    """[M, H, 128] views of tensors shaped [..., H, 128] (or [M, 128], [128]) with a contiguous last
+    dim (the kernel's layout), or None when one has no such view (then the reference runs)."""
+    views = []
+    for t in tensors:
+        if t.stride(-1) != 1 or t.numel() == 0:
+            return None
+        shape = (1,) * max(0, 3 - t.dim()) + tuple(t.shape)
+        try:
+            views.append(t.view(-1, shape[-2], shape[-1]))
+        except RuntimeError:
+            return None
+    return views
+
 
 from .fused_decode import fused_decode_ready, kda_decode_fused  # noqa: E402  (needs _run / _kernel_ready above)
 

@@ -159,6 +159,12 @@ def decode(q, k, v, g, beta, A_log, dt_bias, state_pool, slots, num_accepted=Non
     return out
 
 
+def gated_rms_norm(x, gate, weight, eps, out):
+    """x, gate, out [M, H, 128] bf16 (out may be x); weight [128] fp32/bf16."""
+    torch.ops.kda_serving.gated_rms_norm(x, gate, weight, float(eps), out)
+    return out
+
+
 def conv_prefill(x, weight, bias, cu_seqlens, conv_pool, slots, has_initial_state,
                  *, activation="silu", out=None):
     """x [T, D] bf16 -> y [T, D] bf16; conv_pool [S, R, D] rows [0, W-1) updated in place."""

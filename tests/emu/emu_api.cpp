@@ -6,6 +6,7 @@
 #include "conv/conv1d.h"
 #include "decode/kda_decode.h"
 #include "decode/kda_decode_fused.h"
+#include "norm/gated_rms_norm.h"
 #include "prefill/kda_prefill.h"
 
 namespace kda {
@@ -33,6 +34,10 @@ extern "C" int emu_decode_fused(const kda::KdaDecodeFusedParams* p) {
   return kda::kda_decode_fused_launch(*p, nullptr);
 }
 
+extern "C" int emu_gated_rms_norm(const kda::GatedRmsNormParams* p) {
+  return kda::gated_rms_norm_launch(*p, nullptr);
+}
+
 extern "C" int emu_conv(int update, const kda::Conv1dParams* p) {
   return update ? kda::conv1d_update_launch(*p, nullptr) : kda::conv1d_prefill_launch(*p, nullptr);
 }
@@ -49,8 +54,10 @@ extern "C" int64_t emu_layout(int which) {
     case 5: return offsetof(kda::Conv1dParams, vec8_min_elems);
     case 6: return sizeof(kda::KdaDecodeFusedParams);
     case 7: return offsetof(kda::KdaDecodeFusedParams, path);
-    case 8: return kda::kTcRecordFloats;
-    case 9: return kda::kFusedPathRows;
+    case 8: return sizeof(kda::GatedRmsNormParams);
+    case 9: return offsetof(kda::GatedRmsNormParams, eps);
+    case 10: return kda::kTcRecordFloats;
+    case 11: return kda::kFusedPathRows;
   }
   return -1;
 }

@@ -72,8 +72,14 @@ class DecodeFusedParams(C.Structure):
                 ("norm_weight_bf16", C.c_bool), ("norm_eps", C.c_float), ("path", C.c_int)]
 
 
+class GatedRmsNormParams(C.Structure):
+    _fields_ = [("x", C.c_void_p), ("gate", C.c_void_p), ("out", C.c_void_p)] + \
+        [(n, C.c_int64) for n in ("x_s0", "x_s1", "g_s0", "g_s1", "o_s0", "o_s1", "M")] + \
+        [("H", C.c_int), ("weight", C.c_void_p), ("weight_bf16", C.c_bool), ("vec", C.c_bool), ("eps", C.c_float)]
+
+
 LAYOUTS = [(PrefillParams, "tc_chunk_slots"), (DecodeParams, "early_state"), (ConvParams, "vec8_min_elems"),
-           (DecodeFusedParams, "path")]
+           (DecodeFusedParams, "path"), (GatedRmsNormParams, "eps")]
 # kda_decode_fused.h kFused*, by the names KDA_SERVING_FUSED_DECODE_PATH takes.
 FUSED_PATHS = {"auto": 0, "rows": 1}
 
@@ -126,6 +132,7 @@ def build(extra_flags: tuple[str, ...] = ()) -> C.CDLL:
     so.emu_decode.argtypes = [C.POINTER(DecodeParams)]
     so.emu_decode_fused.argtypes = [C.POINTER(DecodeFusedParams)]
     so.emu_conv.argtypes = [C.c_int, C.POINTER(ConvParams)]
+    so.emu_gated_rms_norm.argtypes = [C.POINTER(GatedRmsNormParams)]
     return so
 
 
@@ -278,6 +285,25 @@ def conv_update(lib, x, weight, bias, conv_pool, slots, num_accepted=None, out=N
     p.vec8_min_elems = vec8_min_elems
     if lib.emu_conv(1, C.byref(p)) != 0:
         raise RuntimeError("emulated conv update launch failed")
+    return out
+
+
+def gated_rms_norm(lib, x, gate, weight, eps, out, vec=None):
+    """Emulated gated_rms_norm on [M, H, 128] bf16 views (out may be x). vec: the 8-byte access
+    path, None for what the binding picks (every row start 8-byte aligned)."""
+    keep = dict(w=weight.contiguous())
+    p = GatedRmsNormParams()
+    p.x, p.gate, p.out = _ptr(x), _ptr(gate), _ptr(out)
+    p.x_s0, p.x_s1 = x.stride()[:2]
+    p.g_s0, p.g_s1 = gate.stride()[:2]
+    p.o_s0, p.o_s1 = out.stride()[:2]
+    p.M, p.H = x.shape[0], x.shape[1]
+    p.weight, p.weight_bf16, p.eps = _ptr(keep["w"]), weight.dtype == torch.bfloat16, eps
+    if vec is None:
+        vec = all(t.data_ptr() % 8 == 0 and t.stride(0) % 4 == 0 and t.stride(1) % 4 == 0 for t in (x, gate, out))
+    p.vec = vec
+    if lib.emu_gated_rms_norm(C.byref(p)) != 0:
+        raise RuntimeError("emulated gated RMSNorm launch failed")
     return out
 
 

@@ -63,10 +63,13 @@ def install(lib) -> None:
                               state_pool, slots, num_accepted, lower_bound=lower_bound, scale=scale,
                               out_gate=out_gate, norm_weight=norm_weight, norm_eps=norm_eps, out=out)
 
+    def gated_rms_norm(x, gate, weight, eps, out):
+        emulated.gated_rms_norm(lib, x, gate, weight, eps, out)
+
     impls = {"kda_prefill": prefill("prefill"), "kda_prefill_chunked": prefill("prefill_chunked"),
              "kda_prefill_tc": prefill("prefill_tc"), "kda_decode": decode,
              "causal_conv1d_prefill": conv_prefill, "causal_conv1d_update": conv_update,
-             "kda_decode_fused": decode_fused}
+             "kda_decode_fused": decode_fused, "gated_rms_norm": gated_rms_norm}
     missing = set(schemas()) - set(impls)
     if missing:
         raise RuntimeError(f"no emulated implementation for {sorted(missing)}")

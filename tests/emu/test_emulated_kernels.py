@@ -219,11 +219,12 @@ def conv_layer(D, W=4, dtype=torch.float32):
 
 
 @pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16])
-def test_conv_prefill_vs_reference(lib, pool_dtype):
-    D, lens = 160, [0, 1, 3, 40, 7]
+@pytest.mark.parametrize("D,x_pad", [(160, 0), (160, 4), (164, 0)])  # 8-channel path; odd row stride; D % 8 != 0
+def test_conv_prefill_vs_reference(lib, pool_dtype, D, x_pad):
+    lens = [0, 1, 3, 40, 7]
     T, N = sum(lens), len(lens)
     cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
-    x = torch.randn(T, D).bfloat16()
+    x = torch.randn(T, D + x_pad).bfloat16()[:, :D]
     w, b = conv_layer(D)
     pool0 = torch.full((N + 3, 3, D), POISON).to(pool_dtype)
     for s in range(1, N + 1):
@@ -259,6 +260,29 @@ def test_conv_update_vs_reference(lib, spec, D, x_pad, pool_dtype):
     assert torch.equal(ours, ref) or rel_rms(ours, ref) <= 1e-6
     untouched = [s for s in range(8) if s not in (2, 5, 6)]
     assert torch.equal(ours[untouched], pool0[untouched])
+
+
+@pytest.mark.parametrize("W", [2, 3, 4])
+@pytest.mark.parametrize("lens", [[0, 1, 3, 130, 7, 64, 0, 70], [200], []], ids=["varlen", "one", "none"])
+def test_conv_prefill_kernels_agree(lib, W, lens):
+    """The eight-channel prefill kernel (aligned rows) and the one-channel kernel (rows with an odd
+    stride) give the same bits: outputs, padding rows after the last sequence, null slots, and the
+    pool rows, over sequences that start and end inside 64-token tiles."""
+    D, pad = 160, 5
+    T, N = sum(lens), len(lens)
+    cu = torch.tensor([0] + lens).cumsum(0).to(torch.int64)
+    x = torch.randn(T + pad, D).bfloat16()
+    w, b = conv_layer(D, W, torch.bfloat16)
+    pool0 = torch.randn(N + 2, W - 1, D).bfloat16()
+    slots = torch.tensor([(n + 1) if n % 3 != 2 else 0 for n in range(N)], dtype=torch.int32)
+    has = torch.tensor([n % 2 == 0 for n in range(N)], dtype=torch.bool)
+    outs = []
+    for xin in (x, torch.randn(T + pad, D + 4).bfloat16()[:, :D].copy_(x)):  # eight-channel; one-channel
+        pool = pool0.clone()
+        y = emulated.conv_prefill(lib, xin, w, b, cu, pool, slots, has, out=torch.full_like(x, float("nan")))
+        outs.append((y, pool))
+    assert not outs[0][0].isnan().any() and (outs[0][0][T:] == 0).all()
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
 
 
 @pytest.mark.parametrize("spec", [False, True])
@@ -355,3 +379,34 @@ def test_tensor_core_prefill_long_slow_decay(lib):
     res = run_prefill(lib, "prefill_tc", 64, [T], H, torch.float32, None, inp=(q, k, v, g, beta, A_log, dt * 0.1),
                       null=0)
     check_prefill(*res, None, tol_state=2e-3)
+
+
+@pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["packed", "strided_gate", "in_place", "unaligned"])
+def test_gated_rms_norm_vs_reference(lib, layout, w_dtype):
+    """The standalone gated RMSNorm kernel over [M, H, 128] rows: packed, a gate that is a column
+    slice of a wider projection, in place (out is x), and rows not 8-byte aligned (the scalar
+    path); zero rows give zeros, +-30 gates saturate without NaN, the output is poisoned first."""
+    torch.manual_seed(17)
+    M, H = 7, 3
+    x = (torch.randn(M, H, D) * 3).bfloat16()
+    x[2, 1] = 0.0
+    wide = (torch.randn(M, 2 * H * D) * 4).bfloat16()
+    wide[0, :D] = 30.0
+    wide[1, :D] = -30.0
+    gate = wide[:, :H * D].view(M, H, D) if layout == "strided_gate" else wide[:, :H * D].contiguous().view(M, H, D)
+    weight = (torch.rand(D) + 0.5).to(w_dtype)
+    ref = ops.reference.gated_rms_norm(x, gate, weight, 1e-6, torch.empty_like(x))
+    if layout == "unaligned":
+        buf = torch.full((x.numel() + 1,), float("nan")).bfloat16()
+        out = buf[1:].view(M, H, D)
+        xin = torch.empty(x.numel() + 1).bfloat16()[1:].view(M, H, D)
+        xin.copy_(x)
+    else:
+        xin = x.clone()
+        out = xin if layout == "in_place" else torch.full_like(x, float("nan"))
+    emulated.gated_rms_norm(lib, xin, gate, weight, 1e-6, out)
+    assert not out.isnan().any()
+    assert (out[2, 1] == 0).all()
+    assert rel_rms(out, ref) <= 2e-3
+    assert (out.float() - ref.float()).abs().max() <= 1e-2 * ref.float().abs().max()

@@ -124,3 +124,26 @@ def test_tc_workspace_limit_runs_token_windows(kernel_path, monkeypatch, pool_dt
     else:
         assert rel_rms(o2, o1) <= TOL and rel_rms(p2[1:N + 1], p1[1:N + 1]) <= TOL
     assert torch.equal(p2[[0, 3, 6]], pool0[[0, 3, 6]])
+
+
+def test_gated_rms_norm_takes_the_kernel_for_bf16_rows_of_128(kernel_path, monkeypatch):
+    """ops.gated_rms_norm runs the kernel on bf16 [..., 128] tensors with a [M, H, 128] view (the
+    mixer's in-place call on [T, H, 128] included) and the reference otherwise; both agree."""
+    monkeypatch.setattr(dispatch, "_logged", set())
+    torch.manual_seed(2)
+    x = torch.randn(2, 3, 4, D).bfloat16()
+    gate = torch.randn(2, 3, 8, D).bfloat16()[:, :, :4]  # strided, as a column slice
+    w = torch.rand(D) + 0.5
+    ref = ops.reference.gated_rms_norm(x, gate, w, 1e-6, torch.empty_like(x))
+    out = ops.gated_rms_norm(x, gate, w, 1e-6)
+    assert dispatch._logged == {"gated_rms_norm:cuda"}
+    assert rel_rms(out, ref) <= 2e-3
+    xi = x.clone()
+    ops.gated_rms_norm(xi, gate, w, 1e-6, out=xi)
+    assert torch.equal(xi, out)
+    monkeypatch.setattr(dispatch, "_logged", set())
+    for args in ((x.float(), gate.float()), (x[..., :64], gate[..., :64]), (x.transpose(0, 2), gate.transpose(0, 2))):
+        got = ops.gated_rms_norm(*args, w[:args[0].shape[-1]], 1e-6)
+        want = ops.reference.gated_rms_norm(*args, w[:args[0].shape[-1]], 1e-6, torch.empty_like(args[0]))
+        assert torch.equal(got, want)
+    assert dispatch._logged == {"gated_rms_norm:reference"}

@@ -464,3 +464,33 @@ def test_decode_fused_cuda_graph_replay_equals_eager(verify, norm, path, monkeyp
     assert torch.equal(out, out_eager)
     assert torch.equal(c["conv_pool"], eager["conv_pool"])
     assert torch.equal(c["state_pool"], eager["state_pool"])
+
+
+@pytest.mark.parametrize("layout", ["packed", "strided_gate", "in_place", "unaligned"])
+def test_gated_rms_norm_kernel(layout):
+    """ops.gated_rms_norm on the GPU kernel vs the torch reference: the prefill output's norm
+    (rows of [T, H, 128]), with a column-slice gate, in place, and unaligned rows."""
+    from kda_serving import ops
+    torch.manual_seed(23)
+    T, H = 3001, 8
+    x = (torch.randn(T, H, D, device=DEV) * 3).bfloat16()
+    x[5] = 0.0
+    wide = (torch.randn(T, 3 * H * D, device=DEV) * 4).bfloat16()
+    wide[7] = 30.0
+    gate = wide[:, H * D:2 * H * D].view(T, H, D)
+    if layout != "strided_gate":
+        gate = gate.contiguous()
+    w = (torch.rand(D, device=DEV) + 0.5).bfloat16()
+    ref = reference.gated_rms_norm(x, gate, w, 1e-6, torch.empty_like(x))
+    if layout == "unaligned":
+        xin = torch.empty(x.numel() + 1, device=DEV, dtype=torch.bfloat16)[1:].view(T, H, D)
+        xin.copy_(x)
+        out = torch.full((x.numel() + 1,), float("nan"), device=DEV, dtype=torch.bfloat16)[1:].view(T, H, D)
+    else:
+        xin = x.clone()
+        out = xin if layout == "in_place" else torch.full_like(x, float("nan"))
+    ops.gated_rms_norm(xin, gate, w, 1e-6, out=out)
+    sync()
+    assert not out.isnan().any() and (out[5] == 0).all()
+    assert rel_rms(out, ref) <= 2e-3
+    assert (out.float() - ref.float()).abs().max() <= 1e-2 * ref.float().abs().max()
