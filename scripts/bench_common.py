@@ -226,6 +226,8 @@ def run_metadata(script: str, device: torch.device, argv, bandwidth: float) -> d
         "argv": list(argv),
         "time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "copy_bandwidth_gbps": bandwidth / 1e9,
+        # the switches that pick kernels, splits and workspaces (KDA_SERVING_COMMIT is "commit")
+        "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("KDA_SERVING_") and k != "KDA_SERVING_COMMIT"},
     }
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)

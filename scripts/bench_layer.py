@@ -89,6 +89,18 @@ class Layer:
         return acts + states + conv
 
 
+def profile_ms(fn, top: int = 16) -> dict:
+    """Device time per op and kernel name over one call of ``fn`` (torch.profiler), largest first."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    rows = [(e.key, getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0))
+            for e in prof.key_averages()]
+    rows = sorted(((k, t / 1e3) for k, t in rows if t), key=lambda r: -r[1])[:top]
+    return dict(rows)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     p = bc.base_parser(__doc__.splitlines()[0])
@@ -101,6 +113,7 @@ def main(argv=None):
     p.add_argument("--decodes", type=int, default=64)
     p.add_argument("--gate", choices=list(GATES), default="kimi")
     p.add_argument("--iters", type=int, default=30)
+    p.add_argument("--profile", action="store_true", help="also record device time per op of one ours call (GPU)")
     args = p.parse_args(argv)
     if args.smoke:
         args.hidden, args.heads, args.head_dim, args.prefills, args.prefill_len, args.decodes, args.iters = \
@@ -161,6 +174,10 @@ def main(argv=None):
                 progress(f"{name}: timed, {row[f'{name}_ms']:.2f} ms")
             except (torch.cuda.OutOfMemoryError, RuntimeError, ValueError, NotImplementedError) as e:
                 row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        if args.profile and device.type == "cuda" and "ours_error" not in row:
+            row["ours_profile_ms"] = profile_ms(layer.mixer)
+            for name, ms in row["ours_profile_ms"].items():
+                print(f"  {ms:8.3f} ms  {name}")
         row["projections_ms"] = bc.time_ms(layer.project, device, iters=args.iters, warmup=warmup)
         out = layer.mixer()
         row["o_proj_ms"] = bc.time_ms(lambda: layer.o_proj(out), device, iters=args.iters, warmup=warmup)
