@@ -11,13 +11,13 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from .dispatch import log_path_once, op_path, prefill_kernel
+from .dispatch import log_path_once, op_path, prefill_kernel, prefill_kernel_name
 from .validation import (FLOAT_INPUTS, INDEX_DTYPES, check_cu_seqlens, check_decode_slots,
                          check_gate_params, check_lower_bound, check_scale, check_slot_values,
                          check_state_pool, check_tensor)
 
 __all__ = ["kda_prefill", "kda_decode", "causal_conv1d_prefill", "causal_conv1d_update",
-           "gated_rms_norm", "op_path"]
+           "gated_rms_norm", "op_path", "reserve_prefill_workspace"]
 
 
 def _kernel_ready(x, *tensors) -> bool:
@@ -116,6 +116,24 @@ def kda_prefill(q, k, v, g, beta, A_log, dt_bias, *, cu_seqlens, state_pool, slo
                   has_initial_state, lower_bound=lower_bound, scale=scale,
                   inter=intermediate_states, inter_offsets=intermediate_offsets, out=out)
     return _run("kda_prefill", cuda, args, kernel)
+
+
+def reserve_prefill_workspace(num_tokens: int, num_heads: int, device) -> int:
+    """Allocates now what the tensor-core prefill's workspace needs for one call of ``num_tokens``
+    tokens (capped at ``KDA_SERVING_TC_WORKSPACE_MB``, past which a call runs in token windows),
+    so that an engine's memory profile, which runs its largest step before sizing its caches,
+    counts it. Returns the workspace size in bytes, or 0 when that kernel does not run here (the
+    reference path, another kernel selected) or a CUDA graph is being captured."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if prefill_kernel_name() != "tc" or op_path(torch.empty(0, device=device)) != "cuda":
+        return 0
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return 0
+    from . import _ext, tc_windows
+    floats = min(_ext.tc_workspace_floats(num_tokens, 1, num_heads), tc_windows.workspace_limit_bytes() // 4)
+    return _ext.tc_workspace(device, floats).numel() * 4
 
 
 def kda_decode(q, k, v, g, beta, A_log, dt_bias, *, state_pool, slots, num_accepted_tokens=None,

@@ -147,3 +147,23 @@ def test_gated_rms_norm_takes_the_kernel_for_bf16_rows_of_128(kernel_path, monke
         want = ops.reference.gated_rms_norm(*args, w[:args[0].shape[-1]], 1e-6, torch.empty_like(args[0]))
         assert torch.equal(got, want)
     assert dispatch._logged == {"gated_rms_norm:reference"}
+
+
+def test_reserve_prefill_workspace(kernel_path, monkeypatch):
+    """reserve_prefill_workspace takes the tensor-core prefill's workspace for a step of N tokens
+    (capped at KDA_SERVING_TC_WORKSPACE_MB), so an engine's memory profile counts it; the next
+    prefill of that size reuses it. Nothing is taken for the other kernels."""
+    from kda_serving.ops import _ext
+    dev = torch.device("cpu")
+    _ext._tc_workspaces.pop(dev, None)
+    monkeypatch.setenv("KDA_SERVING_PREFILL_KERNEL", "serial")
+    assert ops.reserve_prefill_workspace(4096, 4, dev) == 0 and dev not in _ext._tc_workspaces
+    monkeypatch.delenv("KDA_SERVING_PREFILL_KERNEL")
+    got = ops.reserve_prefill_workspace(4096, 4, dev)
+    assert got == _ext.tc_workspace_floats(4096, 1, 4) * 4
+    ws = _ext._tc_workspaces[dev]
+    assert _ext.tc_workspace(dev, _ext.tc_workspace_floats(4000, 3, 4)) is ws  # reused by a smaller call
+    monkeypatch.setenv("KDA_SERVING_TC_WORKSPACE_MB", "1")
+    _ext._tc_workspaces.pop(dev, None)
+    assert ops.reserve_prefill_workspace(1 << 20, 4, dev) == 1 << 20  # the cap
+    _ext._tc_workspaces.pop(dev, None)

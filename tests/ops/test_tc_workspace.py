@@ -73,3 +73,9 @@ def test_workspace_limit_read_from_the_environment(monkeypatch):
         monkeypatch.setenv("KDA_SERVING_TC_WORKSPACE_MB", bad)
         with pytest.raises(ValueError, match="KDA_SERVING_TC_WORKSPACE_MB"):
             tc_windows.workspace_limit_bytes()
+
+
+def test_reserve_takes_nothing_on_the_reference_path():
+    from kda_serving import ops
+    assert ops.reserve_prefill_workspace(4096, 4, "cpu") == 0
+    assert torch.device("cpu") not in _ext._tc_workspaces

@@ -93,7 +93,8 @@ class _FusedQKVLayer(_KDAServingBase):
     def _forward(self, mixed_qkv: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor,
                  beta: torch.Tensor, core_attn_out: torch.Tensor) -> None:
         m = _step_metadata(self.prefix)
-        if m is None:
+        if m is None:  # profile or warmup run: take the prefill workspace now, so vLLM counts it
+            ops.reserve_prefill_workspace(mixed_qkv.shape[0], self.local_num_heads, mixed_qkv.device)
             return
         plan = _PLANS.get(m, self.num_spec)
         conv_pool, state_pool = self.state_pools()
@@ -127,7 +128,8 @@ class _SplitQKVLayer(_KDAServingBase):
                  v_proj_states: torch.Tensor, g1: torch.Tensor, beta: torch.Tensor,
                  core_attn_out: torch.Tensor) -> None:
         m = _step_metadata(self.prefix)
-        if m is None:
+        if m is None:  # profile or warmup run: take the prefill workspace now, so vLLM counts it
+            ops.reserve_prefill_workspace(q_proj_states.shape[0], self.local_num_heads, q_proj_states.device)
             return
         plan = _PLANS.get(m, 0)
         n = min(plan.num_rows, q_proj_states.shape[0])
