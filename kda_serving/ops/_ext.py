@@ -68,7 +68,7 @@ def _prefill_op(name: str, what: str):
     return run
 
 
-prefill = _prefill_op("kda_prefill", "Token-serial kernel (the default).")
+prefill = _prefill_op("kda_prefill", "Token-serial kernel (KDA_SERVING_PREFILL_KERNEL=serial).")
 prefill_chunked = _prefill_op("kda_prefill_chunked", "Chunked CUDA-core kernel (opt-in, docs/kernels.md).")
 
 # The tensor-core kernel's workspace (csrc/prefill/kda_prefill.h): one fp32 record per (64-token
@@ -115,7 +115,7 @@ def note_captured(workspace: torch.Tensor) -> None:
 def prefill_tc(q, k, v, g, beta, A_log, dt_bias, cu_seqlens, state_pool, slots, has_initial_state,
                *, lower_bound=None, scale=None, inter=None, inter_offsets=None, out=None, workspace=None):
     """q, k, g [T, H, K]; v [T, H, V]; beta [T, H] -> o [T, H, V] bf16; pool updated in place.
-    Chunked TF32 tensor-core kernel in two passes (opt-in, docs/kernels.md); ``workspace``: fp32,
+    Chunked TF32 tensor-core kernel in two passes (the default, docs/kernels.md); ``workspace``: fp32,
     at least tc_workspace_floats(T, N, H) elements (default: one cached per device, and a call
     that would need more than KDA_SERVING_TC_WORKSPACE_MB runs in token windows, tc_windows.py)."""
     need = tc_workspace_floats(q.shape[0], cu_seqlens.numel() - 1, q.shape[1])
