@@ -53,7 +53,7 @@ if has bench; then
   benches=" ${BENCHES:-prefill decode layer} "
   [[ $benches == *" prefill "* ]] && TAIL=22 step bench_prefill python3 scripts/bench_prefill.py --kernels serial chunked --out "$OUT"
   [[ $benches == *" decode "* ]] && TAIL=22 step bench_decode python3 scripts/bench_decode.py --out "$OUT"
-  [[ $benches == *" layer "* ]] && TAIL=12 step bench_layer python3 scripts/bench_layer.py --out "$OUT"
+  [[ $benches == *" layer "* ]] && TAIL=30 step bench_layer python3 scripts/bench_layer.py --profile --out "$OUT"
 fi
 if has profile; then
   step profile-build nvcc -std=c++17 -O3 -arch=sm_90a -Icsrc scripts/profile_tc_phases.cu -o "$OUT/.profile_tc"
