@@ -171,21 +171,22 @@ def conv_case(W, R, D_, pool_dtype, w_dtype):
 @pytest.mark.parametrize("extra_rows", [0, 3])
 @pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16])
-def test_conv_prefill(W, extra_rows, pool_dtype, w_dtype):
+@pytest.mark.parametrize("x_pad", [0, 4])  # 0: eight channels per thread; 4: unaligned rows, one per thread
+def test_conv_prefill(W, extra_rows, pool_dtype, w_dtype, x_pad):
     torch.manual_seed(W * 10 + extra_rows)
     D_, R = 384, W - 1 + extra_rows
-    lens = [0, 1, 2, 5, 40, 3, 7]
+    lens = [0, 1, 2, 5, 40, 3, 7, 200]  # the last one spans 64-token tiles
     N = len(lens)
     cu = torch.tensor([0] + lens).cumsum(0).to(DEV, torch.int32)
-    x = torch.randn(int(cu[-1]), D_, device=DEV).bfloat16()
+    x = torch.randn(int(cu[-1]), D_ + x_pad, device=DEV).bfloat16()[:, :D_]
     weight, bias = conv_case(W, R, D_, pool_dtype, w_dtype)
     pool = torch.randn(N + 3, R, D_, device=DEV).to(pool_dtype)
-    slots = torch.tensor([1, 2, 3, 4, 5, 0, -1], dtype=torch.int32, device=DEV)
-    has_init = torch.tensor([1, 0, 1, 1, 0, 1, 1], dtype=torch.bool, device=DEV)
+    slots = torch.tensor([1, 2, 3, 4, 5, 0, -1, 6], dtype=torch.int32, device=DEV)
+    has_init = torch.tensor([1, 0, 1, 1, 0, 1, 1, 1], dtype=torch.bool, device=DEV)
     ref_pool = pool.clone()
-    ref = torch.empty_like(x)
+    ref = torch.empty(x.shape, dtype=x.dtype, device=DEV)
     reference.causal_conv1d_prefill(x, weight, bias, cu, ref_pool, slots, has_init, "silu", ref)
-    out = torch.full_like(x, float("nan"))
+    out = torch.full(x.shape, float("nan"), dtype=x.dtype, device=DEV)
     _ext.conv_prefill(x, weight, bias, cu, pool, slots, has_init, out=out)
     sync()
     assert not out.isnan().any()
