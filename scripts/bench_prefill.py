@@ -13,7 +13,9 @@ selects (default: the TF32 tensor-core kernel, never split unless KDA_SERVING_PR
 length; the token-serial kernel is split by the planner). With --kernels (CUDA path only) the
 named kernels (``serial``: token-serial, ``chunked``: CUDA cores, ``tc``: tensor cores;
 docs/kernels.md) are also timed on the same call, unsplit, as ``ours_<name>``, and cross-checked
-against ``ours``.
+against ``ours``. With --segments the selected kernel is also timed split at each forced segment
+length S (``ours_split<S>``, KDA_SERVING_PREFILL_SPLIT=S for that call), the data a split planner
+for it is fitted to.
 
 HBM floor: q, k, v, g, beta read once, o written once, the states read and written once, at the
 copy bandwidth measured in the same run. Extra memory: peak device memory allocated during one
@@ -22,6 +24,8 @@ call, output included, per token.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 
 import bench_common as bc
@@ -29,6 +33,7 @@ import torch
 
 from kda_serving import ops
 from kda_serving.baselines import fla_ops
+from kda_serving.ops import split_plan
 from kda_serving.ops.dispatch import PREFILL_KERNELS, prefill_kernel_name
 from kda_serving.ops.split_prefill import describe_split
 
@@ -76,7 +81,22 @@ def io_bytes(x: dict, pool: torch.Tensor, N: int) -> int:
     return inputs + x["v"].numel() * x["v"].element_size() + 2 * N * state
 
 
-def run_case(H, d, seqlens, gate, device, bandwidth, fla_reason, iters, warmup, unsplit=False, kernels=()):
+@contextlib.contextmanager
+def forced_segment(segment: int):
+    """KDA_SERVING_PREFILL_SPLIT=segment for the calls inside (read by the planner on every call)."""
+    old = os.environ.get(split_plan.ENV)
+    os.environ[split_plan.ENV] = str(segment)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(split_plan.ENV, None)
+        else:
+            os.environ[split_plan.ENV] = old
+
+
+def run_case(H, d, seqlens, gate, device, bandwidth, fla_reason, iters, warmup, unsplit=False, kernels=(),
+             segments=()):
     T, N = sum(seqlens), len(seqlens)
     lb = GATES[gate]
     row = dict(case=f"H{H} {describe(seqlens)} {gate}", gate=gate, lower_bound=lb, prefill_kernel=prefill_kernel_name(),
@@ -101,6 +121,12 @@ def run_case(H, d, seqlens, gate, device, bandwidth, fla_reason, iters, warmup, 
     impls = {"ours": lambda: ops.kda_prefill(*args, **pool_args, lower_bound=lb, cu_seqlens_cpu=cu_cpu)}
     if unsplit:  # without the host lengths the op never splits on the GPU
         impls["ours_unsplit"] = lambda: ops.kda_prefill(*args, **pool_args, lower_bound=lb)
+    for seg in segments:
+        if seg < max(seqlens, default=0):
+            def split_call(seg=seg):
+                with forced_segment(seg):
+                    return ops.kda_prefill(*args, **pool_args, lower_bound=lb, cu_seqlens_cpu=cu_cpu)
+            impls[f"ours_split{seg}"] = split_call
     if fla_reason is None:
         impls["fla"] = lambda: fla_ops.kda_prefill(*args, **pool_args, lower_bound=lb, cu_seqlens_cpu=cu_cpu)
         row["fla_backend"] = fla_ops.chunk_backend(lb)
@@ -130,6 +156,9 @@ def run_case(H, d, seqlens, gate, device, bandwidth, fla_reason, iters, warmup, 
         if "ours" in results and f"ours_{name}" in results:
             row[f"{name}_vs_ours_out_rel_rms"] = bc.rel_rms(results[f"ours_{name}"][0], results["ours"][0])
             row[f"{name}_vs_ours_state_rel_rms"] = bc.rel_rms(results[f"ours_{name}"][1], results["ours"][1])
+    for seg in segments:
+        if "ours" in results and f"ours_split{seg}" in results:
+            row[f"split{seg}_vs_ours_out_rel_rms"] = bc.rel_rms(results[f"ours_split{seg}"][0], results["ours"][0])
     if "ours" in results and "ours_unsplit" in results:
         row["unsplit_vs_ours_out_rel_rms"] = bc.rel_rms(results["ours_unsplit"][0], results["ours"][0])
         row["unsplit_vs_ours_state_rel_rms"] = bc.rel_rms(results["ours_unsplit"][1], results["ours"][1])
@@ -173,10 +202,14 @@ def main(argv=None):
     p.add_argument("--kernels", nargs="+", choices=KERNELS, default=[],
                    help="also time these prefill kernels, unsplit (serial: token-serial, chunked: CUDA cores, "
                         "tc: tensor cores)")
+    p.add_argument("--segments", type=int, nargs="+", default=[],
+                   help="also time the selected kernel split at these forced segment lengths (multiples of 64)")
     p.add_argument("--iters", type=int, default=50, help="timing samples per shape (at most)")
     p.add_argument("--heads", type=int, nargs="+", default=None, help="only the cases with these head counts")
     p.add_argument("--max-tokens", type=int, default=None, help="only the cases of at most this many tokens")
     args = p.parse_args(argv)
+    if any(seg <= 0 or seg % split_plan.ALIGN for seg in args.segments):
+        p.error(f"--segments: positive multiples of {split_plan.ALIGN}, got {args.segments}")
     device = bc.pick_device(args.device)
     torch.manual_seed(0)
     d, iters, warmup = (SMOKE_D, 2, 1) if args.smoke else (D, args.iters, 3)
@@ -196,14 +229,16 @@ def main(argv=None):
         for H, seqlens in cases:
             for gate in args.gates:
                 rows.append(bc.run_case_timed(run_case, H, d, seqlens, gate, device, bandwidth, fla_reason,
-                                              iters, warmup, unsplit=args.long, kernels=tuple(args.kernels)))
+                                              iters, warmup, unsplit=args.long, kernels=tuple(args.kernels),
+                                              segments=tuple(args.segments)))
                 # after every case, so a run stopped by a time limit keeps what it measured
                 bc.write_json(args.out, meta, rows, mode=mode, fla_skipped=fla_reason, complete=False)
     print(f"\n{meta['device']}  copy bandwidth {meta['copy_bandwidth_gbps']:.0f} GB/s  commit {meta['commit']}  "
           f"prefill kernel {prefill_kernel_name()}")
-    bc.print_table(rows, COLUMNS)
+    bc.print_table(rows, COLUMNS + [(f"ours_split{seg}_ms", f"split{seg} ms") for seg in args.segments])
     for r in rows:
-        for key in ("skipped", "ours_error", "ours_unsplit_error", "fla_error") + tuple(f"ours_{k}_error" for k in KERNELS):
+        for key in ("skipped", "ours_error", "ours_unsplit_error", "fla_error") + tuple(f"ours_{k}_error" for k in KERNELS) \
+                + tuple(f"ours_split{seg}_error" for seg in args.segments):
             if key in r:
                 print(f"{r['case']}: {key}: {r[key]}")
     path = bc.write_json(args.out, meta, rows, mode=mode, fla_skipped=fla_reason, complete=True)

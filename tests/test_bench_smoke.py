@@ -2,6 +2,7 @@
 
 import importlib
 import json
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -92,6 +93,18 @@ def _fake_conv_update(x, cache, weight, bias, activation):
 def _fake_norm(x, g, weight, bias, activation, eps):
     assert activation == "sigmoid" and bias is None
     return reference.gated_rms_norm(x, g, weight, eps, torch.empty_like(x))
+
+
+def test_bench_prefill_times_forced_segments(monkeypatch):
+    """--segments: the selected path split at each forced length, timed and cross-checked, and the
+    switch restored afterwards."""
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    monkeypatch.delenv("KDA_SERVING_PREFILL_SPLIT", raising=False)
+    bp = importlib.import_module("bench_prefill")
+    row = bp.run_case(2, 32, [200, 30], "kimi", torch.device("cpu"), 1e11, "fla not wanted", 2, 1, segments=(64, 256))
+    assert row["ours_split64_ms"] > 0 and row["split64_vs_ours_out_rel_rms"] < 5e-3
+    assert "ours_split256_ms" not in row  # not shorter than the longest sequence: nothing to split
+    assert "KDA_SERVING_PREFILL_SPLIT" not in os.environ
 
 
 @pytest.mark.parametrize("lower_bound", [None, -5.0])
