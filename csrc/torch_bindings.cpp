@@ -50,15 +50,17 @@
 //                  Tensor conv_weight, Tensor? conv_bias, Tensor(a!) conv_pool,
 //                  Tensor(b!) state_pool, Tensor slots, Tensor? num_accepted,
 //                  float? lower_bound, float scale, Tensor? out_gate, Tensor? norm_weight,
-//                  float norm_eps, Tensor(c!) out) -> ()
+//                  float norm_eps, Tensor(c!) out, Tensor(d!)? conv_out) -> ()
 //   causal_conv1d_update (SiLU) of mixed_qkv [B, T, 3*H*128] bf16 (row strides free) with
 //   conv_weight [3*H*128, W], conv_pool [S, R, 3*H*128] and the conv slot slots[n, 0], then
 //   kda_decode of the q | k | v column blocks with g [B, T, H, 128], beta [B, T, H] on
 //   state_pool, then, with out_gate [B, T, H, 128] bf16 and norm_weight [128] fp32/bf16,
 //   out = RMSNorm(out)·norm_weight·sigmoid(out_gate) per head. slots / num_accepted as for
 //   kda_decode; a row whose start slot or conv slot is <= 0 (or whose conv window leaves the
-//   pool) gets zero output and touches neither pool. Allocates its conv output buffer
-//   [B, T, 3*H*128] bf16 through torch's caching allocator (csrc/decode/kda_decode_fused_kernel.cuh).
+//   pool) gets zero output and touches neither pool. The conv outputs of the conv + decode pair
+//   (csrc/decode/kda_decode_fused_kernel.cuh) go to conv_out, contiguous bf16 with at least
+//   B*T*3*H*128 elements (ops._ext keeps one per device), or without it to a buffer from torch's
+//   caching allocator.
 //
 // gated_rms_norm(Tensor x, Tensor gate, Tensor weight, float eps, Tensor(a!) out) -> ()
 //   x, gate, out [M, H, 128] bf16 (last dim contiguous, other strides free; out may be x);
@@ -443,7 +445,7 @@ void kda_decode_fused(const Tensor& mixed_qkv, const Tensor& g, const Tensor& be
                       const Tensor& slots, const std::optional<Tensor>& num_accepted,
                       std::optional<double> lower_bound, double scale,
                       const std::optional<Tensor>& out_gate, const std::optional<Tensor>& norm_weight,
-                      double norm_eps, Tensor& out) {
+                      double norm_eps, Tensor& out, const std::optional<Tensor>& conv_out) {
   kda::KdaDecodeFusedParams p{};
   fill_decode_common(p.dec, g, beta, A_log, dt_bias, state_pool, slots, num_accepted, lower_bound,
                      scale, out);
@@ -460,12 +462,18 @@ void kda_decode_fused(const Tensor& mixed_qkv, const Tensor& g, const Tensor& be
   p.conv.N = (int)B; p.conv.T = (int)T;
   p.dec.conv_W = p.conv.W; p.dec.conv_R = p.conv.R;
   p.path = fused_path_choice();
-  // The pair path's conv outputs, from torch's caching allocator (stream-ordered; inside a CUDA
-  // graph capture, from the graph's pool).
-  Tensor conv_out;
+  // The pair path's conv outputs [B, T, D]: the caller's buffer, else one from torch's caching
+  // allocator (stream-ordered; inside a CUDA graph capture, from the graph's pool).
+  Tensor conv_buf;
+  if (conv_out.has_value()) {
+    check_cuda(*conv_out, "conv_out", g);
+    check_dtype(*conv_out, "conv_out", at::kBFloat16);
+    KDA_CHECK(conv_out->is_contiguous() && conv_out->numel() >= B * T * D, "conv_out must be contiguous with at least ",
+              B * T * D, " elements, got ", conv_out->sizes());
+  }
   if (kda::fused_uses_pair(p.path, (int)T)) {
-    conv_out = mixed_qkv.new_empty({B, T, D});
-    p.conv.y = conv_out.data_ptr(); p.conv.y_sb = conv_out.stride(0); p.conv.y_st = conv_out.stride(1);
+    conv_buf = conv_out.has_value() ? *conv_out : mixed_qkv.new_empty({B, T, D});
+    p.conv.y = conv_buf.data_ptr(); p.conv.y_sb = T * D; p.conv.y_st = D;
   }
   KDA_CHECK(out_gate.has_value() == norm_weight.has_value(),
             "out_gate and norm_weight must be given together");
@@ -542,7 +550,7 @@ void kda_decode_fused_meta(const Tensor&, const Tensor&, const Tensor&, const Te
                            const Tensor&, const Tensor&, const std::optional<Tensor>&, Tensor&,
                            Tensor&, const Tensor&, const std::optional<Tensor>&,
                            std::optional<double>, double, const std::optional<Tensor>&,
-                           const std::optional<Tensor>&, double, Tensor&) {}
+                           const std::optional<Tensor>&, double, Tensor&, const std::optional<Tensor>&) {}
 void conv_prefill_meta(const Tensor&, const Tensor&, const std::optional<Tensor>&, const Tensor&,
                        Tensor&, const Tensor&, const Tensor&, bool, Tensor&) {}
 void gated_rms_norm_meta(const Tensor&, const Tensor&, const Tensor&, double, Tensor&) {}
@@ -582,7 +590,7 @@ TORCH_LIBRARY(kda_serving, m) {
       "kda_decode_fused(Tensor mixed_qkv, Tensor g, Tensor beta, Tensor A_log, Tensor dt_bias, "
       "Tensor conv_weight, Tensor? conv_bias, Tensor(a!) conv_pool, Tensor(b!) state_pool, "
       "Tensor slots, Tensor? num_accepted, float? lower_bound, float scale, Tensor? out_gate, "
-      "Tensor? norm_weight, float norm_eps, Tensor(c!) out) -> ()");
+      "Tensor? norm_weight, float norm_eps, Tensor(c!) out, Tensor(d!)? conv_out=None) -> ()");
   m.def("gated_rms_norm(Tensor x, Tensor gate, Tensor weight, float eps, Tensor(a!) out) -> ()");
 }
 

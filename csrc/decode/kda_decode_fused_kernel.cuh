@@ -1,7 +1,7 @@
 // Fused decode / verify: causal conv1d update + SiLU on mixed_qkv, then the KDA recurrence on
 // the state pool in place, then (optionally) the gated RMSNorm of the output. Stream-ordered
 // kernels, none syncing with the host (CUDA-graph safe); the pair path's buffer is the caller's
-// (the binding takes it from torch's caching allocator).
+// (kda_serving.ops._ext passes one per device, reused across calls).
 //
 // T <= kPairMaxT (decode and verify), the default: two kernels through a bf16 buffer of conv
 // outputs [B, T, 3*H*128] (KdaDecodeFusedParams::conv.y), then the norm kernel (3. below):

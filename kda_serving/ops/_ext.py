@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from . import tc_windows
+from .scratch import DeviceScratch
 
 _loaded: bool | None = None
 
@@ -74,9 +75,8 @@ prefill_chunked = _prefill_op("kda_prefill_chunked", "Chunked CUDA-core kernel (
 # The tensor-core kernel's workspace (csrc/prefill/kda_prefill.h): one fp32 record per (64-token
 # chunk slot, head); a call of Ttot tokens in N sequences uses (Ttot // 64 + N) * H records.
 TC_RECORD_FLOATS = 4 * 64 * 128 + 64 * 64 + 128
-_tc_workspaces: dict = {}  # device -> the largest workspace asked for so far
-_tc_outgrown: list = []    # replaced workspaces a captured CUDA graph still uses, kept alive
-_tc_captured: set = set()  # data pointers of workspaces used inside a CUDA graph capture
+TC_SCRATCH = DeviceScratch(torch.float32)  # the tensor-core prefill's workspaces
+DECODE_SCRATCH = DeviceScratch(torch.bfloat16)  # the fused decode's conv outputs
 
 
 def tc_chunk_slots(total_tokens: int, num_seqs: int) -> int:
@@ -89,27 +89,9 @@ def tc_workspace_floats(total_tokens: int, num_seqs: int, num_heads: int) -> int
 
 
 def tc_workspace(device, floats: int) -> torch.Tensor:
-    """A workspace of at least ``floats`` fp32 elements on ``device``: allocated when a call needs
-    more than any before it, then reused (calls on one stream run one after another; a call being
-    captured into a CUDA graph must not be the first of its size). It grows by at least a quarter
-    each time, so a server whose batches grow token by token reallocates a few dozen times, not
-    once per size. An outgrown workspace is freed unless a CUDA graph captured a call with it
-    (``note_captured``): that graph keeps using it."""
-    ws = _tc_workspaces.get(device)
-    if ws is None or ws.numel() < floats:
-        if ws is not None and ws.data_ptr() in _tc_captured:
-            _tc_outgrown.append(ws)
-        size = max(floats, 1) if ws is None else max(floats, ws.numel() + ws.numel() // 4)
-        _tc_workspaces.pop(device, None)
-        ws = None  # the old one goes back to the allocator before the new one is taken
-        ws = _tc_workspaces[device] = torch.empty(size, dtype=torch.float32, device=device)
-    return ws
-
-
-def note_captured(workspace: torch.Tensor) -> None:
-    """Records that a CUDA graph being captured uses ``workspace``, so it is never freed."""
-    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-        _tc_captured.add(workspace.data_ptr())
+    """A workspace of at least ``floats`` fp32 elements on ``device`` (``scratch.DeviceScratch``:
+    grown when outgrown, then reused)."""
+    return TC_SCRATCH.get(device, floats)
 
 
 def prefill_tc(q, k, v, g, beta, A_log, dt_bias, cu_seqlens, state_pool, slots, has_initial_state,
@@ -140,7 +122,7 @@ def prefill_tc(q, k, v, g, beta, A_log, dt_bias, cu_seqlens, state_pool, slots, 
         raise ValueError(f"workspace must be contiguous float32 on {q.device} with at least {need} elements "
                          f"(tc_workspace_floats), got {workspace.dtype} on {workspace.device} with {workspace.numel()}")
 
-    note_captured(workspace)
+    TC_SCRATCH.note_captured(workspace)
 
     def op(*args):
         torch.ops.kda_serving.kda_prefill_tc(*args, workspace)
@@ -191,12 +173,15 @@ def decode_fused(mixed_qkv, g, beta, A_log, dt_bias, conv_weight, conv_bias, con
     """Conv update + SiLU of mixed_qkv [B, T, 3·H·K], KDA decode/verify, optional gated RMSNorm.
 
     g [B, T, H, K]; beta [B, T, H]; conv_pool [S, R, 3·H·K] and state_pool updated in place;
-    slots [B] or [B, T] (verify, conv slot = column 0) -> o [B, T, H, K] bf16.
+    slots [B] or [B, T] (verify, conv slot = column 0) -> o [B, T, H, K] bf16. The conv
+    outputs between the two kernels go to a per-device buffer reused across calls (DECODE_SCRATCH).
     """
     if out is None:
         out = torch.empty(g.shape, dtype=torch.bfloat16, device=g.device)
+    conv_out = DECODE_SCRATCH.get(mixed_qkv.device, mixed_qkv.shape[0] * mixed_qkv.shape[1] * mixed_qkv.shape[2])
+    DECODE_SCRATCH.note_captured(conv_out)
     torch.ops.kda_serving.kda_decode_fused(
         mixed_qkv, g, beta, A_log, dt_bias.reshape(-1), conv_weight, conv_bias, conv_pool, state_pool,
         _i32(slots), _i32(num_accepted), lower_bound, _scale(g, scale), out_gate, norm_weight,
-        float(norm_eps), out)
+        float(norm_eps), out, conv_out)
     return out

@@ -309,11 +309,12 @@ def gated_rms_norm(lib, x, gate, weight, eps, out, vec=None):
 
 def decode_fused(lib, rows: int, mixed_qkv, g, beta, A_log, dt_bias, conv_weight, conv_bias, conv_pool, state_pool,
                  slots, num_accepted=None, *, lower_bound=None, scale=None, out_gate=None, norm_weight=None,
-                 norm_eps=1e-6, out=None, path=None):
+                 norm_eps=1e-6, out=None, path=None, conv_out=None):
     """Emulated kda_decode_fused: conv update + decode / verify (+ gated RMSNorm) from mixed_qkv.
     rows: 8 / 16 / 32 value rows per CTA of the decode kernel, None for the launcher's choice.
     path: "auto" (the conv + decode pair for T <= 8) or "rows" (the three-kernel path); None reads
-    KDA_SERVING_FUSED_DECODE_PATH as the binding does."""
+    KDA_SERVING_FUSED_DECODE_PATH as the binding does. conv_out: the conv outputs' buffer (contiguous
+    bf16, at least B*T*3*H*K elements), as the binding takes it; None allocates one."""
     B, T, H = g.shape[:3]
     out = torch.empty(B, T, H, g.shape[-1], dtype=torch.bfloat16) if out is None else out
     keep = {}
@@ -325,8 +326,11 @@ def decode_fused(lib, rows: int, mixed_qkv, g, beta, A_log, dt_bias, conv_weight
     p.conv.x, p.conv.x_sb, p.conv.x_st = _ptr(mixed_qkv), mixed_qkv.stride(0), mixed_qkv.stride(1)
     p.conv.num_accepted, p.conv.N, p.conv.T = p.dec.num_accepted, B, T
     p.dec.conv_W, p.dec.conv_R = p.conv.W, p.conv.R
-    keep["y"] = torch.empty(B, T, mixed_qkv.shape[2], dtype=torch.bfloat16)  # the pair path's conv outputs
-    p.conv.y, p.conv.y_sb, p.conv.y_st = _ptr(keep["y"]), keep["y"].stride(0), keep["y"].stride(1)
+    D = mixed_qkv.shape[2]  # the pair path's conv outputs [B, T, D], packed
+    keep["y"] = torch.empty(B * T * D, dtype=torch.bfloat16) if conv_out is None else conv_out
+    if keep["y"].dtype != torch.bfloat16 or not keep["y"].is_contiguous() or keep["y"].numel() < B * T * D:
+        raise ValueError("conv_out must be contiguous bf16 with at least B*T*D elements")
+    p.conv.y, p.conv.y_sb, p.conv.y_st = _ptr(keep["y"]), T * D, D
     if out_gate is not None:
         keep["nw"] = norm_weight.contiguous()
         p.out_gate, p.gate_sb, p.gate_st, p.gate_sh = _ptr(out_gate), *out_gate.stride()[:3]

@@ -58,10 +58,11 @@ def install(lib) -> None:
                              vec8_min_elems=CONV_VEC8_MIN_ELEMS)
 
     def decode_fused(mixed_qkv, g, beta, A_log, dt_bias, conv_weight, conv_bias, conv_pool, state_pool, slots,
-                     num_accepted, lower_bound, scale, out_gate, norm_weight, norm_eps, out):
+                     num_accepted, lower_bound, scale, out_gate, norm_weight, norm_eps, out, conv_out=None):
         emulated.decode_fused(lib, None, mixed_qkv, g, beta, A_log, dt_bias, conv_weight, conv_bias, conv_pool,
                               state_pool, slots, num_accepted, lower_bound=lower_bound, scale=scale,
-                              out_gate=out_gate, norm_weight=norm_weight, norm_eps=norm_eps, out=out)
+                              out_gate=out_gate, norm_weight=norm_weight, norm_eps=norm_eps, out=out,
+                              conv_out=conv_out)
 
     def gated_rms_norm(x, gate, weight, eps, out):
         emulated.gated_rms_norm(lib, x, gate, weight, eps, out)

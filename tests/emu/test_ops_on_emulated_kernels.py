@@ -155,15 +155,15 @@ def test_reserve_prefill_workspace(kernel_path, monkeypatch):
     prefill of that size reuses it. Nothing is taken for the other kernels."""
     from kda_serving.ops import _ext
     dev = torch.device("cpu")
-    _ext._tc_workspaces.pop(dev, None)
+    _ext.TC_SCRATCH.clear(dev)
     monkeypatch.setenv("KDA_SERVING_PREFILL_KERNEL", "serial")
-    assert ops.reserve_prefill_workspace(4096, 4, dev) == 0 and dev not in _ext._tc_workspaces
+    assert ops.reserve_prefill_workspace(4096, 4, dev) == 0 and dev not in _ext.TC_SCRATCH.buffers
     monkeypatch.delenv("KDA_SERVING_PREFILL_KERNEL")
     got = ops.reserve_prefill_workspace(4096, 4, dev)
     assert got == _ext.tc_workspace_floats(4096, 1, 4) * 4
-    ws = _ext._tc_workspaces[dev]
+    ws = _ext.TC_SCRATCH.buffers[dev]
     assert _ext.tc_workspace(dev, _ext.tc_workspace_floats(4000, 3, 4)) is ws  # reused by a smaller call
     monkeypatch.setenv("KDA_SERVING_TC_WORKSPACE_MB", "1")
-    _ext._tc_workspaces.pop(dev, None)
+    _ext.TC_SCRATCH.clear(dev)
     assert ops.reserve_prefill_workspace(1 << 20, 4, dev) == 1 << 20  # the cap
-    _ext._tc_workspaces.pop(dev, None)
+    _ext.TC_SCRATCH.clear(dev)

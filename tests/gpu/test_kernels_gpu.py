@@ -467,6 +467,40 @@ def test_decode_fused_cuda_graph_replay_equals_eager(verify, norm, path, monkeyp
     assert torch.equal(c["state_pool"], eager["state_pool"])
 
 
+def test_decode_fused_conv_buffer_reused_and_checked():
+    """The fused decode's conv outputs go to one per-device buffer, reused by every call that fits
+    (NaN-poisoned in between: nothing is read before it is written); a conv_out that is too small
+    or not bf16 is refused by the binding, naming it, before any pool is touched."""
+    torch.manual_seed(29)
+    B, T, H, W = 6, 1, 4, 4
+    c = fused_case(B, T, H, W, torch.float32, False)
+    ref_out, ref_conv, ref_state, _ = fused_reference(c, None, None, None, 1e-6)
+    pools0 = c["conv_pool"].clone(), c["state_pool"].clone()
+    run_fused(c, out=torch.empty(B, T, H, D, dtype=torch.bfloat16, device=DEV))
+    buf = _ext.DECODE_SCRATCH.buffers[c["mixed"].device]
+    assert buf.numel() >= B * T * 3 * H * D
+    buf.fill_(float("nan"))
+    c["conv_pool"].copy_(pools0[0])
+    c["state_pool"].copy_(pools0[1])
+    out = run_fused(c, out=torch.full((B, T, H, D), float("nan"), dtype=torch.bfloat16, device=DEV))
+    sync()
+    assert _ext.DECODE_SCRATCH.buffers[c["mixed"].device] is buf
+    assert not out.isnan().any() and rel_rms(out, ref_out) <= TOL
+    assert torch.equal(c["conv_pool"], ref_conv)
+    if EMULATE:
+        return  # the binding's checks run on the GPU build only
+    before = c["conv_pool"].clone(), c["state_pool"].clone()
+    args = (c["mixed"], c["g"], c["beta"], c["A_log"], c["dt_bias"].reshape(-1), c["conv_weight"], c["conv_bias"],
+            c["conv_pool"], c["state_pool"], c["slots"], c["num_acc"], None, D ** -0.5, None, None, 1e-6,
+            torch.empty(B, T, H, D, dtype=torch.bfloat16, device=DEV))
+    for bad in (torch.empty(B * T * 3 * H * D - 1, dtype=torch.bfloat16, device=DEV),
+                torch.empty(B * T * 3 * H * D, dtype=torch.float32, device=DEV)):
+        with pytest.raises(RuntimeError, match="conv_out"):
+            torch.ops.kda_serving.kda_decode_fused(*args, bad)
+    sync()
+    assert torch.equal(c["conv_pool"], before[0]) and torch.equal(c["state_pool"], before[1])
+
+
 @pytest.mark.parametrize("layout", ["packed", "strided_gate", "in_place", "unaligned"])
 def test_gated_rms_norm_kernel(layout):
     """ops.gated_rms_norm on the GPU kernel vs the torch reference: the prefill output's norm

@@ -18,23 +18,23 @@ def test_size_formula():
 
 def test_cached_grown_and_outgrown_freed_unless_captured(monkeypatch):
     dev = torch.device("cpu")
-    _ext._tc_workspaces.pop(dev, None)
-    _ext._tc_outgrown.clear()
+    _ext.TC_SCRATCH.clear(dev)
+    _ext.TC_SCRATCH.outgrown.clear()
     a = _ext.tc_workspace(dev, 1000)
     assert a.dtype == torch.float32 and a.numel() >= 1000
     assert _ext.tc_workspace(dev, 500).data_ptr() == a.data_ptr()      # reused
     b = _ext.tc_workspace(dev, 1001)
     assert b.numel() >= 1250 and b.data_ptr() != a.data_ptr()          # grown by a quarter at least
-    assert not _ext._tc_outgrown                                        # nothing captured: a is freed
+    assert not _ext.TC_SCRATCH.outgrown                                        # nothing captured: a is freed
     assert _ext.tc_workspace(dev, 1250).data_ptr() == b.data_ptr()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
-    _ext.note_captured(b)                                               # a graph captured a call with b
+    _ext.TC_SCRATCH.note_captured(b)                                               # a graph captured a call with b
     c = _ext.tc_workspace(dev, 5000)
-    assert c.numel() >= 5000 and any(t is b for t in _ext._tc_outgrown)  # b stays alive for that graph
-    _ext._tc_workspaces.pop(dev, None)
-    _ext._tc_outgrown.clear()
-    _ext._tc_captured.clear()
+    assert c.numel() >= 5000 and any(t is b for t in _ext.TC_SCRATCH.outgrown)  # b stays alive for that graph
+    _ext.TC_SCRATCH.clear(dev)
+    _ext.TC_SCRATCH.outgrown.clear()
+    _ext.TC_SCRATCH.captured.clear()
 
 
 def test_token_windows_cover_every_token_in_whole_chunks():
@@ -78,4 +78,4 @@ def test_workspace_limit_read_from_the_environment(monkeypatch):
 def test_reserve_takes_nothing_on_the_reference_path():
     from kda_serving import ops
     assert ops.reserve_prefill_workspace(4096, 4, "cpu") == 0
-    assert torch.device("cpu") not in _ext._tc_workspaces
+    assert torch.device("cpu") not in _ext.TC_SCRATCH.buffers
