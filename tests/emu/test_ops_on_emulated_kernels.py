@@ -157,11 +157,11 @@ def test_reserve_prefill_workspace(kernel_path, monkeypatch):
     dev = torch.device("cpu")
     _ext.TC_SCRATCH.clear(dev)
     monkeypatch.setenv("KDA_SERVING_PREFILL_KERNEL", "serial")
-    assert ops.reserve_prefill_workspace(4096, 4, dev) == 0 and dev not in _ext.TC_SCRATCH.buffers
+    assert ops.reserve_prefill_workspace(4096, 4, dev) == 0 and _ext.TC_SCRATCH.current(dev) is None
     monkeypatch.delenv("KDA_SERVING_PREFILL_KERNEL")
     got = ops.reserve_prefill_workspace(4096, 4, dev)
     assert got == _ext.tc_workspace_floats(4096, 1, 4) * 4
-    ws = _ext.TC_SCRATCH.buffers[dev]
+    ws = _ext.TC_SCRATCH.current(dev)
     assert _ext.tc_workspace(dev, _ext.tc_workspace_floats(4000, 3, 4)) is ws  # reused by a smaller call
     monkeypatch.setenv("KDA_SERVING_TC_WORKSPACE_MB", "1")
     _ext.TC_SCRATCH.clear(dev)

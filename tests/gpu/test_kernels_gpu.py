@@ -477,14 +477,14 @@ def test_decode_fused_conv_buffer_reused_and_checked():
     ref_out, ref_conv, ref_state, _ = fused_reference(c, None, None, None, 1e-6)
     pools0 = c["conv_pool"].clone(), c["state_pool"].clone()
     run_fused(c, out=torch.empty(B, T, H, D, dtype=torch.bfloat16, device=DEV))
-    buf = _ext.DECODE_SCRATCH.buffers[c["mixed"].device]
+    buf = _ext.DECODE_SCRATCH.current(c["mixed"].device)
     assert buf.numel() >= B * T * 3 * H * D
     buf.fill_(float("nan"))
     c["conv_pool"].copy_(pools0[0])
     c["state_pool"].copy_(pools0[1])
     out = run_fused(c, out=torch.full((B, T, H, D), float("nan"), dtype=torch.bfloat16, device=DEV))
     sync()
-    assert _ext.DECODE_SCRATCH.buffers[c["mixed"].device] is buf
+    assert _ext.DECODE_SCRATCH.current(c["mixed"].device) is buf
     assert not out.isnan().any() and rel_rms(out, ref_out) <= TOL
     assert torch.equal(c["conv_pool"], ref_conv)
     if EMULATE:

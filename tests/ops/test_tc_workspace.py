@@ -78,4 +78,4 @@ def test_workspace_limit_read_from_the_environment(monkeypatch):
 def test_reserve_takes_nothing_on_the_reference_path():
     from kda_serving import ops
     assert ops.reserve_prefill_workspace(4096, 4, "cpu") == 0
-    assert torch.device("cpu") not in _ext.TC_SCRATCH.buffers
+    assert _ext.TC_SCRATCH.current("cpu") is None
