@@ -98,7 +98,7 @@ def prefill_tc(q, k, v, g, beta, A_log, dt_bias, cu_seqlens, state_pool, slots, 
                *, lower_bound=None, scale=None, inter=None, inter_offsets=None, out=None, workspace=None):
     """q, k, g [T, H, K]; v [T, H, V]; beta [T, H] -> o [T, H, V] bf16; pool updated in place.
     Chunked TF32 tensor-core kernel in two passes (the default, docs/kernels.md); ``workspace``: fp32,
-    at least tc_workspace_floats(T, N, H) elements (default: one cached per device, and a call
+    at least tc_workspace_floats(T, N, H) elements (default: one cached per device and stream, and a call
     that would need more than KDA_SERVING_TC_WORKSPACE_MB runs in token windows, tc_windows.py)."""
     need = tc_workspace_floats(q.shape[0], cu_seqlens.numel() - 1, q.shape[1])
     limit = tc_windows.workspace_limit_bytes() if workspace is None else None
