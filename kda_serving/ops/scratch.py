@@ -1,4 +1,4 @@
-"""Per-device scratch buffers that kernels reuse across calls (DESIGN.md: no allocation per call).
+"""Scratch buffers that kernels reuse across calls (DESIGN.md: no allocation per call).
 
 A buffer is taken when a call needs more than any before it, at least a quarter more each time, so
 a server whose batches grow token by token reallocates a few dozen times, not once per size; then
@@ -6,8 +6,9 @@ every call reuses it. There is one buffer per (device, stream): calls on one str
 another, so one buffer serves them all, while calls on two streams (engines that overlap two
 micro-batches) may run at once and get one each.
 A CUDA graph bakes the buffer's address in: a call being captured records it (``note_captured``)
-and an outgrown buffer is freed only if no capture used it. A capture must not be the first call
-of its size (that call would allocate inside the graph's memory pool)."""
+and an outgrown buffer is freed only if no capture used it. A capture that is the first call of its
+size on its stream allocates the buffer inside the graph's memory pool, which works but keeps that
+memory in the pool; warming up on the capture stream first avoids it."""
 
 from __future__ import annotations
 
