@@ -125,8 +125,6 @@ def reserve_prefill_workspace(num_tokens: int, num_heads: int, device) -> int:
     counts it. Returns the workspace size in bytes, or 0 when that kernel does not run here (the
     reference path, another kernel selected) or a CUDA graph is being captured."""
     device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
     if prefill_kernel_name() != "tc" or op_path(torch.empty(0, device=device)) != "cuda":
         return 0
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():

@@ -5,8 +5,8 @@ One op for what engines hand a KDA layer at decode time: the projection output `
 On the kernel path (no host sync, safe to capture in CUDA graphs) it is, for T <= 8, a conv kernel
 writing the conv outputs to a per-device buffer reused across calls (``_ext.DECODE_SCRATCH``), then
 the decode kernel, which loads its state rows while the conv kernel runs, then the optional norm
-kernel; for T > 8 three kernels without the buffer (docs/kernels.md). Otherwise the exact composition of the reference ops
-``causal_conv1d_update`` → ``kda_decode`` → ``gated_rms_norm``.
+kernel; for T > 8 three kernels without the buffer (docs/kernels.md). Otherwise the exact
+composition of the reference ops ``causal_conv1d_update`` → ``kda_decode`` → ``gated_rms_norm``.
 """
 
 from __future__ import annotations

@@ -16,9 +16,12 @@ import torch
 
 
 def _key(device) -> tuple:
+    """(device with its index, current stream): "cuda" and "cuda:0" name one buffer."""
     device = torch.device(device)
     if device.type != "cuda":
         return device, 0
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     return device, torch.cuda.current_stream(device).cuda_stream
 
 
@@ -55,5 +58,5 @@ class DeviceScratch:
 
     def clear(self, device) -> None:
         """Drops ``device``'s buffers (tests)."""
-        for key in [k for k in self.buffers if k[0] == torch.device(device)]:
+        for key in [k for k in self.buffers if k[0] == _key(device)[0]]:
             del self.buffers[key]
