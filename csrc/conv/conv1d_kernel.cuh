@@ -18,6 +18,43 @@ __device__ __forceinline__ int64_t conv_index(const void* p, bool is64, int i) {
   return is64 ? static_cast<const int64_t*>(p)[i] : (int64_t) static_cast<const int32_t*>(p)[i];
 }
 
+// The sequence owning token t of a prefill tile (p.N > 0). Rows of x are counted from
+// cu_seqlens[0]; bos / eos / end_all are relative to it. Starts at the last n with
+// cu(n) <= t_begin (binary search, once per tile); advance(t) walks forward, over empty sequences.
+struct ConvSeqCursor {
+  const Conv1dParams& p;
+  int64_t cu0, bos, eos, end_all;
+  int n;
+
+  __device__ __forceinline__ int64_t cu(int i) const {
+    return conv_index(p.cu_seqlens, p.cu_seqlens_64, i) - cu0;
+  }
+
+  __device__ __forceinline__ ConvSeqCursor(const Conv1dParams& params, int64_t t_begin)
+      : p(params), cu0(conv_index(params.cu_seqlens, params.cu_seqlens_64, 0)) {
+    int lo = 0, hi = p.N;
+    while (hi - lo > 1) {
+      const int mid = (lo + hi) / 2;
+      if (cu(mid) <= t_begin) lo = mid; else hi = mid;
+    }
+    n = lo;
+    bos = cu(n);
+    eos = cu(n + 1);
+    end_all = cu(p.N);
+  }
+
+  // Moves to the sequence holding t (the last one for padding rows); true when n changed.
+  __device__ __forceinline__ bool advance(int64_t t) {
+    if (t < eos || n >= p.N - 1) return false;
+    while (t >= eos && n < p.N - 1) {
+      ++n;
+      bos = eos;
+      eos = cu(n + 1);
+    }
+    return true;
+  }
+};
+
 // Outputs. grid = (ceil(D / 128), ceil(Ttot / 32)). Each thread owns one channel of a
 // token tile; the owning sequence is found by binary search once per tile.
 __global__ void __launch_bounds__(kConvThreads) conv1d_prefill_out_kernel(const Conv1dParams p) {
@@ -33,27 +70,12 @@ __global__ void __launch_bounds__(kConvThreads) conv1d_prefill_out_kernel(const 
   const ConvWeights cw(p, d);
   const __nv_bfloat16* x = static_cast<const __nv_bfloat16*>(p.x);
 
-  // Rows of x are counted from cu_seqlens[0]; cu(i) below is relative to it.
-  const int64_t cu0 = conv_index(p.cu_seqlens, p.cu_seqlens_64, 0);
-  auto cu = [&](int i) { return conv_index(p.cu_seqlens, p.cu_seqlens_64, i) - cu0; };
-  // Last n with cu(n) <= t_begin.
-  int lo = 0, hi = p.N;
-  while (hi - lo > 1) {
-    const int mid = (lo + hi) / 2;
-    if (cu(mid) <= t_begin) lo = mid; else hi = mid;
-  }
-  int n = lo;
-  int64_t bos = cu(n);
-  int64_t eos = cu(n + 1);
-  const int64_t end_all = cu(p.N);
-
+  ConvSeqCursor seq(p, t_begin);
   for (int64_t t = t_begin; t < t_end; ++t) {
-    while (t >= eos && n < p.N - 1) {
-      ++n;
-      bos = eos;
-      eos = cu(n + 1);
-    }
-    const int slot = (t < end_all && t >= bos) ? p.slots[n] : 0;
+    seq.advance(t);
+    const int n = seq.n;
+    const int64_t bos = seq.bos;
+    const int slot = (t < seq.end_all && t >= bos) ? p.slots[n] : 0;
     if (slot <= 0) {  // null slot or padding row
       y[t * p.y_st + d] = __float2bfloat16(0.f);
       continue;
@@ -118,19 +140,10 @@ __global__ void __launch_bounds__(kConvThreads) conv1d_prefill_out_vec_kernel(co
     return;
   }
   const ConvTaps8 taps(p, d0);
-  const int64_t cu0 = conv_index(p.cu_seqlens, p.cu_seqlens_64, 0);
-  auto cu = [&](int i) { return conv_index(p.cu_seqlens, p.cu_seqlens_64, i) - cu0; };
-  int lo = 0, hi = p.N;  // last n with cu(n) <= t_begin
-  while (hi - lo > 1) {
-    const int mid = (lo + hi) / 2;
-    if (cu(mid) <= t_begin) lo = mid; else hi = mid;
-  }
-  int n = lo;
-  int64_t bos = cu(n), eos = cu(n + 1);
-  const int64_t end_all = cu(p.N);
-  int slot = p.slots[n];
-  float win[kConvMaxWidth - 1][kConvVec];  // inputs t-(W-1) .. t-1 of sequence n, oldest first
-  conv_prefill_window8(p, x, d0, t_begin, bos, slot > 0 && p.has_initial_state[n], slot, win);
+  ConvSeqCursor seq(p, t_begin);
+  int slot = p.slots[seq.n];
+  float win[kConvMaxWidth - 1][kConvVec];  // inputs t-(W-1) .. t-1 of sequence seq.n, oldest first
+  conv_prefill_window8(p, x, d0, t_begin, seq.bos, slot > 0 && p.has_initial_state[seq.n], slot, win);
   float xn[kConvVec];  // x[t + 1], loaded while token t is computed
   ld8(x, t_begin * p.x_st + d0, true, xn);
   for (int64_t t = t_begin; t < t_end; ++t) {
@@ -138,16 +151,11 @@ __global__ void __launch_bounds__(kConvThreads) conv1d_prefill_out_vec_kernel(co
 #pragma unroll
     for (int c = 0; c < kConvVec; ++c) xt[c] = xn[c];
     if (t + 1 < t_end) ld8(x, (t + 1) * p.x_st + d0, true, xn);
-    if (t >= eos && n < p.N - 1) {
-      while (t >= eos && n < p.N - 1) {
-        ++n;
-        bos = eos;
-        eos = cu(n + 1);
-      }
-      slot = p.slots[n];
-      conv_prefill_window8(p, x, d0, t, bos, slot > 0 && p.has_initial_state[n], slot, win);
+    if (seq.advance(t)) {
+      slot = p.slots[seq.n];
+      conv_prefill_window8(p, x, d0, t, seq.bos, slot > 0 && p.has_initial_state[seq.n], slot, win);
     }
-    if (slot <= 0 || t >= end_all) {  // null slot or padding row
+    if (slot <= 0 || t >= seq.end_all) {  // null slot or padding row
       st8(y, t * p.y_st + d0, true, zero);
       continue;
     }
