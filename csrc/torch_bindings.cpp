@@ -252,6 +252,16 @@ void prefill_tc_op(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
 }
 constexpr char kPrefillChunkedName[] = "kda_prefill_chunked";
 
+// KDA_SERVING_DECODE_GRID=rows / heads forces the decode's row-block / head kernel (read on
+// every call; for comparisons and tests); unset or auto, the launcher decides.
+int decode_kernel_choice() {
+  const char* sel = std::getenv("KDA_SERVING_DECODE_GRID");
+  if (sel == nullptr || *sel == 0 || std::string(sel) == "auto") return kda::kDecodeKernelAuto;
+  if (std::string(sel) == "rows") return kda::kDecodeKernelRows;
+  KDA_CHECK(std::string(sel) == "heads", "KDA_SERVING_DECODE_GRID must be auto, rows or heads, got '", sel, "'");
+  return kda::kDecodeKernelHeads;
+}
+
 // Checks and fills everything of a decode call but q, k, v: g [B, T, H, 128], beta [B, T, H],
 // gate params, state pool, slots, num_accepted, out [B, T, H, 128], scale and gate bound.
 void fill_decode_common(kda::KdaDecodeParams& p, const Tensor& g, const Tensor& beta,
@@ -304,6 +314,7 @@ void fill_decode_common(kda::KdaDecodeParams& p, const Tensor& g, const Tensor& 
   p.scale = (float)scale;
   p.has_lower_bound = lower_bound.has_value();
   p.lower_bound = lower_bound.has_value() ? (float)*lower_bound : 0.f;
+  p.kernel = decode_kernel_choice();
 }
 
 void kda_decode(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
@@ -489,11 +500,12 @@ void kda_decode_fused(const Tensor& mixed_qkv, const Tensor& g, const Tensor& be
     KDA_CHECK(norm_weight->numel() == kDim && norm_weight->is_contiguous(),
               "norm_weight must be contiguous [128]");
     KDA_CHECK(norm_eps > 0.0, "norm_eps must be positive");
-    p.out_gate = out_gate->data_ptr();
-    p.gate_sb = out_gate->stride(0); p.gate_st = out_gate->stride(1); p.gate_sh = out_gate->stride(2);
-    p.norm_weight = norm_weight->data_ptr();
-    p.norm_weight_bf16 = norm_weight->scalar_type() == at::kBFloat16;
-    p.norm_eps = (float)norm_eps;
+    kda::DecodeNormArgs& nm = p.dec.norm;
+    nm.gate = out_gate->data_ptr();
+    nm.gate_sb = out_gate->stride(0); nm.gate_st = out_gate->stride(1); nm.gate_sh = out_gate->stride(2);
+    nm.weight = norm_weight->data_ptr();
+    nm.weight_bf16 = norm_weight->scalar_type() == at::kBFloat16;
+    nm.eps = (float)norm_eps;
   }
   const c10::cuda::CUDAGuard guard(g.device());
   p.dec.num_sms = num_sms();

@@ -111,6 +111,36 @@ __device__ __forceinline__ void zero_output(const TokenView& tv) {
     tv.o[(int64_t)(idx / BV) * tv.so + idx % BV] = z;
 }
 
+// Stages token t of tv into row i of sm (RecurrentSmem or HeadSmem), one warp, lane l on
+// channels 4l..4l+3: q (scaled) and k L2-normalised, the decays exp(gate), beta. q and k come raw
+// from src, or (Src::kStages) were written raw into sm.qs / sm.kn by src.stage.
+template <class Src, class Smem>
+__device__ __forceinline__ void stage_token(const TokenView& tv, const Src& src, const GateArgs& ga,
+                                            const float (&dtb)[4], Smem& sm, int i, int64_t t, int lane) {
+  const int c = lane * 4;
+  const __nv_bfloat16* gp = tv.g + t * tv.sg + c;
+  float qv[4], kv[4], gv[4];
+  if constexpr (Src::kStages) {
+    const float4 q4 = *reinterpret_cast<const float4*>(&sm.qs[i][c]);
+    const float4 k4 = *reinterpret_cast<const float4*>(&sm.kn[i][c]);
+    qv[0] = q4.x; qv[1] = q4.y; qv[2] = q4.z; qv[3] = q4.w;
+    kv[0] = k4.x; kv[1] = k4.y; kv[2] = k4.z; kv[3] = k4.w;
+  } else {
+    src.load_qk(t, c, qv, kv);
+  }
+#pragma unroll
+  for (int j = 0; j < 4; ++j) gv[j] = bf2f(gp[j]);
+  float rq, rk;
+  qk_inv_norms(qv, kv, ga.scale, rq, rk);
+  float al[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) al[j] = expf(kda_gate(gv[j] + dtb[j], ga.a, ga.bounded, ga.lower_bound));
+  *reinterpret_cast<float4*>(&sm.qs[i][c]) = make_float4(qv[0] * rq, qv[1] * rq, qv[2] * rq, qv[3] * rq);
+  *reinterpret_cast<float4*>(&sm.kn[i][c]) = make_float4(kv[0] * rk, kv[1] * rk, kv[2] * rk, kv[3] * rk);
+  *reinterpret_cast<float4*>(&sm.al[i][c]) = make_float4(al[0], al[1], al[2], al[3]);
+  if (lane == 0) sm.beta[i] = sigmoid_stable(bf2f(tv.beta[t * tv.sb]));
+}
+
 template <int BV, typename StateT>
 struct RowBlock {
   static constexpr int RPW = BV / kWarps;  // rows per warp
@@ -140,7 +170,10 @@ struct RowBlock {
       StateIO<StateT>::store(base + (int64_t)(warp * RPW + r) * kHeadDim + lane * 4, S[r]);
   }
 
-  __device__ __forceinline__ void step(RecurrentSmem<BV>& sm, int i) {
+  // Token i of the staged tokens in sm (RecurrentSmem or the head kernel's HeadSmem): v and o of
+  // this block's rows at columns row0 + warp * RPW + r.
+  template <class Smem>
+  __device__ __forceinline__ void step(Smem& sm, int i, int row0 = 0) {
     const int c = lane * 4;
     const float4 k4 = *reinterpret_cast<const float4*>(&sm.kn[i][c]);
     const float4 a4 = *reinterpret_cast<const float4*>(&sm.al[i][c]);
@@ -154,7 +187,7 @@ struct RowBlock {
     }
     const int myrow = row_of_lane<RPW>(lane);
     const float d = RowReduce<RPW, 16>::run(p, lane);
-    const float u = b * (sm.v[i][warp * RPW + myrow] - d);
+    const float u = b * (sm.v[i][row0 + warp * RPW + myrow] - d);
 #pragma unroll
     for (int r = 0; r < RPW; ++r) {
       const float ur = __shfl_sync(0xffffffffu, u, lane_of_row<RPW>(r));
@@ -162,7 +195,7 @@ struct RowBlock {
       p[r] = S[r][0] * q4.x + S[r][1] * q4.y + S[r][2] * q4.z + S[r][3] * q4.w;
     }
     const float o = RowReduce<RPW, 16>::run(p, lane);
-    if ((lane & (32 / RPW - 1)) == 0) sm.o[i][warp * RPW + myrow] = o;
+    if ((lane & (32 / RPW - 1)) == 0) sm.o[i][row0 + warp * RPW + myrow] = o;
   }
 
   // Runs all tokens of tv; sink(t, *this) is called after token t (uniform across the CTA)
@@ -189,30 +222,7 @@ struct RowBlock {
         src.stage(sm, t0, n);
         __syncthreads();
       }
-      for (int i = warp; i < n; i += kWarps) {
-        const int64_t t = t0 + i;
-        const __nv_bfloat16* gp = tv.g + t * tv.sg + c;
-        float qv[4], kv[4], gv[4];
-        if constexpr (Src::kStages) {
-          const float4 q4 = *reinterpret_cast<const float4*>(&sm.qs[i][c]);
-          const float4 k4 = *reinterpret_cast<const float4*>(&sm.kn[i][c]);
-          qv[0] = q4.x; qv[1] = q4.y; qv[2] = q4.z; qv[3] = q4.w;
-          kv[0] = k4.x; kv[1] = k4.y; kv[2] = k4.z; kv[3] = k4.w;
-        } else {
-          src.load_qk(t, c, qv, kv);
-        }
-#pragma unroll
-        for (int j = 0; j < 4; ++j) gv[j] = bf2f(gp[j]);
-        float rq, rk;
-        qk_inv_norms(qv, kv, ga.scale, rq, rk);
-        float al[4];
-#pragma unroll
-        for (int j = 0; j < 4; ++j) al[j] = expf(kda_gate(gv[j] + dtb[j], ga.a, ga.bounded, ga.lower_bound));
-        *reinterpret_cast<float4*>(&sm.qs[i][c]) = make_float4(qv[0] * rq, qv[1] * rq, qv[2] * rq, qv[3] * rq);
-        *reinterpret_cast<float4*>(&sm.kn[i][c]) = make_float4(kv[0] * rk, kv[1] * rk, kv[2] * rk, kv[3] * rk);
-        *reinterpret_cast<float4*>(&sm.al[i][c]) = make_float4(al[0], al[1], al[2], al[3]);
-        if (lane == 0) sm.beta[i] = sigmoid_stable(bf2f(tv.beta[t * tv.sb]));
-      }
+      for (int i = warp; i < n; i += kWarps) stage_token(tv, src, ga, dtb, sm, i, t0 + i, lane);
       if constexpr (!Src::kStages)
         for (int idx = threadIdx.x; idx < n * BV; idx += kThreads)
           sm.v[idx / BV][idx % BV] = src.load_v(t0 + idx / BV, idx % BV);

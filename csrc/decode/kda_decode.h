@@ -6,6 +6,24 @@
 
 namespace kda {
 
+// Gated RMSNorm of a decode output over V: out = RMSNorm(o)·weight·sigmoid(gate), gate
+// [B, T, H, V] bf16 (last dim contiguous), weight [V] fp32 or bf16. gate == nullptr: none.
+struct DecodeNormArgs {
+  const void* gate;
+  int64_t gate_sb, gate_st, gate_sh;
+  const void* weight;
+  bool weight_bf16;
+  float eps;
+};
+
+// Which decode kernel runs (KDA_SERVING_DECODE_GRID): auto, the row-block kernel (one CTA per
+// (row, head, 8/16/32 value rows)) or the head kernel (one CTA per (row, head), T <= kHeadMaxT).
+constexpr int kDecodeKernelAuto = 0, kDecodeKernelRows = 1, kDecodeKernelHeads = 2;
+constexpr int kHeadMaxT = 8;
+// auto takes the head kernel from this many (row, head) pairs per SM: below, its CTAs (four
+// 32-row blocks in sequence) would leave SMs idle that the row-block kernel's 4x more CTAs fill.
+constexpr int kHeadMinSeqHeadsPerSm = 2;
+
 struct KdaDecodeParams {
   // bf16 inputs: q, k, g [B, T, H, K]; v [B, T, H, V]; beta [B, T, H]. Strides in elements,
   // last dim contiguous.
@@ -43,7 +61,17 @@ struct KdaDecodeParams {
   // has finished (programmatic launch): only when that kernel is known to write neither, as the
   // fused decode's conv kernel. Otherwise every global read waits for it.
   bool early_state;
+  int kernel;  // kDecodeKernel*
+  // Only the head kernel normalises the output (the fused decode sets norm only when
+  // decode_uses_head_kernel; kda_decode_launch refuses it otherwise).
+  DecodeNormArgs norm;
 };
+
+// Whether kda_decode_launch runs the head kernel for p.
+inline bool decode_uses_head_kernel(const KdaDecodeParams& p) {
+  if (p.T > kHeadMaxT || p.kernel == kDecodeKernelRows) return false;
+  return p.kernel == kDecodeKernelHeads || (long long)p.B * p.H >= (long long)kHeadMinSeqHeadsPerSm * p.num_sms;
+}
 
 cudaError_t kda_decode_launch(const KdaDecodeParams& p, cudaStream_t stream);
 

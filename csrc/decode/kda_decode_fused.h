@@ -21,13 +21,8 @@ struct KdaDecodeFusedParams {
   // conv.y [B, T, D] bf16 (y_sb, y_st): the pair path's conv outputs (any contents before).
   // conv.slots and the prefill fields are unused: the conv slot is slots[n, 0].
   Conv1dParams conv;
-  // Optional gated RMSNorm of the output over V: out_gate [B, T, H, V] bf16 (last dim
-  // contiguous) and norm_weight [V] fp32/bf16; out_gate == nullptr skips it.
-  const void* out_gate;
-  int64_t gate_sb, gate_st, gate_sh;
-  const void* norm_weight;
-  bool norm_weight_bf16;
-  float norm_eps;
+  // The optional gated RMSNorm of the output is dec.norm: the pair path's decode kernel applies it
+  // when it is the head kernel, else the norm kernel runs after it.
   // Which path runs: kFusedPathAuto (the pair path of kda_decode_fused_kernel.cuh for T <= 8, else
   // the three-kernel path) or kFusedPathRows (the three-kernel path; KDA_SERVING_FUSED_DECODE_PATH=rows,
   // for comparisons and tests).

@@ -4,14 +4,17 @@
 // (kda_serving.ops._ext passes one per device, reused across calls).
 //
 // T <= kPairMaxT (decode and verify), the default: two kernels through a bf16 buffer of conv
-// outputs [B, T, 3*H*128] (KdaDecodeFusedParams::conv.y), then the norm kernel (3. below):
+// outputs [B, T, 3*H*128] (KdaDecodeFusedParams::conv.y), then the norm kernel (3. below) unless
+// P2 normalised the output itself:
 //
 //  P1. kda_fused_conv_kernel, one thread per (row, channel): the conv outputs of the live rows
 //      into conv.y, and the channel's pool column rewritten from the registers that read it. It
 //      releases its dependents at its start.
-//  P2. kda_decode_kernel (kda_decode_kernel.cuh) on the column blocks of conv.y, launched to
-//      overlap P1: its CTAs load their state rows while P1 runs (P1 writes no state) and wait
-//      for P1 before reading q, k, v. dec.conv_W / conv_R make it treat the rows P1 skips as null.
+//  P2. kda_decode_launch's kernel on the column blocks of conv.y, launched to overlap P1: the
+//      head kernel (kda_decode_head_kernel.cuh, which applies the norm) or the row-block kernel
+//      (kda_decode_kernel.cuh). Its CTAs load their first state rows while P1 runs (P1 writes no
+//      state) and wait for P1 before reading q, k, v. dec.conv_W / conv_R make it treat the rows
+//      P1 skips as null.
 //
 // Measured on an H100 (bench_decode, benchmarks/results/bench_decode-*-84aff01.json), one kernel
 // for the whole step was slower than this pair at every B >= 64: 1.10-1.34x with one CTA per
@@ -204,9 +207,9 @@ kda_fused_norm_kernel(const __grid_constant__ KdaDecodeFusedParams p) {
   const int t = (int)(nt % dp.T);
   const int64_t n = nt / dp.T;
   __nv_bfloat16* o = static_cast<__nv_bfloat16*>(dp.o) + n * dp.o_sb + t * dp.o_st + h * dp.o_sh;
-  const __nv_bfloat16* gt = static_cast<const __nv_bfloat16*>(p.out_gate) + n * p.gate_sb +
-                            t * p.gate_st + h * p.gate_sh;
-  gated_rms_norm_row<false>(o, gt, o, p.norm_weight, p.norm_weight_bf16, p.norm_eps, lane);
+  const DecodeNormArgs& nm = dp.norm;
+  const __nv_bfloat16* gt = static_cast<const __nv_bfloat16*>(nm.gate) + n * nm.gate_sb + t * nm.gate_st + h * nm.gate_sh;
+  gated_rms_norm_row<false>(o, gt, o, nm.weight, nm.weight_bf16, nm.eps, lane);
 }
 
 }  // namespace kda

@@ -51,6 +51,7 @@ static cudaError_t launch_pair(const KdaDecodeFusedParams& p, cudaStream_t strea
   dec.q_st = dec.k_st = dec.v_st = p.conv.y_st;
   dec.q_sh = dec.k_sh = dec.v_sh = kHeadDim;
   dec.early_state = true;  // P1 writes no state: the state rows load while it runs
+  if (!decode_uses_head_kernel(dec)) dec.norm.gate = nullptr;  // the norm kernel runs after it
   return kda_decode_launch(dec, stream);
 }
 
@@ -59,7 +60,8 @@ cudaError_t kda_decode_fused_launch(const KdaDecodeFusedParams& p, cudaStream_t 
   const cudaError_t err =
       fused_uses_pair(p.path, p.dec.T) ? launch_pair(p, stream) : launch_three_kernels(p, stream);
   if (err != cudaSuccess) return err;
-  if (p.out_gate) {
+  // The head kernel normalised the output already (launch_pair).
+  if (p.dec.norm.gate && !(fused_uses_pair(p.path, p.dec.T) && decode_uses_head_kernel(p.dec))) {
     const long long rows = (long long)p.dec.B * p.dec.T * p.dec.H;
     kda_fused_norm_kernel<<<(unsigned)((rows + kWarps - 1) / kWarps), kThreads, 0, stream>>>(p);
   }

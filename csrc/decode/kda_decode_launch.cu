@@ -1,5 +1,6 @@
-// Launch code for KDA decode: picks the row block and state dtype instantiation.
-#include "kda_decode_kernel.cuh"
+// Launch code for KDA decode: picks the kernel (head or row-block), the row block and the state
+// dtype instantiation.
+#include "kda_decode_head_kernel.cuh"
 #include "../common/launch_utils.h"
 
 namespace kda {
@@ -15,6 +16,9 @@ static cudaError_t launch(const KdaDecodeParams& p, cudaStream_t stream) {
 
 template <typename StateT>
 static cudaError_t launch_rows(const KdaDecodeParams& p, cudaStream_t stream) {
+  if (decode_uses_head_kernel(p))
+    return launch_overlapping(kda_decode_head_kernel<StateT>, dim3(p.H, p.B), dim3(kThreads), 0, stream, p);
+  if (p.norm.gate) return cudaErrorInvalidValue;  // only the head kernel normalises
   switch (pick_block_rows((long long)p.B * p.H, p.num_sms)) {
     case 32: return launch<32, StateT>(p, stream);
     case 16: return launch<16, StateT>(p, stream);

@@ -43,13 +43,14 @@ extern "C" int emu_conv(int update, const kda::Conv1dParams* p) {
 }
 
 // Layout checks for the ctypes mirrors: sizeof and the offset of the last field of each struct;
-// then the tensor-core prefill's workspace record size and the last fused decode path.
+// then the tensor-core prefill's workspace record size, the last fused decode path and the last
+// decode kernel.
 extern "C" int64_t emu_layout(int which) {
   switch (which) {
     case 0: return sizeof(kda::KdaPrefillParams);
     case 1: return offsetof(kda::KdaPrefillParams, tc_chunk_slots);
     case 2: return sizeof(kda::KdaDecodeParams);
-    case 3: return offsetof(kda::KdaDecodeParams, early_state);
+    case 3: return offsetof(kda::KdaDecodeParams, norm);
     case 4: return sizeof(kda::Conv1dParams);
     case 5: return offsetof(kda::Conv1dParams, vec8_min_elems);
     case 6: return sizeof(kda::KdaDecodeFusedParams);
@@ -58,6 +59,7 @@ extern "C" int64_t emu_layout(int which) {
     case 9: return offsetof(kda::GatedRmsNormParams, eps);
     case 10: return kda::kTcRecordFloats;
     case 11: return kda::kFusedPathRows;
+    case 12: return kda::kDecodeKernelHeads;
   }
   return -1;
 }

@@ -45,6 +45,11 @@ class PrefillParams(C.Structure):
          ("tc_chunk_slots", C.c_int64)]
 
 
+class DecodeNormArgs(C.Structure):
+    _fields_ = [("gate", C.c_void_p), ("gate_sb", C.c_int64), ("gate_st", C.c_int64), ("gate_sh", C.c_int64),
+                ("weight", C.c_void_p), ("weight_bf16", C.c_bool), ("eps", C.c_float)]
+
+
 class DecodeParams(C.Structure):
     _fields_ = [(n, C.c_void_p) for n in ("q", "k", "v", "g", "beta")] + \
         [(f"{t}_{s}", C.c_int64) for t in ("q", "k", "v", "g", "beta") for s in ("sb", "st", "sh")] + \
@@ -53,7 +58,8 @@ class DecodeParams(C.Structure):
          ("verify", C.c_bool), ("num_accepted", C.c_void_p), ("o", C.c_void_p), ("o_sb", C.c_int64),
          ("o_st", C.c_int64), ("o_sh", C.c_int64), ("B", C.c_int), ("T", C.c_int), ("H", C.c_int),
          ("scale", C.c_float), ("has_lower_bound", C.c_bool), ("lower_bound", C.c_float), ("num_sms", C.c_int),
-         ("conv_W", C.c_int), ("conv_R", C.c_int), ("early_state", C.c_bool)]
+         ("conv_W", C.c_int), ("conv_R", C.c_int), ("early_state", C.c_bool), ("kernel", C.c_int),
+         ("norm", DecodeNormArgs)]
 
 
 class ConvParams(C.Structure):
@@ -67,9 +73,7 @@ class ConvParams(C.Structure):
 
 
 class DecodeFusedParams(C.Structure):
-    _fields_ = [("dec", DecodeParams), ("conv", ConvParams), ("out_gate", C.c_void_p), ("gate_sb", C.c_int64),
-                ("gate_st", C.c_int64), ("gate_sh", C.c_int64), ("norm_weight", C.c_void_p),
-                ("norm_weight_bf16", C.c_bool), ("norm_eps", C.c_float), ("path", C.c_int)]
+    _fields_ = [("dec", DecodeParams), ("conv", ConvParams), ("path", C.c_int)]
 
 
 class GatedRmsNormParams(C.Structure):
@@ -78,10 +82,12 @@ class GatedRmsNormParams(C.Structure):
         [("H", C.c_int), ("weight", C.c_void_p), ("weight_bf16", C.c_bool), ("vec", C.c_bool), ("eps", C.c_float)]
 
 
-LAYOUTS = [(PrefillParams, "tc_chunk_slots"), (DecodeParams, "early_state"), (ConvParams, "vec8_min_elems"),
+LAYOUTS = [(PrefillParams, "tc_chunk_slots"), (DecodeParams, "norm"), (ConvParams, "vec8_min_elems"),
            (DecodeFusedParams, "path"), (GatedRmsNormParams, "eps")]
 # kda_decode_fused.h kFused*, by the names KDA_SERVING_FUSED_DECODE_PATH takes.
 FUSED_PATHS = {"auto": 0, "rows": 1}
+# kda_decode.h kDecodeKernel*, by the names KDA_SERVING_DECODE_GRID takes.
+DECODE_KERNELS = {"auto": 0, "rows": 1, "heads": 2}
 
 
 def cuda_include() -> Path | None:
@@ -127,6 +133,8 @@ def build(extra_flags: tuple[str, ...] = ()) -> C.CDLL:
         raise RuntimeError("kda_serving.ops._ext.TC_RECORD_FLOATS does not match csrc/ kTcRecordFloats")
     if so.emu_layout(2 * len(LAYOUTS) + 1) != FUSED_PATHS["rows"]:
         raise RuntimeError("FUSED_PATHS does not match csrc/ kFused*")
+    if so.emu_layout(2 * len(LAYOUTS) + 2) != DECODE_KERNELS["heads"]:
+        raise RuntimeError("DECODE_KERNELS does not match csrc/ kDecodeKernel*")
     so.emu_set_order.argtypes = [C.c_int, C.c_uint64]
     so.emu_prefill.argtypes = [C.c_int, C.POINTER(PrefillParams)]
     so.emu_decode.argtypes = [C.POINTER(DecodeParams)]
@@ -217,7 +225,8 @@ def prefill(lib, kind: str, rows: int, q, k, v, g, beta, A_log, dt_bias, cu_seql
     return out
 
 
-def _decode_params(g, beta, A_log, dt_bias, state_pool, slots, num_accepted, lower_bound, scale, out, rows, keep):
+def _decode_params(g, beta, A_log, dt_bias, state_pool, slots, num_accepted, lower_bound, scale, out, rows, keep,
+                   kernel):
     B, T, H = g.shape[:3]
     s = slots.to(torch.int32).contiguous()
     verify = s.dim() == 2
@@ -231,16 +240,22 @@ def _decode_params(g, beta, A_log, dt_bias, state_pool, slots, num_accepted, low
                      num_accepted=_ptr(keep["acc"]), o=_ptr(out), o_sb=out.stride(0), o_st=out.stride(1),
                      o_sh=out.stride(2), B=B, T=T, H=H, scale=g.shape[-1] ** -0.5 if scale is None else scale,
                      has_lower_bound=lower_bound is not None, lower_bound=lower_bound or 0.0,
-                     num_sms=sms_for_rows("decode", rows, B * H))
+                     num_sms=sms_for_rows("decode", rows, B * H),
+                     kernel=DECODE_KERNELS[kernel or os.environ.get("KDA_SERVING_DECODE_GRID")
+                                           or ("auto" if rows is None else "rows")])
     return p
 
 
 def decode(lib, rows: int, q, k, v, g, beta, A_log, dt_bias, state_pool, slots, num_accepted=None, *,
-           lower_bound=None, scale=None, out=None):
-    """One emulated decode / verify launch on [B, T, H, 128] inputs; slots [B] or [B, C]."""
+           lower_bound=None, scale=None, out=None, kernel=None):
+    """One emulated decode / verify launch on [B, T, H, 128] inputs; slots [B] or [B, C].
+    kernel: "auto", "rows" (the row-block kernel; ``rows`` value rows per CTA) or "heads" (the head
+    kernel, T <= 8); None reads KDA_SERVING_DECODE_GRID as the binding does, and without it takes
+    the row-block kernel when ``rows`` is given, else the launcher's choice."""
     out = torch.empty(v.shape, dtype=torch.bfloat16) if out is None else out
     keep = {}
-    p = _decode_params(g, beta, A_log, dt_bias, state_pool, slots, num_accepted, lower_bound, scale, out, rows, keep)
+    p = _decode_params(g, beta, A_log, dt_bias, state_pool, slots, num_accepted, lower_bound, scale, out, rows, keep,
+                       kernel)
     p.q, p.k, p.v = _ptr(q), _ptr(k), _ptr(v)
     p.q_sb, p.q_st, p.q_sh = q.stride()[:3]
     p.k_sb, p.k_st, p.k_sh = k.stride()[:3]
@@ -309,18 +324,19 @@ def gated_rms_norm(lib, x, gate, weight, eps, out, vec=None):
 
 def decode_fused(lib, rows: int, mixed_qkv, g, beta, A_log, dt_bias, conv_weight, conv_bias, conv_pool, state_pool,
                  slots, num_accepted=None, *, lower_bound=None, scale=None, out_gate=None, norm_weight=None,
-                 norm_eps=1e-6, out=None, path=None, conv_out=None):
+                 norm_eps=1e-6, out=None, path=None, conv_out=None, kernel=None):
     """Emulated kda_decode_fused: conv update + decode / verify (+ gated RMSNorm) from mixed_qkv.
     rows: 8 / 16 / 32 value rows per CTA of the decode kernel, None for the launcher's choice.
     path: "auto" (the conv + decode pair for T <= 8) or "rows" (the three-kernel path); None reads
     KDA_SERVING_FUSED_DECODE_PATH as the binding does. conv_out: the conv outputs' buffer (contiguous
-    bf16, at least B*T*3*H*K elements), as the binding takes it; None allocates one."""
+    bf16, at least B*T*3*H*K elements), as the binding takes it; None allocates one. kernel: the pair
+    path's decode kernel, as for decode()."""
     B, T, H = g.shape[:3]
     out = torch.empty(B, T, H, g.shape[-1], dtype=torch.bfloat16) if out is None else out
     keep = {}
     p = DecodeFusedParams()
     p.dec = _decode_params(g, beta, A_log, dt_bias, state_pool, slots, num_accepted, lower_bound, scale, out, rows,
-                           keep)
+                           keep, kernel)
     p.path = FUSED_PATHS[path or os.environ.get("KDA_SERVING_FUSED_DECODE_PATH") or "auto"]
     p.conv = _conv_layer(mixed_qkv, conv_weight, conv_bias, conv_pool, mixed_qkv.shape[2], keep)
     p.conv.x, p.conv.x_sb, p.conv.x_st = _ptr(mixed_qkv), mixed_qkv.stride(0), mixed_qkv.stride(1)
@@ -333,9 +349,9 @@ def decode_fused(lib, rows: int, mixed_qkv, g, beta, A_log, dt_bias, conv_weight
     p.conv.y, p.conv.y_sb, p.conv.y_st = _ptr(keep["y"]), T * D, D
     if out_gate is not None:
         keep["nw"] = norm_weight.contiguous()
-        p.out_gate, p.gate_sb, p.gate_st, p.gate_sh = _ptr(out_gate), *out_gate.stride()[:3]
-        p.norm_weight, p.norm_weight_bf16 = _ptr(keep["nw"]), norm_weight.dtype == torch.bfloat16
-        p.norm_eps = norm_eps
+        nm = p.dec.norm
+        nm.gate, nm.gate_sb, nm.gate_st, nm.gate_sh = _ptr(out_gate), *out_gate.stride()[:3]
+        nm.weight, nm.weight_bf16, nm.eps = _ptr(keep["nw"]), norm_weight.dtype == torch.bfloat16, norm_eps
     if lib.emu_decode_fused(C.byref(p)) != 0:
         raise RuntimeError("emulated fused decode launch failed")
     return out

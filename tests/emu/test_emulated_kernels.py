@@ -179,9 +179,16 @@ def decode_inputs(B, T, H):
     return q, k, v, g, beta, torch.full((H,), math.log(4.0)), torch.randn(H * D) * 0.5
 
 
+def grid_of(bv):
+    """emulated.decode's rows and kernel for a test's ``bv``: 8 / 16 / 32 value rows per CTA of
+    the row-block kernel, or "heads" for the head kernel."""
+    return (None, "heads") if bv == "heads" else (bv, "rows")
+
+
 @pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("bv", [8, 16, 32])
+@pytest.mark.parametrize("bv", [8, 16, 32, "heads"])
 def test_decode_and_verify_vs_reference(lib, bv, pool_dtype):
+    rows, kernel = grid_of(bv)
     H = 2
     pool0 = torch.full((12, H, D, D), POISON).to(pool_dtype)
     for s in range(1, 12):
@@ -190,7 +197,7 @@ def test_decode_and_verify_vs_reference(lib, bv, pool_dtype):
     inp = decode_inputs(4, 1, H)
     slots = torch.tensor([3, 0, 7, -1], dtype=torch.int32)
     ours, ref = pool0.clone(), pool0.clone()
-    o = emulated.decode(lib, bv, *inp, ours, slots)
+    o = emulated.decode(lib, rows, *inp, ours, slots, kernel=kernel)
     o_ref = ops.kda_decode(*inp, state_pool=ref, slots=slots)
     assert not o.isnan().any() and (o[[1, 3]] == 0).all()
     assert rel_rms(o[[0, 2]], o_ref[[0, 2]]) <= TOL
@@ -202,7 +209,7 @@ def test_decode_and_verify_vs_reference(lib, bv, pool_dtype):
     slots = torch.tensor([[1, 2, 4, 5], [6, 8, 9, 10], [0, 0, 0, 0]], dtype=torch.int32)
     acc = torch.tensor([2, 1, 1], dtype=torch.int32)
     ours, ref = pool0.clone(), pool0.clone()
-    o = emulated.decode(lib, bv, *inp, ours, slots, acc)
+    o = emulated.decode(lib, rows, *inp, ours, slots, acc, kernel=kernel)
     o_ref = ops.kda_decode(*inp, state_pool=ref, slots=slots, num_accepted_tokens=acc)
     assert not o.isnan().any() and (o[2] == 0).all()
     assert rel_rms(o[:2], o_ref[:2]) <= TOL
@@ -210,6 +217,32 @@ def test_decode_and_verify_vs_reference(lib, bv, pool_dtype):
     assert rel_rms(ours[written], ref[written]) <= TOL
     others = [s for s in range(12) if s not in written]
     assert torch.equal(ours[others], pool0[others])
+
+
+@pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T,verify", [(1, False), (3, True), (8, True)])
+def test_head_kernel_equals_row_blocks(lib, T, verify, pool_dtype):
+    """The head kernel runs the 32-row kernel's arithmetic on each of its four row blocks: same bits."""
+    H, B = 3, 4
+    pool0 = torch.full((2 + B * T, H, D, D), POISON).to(pool_dtype)
+    for s in range(1, pool0.shape[0] - 1):
+        pool0[s] = (torch.randn(H, D, D) * 0.3).to(pool_dtype)
+    inp = decode_inputs(B, T, H)
+    if verify:
+        slots = torch.arange(1, 1 + B * T, dtype=torch.int32).reshape(B, T)
+        slots[2] = 0  # a null row
+        acc = torch.tensor([1, T, 1, 2], dtype=torch.int32)
+    else:
+        slots, acc = torch.tensor([3, 0, 1, -1], dtype=torch.int32), None
+    results = []
+    for rows, kernel in ((32, "rows"), (None, "heads")):
+        pool = pool0.clone()
+        o = emulated.decode(lib, rows, *inp, pool, slots, acc, kernel=kernel,
+                            out=torch.full((B, T, H, D), float("nan")).bfloat16())
+        results.append((o, pool))
+    (o_rows, p_rows), (o_heads, p_heads) = results
+    assert not o_heads.isnan().any()
+    assert torch.equal(o_heads, o_rows) and torch.equal(p_heads, p_rows)
 
 
 # ------------------------------------------------------------------------------------ conv
@@ -309,10 +342,11 @@ def test_conv_update_kernels_agree(lib, spec):
 
 @pytest.mark.parametrize("norm", [False, True])
 @pytest.mark.parametrize("spec", [False, True])
-@pytest.mark.parametrize("bv", [8, 32])
+@pytest.mark.parametrize("bv", [8, 32, "heads"])
 @pytest.mark.parametrize("x_pad", [0, 4])  # 4: rows not 16-byte aligned, one-channel conv write-back
 @pytest.mark.parametrize("path", ["auto", "rows"])  # the conv + decode pair, the three-kernel path
 def test_fused_decode_vs_reference(lib, bv, spec, norm, x_pad, path):
+    rows, kernel = grid_of(bv)
     H, B, T, W = 2, 3, (3 if spec else 1), 4
     Dm = 3 * H * D
     mixed = torch.randn(B, T, Dm + x_pad).bfloat16()[..., x_pad:]
@@ -332,8 +366,8 @@ def test_fused_decode_vs_reference(lib, bv, spec, norm, x_pad, path):
         slots, acc = torch.tensor([3, 0, 7], dtype=torch.int32), None
     kw = dict(out_gate=torch.randn(B, T, H, D).bfloat16(), norm_weight=torch.rand(D) + 0.5, norm_eps=1e-5) if norm else {}
     c_ours, s_ours, c_ref, s_ref = conv0.clone(), state0.clone(), conv0.clone(), state0.clone()
-    o = emulated.decode_fused(lib, bv, mixed, g, beta, A_log, dt, cw, cb, c_ours, s_ours, slots, acc,
-                              out=torch.full((B, T, H, D), float("nan")).bfloat16(), path=path, **kw)
+    o = emulated.decode_fused(lib, rows, mixed, g, beta, A_log, dt, cw, cb, c_ours, s_ours, slots, acc,
+                              out=torch.full((B, T, H, D), float("nan")).bfloat16(), path=path, kernel=kernel, **kw)
     o_ref = ops.kda_decode_fused(mixed, g, beta, A_log, dt, conv_weight=cw, conv_bias=cb, conv_pool=c_ref,
                                  state_pool=s_ref, slots=slots, num_accepted_tokens=acc, **kw)
     live = [0, 1] if spec else [0, 2]
@@ -365,7 +399,11 @@ def test_decode_kernels_are_independent_of_the_thread_schedule(lib):
         c3, s3 = conv0.clone(), state0.clone()
         o3 = emulated.decode_fused(lib, 16, mixed, g, beta, A_log, dt, cw, cb, c3, s3, slots, acc, out_gate=gate,
                                    norm_weight=nw, path="auto")
-        results.append((o1, o2, c, s1, s2, o3, c3, s3))
+        c4, s4, s5 = conv0.clone(), state0.clone(), state0.clone()
+        o4 = emulated.decode(lib, None, q, k, v, g, beta, A_log, dt, s4, slots, acc, kernel="heads")
+        o5 = emulated.decode_fused(lib, None, mixed, g, beta, A_log, dt, cw, cb, c4, s5, slots, acc, out_gate=gate,
+                                   norm_weight=nw, path="auto", kernel="heads")
+        results.append((o1, o2, c, s1, s2, o3, c3, s3, o4, s4, o5, c4, s5))
     lib.emu_set_order(0, 1)
     for r in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(r, results[0]))

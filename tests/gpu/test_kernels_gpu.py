@@ -80,10 +80,16 @@ def test_prefill_intermediate_states(pool_dtype, idx_dtype, kernel):
     assert torch.equal(inter[-1], torch.full_like(inter[-1], POISON))
 
 
+# KDA_SERVING_DECODE_GRID values: the row-block decode kernel, the head kernel (T <= 8).
+DECODE_GRIDS = ["rows", "heads"]
+
+
 @pytest.mark.parametrize("lower_bound", [None, -5.0])
 @pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("T", [1, 3])
-def test_decode_vs_naive(lower_bound, pool_dtype, T):
+@pytest.mark.parametrize("grid", DECODE_GRIDS)
+def test_decode_vs_naive(lower_bound, pool_dtype, T, grid, monkeypatch):
+    monkeypatch.setenv("KDA_SERVING_DECODE_GRID", grid)
     torch.manual_seed(11 + T)
     B, H = 6, 4
     q, k, v, g, beta, A_log, dt_bias = make_inputs(T, H, lead=(B,), center=None)
@@ -120,7 +126,9 @@ def test_decode_vs_naive(lower_bound, pool_dtype, T):
 
 
 @pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16])
-def test_verify_equals_sequential_decodes(pool_dtype):
+@pytest.mark.parametrize("grid", DECODE_GRIDS)
+def test_verify_equals_sequential_decodes(pool_dtype, grid, monkeypatch):
+    monkeypatch.setenv("KDA_SERVING_DECODE_GRID", grid)
     torch.manual_seed(5)
     B, T, H = 4, 4, 4
     q, k, v, g, beta, A_log, dt_bias = make_inputs(T, H, lead=(B,), center=0.0)
@@ -311,8 +319,15 @@ def test_conv_update_then_decode(graph, pool_dtype):
     assert torch.equal(pools["graph"][1], pools["eager"][1])
 
 
-# KDA_SERVING_FUSED_DECODE_PATH values: the conv + decode pair (T <= 8), the three-kernel path.
-FUSED_PATHS = ["auto", "rows"]
+# (KDA_SERVING_FUSED_DECODE_PATH, KDA_SERVING_DECODE_GRID): the conv + decode pair (T <= 8) with the
+# row-block or the head decode kernel, the three-kernel path.
+FUSED_PATHS = ["auto", "auto+heads", "rows"]
+
+
+def set_fused_path(monkeypatch, path):
+    fused, _, grid = path.partition("+")
+    monkeypatch.setenv("KDA_SERVING_FUSED_DECODE_PATH", fused)
+    monkeypatch.setenv("KDA_SERVING_DECODE_GRID", grid or "rows")
 
 
 def fused_case(B, T, H, W, pool_dtype, verify):
@@ -386,7 +401,7 @@ def run_fused(c, lower_bound=None, out_gate=None, norm_weight=None, eps=1e-6, ou
 @pytest.mark.parametrize("B,H", [(6, 4), (1, 1), (8, 32)])  # row blocks 16, 8 and 32
 @pytest.mark.parametrize("path", FUSED_PATHS)
 def test_decode_fused_vs_reference_and_gold(lower_bound, pool_dtype, norm, W, T, verify, B, H, path, monkeypatch):
-    monkeypatch.setenv("KDA_SERVING_FUSED_DECODE_PATH", path)
+    set_fused_path(monkeypatch, path)
     torch.manual_seed(hash((lower_bound, str(pool_dtype), norm, W, T, B, H)) % 2**31)
     c = fused_case(B, T, H, W, pool_dtype, verify)
     out_gate = torch.randn(B, T, H, D, device=DEV).bfloat16() if norm else None
@@ -439,7 +454,7 @@ def test_decode_fused_vs_reference_and_gold(lower_bound, pool_dtype, norm, W, T,
 def test_decode_fused_cuda_graph_replay_equals_eager(verify, norm, path, monkeypatch):
     if EMULATE:
         pytest.skip("CUDA graphs need a GPU")
-    monkeypatch.setenv("KDA_SERVING_FUSED_DECODE_PATH", path)
+    set_fused_path(monkeypatch, path)
     torch.manual_seed(7 + verify + 2 * norm)
     B, T, H, W = 8, (3 if verify else 1), 4, 4
     c = fused_case(B, T, H, W, torch.float32, verify)
