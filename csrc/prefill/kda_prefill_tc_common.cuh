@@ -14,8 +14,17 @@ constexpr int kC = 64;           // tokens per chunk (= the checkpoint interval)
 constexpr int kBlk = 16;         // tokens per block
 constexpr int kNB = kC / kBlk;   // blocks per chunk
 constexpr int kK = kHeadDim;     // 128 channels
-constexpr int kThr = 256;
+constexpr int kThr = 256;        // threads of a state-pass CTA
 constexpr int kWarp = kThr / 32;
+// Warps of a prepare-pass CTA (one per SM): 16, four per scheduler, so that the latency of its
+// CUDA-core phases (shared-memory round trips, MUFU and shuffle chains) hides behind other warps.
+// KDA_TC_PREP_WARPS=8 builds the earlier 8-warp CTA (scripts/profile_tc_phases.cu compares both).
+#ifndef KDA_TC_PREP_WARPS
+#define KDA_TC_PREP_WARPS 16
+#endif
+constexpr int kPrepWarp = KDA_TC_PREP_WARPS;
+constexpr int kPrepThr = kPrepWarp * 32;
+static_assert(kPrepWarp == 8 || kPrepWarp == 16, "the prepare pass's warp mappings take 8 or 16 warps");
 static_assert(kC == kCheckpointEvery, "a chunk ends on every checkpoint");
 // Row pitches of the prepare pass's operand arrays in shared memory, padded by 4 floats so that
 // an A-fragment load (8 rows x 4 columns) hits 32 banks; rows stay 16-byte aligned.

@@ -20,7 +20,7 @@ cudaError_t launch_kda_prefill_tc_prepare(const KdaPrefillParams& p, cudaStream_
   if (attr != cudaSuccess) return attr;
   const int64_t items = p.tc_chunk_slots * p.H;  // persistent: at most one CTA per SM
   const int64_t grid = p.num_sms > 0 && p.num_sms < items ? p.num_sms : items;
-  kda_prefill_tc_prepare_kernel<<<(unsigned)grid, tc::kThr, smem, stream>>>(p);
+  kda_prefill_tc_prepare_kernel<<<(unsigned)grid, tc::kPrepThr, smem, stream>>>(p);
   return cudaGetLastError();
 }
 

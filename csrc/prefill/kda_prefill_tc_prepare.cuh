@@ -46,15 +46,17 @@ struct alignas(128) PrepSmem {
 
 }  // namespace tc
 
-// Persistent: grid = min(work items, SMs), tc::kThr threads, dynamic smem sizeof(tc::PrepSmem);
+// Persistent: grid = min(work items, SMs), tc::kPrepThr threads, dynamic smem sizeof(tc::PrepSmem);
 // CTA b takes work items b, b + grid, ... (item = chunk slot * H + head). Slots past a sequence's
 // chunks, and sequences with a null slot, have nothing to do. The next item's q, k, g, beta loads
 // are issued as soon as this item's are unpacked, so their latency overlaps this item's work
 // instead of stalling the CTA (one per SM); that takes 8-byte aligned rows (qkg_rows_aligned),
 // else the 2-byte loads wait where they are issued.
-__global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_prepare_kernel(const KdaPrefillParams p) {
+__global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel(const KdaPrefillParams p) {
   using namespace tc;
-  constexpr int kPer = kC / kWarp;  // tokens per warp in the per-token passes
+  constexpr int kPer = kC / kPrepWarp;  // tokens per warp in the per-token passes
+  constexpr int kGroups = kPrepThr / kK;  // thread groups of the per-channel passes
+  constexpr int kBPG = kNB / kGroups;     // blocks per group
   extern __shared__ __align__(128) unsigned char smem_raw[];
   PrepSmem& sm = *reinterpret_cast<PrepSmem*>(smem_raw);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
@@ -62,7 +64,7 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_prepare_kernel(con
   const int64_t base_tok = load_index(p.cu_seqlens, p.cu_seqlens_64, 0);
   const int64_t items = p.tc_chunk_slots * p.H, stride = grid_ctas();
   const int ch = tid % kK;          // channel of this thread in the per-channel passes
-  const int half = tid / kK;        // which two blocks of the chunk it walks
+  const int grp = tid / kK;         // which kBPG blocks of the chunk it walks
   const int c4 = lane * 4;          // first of the 4 channels of this lane in the per-token passes
   const bool vec = qkg_rows_aligned(p);
   // Item `item` of sequence n (found by next_prep_item): its tokens and first token t0.
@@ -116,7 +118,7 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_prepare_kernel(con
       const float inv = rsqrtf(RowReduce<2 * kPer, 16>::run(part, lane) + 1e-6f) * (row < kPer ? p.scale : 1.f);
 #pragma unroll
       for (int m = 0; m < kPer; ++m) {
-        const int i = warp + m * kWarp;
+        const int i = warp + m * kPrepWarp;
         const float rq = __shfl_sync(0xffffffffu, inv, lane_of_row<2 * kPer>(m));
         const float rk = __shfl_sync(0xffffffffu, inv, lane_of_row<2 * kPer>(kPer + m));
         *reinterpret_cast<float4*>(&sm.Qr[i][c4]) =
@@ -134,7 +136,7 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_prepare_kernel(con
       }
 #pragma unroll 1
       for (int m = 0; m < kPer; ++m) {
-        const int i = warp + m * kWarp;
+        const int i = warp + m * kPrepWarp;
         const bool live = i < nt;
         const float4 g4 = *reinterpret_cast<const float4*>(&sm.r1.al[i][c4]);
         const float g[4] = {g4.x, g4.y, g4.z, g4.w};
@@ -149,8 +151,8 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_prepare_kernel(con
     __syncthreads();
     KDA_TC_MARK(0);
 
-    // 2a. Block totals of the decays; thread = (channel, two blocks).
-    for (int b = 2 * half; b < 2 * half + 2; ++b) {
+    // 2a. Block totals of the decays; thread = (channel, kBPG blocks).
+    for (int b = grp * kBPG; b < (grp + 1) * kBPG; ++b) {
       float P = 1.f;
       for (int i = b * kBlk; i < (b + 1) * kBlk; ++i) P *= sm.r1.al[i][ch];
       sm.Ptot[b][ch] = P;
@@ -164,7 +166,7 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_prepare_kernel(con
     //     E = prod_{j<t<=i} a_t. The 17 + 15 partial dot products (A_qk for every step, A_kk for
     //     steps 2..16) stay in registers; one reduce-scatter over the warp (RowReduce, 31 shuffles)
     //     then leaves lane L with the full sum of value L. Rows past the end are zero in Qr / Kq.
-    for (int pair = warp; pair < kNB * kBlk / 2; pair += kWarp) {
+    for (int pair = warp; pair < kNB * kBlk / 2; pair += kPrepWarp) {
       const int i0 = pair / (kBlk / 2) * kBlk, jj = pair % (kBlk / 2);
       const int j1 = i0 + jj, j2 = i0 + kBlk - 1 - jj;
       const int sw = kBlk + 1 - jj;  // first step of column j2's rows below its diagonal
@@ -221,7 +223,7 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_prepare_kernel(con
     }
     // 2c. Block-local decayed operands, in place: Kb = k Rloc (backward products, from the
     //     undecayed Kq), then Qr = q Ploc and Kq = k Ploc (forward products).
-    for (int b = 2 * half; b < 2 * half + 2; ++b) {
+    for (int b = grp * kBPG; b < (grp + 1) * kBPG; ++b) {
       float R = 1.f;
       for (int j = (b + 1) * kBlk - 1; j >= b * kBlk; --j) {
         sm.Kb[j][ch] = sm.Kq[j][ch] * R;
@@ -273,7 +275,7 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_prepare_kernel(con
           *reinterpret_cast<float2*>(&sm.Akk[r + 8][c]) = make_float2(acck[nt][2], acck[nt][3]);
         }
       } else {
-        for (int idx = (warp - kJobs) * 32 + lane; idx < kJobs * kBlk * kBlk; idx += (kWarp - kJobs) * 32) {
+        for (int idx = (warp - kJobs) * 32 + lane; idx < kJobs * kBlk * kBlk; idx += (kPrepWarp - kJobs) * 32) {
           const int job = idx / (kBlk * kBlk), r = (idx / kBlk) % kBlk, c = idx % kBlk;
           int I = 1, J = job;
           while (J >= I) { J -= I; ++I; }
@@ -287,7 +289,7 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_prepare_kernel(con
 
     // 4a. beta into A_kk rows; T's diagonal blocks by forward substitution (thread = block,
     //     column); T's blocks above the diagonal are zero.
-    for (int idx = tid; idx < kC * kC; idx += kThr) sm.Akk[idx / kC][idx % kC] *= sm.beta[idx / kC];
+    for (int idx = tid; idx < kC * kC; idx += kPrepThr) sm.Akk[idx / kC][idx % kC] *= sm.beta[idx / kC];
     __syncthreads();
     KDA_TC_MARK(4);
     if (tid < kC) {
@@ -306,14 +308,14 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_prepare_kernel(con
 #pragma unroll
       for (int r = 0; r < kBlk; ++r) sm.r1.tu.T[lo + r][j] = col[r];
     } else {
-      for (int idx = tid - kC; idx < kC * kC; idx += kThr - kC) {
+      for (int idx = tid - kC; idx < kC * kC; idx += kPrepThr - kC) {
         const int i = idx / kC, j = idx % kC;
         if (j / kBlk > i / kBlk) sm.r1.tu.T[i][j] = 0.f;
       }
     }
     // 5. Chunk-level operands: Qe = Qr pre, Ke = Kq pre, Kd = Kb post (T is not read here), 4
     //    channels per step.
-    for (int idx = tid; idx < kC * kK / 4; idx += kThr) {
+    for (int idx = tid; idx < kC * kK / 4; idx += kPrepThr) {
       const int i = idx / (kK / 4), c = idx % (kK / 4) * 4, b = i / kBlk;
       const float4 pr = *reinterpret_cast<const float4*>(&sm.pre[b][c]);
       const float4 po = *reinterpret_cast<const float4*>(&sm.post[b][c]);
@@ -329,8 +331,8 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_prepare_kernel(con
     KDA_TC_MARK(5);
 
     // v's loads (this chunk's, for phase 6) in flight during 4b.
-    const int vi0 = tid / 16, vr8 = tid % 16 * 8;  // tokens vi0 + 16m, value rows vr8 .. vr8+7
-    uint4 vraw[4];
+    const int vi0 = tid / 16, vr8 = tid % 16 * 8;  // tokens vi0 + kVStride m, value rows vr8 .. vr8+7
+    uint4 vraw[kVPer];
     issue_v_loads(p, tv, t0, nt, vi0, vr8, rows_aligned(tv.v, p.v_st, 16), vraw);
 
     // 4b. T's blocks below the diagonal, by distance d = I - J:
@@ -341,7 +343,7 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_prepare_kernel(con
     constexpr int kQuads = kBlk * kBlk / 4;  // 4-column pieces of a 16 x 16 tile
     for (int d = 1; d < kNB; ++d) {
       const int tiles = kNB - d;
-      for (int idx = tid; idx < tiles * kQuads; idx += kThr) {
+      for (int idx = tid; idx < tiles * kQuads; idx += kPrepThr) {
         const int J = idx / kQuads, I = J + d, r = (idx / 4) % kBlk, c = idx % 4 * 4;
         float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
         for (int col = J * kBlk; col < I * kBlk; ++col) {
@@ -352,7 +354,7 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_prepare_kernel(con
         *reinterpret_cast<float4*>(&X[J * kBlk * kBlk + r * kBlk + c]) = x;
       }
       __syncthreads();
-      for (int idx = tid; idx < tiles * kQuads; idx += kThr) {
+      for (int idx = tid; idx < tiles * kQuads; idx += kPrepThr) {
         const int J = idx / kQuads, I = J + d, r = (idx / 4) % kBlk, c = idx % 4 * 4;
         const float* Xt = X + J * kBlk * kBlk;
         float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
@@ -372,7 +374,7 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_prepare_kernel(con
 
     // 6. The record: Qe, Kd, A_qk (TF32) and EL out; then beta v goes to the Qr area and beta
     //    into the Ke rows (both TF32), and the WY factors u = T (beta v), w = T (beta Ke) run on
-    //    tensor cores (mma.sync m16n8k8; warp = 16 tokens x 64 columns), stored from the
+    //    tensor cores (mma.sync m16n8k8; warp = 16 tokens x kCols columns), stored from the
     //    accumulators (8 rows x 32 bytes per store).
     float* rec = chunk_record(p, cslot, h);
     store_rows<true>(rec + kRecQe, &sm.Qr[0][0], kLdK, kK);
@@ -381,8 +383,8 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_prepare_kernel(con
     if (tid < kK) rec[kRecEL + tid] = sm.EL[tid];
     __syncthreads();  // Qe is out: its area is free
 #pragma unroll
-    for (int m = 0; m < 4; ++m) {
-      const int i = vi0 + 16 * m;
+    for (int m = 0; m < kVPer; ++m) {
+      const int i = vi0 + kVStride * m;
       const float b = sm.beta[i];
       float vv[8];
       const unsigned vw[4] = {vraw[m].x, vraw[m].y, vraw[m].z, vraw[m].w};
@@ -399,24 +401,25 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_prepare_kernel(con
       }
     }
     __syncthreads();
-    const int tm = warp / 2, n0 = (warp % 2) * 64;
+    constexpr int kColWarps = kPrepWarp / (kC / 16), kCols = kK / kColWarps, kNJ = kCols / 8;
+    const int tm = warp / kColWarps, n0 = (warp % kColWarps) * kCols;
 #pragma unroll 1
     for (int out = 0; out < 2; ++out) {
       const float(*B)[kLdK] = out == 0 ? sm.Qr : sm.Kq;
-      float acc[8][4] = {};
+      float acc[kNJ][4] = {};
 #pragma unroll
       for (int ks = 0; ks < kC / 8; ++ks) {
         const float* tr = &sm.r1.tu.T[tm * 16 + g][8 * ks + t4];
         const uint32_t a[4] = {to_tf32(tr[0]), to_tf32(tr[8 * kLdC]), to_tf32(tr[4]), to_tf32(tr[8 * kLdC + 4])};
 #pragma unroll
-        for (int j = 0; j < 8; ++j) {
+        for (int j = 0; j < kNJ; ++j) {
           const float* br = &B[8 * ks + t4][n0 + 8 * j + g];
           mma_tf32(acc[j], a, __float_as_uint(br[0]), __float_as_uint(br[4 * kLdK]));
         }
       }
       float* dst = rec + (out == 0 ? kRecU : kRecW) + (tm * 16 + g) * kK + n0 + 2 * t4;
 #pragma unroll
-      for (int j = 0; j < 8; ++j) {
+      for (int j = 0; j < kNJ; ++j) {
         if (out == 1)
 #pragma unroll
           for (int e = 0; e < 4; ++e) acc[j][e] = tf32_round(acc[j][e]);  // w: TF32 (u enters fp32 math)

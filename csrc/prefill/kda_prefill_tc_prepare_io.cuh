@@ -67,7 +67,7 @@ __device__ __forceinline__ bool qkg_rows_aligned(const KdaPrefillParams& p) {
   return ok(p.q, p.q_st, p.q_sh) && ok(p.k, p.k_st, p.k_sh) && ok(p.g, p.g_st, p.g_sh);
 }
 
-// A chunk's q, k, g, beta as loaded (bf16), one warp per token t0 + warp + 8m, 4 channels per lane
+// A chunk's q, k, g, beta as loaded (bf16), one warp per token t0 + warp + kPrepWarp m, 4 channels per lane
 // from c4, zero past the end: kept raw so that the loads can be issued a chunk ahead and only
 // waited for when unpacked. Row pointers stepped per token.
 template <int kPer>
@@ -84,7 +84,7 @@ __device__ __forceinline__ void issue_chunk_loads(const KdaPrefillParams& p, con
   const __nv_bfloat16 *gp = tv.g + t * p.g_st + c4, *bp = tv.beta + t * p.beta_st;
 #pragma unroll
   for (int m = 0; m < kPer; ++m) {
-    if (warp + m * kWarp < nt) {
+    if (warp + m * kPrepWarp < nt) {
       r.q[m] = ld_raw4(qp, vec);
       r.k[m] = ld_raw4(kp, vec);
       r.g[m] = ld_raw4(gp, vec);
@@ -93,7 +93,7 @@ __device__ __forceinline__ void issue_chunk_loads(const KdaPrefillParams& p, con
       r.q[m] = r.k[m] = r.g[m] = make_uint2(0u, 0u);
       r.beta[m] = __float2bfloat16(0.f);
     }
-    qp += kWarp * p.q_st; kp += kWarp * p.k_st; gp += kWarp * p.g_st; bp += kWarp * p.beta_st;
+    qp += kPrepWarp * p.q_st; kp += kPrepWarp * p.k_st; gp += kPrepWarp * p.g_st; bp += kPrepWarp * p.beta_st;
   }
 }
 
@@ -123,13 +123,18 @@ __device__ __forceinline__ int64_t next_prep_item(const KdaPrefillParams& p, int
   return items;
 }
 
-// Phase 6's v, issued early: value rows r8 .. r8+7 of tokens t0 + i0 + 16m (m < 4), zero past
-// the end; vec: 16-byte loads (rows 16-byte aligned).
+// Phase 6's v: thread tid takes value rows r8 .. r8+7 (r8 = tid % 16 * 8) of the kVPer tokens
+// tid / 16 + kVStride m.
+constexpr int kVStride = kPrepThr / 16, kVPer = kC / kVStride;
+
+// Phase 6's v, issued early: value rows r8 .. r8+7 of tokens t0 + i0 + kVStride m, zero past the
+// end; vec: 16-byte loads (rows 16-byte aligned).
 __device__ __forceinline__ void issue_v_loads(const KdaPrefillParams& p, const TokenView& tv, int t0, int nt, int i0,
-                                              int r8, bool vec, uint4 (&raw)[4]) {
+                                              int r8, bool vec, uint4 (&raw)[kVPer]) {
   const __nv_bfloat16* vp = tv.v + (int64_t)(t0 + i0) * p.v_st + r8;
 #pragma unroll
-  for (int m = 0; m < 4; ++m, vp += 16 * p.v_st) raw[m] = i0 + 16 * m < nt ? ld_raw8(vp, vec) : make_uint4(0u, 0u, 0u, 0u);
+  for (int m = 0; m < kVPer; ++m, vp += kVStride * p.v_st)
+    raw[m] = i0 + kVStride * m < nt ? ld_raw8(vp, vec) : make_uint4(0u, 0u, 0u, 0u);
 }
 
 // A [64 x cols] shared array (row pitch ld) to a record field, 16 bytes per store, coalesced.
@@ -138,7 +143,7 @@ template <bool kTf32>
 __device__ __forceinline__ void store_rows(float* dst, const float* src, int ld, int cols) {
   const int per_row = cols / 4;
 #pragma unroll 2
-  for (int idx = threadIdx.x; idx < kC * per_row; idx += kThr) {
+  for (int idx = threadIdx.x; idx < kC * per_row; idx += kPrepThr) {
     const int i = idx / per_row, c = idx % per_row * 4;
     float4 x = *reinterpret_cast<const float4*>(src + i * ld + c);
     if constexpr (kTf32) {
