@@ -10,7 +10,10 @@ One decode step of one layer for B sequences, one token each. Timed region, per 
 - "fused" (ours only): ``ops.kda_decode_fused``, the conv update and the KDA step from mixed_qkv
   in one call (what the backend runs for decode), on the same pools and inputs as "total", with
   the extension's choice of kernels; "fused_rows": the same call on its three-kernel path
-  (KDA_SERVING_FUSED_DECODE_PATH=rows at capture).
+  (KDA_SERVING_FUSED_DECODE_PATH=rows at capture). "fused_norm": the fused call with the gated
+  RMSNorm of the output (out_gate, norm weight), as the backend runs it for Kimi-Linear. The
+  "_rowgrid" / "_heads" variants force the row-block / head decode kernel (KDA_SERVING_DECODE_GRID)
+  where the plain ones take the launcher's choice.
 - "kda": the KDA call alone on contiguous q, k, v, g, beta (same for both).
 Each graph replays many calls, cycling over input sets on disjoint slots so the states touched
 exceed twice the L2 cache; the number is the median replay time over the calls it holds.
@@ -42,6 +45,22 @@ def l2_bytes(device) -> int:
     return getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20)
 
 
+def with_env(fn, **env):
+    """fn run with the KDA_SERVING_* switches in env set (the extension reads them at each call)."""
+    def run():
+        old = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            return fn()
+        finally:
+            for k, v in old.items():
+                if v is None:
+                    del os.environ[k]
+                else:
+                    os.environ[k] = v
+    return run
+
+
 class DecodeCase:
     """Pools and ``nsets`` input sets on disjoint slots for one (B, H, pool dtype)."""
 
@@ -63,6 +82,8 @@ class DecodeCase:
         self.A_log = torch.rand(H, device=device)
         self.dt_bias = torch.rand(H * d, device=device)
         self.out = torch.empty(B, 1, H, d, **bf)
+        self.out_gate = torch.randn(B, 1, H, d, **bf)
+        self.norm_weight = torch.rand(d, device=device) + 0.5
 
     def total_fn(self, impl, i, lb):
         """conv update + KDA decode for input set i, with ``impl`` = kda_serving.ops or fla_ops."""
@@ -77,23 +98,16 @@ class DecodeCase:
                                    out=self.out)
         return fn
 
-    def fused_fn(self, i, lb):
+    def fused_fn(self, i, lb, norm=False):
         B, P = self.B, self.H * self.d
+        kw = dict(out_gate=self.out_gate, norm_weight=self.norm_weight) if norm else {}
         return lambda: ops.kda_decode_fused(self.mixed[i].view(B, 1, 3 * P), self.g[i], self.beta[i], self.A_log,
                                             self.dt_bias, conv_weight=self.weight, conv_pool=self.conv_pool,
                                             state_pool=self.state_pool, slots=self.slots[i], lower_bound=lb,
-                                            out=self.out)
+                                            out=self.out, **kw)
 
     def fused_rows_fn(self, i, lb):
-        fn = self.fused_fn(i, lb)
-
-        def on_rows_path():
-            os.environ["KDA_SERVING_FUSED_DECODE_PATH"] = "rows"  # read by the extension at each call
-            try:
-                return fn()
-            finally:
-                del os.environ["KDA_SERVING_FUSED_DECODE_PATH"]
-        return on_rows_path
+        return with_env(self.fused_fn(i, lb), KDA_SERVING_FUSED_DECODE_PATH="rows")
 
     def kda_fn(self, impl, i, lb):
         q, k, v = self.qkv[i]
@@ -154,6 +168,12 @@ def run_case(B, H, d, pool_name, lb, device, bandwidth, fla_reason, samples, min
              for name, impl in impls for part, make in (("", case.total_fn), ("_kda", case.kda_fn))}
     timed["ours_fused"] = [case.fused_fn(i, lb) for i in range(nsets)]
     timed["ours_fused_rows"] = [case.fused_rows_fn(i, lb) for i in range(nsets)]
+    for norm in ("", "_norm"):
+        timed[f"ours_fused{norm}_rowgrid"] = [with_env(case.fused_fn(i, lb, bool(norm)), KDA_SERVING_DECODE_GRID="rows")
+                                              for i in range(nsets)]
+        timed[f"ours_fused{norm}_heads"] = [with_env(case.fused_fn(i, lb, bool(norm)), KDA_SERVING_DECODE_GRID="heads")
+                                            for i in range(nsets)]
+    timed["ours_fused_norm"] = [case.fused_fn(i, lb, True) for i in range(nsets)]
     for key, fns in timed.items():
         try:
             row[f"{key}_us"] = bc.graph_time_ms(fns, device, reps=reps, samples=samples) * 1e3
@@ -163,6 +183,8 @@ def run_case(B, H, d, pool_name, lb, device, bandwidth, fla_reason, samples, min
     row["fused_speedup_vs_fla"] = bc.ratio(row["fla_us"], row["ours_fused_us"])
     row["fused_hbm_floor_fraction"] = bc.ratio(row["floor_us"], row["ours_fused_us"])
     row["fused_rows_hbm_floor_fraction"] = bc.ratio(row["floor_us"], row.get("ours_fused_rows_us"))
+    row["norm_floor_us"] = row["floor_us"] + bc.floor_ms(B * H * d * 2, bandwidth) * 1e3  # + out_gate read
+    row["fused_norm_hbm_floor_fraction"] = bc.ratio(row["norm_floor_us"], row.get("ours_fused_norm_us"))
     row["kda_speedup_vs_fla"] = bc.ratio(row["fla_kda_us"], row["ours_kda_us"])
     row["hbm_floor_fraction"] = bc.ratio(row["floor_us"], row["ours_us"])
     row["kda_hbm_floor_fraction"] = bc.ratio(row["kda_floor_us"], row["ours_kda_us"])
@@ -174,7 +196,10 @@ def run_case(B, H, d, pool_name, lb, device, bandwidth, fla_reason, samples, min
 COLUMNS = [("case", "case"), ("ours_us", "ours us"), ("ours_fused_us", "fused us"), ("fla_us", "fla us"),
            ("speedup_vs_fla", "speedup"), ("fused_speedup_vs_fla", "fused speedup"),
            ("fused_hbm_floor_fraction", "fused floor frac"),
-           ("ours_fused_rows_us", "rows us"),
+           ("ours_fused_rows_us", "rows us"), ("ours_fused_rowgrid_us", "rowgrid us"),
+           ("ours_fused_heads_us", "heads us"), ("ours_fused_norm_us", "norm us"),
+           ("ours_fused_norm_rowgrid_us", "norm rowgrid us"), ("ours_fused_norm_heads_us", "norm heads us"),
+           ("fused_norm_hbm_floor_fraction", "norm floor frac"),
            ("floor_us", "floor us"), ("hbm_floor_fraction", "floor frac"),
            ("fla_hbm_floor_fraction", "fla floor frac"), ("ours_kda_us", "kda us"),
            ("fla_kda_us", "fla kda us"), ("kda_speedup_vs_fla", "kda speedup"),
