@@ -20,8 +20,12 @@ struct DecodeNormArgs {
 // (row, head, 8/16/32 value rows)) or the head kernel (one CTA per (row, head), T <= kHeadMaxT).
 constexpr int kDecodeKernelAuto = 0, kDecodeKernelRows = 1, kDecodeKernelHeads = 2;
 constexpr int kHeadMaxT = 8;
-// auto takes the head kernel from this many (row, head) pairs per SM: below, its CTAs (four
-// 32-row blocks in sequence) would leave SMs idle that the row-block kernel's 4x more CTAs fill.
+// auto takes the head kernel from this many (row, head) pairs per SM, for a bf16 pool or with the
+// norm fused: below, its CTAs (four 32-row blocks in sequence) leave SMs idle that the row-block
+// kernel's 4x more CTAs fill (B16 H8: 1.09-1.35x slower on an H100). From B x H = 512 up, with
+// the norm it was 1.00-1.05x faster on fp32 pools and 1.12-1.25x on bf16 ones; without it
+// 1.10-1.20x faster on bf16 pools and 1.01-1.03x slower on fp32 ones
+// (benchmarks/results/bench_decode-nvidia-h100-80gb-hbm3-c3ff5f8.json).
 constexpr int kHeadMinSeqHeadsPerSm = 2;
 
 struct KdaDecodeParams {
@@ -70,7 +74,8 @@ struct KdaDecodeParams {
 // Whether kda_decode_launch runs the head kernel for p.
 inline bool decode_uses_head_kernel(const KdaDecodeParams& p) {
   if (p.T > kHeadMaxT || p.kernel == kDecodeKernelRows) return false;
-  return p.kernel == kDecodeKernelHeads || (long long)p.B * p.H >= (long long)kHeadMinSeqHeadsPerSm * p.num_sms;
+  if (p.kernel == kDecodeKernelHeads) return true;
+  return (p.state_bf16 || p.norm.gate) && (long long)p.B * p.H >= (long long)kHeadMinSeqHeadsPerSm * p.num_sms;
 }
 
 cudaError_t kda_decode_launch(const KdaDecodeParams& p, cudaStream_t stream);
