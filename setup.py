@@ -63,9 +63,9 @@ def _extensions():
         sources=sources,
         include_dirs=include_dirs,
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++17"],
+            "cxx": ["-O3", "-std=c++20"],
             # Accurate expf: no --use_fast_math.
-            "nvcc": ["-O3", "-std=c++17", "-gencode", "arch=compute_90a,code=sm_90a",
+            "nvcc": ["-O3", "-std=c++20", "-gencode", "arch=compute_90a,code=sm_90a",
                      "-lineinfo", "--expt-relaxed-constexpr"],
         },
     )

@@ -99,13 +99,24 @@ constexpr int64_t kDim = 128;  // K = V
 
 #define KDA_CHECK(cond, ...) TORCH_CHECK(cond, "kda_serving: ", __VA_ARGS__)
 
+// Error messages format shapes, devices and dtypes as std::string themselves: streaming a
+// Tensor's sizes() into TORCH_CHECK's message crashed the process (SIGSEGV) with torch
+// 2.11.0+cu130 on the GPU machine instead of raising.
+std::string shape(const Tensor& t) {
+  std::string s = "[";
+  for (int64_t i = 0; i < t.dim(); ++i) s += (i ? ", " : "") + std::to_string(t.size(i));
+  return s + "]";
+}
+std::string device_name(const Tensor& t) { return t.device().str(); }
+const char* dtype_name(at::ScalarType st) { return c10::toString(st); }
+
 void check_cuda(const Tensor& t, const char* name, const Tensor& ref) {
   KDA_CHECK(t.is_cuda(), name, " must be a CUDA tensor");
-  KDA_CHECK(t.device() == ref.device(), name, " must be on ", ref.device(), ", got ", t.device());
+  KDA_CHECK(t.device() == ref.device(), name, " must be on ", device_name(ref), ", got ", device_name(t));
 }
 
 void check_dtype(const Tensor& t, const char* name, at::ScalarType want) {
-  KDA_CHECK(t.scalar_type() == want, name, " must be ", want, ", got ", t.scalar_type());
+  KDA_CHECK(t.scalar_type() == want, name, " must be ", dtype_name(want), ", got ", dtype_name(t.scalar_type()));
 }
 
 void check_last_contig(const Tensor& t, const char* name) {
@@ -114,7 +125,7 @@ void check_last_contig(const Tensor& t, const char* name) {
 
 bool check_index_tensor(const Tensor& t, const char* name) {
   KDA_CHECK(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong, name,
-            " must be int32 or int64, got ", t.scalar_type());
+            " must be int32 or int64, got ", dtype_name(t.scalar_type()));
   KDA_CHECK(t.dim() == 1 && t.is_contiguous(), name, " must be a contiguous 1-D tensor");
   return t.scalar_type() == at::kLong;
 }
@@ -123,9 +134,9 @@ bool check_index_tensor(const Tensor& t, const char* name) {
 void check_state(const Tensor& s, const char* name, int64_t H, const Tensor& ref) {
   check_cuda(s, name, ref);
   KDA_CHECK(s.scalar_type() == at::kFloat || s.scalar_type() == at::kBFloat16, name,
-            " must be float32 or bfloat16, got ", s.scalar_type());
+            " must be float32 or bfloat16, got ", dtype_name(s.scalar_type()));
   KDA_CHECK(s.dim() == 4 && s.size(1) == H && s.size(2) == kDim && s.size(3) == kDim,
-            name, " must be [S, ", H, ", 128, 128], got ", s.sizes());
+            name, " must be [S, ", H, ", 128, 128], got ", shape(s));
   KDA_CHECK(s.stride(3) == 1 && s.stride(2) == 128 && s.stride(1) == 128 * 128, name,
             " must have packed [H, V, K] per slot");
   KDA_CHECK(s.stride(0) % 8 == 0 && reinterpret_cast<uintptr_t>(s.data_ptr()) % 16 == 0, name,
@@ -153,12 +164,12 @@ void prefill_common(const Tensor& q, const Tensor& k, const Tensor& v, const Ten
                     double scale, const std::optional<Tensor>& inter,
                     const std::optional<Tensor>& inter_offsets, Tensor& out,
                     PrefillLaunch launch, const char* op, const Tensor* tc_workspace = nullptr) {
-  KDA_CHECK(q.dim() == 3 && q.size(2) == kDim, "q must be [Ttot, H, 128], got ", q.sizes());
+  KDA_CHECK(q.dim() == 3 && q.size(2) == kDim, "q must be [Ttot, H, 128], got ", shape(q));
   const int64_t Tt = q.size(0), H = q.size(1);
   const Named tensors[] = {{&q, "q"}, {&k, "k"}, {&g, "g"}, {&v, "v"}, {&out, "out"}};
   for (const auto& [t, name] : tensors) {
     KDA_CHECK(t->dim() == 3 && t->size(0) == Tt && t->size(1) == H && t->size(2) == kDim,
-              name, " must be [", Tt, ", ", H, ", 128], got ", t->sizes());
+              name, " must be [", Tt, ", ", H, ", 128], got ", shape(*t));
     check_cuda(*t, name, q);
     check_dtype(*t, name, at::kBFloat16);
     check_last_contig(*t, name);
@@ -268,12 +279,12 @@ void fill_decode_common(kda::KdaDecodeParams& p, const Tensor& g, const Tensor& 
                         const Tensor& A_log, const Tensor& dt_bias, Tensor& state_pool,
                         const Tensor& slots, const std::optional<Tensor>& num_accepted,
                         std::optional<double> lower_bound, double scale, Tensor& out) {
-  KDA_CHECK(g.dim() == 4 && g.size(3) == kDim, "g must be [B, T, H, 128], got ", g.sizes());
+  KDA_CHECK(g.dim() == 4 && g.size(3) == kDim, "g must be [B, T, H, 128], got ", shape(g));
   const int64_t B = g.size(0), T = g.size(1), H = g.size(2);
   const Named tensors[] = {{&g, "g"}, {&out, "out"}};
   for (const auto& [t, name] : tensors) {
     KDA_CHECK(t->dim() == 4 && t->size(0) == B && t->size(1) == T && t->size(2) == H &&
-              t->size(3) == kDim, name, " must be [", B, ", ", T, ", ", H, ", 128], got ", t->sizes());
+              t->size(3) == kDim, name, " must be [", B, ", ", T, ", ", H, ", 128], got ", shape(*t));
     check_cuda(*t, name, g);
     check_dtype(*t, name, at::kBFloat16);
     check_last_contig(*t, name);
@@ -327,7 +338,7 @@ void kda_decode(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor&
   const Named tensors[] = {{&q, "q"}, {&k, "k"}, {&v, "v"}};
   for (const auto& [t, name] : tensors) {
     KDA_CHECK(t->sizes() == g.sizes(), name, " must be [", p.B, ", ", p.T, ", ", p.H,
-              ", 128], got ", t->sizes());
+              ", 128], got ", shape(*t));
     check_cuda(*t, name, g);
     check_dtype(*t, name, at::kBFloat16);
     check_last_contig(*t, name);
@@ -349,7 +360,7 @@ void fill_conv_layer(kda::Conv1dParams& p, const Tensor& x, const Tensor& weight
   KDA_CHECK(weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kBFloat16,
             "weight must be float32 or bfloat16");
   KDA_CHECK(weight.dim() == 2 && weight.size(0) == D && weight.size(1) >= 1 && weight.size(1) <= 4 &&
-            weight.is_contiguous(), "weight must be contiguous [D, W] with W <= 4, got ", weight.sizes());
+            weight.is_contiguous(), "weight must be contiguous [D, W] with W <= 4, got ", shape(weight));
   if (bias.has_value()) {
     check_cuda(*bias, "bias", x);
     KDA_CHECK(bias->scalar_type() == weight.scalar_type() && bias->numel() == D && bias->is_contiguous(),
@@ -360,7 +371,7 @@ void fill_conv_layer(kda::Conv1dParams& p, const Tensor& x, const Tensor& weight
             "conv_pool must be float32 or bfloat16");
   const int64_t W = weight.size(1);
   KDA_CHECK(conv_pool.dim() == 3 && conv_pool.size(2) == D && conv_pool.size(1) >= W - 1,
-            "conv_pool must be [S, R >= W-1, D], got ", conv_pool.sizes());
+            "conv_pool must be [S, R >= W-1, D], got ", shape(conv_pool));
   p.weight = weight.data_ptr();
   p.bias = bias.has_value() ? bias->data_ptr() : nullptr;
   p.weight_bf16 = weight.scalar_type() == at::kBFloat16;
@@ -463,7 +474,7 @@ void kda_decode_fused(const Tensor& mixed_qkv, const Tensor& g, const Tensor& be
   const int64_t B = p.dec.B, T = p.dec.T, D = 3 * p.dec.H * kDim;
   KDA_CHECK(mixed_qkv.dim() == 3 && mixed_qkv.size(0) == B && mixed_qkv.size(1) == T &&
             mixed_qkv.size(2) == D, "mixed_qkv must be [", B, ", ", T, ", ", D, "], got ",
-            mixed_qkv.sizes());
+            shape(mixed_qkv));
   check_cuda(mixed_qkv, "mixed_qkv", g);
   check_dtype(mixed_qkv, "mixed_qkv", at::kBFloat16);
   check_last_contig(mixed_qkv, "mixed_qkv");
@@ -480,7 +491,7 @@ void kda_decode_fused(const Tensor& mixed_qkv, const Tensor& g, const Tensor& be
     check_cuda(*conv_out, "conv_out", g);
     check_dtype(*conv_out, "conv_out", at::kBFloat16);
     KDA_CHECK(conv_out->is_contiguous() && conv_out->numel() >= B * T * D, "conv_out must be contiguous with at least ",
-              B * T * D, " elements, got ", conv_out->sizes());
+              B * T * D, " elements, got ", shape(*conv_out));
   }
   if (kda::fused_uses_pair(p.path, (int)T)) {
     conv_buf = conv_out.has_value() ? *conv_out : mixed_qkv.new_empty({B, T, D});
@@ -490,13 +501,13 @@ void kda_decode_fused(const Tensor& mixed_qkv, const Tensor& g, const Tensor& be
             "out_gate and norm_weight must be given together");
   if (out_gate.has_value()) {
     KDA_CHECK(out_gate->sizes() == out.sizes(), "out_gate must be [", B, ", ", T, ", ", p.dec.H,
-              ", 128], got ", out_gate->sizes());
+              ", 128], got ", shape(*out_gate));
     check_cuda(*out_gate, "out_gate", g);
     check_dtype(*out_gate, "out_gate", at::kBFloat16);
     check_last_contig(*out_gate, "out_gate");
     check_cuda(*norm_weight, "norm_weight", g);
     KDA_CHECK(norm_weight->scalar_type() == at::kFloat || norm_weight->scalar_type() == at::kBFloat16,
-              "norm_weight must be float32 or bfloat16, got ", norm_weight->scalar_type());
+              "norm_weight must be float32 or bfloat16, got ", dtype_name(norm_weight->scalar_type()));
     KDA_CHECK(norm_weight->numel() == kDim && norm_weight->is_contiguous(),
               "norm_weight must be contiguous [128]");
     KDA_CHECK(norm_eps > 0.0, "norm_eps must be positive");
@@ -515,17 +526,17 @@ void kda_decode_fused(const Tensor& mixed_qkv, const Tensor& g, const Tensor& be
 
 void gated_rms_norm(const Tensor& x, const Tensor& gate, const Tensor& weight, double eps, Tensor& out) {
   KDA_CHECK(x.is_cuda() && x.dim() == 3 && x.size(2) == kDim, "x must be a CUDA [M, H, 128] tensor, got ",
-            x.sizes());
+            shape(x));
   const Named rows[] = {{&x, "x"}, {&gate, "gate"}, {&out, "out"}};
   for (const auto& [t, name] : rows) {
     check_cuda(*t, name, x);
     check_dtype(*t, name, at::kBFloat16);
     check_last_contig(*t, name);
-    KDA_CHECK(t->sizes() == x.sizes(), name, " must be ", x.sizes(), ", got ", t->sizes());
+    KDA_CHECK(t->sizes() == x.sizes(), name, " must be ", shape(x), ", got ", shape(*t));
   }
   check_cuda(weight, "weight", x);
   KDA_CHECK(weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kBFloat16,
-            "weight must be float32 or bfloat16, got ", weight.scalar_type());
+            "weight must be float32 or bfloat16, got ", dtype_name(weight.scalar_type()));
   KDA_CHECK(weight.numel() == kDim && weight.is_contiguous(), "weight must be contiguous [128]");
   KDA_CHECK(eps > 0.0, "eps must be positive");
   kda::GatedRmsNormParams p{};

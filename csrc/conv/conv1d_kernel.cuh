@@ -124,11 +124,7 @@ __device__ __forceinline__ void conv_prefill_window8(const Conv1dParams& p, cons
 // Outputs, eight channels per thread (conv_vec8_ok). grid = (ceil(D / 1024), ceil(Ttot / 64)).
 // The W-1 inputs before each token stay in registers, so a token costs one 16-byte load and
 // one 16-byte store (the one-channel kernel above re-reads W two-byte inputs per token); the
-// taps are summed in the same order, so both give the same bits. The loads run kConvAhead tokens
-// ahead, kept as raw bf16 words until their token is computed: with one load in flight per thread
-// (and its unpacking waiting for it) this kernel ran at a third of the copy bandwidth.
-constexpr int kConvAhead = 4;
-
+// taps are summed in the same order, so both give the same bits.
 __global__ void __launch_bounds__(kConvThreads) conv1d_prefill_out_vec_kernel(const Conv1dParams p) {
   const int d0 = (blockIdx.x * kConvThreads + threadIdx.x) * kConvVec;
   if (d0 >= p.D) return;
@@ -143,35 +139,28 @@ __global__ void __launch_bounds__(kConvThreads) conv1d_prefill_out_vec_kernel(co
     for (int64_t t = t_begin; t < t_end; ++t) st8(y, t * p.y_st + d0, true, zero);
     return;
   }
-  auto ld_raw = [&](int64_t t) { return *reinterpret_cast<const uint4*>(x + t * p.x_st + d0); };
-  uint4 ahead[kConvAhead];  // ahead[j]: x[t] for the next t = j (mod kConvAhead) of the tile
-#pragma unroll
-  for (int j = 0; j < kConvAhead; ++j) ahead[j] = t_begin + j < t_end ? ld_raw(t_begin + j) : make_uint4(0u, 0u, 0u, 0u);
   const ConvTaps8 taps(p, d0);
   ConvSeqCursor seq(p, t_begin);
   int slot = p.slots[seq.n];
   float win[kConvMaxWidth - 1][kConvVec];  // inputs t-(W-1) .. t-1 of sequence seq.n, oldest first
   conv_prefill_window8(p, x, d0, t_begin, seq.bos, slot > 0 && p.has_initial_state[seq.n], slot, win);
-  for (int64_t tb = t_begin; tb < t_end; tb += kConvAhead) {
+  float xn[kConvVec];  // x[t + 1], loaded while token t is computed
+  ld8(x, t_begin * p.x_st + d0, true, xn);
+  for (int64_t t = t_begin; t < t_end; ++t) {
+    float xt[kConvVec], out[kConvVec];
 #pragma unroll
-    for (int j = 0; j < kConvAhead; ++j) {
-      const int64_t t = tb + j;
-      if (t >= t_end) break;
-      const unsigned w[4] = {ahead[j].x, ahead[j].y, ahead[j].z, ahead[j].w};
-      if (t + kConvAhead < t_end) ahead[j] = ld_raw(t + kConvAhead);
-      float xt[kConvVec], out[kConvVec];
-      unpack_bf16(w, xt);
-      if (seq.advance(t)) {
-        slot = p.slots[seq.n];
-        conv_prefill_window8(p, x, d0, t, seq.bos, slot > 0 && p.has_initial_state[seq.n], slot, win);
-      }
-      if (slot <= 0 || t >= seq.end_all) {  // null slot or padding row
-        st8(y, t * p.y_st + d0, true, zero);
-        continue;
-      }
-      taps.step(p, win, xt, out);
-      st8(y, t * p.y_st + d0, true, out);
+    for (int c = 0; c < kConvVec; ++c) xt[c] = xn[c];
+    if (t + 1 < t_end) ld8(x, (t + 1) * p.x_st + d0, true, xn);
+    if (seq.advance(t)) {
+      slot = p.slots[seq.n];
+      conv_prefill_window8(p, x, d0, t, seq.bos, slot > 0 && p.has_initial_state[seq.n], slot, win);
     }
+    if (slot <= 0 || t >= seq.end_all) {  // null slot or padding row
+      st8(y, t * p.y_st + d0, true, zero);
+      continue;
+    }
+    taps.step(p, win, xt, out);
+    st8(y, t * p.y_st + d0, true, out);
   }
 }
 
