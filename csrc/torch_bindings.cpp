@@ -452,12 +452,14 @@ void causal_conv1d_update(const Tensor& x, const Tensor& weight, const std::opti
   KDA_CHECK(err == cudaSuccess, "causal_conv1d_update launch failed: ", cudaGetErrorString(err));
 }
 
-// KDA_SERVING_FUSED_DECODE_PATH=rows keeps the fused decode on its three-kernel path (read on every
-// call, like the prefill selection; for comparisons and tests); unset or auto, the default.
+// KDA_SERVING_FUSED_DECODE_PATH=rows keeps the fused decode on its three-kernel path, =single takes
+// the opt-in single-kernel path for T <= 8 (read on every call, like the prefill selection; for
+// comparisons and tests); unset or auto, the default.
 int fused_path_choice() {
   const char* sel = std::getenv("KDA_SERVING_FUSED_DECODE_PATH");
   if (sel == nullptr || *sel == 0 || std::string(sel) == "auto") return kda::kFusedPathAuto;
-  KDA_CHECK(std::string(sel) == "rows", "KDA_SERVING_FUSED_DECODE_PATH must be auto or rows, got '", sel, "'");
+  if (std::string(sel) == "single") return kda::kFusedPathSingle;
+  KDA_CHECK(std::string(sel) == "rows", "KDA_SERVING_FUSED_DECODE_PATH must be auto, rows or single, got '", sel, "'");
   return kda::kFusedPathRows;
 }
 

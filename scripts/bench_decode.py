@@ -13,7 +13,8 @@ One decode step of one layer for B sequences, one token each. Timed region, per 
   (KDA_SERVING_FUSED_DECODE_PATH=rows at capture). "fused_norm": the fused call with the gated
   RMSNorm of the output (out_gate, norm weight), as the backend runs it for Kimi-Linear. The
   "_rowgrid" / "_heads" variants force the row-block / head decode kernel (KDA_SERVING_DECODE_GRID)
-  where the plain ones take the launcher's choice.
+  where the plain ones take the launcher's choice; "_single" takes the opt-in single-kernel path
+  (KDA_SERVING_FUSED_DECODE_PATH=single).
 - "kda": the KDA call alone on contiguous q, k, v, g, beta (same for both).
 Each graph replays many calls, cycling over input sets on disjoint slots so the states touched
 exceed twice the L2 cache; the number is the median replay time over the calls it holds.
@@ -129,7 +130,8 @@ def cross_check(case, lb, with_fla):
     of each against ours (outputs, states and conv rows of the batch's slots)."""
     slots = case.slots[0].long()
     s0, c0 = case.state_pool.clone(), case.conv_pool.clone()
-    runs = {"ours": case.total_fn(ops, 0, lb), "fused": case.fused_fn(0, lb), "fused_rows": case.fused_rows_fn(0, lb)}
+    runs = {"ours": case.total_fn(ops, 0, lb), "fused": case.fused_fn(0, lb), "fused_rows": case.fused_rows_fn(0, lb),
+            "fused_single": with_env(case.fused_fn(0, lb), KDA_SERVING_FUSED_DECODE_PATH="single")}
     if with_fla:
         runs["fla"] = case.total_fn(fla_ops, 0, lb)
     res = {}
@@ -174,6 +176,9 @@ def run_case(B, H, d, pool_name, lb, device, bandwidth, fla_reason, samples, min
         timed[f"ours_fused{norm}_heads"] = [with_env(case.fused_fn(i, lb, bool(norm)), KDA_SERVING_DECODE_GRID="heads")
                                             for i in range(nsets)]
     timed["ours_fused_norm"] = [case.fused_fn(i, lb, True) for i in range(nsets)]
+    for norm in ("", "_norm"):  # the opt-in single-kernel path
+        timed[f"ours_fused{norm}_single"] = [with_env(case.fused_fn(i, lb, bool(norm)),
+                                                      KDA_SERVING_FUSED_DECODE_PATH="single") for i in range(nsets)]
     for key, fns in timed.items():
         try:
             row[f"{key}_us"] = bc.graph_time_ms(fns, device, reps=reps, samples=samples) * 1e3
@@ -199,7 +204,8 @@ COLUMNS = [("case", "case"), ("ours_us", "ours us"), ("ours_fused_us", "fused us
            ("ours_fused_rows_us", "rows us"), ("ours_fused_rowgrid_us", "rowgrid us"),
            ("ours_fused_heads_us", "heads us"), ("ours_fused_norm_us", "norm us"),
            ("ours_fused_norm_rowgrid_us", "norm rowgrid us"), ("ours_fused_norm_heads_us", "norm heads us"),
-           ("fused_norm_hbm_floor_fraction", "norm floor frac"),
+           ("fused_norm_hbm_floor_fraction", "norm floor frac"), ("ours_fused_single_us", "single us"),
+           ("ours_fused_norm_single_us", "norm single us"),
            ("floor_us", "floor us"), ("hbm_floor_fraction", "floor frac"),
            ("fla_hbm_floor_fraction", "fla floor frac"), ("ours_kda_us", "kda us"),
            ("fla_kda_us", "fla kda us"), ("kda_speedup_vs_fla", "kda speedup"),

@@ -23,17 +23,20 @@ struct KdaDecodeFusedParams {
   Conv1dParams conv;
   // The optional gated RMSNorm of the output is dec.norm: the pair path's decode kernel applies it
   // when it is the head kernel, else the norm kernel runs after it.
-  // Which path runs: kFusedPathAuto (the pair path of kda_decode_fused_kernel.cuh for T <= 8, else
-  // the three-kernel path) or kFusedPathRows (the three-kernel path; KDA_SERVING_FUSED_DECODE_PATH=rows,
-  // for comparisons and tests).
+  // Which path runs (KDA_SERVING_FUSED_DECODE_PATH): kFusedPathAuto (the pair path of
+  // kda_decode_fused_kernel.cuh for T <= 8, else the three-kernel path), kFusedPathRows (the
+  // three-kernel path) or kFusedPathSingle (for T <= kHeadMaxT one kernel, the head kernel with the
+  // conv of its head's channels inside; opt-in until measured).
   int path;
 };
 
-constexpr int kFusedPathAuto = 0, kFusedPathRows = 1;
+constexpr int kFusedPathAuto = 0, kFusedPathRows = 1, kFusedPathSingle = 2;
 constexpr int kPairMaxT = 8;
 
 // Whether a call takes the pair path (and needs conv.y).
-inline bool fused_uses_pair(int path, int T) { return path != kFusedPathRows && T <= kPairMaxT; }
+inline bool fused_uses_pair(int path, int T) { return path == kFusedPathAuto && T <= kPairMaxT; }
+// Whether a call takes the single-kernel path.
+inline bool fused_uses_single(int path, int T) { return path == kFusedPathSingle && T <= kHeadMaxT; }
 
 cudaError_t kda_decode_fused_launch(const KdaDecodeFusedParams& p, cudaStream_t stream);
 

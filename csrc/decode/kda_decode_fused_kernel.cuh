@@ -23,6 +23,9 @@
 // kernel below. Small CTAs whose state loads overlap the kernel before them keep more bytes in
 // flight.
 //
+// KDA_SERVING_FUSED_DECODE_PATH=single (opt-in until measured), T <= kHeadMaxT: one kernel,
+// kda_decode_fused_head_kernel below, the head kernel computing its head's conv itself.
+//
 // T > kPairMaxT: three kernels without the buffer:
 //
 //  1. kda_decode_fused_kernel, grid (V / BV, H, B) as kda_decode. The CTA computes the conv
@@ -49,7 +52,7 @@
 #include "../common/conv_window.cuh"
 #include "../common/gated_norm.cuh"
 #include "kda_decode_fused.h"
-#include "kda_decode_kernel.cuh"
+#include "kda_decode_head_kernel.cuh"
 
 namespace kda {
 
@@ -148,6 +151,54 @@ kda_decode_fused_kernel(const __grid_constant__ KdaDecodeFusedParams p) {
                           HK + h * kHeadDim,
                           2 * HK + h * kHeadDim + v0};
   decode_rows<BV, StateT>(p.dec, tv, src, r.start, sm);
+}
+
+// q, k and v already raw in the head kernel's shared memory (stage_token's Src::kStages).
+struct StagedQKV {
+  static constexpr bool kStages = true;
+};
+
+// The single-kernel path (kFusedPathSingle, T <= kHeadMaxT): the head kernel, its CTA computing the
+// conv of its head's q, k and v channels (thread c: channel c of each, one after the other, as P1
+// computes them) into shared memory and rewriting their conv pool columns, which no other CTA
+// reads. grid = (H, B).
+template <typename StateT>
+__global__ void __launch_bounds__(kThreads)
+kda_decode_fused_head_kernel(const __grid_constant__ KdaDecodeFusedParams p) {
+  __shared__ HeadSmem sm;
+  const int h = blockIdx.x, n = blockIdx.y, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const TokenView tv = decode_token_view(p.dec, n, h, 0);
+  const FusedRow r = fused_row(p, n);
+  if (!r.live) {
+    zero_output<kHeadDim>(tv);
+    return;
+  }
+  const Conv1dParams& cp = p.conv;
+  const int HK = p.dec.H * kHeadDim, c = threadIdx.x, T = p.dec.T;
+  const __nv_bfloat16* x = static_cast<const __nv_bfloat16*>(cp.x) + (int64_t)n * cp.x_sb;
+  const int64_t pool_base = (int64_t)r.conv_slot * cp.pool_ss;
+  const int nrows = cp.num_accepted ? min(cp.R, cp.W - 2 + T) : cp.W - 1;
+  head_decode<StateT>(p.dec, tv, n, h, r.start, sm, [&] {
+#pragma unroll 1
+    for (int part = 0; part < 3; ++part) {
+      float(*dst)[kHeadDim] = part == 0 ? sm.qs : part == 1 ? sm.kn : sm.v;
+      const int d = part * HK + h * kHeadDim + c;
+      const int64_t base = pool_base + (int64_t)d * cp.pool_sd;
+      ConvChannel<kHeadMaxT> ch;
+      ch.load(cp, x, base, r.off, d, T);
+#pragma unroll
+      for (int t = 0; t < kHeadMaxT; ++t)
+        if (t < T) dst[t][c] = ch.out(t, cp);
+      ch.store_pool(cp, base, T, nrows);
+    }
+    __syncthreads();  // every channel's raw q, k in shared memory before the norms
+    const GateArgs ga{expf(p.dec.A_log[h]), p.dec.has_lower_bound, p.dec.lower_bound, p.dec.scale,
+                      p.dec.dt_bias + h * kHeadDim};
+    float dtb[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) dtb[j] = ga.dt_bias_h[lane * 4 + j];
+    for (int i = warp; i < T; i += kWarps) stage_token(tv, StagedQKV{}, ga, dtb, sm, i, i, lane);
+  });
 }
 
 // P1 of the pair path. grid = (ceil(D / kThreads), B); T <= MaxT.

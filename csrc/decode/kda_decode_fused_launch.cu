@@ -1,6 +1,7 @@
 // Launch code for the fused decode (kda_decode_fused_kernel.cuh): the pair path (conv kernel,
-// then kda_decode overlapping it) for T <= kPairMaxT, or the row-block main kernel followed by
-// the conv pool write-back; then the optional gated RMSNorm, in stream order.
+// then kda_decode overlapping it) for T <= kPairMaxT, the opt-in single kernel, or the row-block
+// main kernel followed by the conv pool write-back; then the gated RMSNorm where no kernel applied
+// it, in stream order.
 #include "kda_decode_fused_kernel.cuh"
 #include "../common/launch_utils.h"
 
@@ -55,13 +56,20 @@ static cudaError_t launch_pair(const KdaDecodeFusedParams& p, cudaStream_t strea
   return kda_decode_launch(dec, stream);
 }
 
+static cudaError_t launch_single(const KdaDecodeFusedParams& p, cudaStream_t stream) {
+  const dim3 grid(p.dec.H, p.dec.B);
+  if (p.dec.state_bf16) kda_decode_fused_head_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(p);
+  else kda_decode_fused_head_kernel<float><<<grid, kThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
 cudaError_t kda_decode_fused_launch(const KdaDecodeFusedParams& p, cudaStream_t stream) {
   if (p.dec.B == 0 || p.dec.T == 0 || p.dec.H == 0) return cudaSuccess;
-  const cudaError_t err =
-      fused_uses_pair(p.path, p.dec.T) ? launch_pair(p, stream) : launch_three_kernels(p, stream);
+  const bool pair = fused_uses_pair(p.path, p.dec.T), single = fused_uses_single(p.path, p.dec.T);
+  const cudaError_t err = single ? launch_single(p, stream) : pair ? launch_pair(p, stream) : launch_three_kernels(p, stream);
   if (err != cudaSuccess) return err;
-  // The head kernel normalised the output already (launch_pair).
-  if (p.dec.norm.gate && !(fused_uses_pair(p.path, p.dec.T) && decode_uses_head_kernel(p.dec))) {
+  // The head kernels normalised the output already.
+  if (p.dec.norm.gate && !single && !(pair && decode_uses_head_kernel(p.dec))) {
     const long long rows = (long long)p.dec.B * p.dec.T * p.dec.H;
     kda_fused_norm_kernel<<<(unsigned)((rows + kWarps - 1) / kWarps), kThreads, 0, stream>>>(p);
   }

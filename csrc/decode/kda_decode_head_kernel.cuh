@@ -56,24 +56,14 @@ __device__ __forceinline__ void head_store_outputs(const KdaDecodeParams& p, con
   }
 }
 
-// grid = (H, B), kThreads threads.
-template <typename StateT>
-__global__ void __launch_bounds__(kThreads) kda_decode_head_kernel(const __grid_constant__ KdaDecodeParams p) {
-  __shared__ HeadSmem sm;
-  const int h = blockIdx.x, n = blockIdx.y, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  auto bf = [](const void* x) { return static_cast<const __nv_bfloat16*>(x); };
-  TokenView tv = decode_token_view(p, n, h, 0);
-  tv.q = bf(p.q) + n * p.q_sb + h * p.q_sh;
-  tv.k = bf(p.k) + n * p.k_sb + h * p.k_sh;
-  tv.v = bf(p.v) + n * p.v_sb + h * p.v_sh;
-  tv.sq = p.q_st; tv.sk = p.k_st; tv.sv = p.v_st;
-
-  if (!p.early_state) pdl_wait();
-  const int start = decode_start_slot(p, n);
-  if (start <= 0) {  // zero output; normalised, zero stays zero
-    zero_output<kHeadDim>(tv);
-    return;
-  }
+// The head kernel's work for (n, h) from its start slot (> 0), on a TokenView whose g, beta and o
+// are set. stage_qkv() stages the tokens into sm (qs, kn normalised, al, beta, v) and returns
+// once this thread's writes are done; the body syncs the CTA after it. The first state block's
+// load is issued before pdl_wait, so with early_state it overlaps the kernel ahead.
+template <typename StateT, class StageQKV>
+__device__ __forceinline__ void head_decode(const KdaDecodeParams& p, const TokenView& tv, int n, int h, int start,
+                                            HeadSmem& sm, StageQKV&& stage_qkv) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   StateT* pool = static_cast<StateT*>(p.state);
   auto block_rows = [&](int s, int r) {
     return pool + (int64_t)s * p.state_ss + ((int64_t)h * kHeadDim + r * kHeadBlockRows) * kHeadDim;
@@ -81,14 +71,7 @@ __global__ void __launch_bounds__(kThreads) kda_decode_head_kernel(const __grid_
   RowBlock<kHeadBlockRows, StateT> cur, nxt;
   cur.load(block_rows(start, 0));  // before pdl_wait with early_state, as decode_rows
   pdl_wait();
-
-  const GateArgs ga{expf(p.A_log[h]), p.has_lower_bound, p.lower_bound, p.scale, p.dt_bias + h * kHeadDim};
-  float dtb[4];
-#pragma unroll
-  for (int j = 0; j < 4; ++j) dtb[j] = ga.dt_bias_h[lane * 4 + j];
-  for (int i = warp; i < p.T; i += kWarps) stage_token(tv, tv, ga, dtb, sm, i, i, lane);
-  for (int idx = threadIdx.x; idx < p.T * kHeadDim; idx += kThreads)
-    sm.v[idx / kHeadDim][idx % kHeadDim] = tv.load_v(idx / kHeadDim, idx % kHeadDim);
+  stage_qkv();
   __syncthreads();
 
   const int32_t* srow = p.slots + n * p.slots_sb;
@@ -112,6 +95,35 @@ __global__ void __launch_bounds__(kThreads) kda_decode_head_kernel(const __grid_
   }
   __syncthreads();
   head_store_outputs(p, tv, n, h, sm, warp, lane);
+}
+
+// grid = (H, B), kThreads threads.
+template <typename StateT>
+__global__ void __launch_bounds__(kThreads) kda_decode_head_kernel(const __grid_constant__ KdaDecodeParams p) {
+  __shared__ HeadSmem sm;
+  const int h = blockIdx.x, n = blockIdx.y, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  auto bf = [](const void* x) { return static_cast<const __nv_bfloat16*>(x); };
+  TokenView tv = decode_token_view(p, n, h, 0);
+  tv.q = bf(p.q) + n * p.q_sb + h * p.q_sh;
+  tv.k = bf(p.k) + n * p.k_sb + h * p.k_sh;
+  tv.v = bf(p.v) + n * p.v_sb + h * p.v_sh;
+  tv.sq = p.q_st; tv.sk = p.k_st; tv.sv = p.v_st;
+
+  if (!p.early_state) pdl_wait();
+  const int start = decode_start_slot(p, n);
+  if (start <= 0) {  // zero output; normalised, zero stays zero
+    zero_output<kHeadDim>(tv);
+    return;
+  }
+  head_decode<StateT>(p, tv, n, h, start, sm, [&] {
+    const GateArgs ga{expf(p.A_log[h]), p.has_lower_bound, p.lower_bound, p.scale, p.dt_bias + h * kHeadDim};
+    float dtb[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) dtb[j] = ga.dt_bias_h[lane * 4 + j];
+    for (int i = warp; i < p.T; i += kWarps) stage_token(tv, tv, ga, dtb, sm, i, i, lane);
+    for (int idx = threadIdx.x; idx < p.T * kHeadDim; idx += kThreads)
+      sm.v[idx / kHeadDim][idx % kHeadDim] = tv.load_v(idx / kHeadDim, idx % kHeadDim);
+  });
 }
 
 }  // namespace kda

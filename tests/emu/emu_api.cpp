@@ -58,7 +58,7 @@ extern "C" int64_t emu_layout(int which) {
     case 8: return sizeof(kda::GatedRmsNormParams);
     case 9: return offsetof(kda::GatedRmsNormParams, eps);
     case 10: return kda::kTcRecordFloats;
-    case 11: return kda::kFusedPathRows;
+    case 11: return kda::kFusedPathSingle;
     case 12: return kda::kDecodeKernelHeads;
   }
   return -1;

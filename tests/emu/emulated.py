@@ -85,7 +85,7 @@ class GatedRmsNormParams(C.Structure):
 LAYOUTS = [(PrefillParams, "tc_chunk_slots"), (DecodeParams, "norm"), (ConvParams, "vec8_min_elems"),
            (DecodeFusedParams, "path"), (GatedRmsNormParams, "eps")]
 # kda_decode_fused.h kFused*, by the names KDA_SERVING_FUSED_DECODE_PATH takes.
-FUSED_PATHS = {"auto": 0, "rows": 1}
+FUSED_PATHS = {"auto": 0, "rows": 1, "single": 2}
 # kda_decode.h kDecodeKernel*, by the names KDA_SERVING_DECODE_GRID takes.
 DECODE_KERNELS = {"auto": 0, "rows": 1, "heads": 2}
 
@@ -131,7 +131,7 @@ def build(extra_flags: tuple[str, ...] = ()) -> C.CDLL:
             raise RuntimeError(f"the ctypes mirror {struct.__name__} does not match csrc/")
     if so.emu_layout(2 * len(LAYOUTS)) != _ext.TC_RECORD_FLOATS:
         raise RuntimeError("kda_serving.ops._ext.TC_RECORD_FLOATS does not match csrc/ kTcRecordFloats")
-    if so.emu_layout(2 * len(LAYOUTS) + 1) != FUSED_PATHS["rows"]:
+    if so.emu_layout(2 * len(LAYOUTS) + 1) != FUSED_PATHS["single"]:
         raise RuntimeError("FUSED_PATHS does not match csrc/ kFused*")
     if so.emu_layout(2 * len(LAYOUTS) + 2) != DECODE_KERNELS["heads"]:
         raise RuntimeError("DECODE_KERNELS does not match csrc/ kDecodeKernel*")
@@ -327,7 +327,8 @@ def decode_fused(lib, rows: int, mixed_qkv, g, beta, A_log, dt_bias, conv_weight
                  norm_eps=1e-6, out=None, path=None, conv_out=None, kernel=None):
     """Emulated kda_decode_fused: conv update + decode / verify (+ gated RMSNorm) from mixed_qkv.
     rows: 8 / 16 / 32 value rows per CTA of the decode kernel, None for the launcher's choice.
-    path: "auto" (the conv + decode pair for T <= 8) or "rows" (the three-kernel path); None reads
+    path: "auto" (the conv + decode pair for T <= 8), "rows" (the three-kernel path) or "single" (one
+    kernel for T <= 8); None reads
     KDA_SERVING_FUSED_DECODE_PATH as the binding does. conv_out: the conv outputs' buffer (contiguous
     bf16, at least B*T*3*H*K elements), as the binding takes it; None allocates one. kernel: the pair
     path's decode kernel, as for decode()."""

@@ -344,7 +344,7 @@ def test_conv_update_kernels_agree(lib, spec):
 @pytest.mark.parametrize("spec", [False, True])
 @pytest.mark.parametrize("bv", [8, 32, "heads"])
 @pytest.mark.parametrize("x_pad", [0, 4])  # 4: rows not 16-byte aligned, one-channel conv write-back
-@pytest.mark.parametrize("path", ["auto", "rows"])  # the conv + decode pair, the three-kernel path
+@pytest.mark.parametrize("path", ["auto", "rows", "single"])  # conv + decode pair, three kernels, one kernel
 def test_fused_decode_vs_reference(lib, bv, spec, norm, x_pad, path):
     rows, kernel = grid_of(bv)
     H, B, T, W = 2, 3, (3 if spec else 1), 4
@@ -379,6 +379,38 @@ def test_fused_decode_vs_reference(lib, bv, spec, norm, x_pad, path):
     assert rel_rms(c_ours, c_ref) <= 1e-6
 
 
+@pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T,spec", [(1, False), (3, True), (8, True)])
+def test_single_kernel_fused_decode_equals_pair(lib, T, spec, pool_dtype):
+    """The single-kernel path computes the conv as the pair path's conv kernel does and runs the head
+    kernel's arithmetic on it: outputs (normalised), states and conv pools bit-identical."""
+    H, B, W = 2, 4, 4
+    Dm = 3 * H * D
+    mixed = torch.randn(B, T, Dm).bfloat16()
+    g = (torch.rand(B, T, H, D) * 16 - 8).bfloat16()
+    beta = (torch.randn(B, T, H) * 3).bfloat16()
+    A_log, dt = torch.full((H,), math.log(4.0)), torch.randn(H * D) * 0.5
+    cw, cb = conv_layer(Dm, W)
+    R = W - 1 + (T - 1)
+    conv0 = torch.randn(3 + B * T, R, Dm).to(pool_dtype)
+    state0 = (torch.randn(3 + B * T, H, D, D) * 0.3).to(pool_dtype)
+    if spec:
+        slots = torch.arange(1, 1 + B * T, dtype=torch.int32).reshape(B, T)
+        slots[1] = 0
+        acc = torch.tensor([1, 1, T, 2], dtype=torch.int32)
+    else:
+        slots, acc = torch.tensor([3, 0, 1, -1], dtype=torch.int32), None
+    kw = dict(out_gate=torch.randn(B, T, H, D).bfloat16(), norm_weight=torch.rand(D) + 0.5, norm_eps=1e-5)
+    runs = []
+    for path, kernel in (("auto", "heads"), ("single", None)):
+        c, st = conv0.clone(), state0.clone()
+        o = emulated.decode_fused(lib, None, mixed, g, beta, A_log, dt, cw, cb, c, st, slots, acc, path=path,
+                                  kernel=kernel, out=torch.full((B, T, H, D), float("nan")).bfloat16(), **kw)
+        runs.append((o, c, st))
+    assert not runs[1][0].isnan().any()
+    assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[1]))
+
+
 def test_decode_kernels_are_independent_of_the_thread_schedule(lib):
     H, B, T = 1, 2, 3
     Dm = 3 * H * D
@@ -399,11 +431,14 @@ def test_decode_kernels_are_independent_of_the_thread_schedule(lib):
         c3, s3 = conv0.clone(), state0.clone()
         o3 = emulated.decode_fused(lib, 16, mixed, g, beta, A_log, dt, cw, cb, c3, s3, slots, acc, out_gate=gate,
                                    norm_weight=nw, path="auto")
+        c5, s6 = conv0.clone(), state0.clone()
+        o6 = emulated.decode_fused(lib, None, mixed, g, beta, A_log, dt, cw, cb, c5, s6, slots, acc, out_gate=gate,
+                                   norm_weight=nw, path="single")
         c4, s4, s5 = conv0.clone(), state0.clone(), state0.clone()
         o4 = emulated.decode(lib, None, q, k, v, g, beta, A_log, dt, s4, slots, acc, kernel="heads")
         o5 = emulated.decode_fused(lib, None, mixed, g, beta, A_log, dt, cw, cb, c4, s5, slots, acc, out_gate=gate,
                                    norm_weight=nw, path="auto", kernel="heads")
-        results.append((o1, o2, c, s1, s2, o3, c3, s3, o4, s4, o5, c4, s5))
+        results.append((o1, o2, c, s1, s2, o3, c3, s3, o4, s4, o5, c4, s5, o6, c5, s6))
     lib.emu_set_order(0, 1)
     for r in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(r, results[0]))

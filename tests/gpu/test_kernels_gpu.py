@@ -320,8 +320,8 @@ def test_conv_update_then_decode(graph, pool_dtype):
 
 
 # (KDA_SERVING_FUSED_DECODE_PATH, KDA_SERVING_DECODE_GRID): the conv + decode pair (T <= 8) with the
-# row-block or the head decode kernel, the three-kernel path.
-FUSED_PATHS = ["auto", "auto+heads", "rows"]
+# row-block or the head decode kernel, the three-kernel path, the single kernel (T <= 8).
+FUSED_PATHS = ["auto", "auto+heads", "rows", "single"]
 
 
 def set_fused_path(monkeypatch, path):
