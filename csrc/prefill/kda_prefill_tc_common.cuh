@@ -3,6 +3,7 @@
 // the chunk -> sequence map, the TF32 tensor-core helpers and the phase-cycle profile marks.
 #pragma once
 
+#include <cuda_fp16.h>
 #include <mma.h>
 
 #include "prefill_sequence.cuh"
@@ -31,16 +32,25 @@ static_assert(kC == kCheckpointEvery, "a chunk ends on every checkpoint");
 constexpr int kLdK = kK + 4;    // [64 x 128] arrays: Qr/Qe, Kq/Ke, Kb/Kd, beta v
 constexpr int kLdC = kC + 4;    // [64 x 64] arrays: A_qk, A_kk, T
 
-// One workspace record per (chunk, head), fp32, unpadded rows (kda_prefill.h kTcRecordFloats):
-// what the state pass needs of a chunk, computed by the prepare pass. Qe, Kd, w and A_qk are
-// stored rounded to TF32 (the state pass only multiplies them on tensor cores), u and EL not.
-constexpr int kRecQe = 0;                  // [64 x 128] q decayed to the chunk start
-constexpr int kRecKd = kRecQe + kC * kK;   // [64 x 128] k decayed to the chunk end
-constexpr int kRecW = kRecKd + kC * kK;    // [64 x 128] w = T beta Ke
-constexpr int kRecU = kRecW + kC * kK;     // [64 x 128 value rows] u = T beta v
-constexpr int kRecAqk = kRecU + kC * kK;   // [64 x 64] A_qk
-constexpr int kRecEL = kRecAqk + kC * kC;  // [128] the chunk's total decay per channel
+// One workspace record per (chunk, head), unpadded rows (kda_prefill.h kTcRecordFloats; offsets in
+// 4-byte units): what the state pass needs of a chunk, computed by the prepare pass. Qe, Kd, w and
+// A_qk, which the state pass only multiplies on tensor cores, are stored as fp16: its 10-bit
+// mantissa is TF32's, so they enter the TF32 products exactly as TF32-rounded fp32 would, at half
+// the bytes (the torch mirror measured the same error against fp64 with fp16 fields as with TF32
+// ones; they are bounded, Qe, A_qk by the attention scale and Kd, w by about 1). u scales with v and
+// stays fp32, as EL.
+constexpr int kRecQe = 0;                      // fp16 [64 x 128] q decayed to the chunk start
+constexpr int kRecKd = kRecQe + kC * kK / 2;   // fp16 [64 x 128] k decayed to the chunk end
+constexpr int kRecW = kRecKd + kC * kK / 2;    // fp16 [64 x 128] w = T beta Ke
+constexpr int kRecU = kRecW + kC * kK / 2;     // fp32 [64 x 128 value rows] u = T beta v
+constexpr int kRecAqk = kRecU + kC * kK;       // fp16 [64 x 64] A_qk
+constexpr int kRecEL = kRecAqk + kC * kC / 2;  // fp32 [128] the chunk's total decay per channel
 static_assert(kRecEL + kK == kTcRecordFloats, "kda_prefill.h's record size");
+
+__device__ __forceinline__ __half* rec_half(float* rec, int field) { return reinterpret_cast<__half*>(rec + field); }
+__device__ __forceinline__ const __half* rec_half(const float* rec, int field) {
+  return reinterpret_cast<const __half*>(rec + field);
+}
 
 // Chunk slots: sequence n's chunks occupy slots chunk_base(n) + j, j < ceil(len_n / 64), with
 // chunk_base(n) = floor(bos_n / 64) + n; slots never overlap and number at most

@@ -372,14 +372,14 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
     KDA_TC_MARK(6);
 
 
-    // 6. The record: Qe, Kd, A_qk (TF32) and EL out; then beta v goes to the Qr area and beta
+    // 6. The record: Qe, Kd, A_qk (fp16) and EL out; then beta v goes to the Qr area and beta
     //    into the Ke rows (both TF32), and the WY factors u = T (beta v), w = T (beta Ke) run on
     //    tensor cores (mma.sync m16n8k8; warp = 16 tokens x kCols columns), stored from the
-    //    accumulators (8 rows x 32 bytes per store).
+    //    accumulators (u fp32, 8 rows x 32 bytes per store; w fp16).
     float* rec = chunk_record(p, cslot, h);
-    store_rows<true>(rec + kRecQe, &sm.Qr[0][0], kLdK, kK);
-    store_rows<true>(rec + kRecKd, &sm.Kb[0][0], kLdK, kK);
-    store_rows<true>(rec + kRecAqk, &sm.Aqk[0][0], kLdC, kC);
+    store_rows_half(rec_half(rec, kRecQe), &sm.Qr[0][0], kLdK, kK);
+    store_rows_half(rec_half(rec, kRecKd), &sm.Kb[0][0], kLdK, kK);
+    store_rows_half(rec_half(rec, kRecAqk), &sm.Aqk[0][0], kLdC, kC);
     if (tid < kK) rec[kRecEL + tid] = sm.EL[tid];
     __syncthreads();  // Qe is out: its area is free
 #pragma unroll
@@ -417,14 +417,21 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
           mma_tf32(acc[j], a, __float_as_uint(br[0]), __float_as_uint(br[4 * kLdK]));
         }
       }
-      float* dst = rec + (out == 0 ? kRecU : kRecW) + (tm * 16 + g) * kK + n0 + 2 * t4;
+      const int at = (tm * 16 + g) * kK + n0 + 2 * t4;  // element of acc[0][0]
+      if (out == 0) {  // u: fp32 (it enters fp32 math)
+        float* dst = rec + kRecU + at;
 #pragma unroll
-      for (int j = 0; j < kNJ; ++j) {
-        if (out == 1)
+        for (int j = 0; j < kNJ; ++j) {
+          *reinterpret_cast<float2*>(dst + 8 * j) = make_float2(acc[j][0], acc[j][1]);
+          *reinterpret_cast<float2*>(dst + 8 * kK + 8 * j) = make_float2(acc[j][2], acc[j][3]);
+        }
+      } else {  // w: fp16
+        unsigned* dst = reinterpret_cast<unsigned*>(rec_half(rec, kRecW) + at);
 #pragma unroll
-          for (int e = 0; e < 4; ++e) acc[j][e] = tf32_round(acc[j][e]);  // w: TF32 (u enters fp32 math)
-        *reinterpret_cast<float2*>(dst + 8 * j) = make_float2(acc[j][0], acc[j][1]);
-        *reinterpret_cast<float2*>(dst + 8 * kK + 8 * j) = make_float2(acc[j][2], acc[j][3]);
+        for (int j = 0; j < kNJ; ++j) {
+          dst[4 * j] = half2_bits(acc[j][0], acc[j][1]);
+          dst[4 * kK + 4 * j] = half2_bits(acc[j][2], acc[j][3]);
+        }
       }
     }
     KDA_TC_MARK(7);

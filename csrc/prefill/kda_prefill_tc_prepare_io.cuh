@@ -137,20 +137,23 @@ __device__ __forceinline__ void issue_v_loads(const KdaPrefillParams& p, const T
     raw[m] = i0 + kVStride * m < nt ? ld_raw8(vp, vec) : make_uint4(0u, 0u, 0u, 0u);
 }
 
-// A [64 x cols] shared array (row pitch ld) to a record field, 16 bytes per store, coalesced.
-// kTf32: rounded to TF32 (fields the state pass only multiplies on tensor cores).
-template <bool kTf32>
-__device__ __forceinline__ void store_rows(float* dst, const float* src, int ld, int cols) {
-  const int per_row = cols / 4;
+// Two floats as one fp16 pair (round to nearest even), as a 32-bit word.
+__device__ __forceinline__ unsigned half2_bits(float a, float b) {
+  const __half2 h = __floats2half2_rn(a, b);
+  return *reinterpret_cast<const unsigned*>(&h);
+}
+
+// A [64 x cols] shared fp32 array (row pitch ld) to an fp16 record field, 8 values per 16-byte
+// store, coalesced.
+__device__ __forceinline__ void store_rows_half(__half* dst, const float* src, int ld, int cols) {
+  const int per_row = cols / 8;
 #pragma unroll 2
   for (int idx = threadIdx.x; idx < kC * per_row; idx += kPrepThr) {
-    const int i = idx / per_row, c = idx % per_row * 4;
-    float4 x = *reinterpret_cast<const float4*>(src + i * ld + c);
-    if constexpr (kTf32) {
-      x.x = tf32_round(x.x); x.y = tf32_round(x.y);
-      x.z = tf32_round(x.z); x.w = tf32_round(x.w);
-    }
-    *reinterpret_cast<float4*>(dst + i * cols + c) = x;
+    const int i = idx / per_row, c = idx % per_row * 8;
+    const float4 a = *reinterpret_cast<const float4*>(src + i * ld + c);
+    const float4 b = *reinterpret_cast<const float4*>(src + i * ld + c + 4);
+    *reinterpret_cast<uint4*>(dst + i * cols + c) =
+        make_uint4(half2_bits(a.x, a.y), half2_bits(a.z, a.w), half2_bits(b.x, b.y), half2_bits(b.z, b.w));
   }
 }
 

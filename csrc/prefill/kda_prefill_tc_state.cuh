@@ -1,7 +1,8 @@
 // Tensor-core chunked prefill, pass 2 of 2: the serial part. One CTA per (sequence, head, block
 // of BV = 128, 64 or 32 value rows), 8 warps; the launcher picks BV. Per 64-token chunk it reads
-// the record the prepare pass wrote (kda_prefill_tc_prepare.cuh) and computes, on TF32 tensor
-// cores (mma.sync m16n8k8) with fp32 accumulation,
+// the record the prepare pass wrote (kda_prefill_tc_prepare.cuh; Qe, w, Kd, A_qk in fp16, which
+// convert exactly to TF32 operands) and computes, on TF32 tensor cores (mma.sync m16n8k8) with
+// fp32 accumulation,
 //   U = u - w S^T;  O = Qe S^T + A_qk U;  S <- S diag(EL) + U^T Kd
 // The fp32 state stays in registers, as the accumulator fragments of the update: warp (vt, q)
 // holds value rows vt*16 .. vt*16+15 and channels q*kCW .. q*kCW+kCW-1, where the kNCW warps of a
@@ -18,10 +19,12 @@
 namespace kda {
 namespace tc {
 
-// Row pitch of the [64 x 128] record arrays in shared memory: rows 8 banks apart, so that the
-// 8-byte loads of S W^T's B fragments (4 rows x 8 floats per half-warp) and the 4-byte loads of
-// Kd's (4 rows x 8 floats per warp) hit every bank once.
+// Row pitches (in fp16 elements) of the fp16 record arrays in shared memory: rows 4 banks apart,
+// so that the 4-byte loads of S W^T's B fragments (8 rows x 4 words per warp), the 2-byte loads of
+// Kd's (4 rows x 8 elements) and of A_qk's (8 rows x 4 elements) hit distinct banks (or share a
+// word).
 constexpr int kLdR = kK + 8;
+constexpr int kLdA = kC + 8;
 
 template <int BV>
 struct StateTiling {
@@ -38,30 +41,38 @@ struct StateTiling {
 template <int BV>
 struct alignas(128) StateSmem {
   using G = StateTiling<BV>;
-  float Qe[kC][kLdR];
-  float W[kC][kLdR];   // w = T beta Ke
-  float Kd[kC][kLdR];
+  __half Qe[kC][kLdR];
+  __half W[kC][kLdR];  // w = T beta Ke
+  __half Kd[kC][kLdR];
   float U[kC][G::kLdU];  // u (this CTA's value rows), then U = u - w S^T as TF32
-  float Aqk[kC][kLdC];
+  __half Aqk[kC][kLdA];
   float EL[kK];
   float4 xch[kWarp][G::kSlots > 0 ? G::kSlots : 1][2][32];  // partial (w S^T, Qe S^T) tiles, per lane
 };
 
+// An fp16 [64 x cols] record field into shared rows of pitch ld (copied as 4-byte pairs).
+__device__ __forceinline__ void copy_half_rows_async(__half* dst, int ld, const float* rec, int field, int cols) {
+  copy_rows_async(reinterpret_cast<float*>(dst), ld / 2, rec + field, cols / 2, kC, cols / 2);
+}
+
 // Qe and w of a chunk (the operands of the products with the undecayed state).
 template <int BV>
 __device__ __forceinline__ void load_qe_w(StateSmem<BV>& sm, const float* rec) {
-  copy_rows_async(&sm.Qe[0][0], kLdR, rec + kRecQe, kK, kC, kK);
-  copy_rows_async(&sm.W[0][0], kLdR, rec + kRecW, kK, kC, kK);
+  copy_half_rows_async(&sm.Qe[0][0], kLdR, rec, kRecQe, kK);
+  copy_half_rows_async(&sm.W[0][0], kLdR, rec, kRecW, kK);
 }
 
 // The rest: Kd, this CTA's columns of u, A_qk, EL.
 template <int BV>
 __device__ __forceinline__ void load_rest(StateSmem<BV>& sm, const float* rec, int v0) {
-  copy_rows_async(&sm.Kd[0][0], kLdR, rec + kRecKd, kK, kC, kK);
+  copy_half_rows_async(&sm.Kd[0][0], kLdR, rec, kRecKd, kK);
   copy_rows_async(&sm.U[0][0], StateTiling<BV>::kLdU, rec + kRecU + v0, kK, kC, BV);
-  copy_rows_async(&sm.Aqk[0][0], kLdC, rec + kRecAqk, kC, kC, kC);
+  copy_half_rows_async(&sm.Aqk[0][0], kLdA, rec, kRecAqk, kC);
   copy_rows_async(&sm.EL[0], kK, rec + kRecEL, kK, 1, kK);
 }
+
+// An fp16 operand as the TF32 bits of the same value (exact: fp16's mantissa is TF32's).
+__device__ __forceinline__ uint32_t tf32_of(__half x) { return __float_as_uint(__half2float(x)); }
 
 // A warp's state tiles from / to state rows (row pitch 128): s[j] = S[vr][c], S[vr][c+1],
 // S[vr+8][c], S[vr+8][c+1] with c = c0 + 8j (the accumulator layout of mma_tf32).
@@ -124,7 +135,7 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
 
     // 1. Partial X^T = S W^T and Y^T = S Qe^T over this warp's channels, [16 value rows x 64
     //    tokens] as 8 token tiles. A = the state tile, its channels 2t, 2t+1 as k-slots t, t+4;
-    //    B = 2 adjacent channels of W / Qe (stored as TF32 by the prepare pass).
+    //    B = 2 adjacent channels of W / Qe (fp16 pairs from the prepare pass).
     float x[8][4], y[8][4];
 #pragma unroll
     for (int jt = 0; jt < 8; ++jt)
@@ -136,8 +147,8 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
       const int c = cs + 8 * js;
 #pragma unroll
       for (int jt = 0; jt < 8; ++jt) {
-        const float2 bw = *reinterpret_cast<const float2*>(&sm.W[8 * jt + g][c]);
-        const float2 bq = *reinterpret_cast<const float2*>(&sm.Qe[8 * jt + g][c]);
+        const float2 bw = __half22float2(*reinterpret_cast<const __half2*>(&sm.W[8 * jt + g][c]));
+        const float2 bq = __half22float2(*reinterpret_cast<const __half2*>(&sm.Qe[8 * jt + g][c]));
         mma_tf32(x[jt], a, __float_as_uint(bw.x), __float_as_uint(bw.y));
         mma_tf32(y[jt], a, __float_as_uint(bq.x), __float_as_uint(bq.y));
       }
@@ -201,13 +212,13 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
 #pragma unroll
       for (int jt = ks; jt < 8; ++jt) {
         if (jt / G::kTN != q) continue;
-        const float* ar = &sm.Aqk[8 * jt + g][8 * ks + t4];
-        mma_tf32(y[jt], a, __float_as_uint(ar[0]), __float_as_uint(ar[4]));
+        const __half* ar = &sm.Aqk[8 * jt + g][8 * ks + t4];
+        mma_tf32(y[jt], a, tf32_of(ar[0]), tf32_of(ar[4]));
       }
 #pragma unroll
       for (int js = 0; js < G::kSN; ++js) {
-        const float* kr = &sm.Kd[8 * ks + t4][cw0 + 8 * js + g];
-        mma_tf32(s[js], a, __float_as_uint(kr[0]), __float_as_uint(kr[4 * kLdR]));
+        const __half* kr = &sm.Kd[8 * ks + t4][cw0 + 8 * js + g];
+        mma_tf32(s[js], a, tf32_of(kr[0]), tf32_of(kr[4 * kLdR]));
       }
     }
 #pragma unroll

@@ -72,9 +72,10 @@ def _prefill_op(name: str, what: str):
 prefill = _prefill_op("kda_prefill", "Token-serial kernel (KDA_SERVING_PREFILL_KERNEL=serial).")
 prefill_chunked = _prefill_op("kda_prefill_chunked", "Chunked CUDA-core kernel (opt-in, docs/kernels.md).")
 
-# The tensor-core kernel's workspace (csrc/prefill/kda_prefill.h): one fp32 record per (64-token
-# chunk slot, head); a call of Ttot tokens in N sequences uses (Ttot // 64 + N) * H records.
-TC_RECORD_FLOATS = 4 * 64 * 128 + 64 * 64 + 128
+# The tensor-core kernel's workspace (csrc/prefill/kda_prefill.h): one record per (64-token chunk
+# slot, head) of TC_RECORD_FLOATS 4-byte units (fp16 and fp32 fields); a call of Ttot tokens in N
+# sequences uses (Ttot // 64 + N) * H records.
+TC_RECORD_FLOATS = 3 * 64 * 128 // 2 + 64 * 128 + 64 * 64 // 2 + 128
 TC_SCRATCH = DeviceScratch(torch.float32)  # the tensor-core prefill's workspaces
 DECODE_SCRATCH = DeviceScratch(torch.bfloat16)  # the fused decode's conv outputs
 
