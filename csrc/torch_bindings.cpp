@@ -22,9 +22,10 @@
 //
 // kda_prefill_tc(<same arguments as kda_prefill>, Tensor(d!) workspace) -> ()
 //   Same contract, computed by the tensor-core chunked kernel (csrc/prefill/kda_prefill_tc_*,
-//   64-token chunks, TF32 mma.sync) in two passes through `workspace`: contiguous fp32 with at least
-//   (Ttot / 64 + N) * H * 36992 elements (kda_prefill.h tc_workspace_floats), reused across
-//   calls on one stream. Opt-in (KDA_SERVING_PREFILL_KERNEL=tc).
+//   64-token chunks, TF32 mma.sync) in two passes through `workspace`: contiguous fp32, 16-byte
+//   aligned, with at least (Ttot / 64 + N) * H * kTcRecordFloats elements (kda_prefill.h
+//   tc_workspace_floats), reused across calls on one stream. The default
+//   (KDA_SERVING_PREFILL_KERNEL=tc).
 //
 // kda_decode(Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, Tensor A_log,
 //            Tensor dt_bias, Tensor(a!) state_pool, Tensor slots, Tensor? num_accepted,
@@ -230,6 +231,8 @@ void prefill_common(const Tensor& q, const Tensor& k, const Tensor& v, const Ten
     KDA_CHECK(tc_workspace->is_contiguous() && tc_workspace->numel() >= need, "workspace must be contiguous "
               "fp32 with at least (Ttot / 64 + N) * H * ", kda::kTcRecordFloats, " = ", need, " elements, got ",
               tc_workspace->numel());
+    // The passes move records with 16-byte accesses.
+    KDA_CHECK(reinterpret_cast<uintptr_t>(tc_workspace->data_ptr()) % 16 == 0, "workspace must start 16-byte aligned");
     p.tc_workspace = tc_workspace->data_ptr<float>();
     p.tc_chunk_slots = kda::tc_chunk_slots(Tt, N);
   }

@@ -99,7 +99,7 @@ def prefill_tc(q, k, v, g, beta, A_log, dt_bias, cu_seqlens, state_pool, slots, 
                *, lower_bound=None, scale=None, inter=None, inter_offsets=None, out=None, workspace=None):
     """q, k, g [T, H, K]; v [T, H, V]; beta [T, H] -> o [T, H, V] bf16; pool updated in place.
     Chunked TF32 tensor-core kernel in two passes (the default, docs/kernels.md); ``workspace``: fp32,
-    at least tc_workspace_floats(T, N, H) elements (default: one cached per device and stream, and a call
+    16-byte aligned, at least tc_workspace_floats(T, N, H) elements (default: one cached per device and stream, and a call
     that would need more than KDA_SERVING_TC_WORKSPACE_MB runs in token windows, tc_windows.py)."""
     need = tc_workspace_floats(q.shape[0], cu_seqlens.numel() - 1, q.shape[1])
     limit = tc_windows.workspace_limit_bytes() if workspace is None else None
@@ -119,9 +119,10 @@ def prefill_tc(q, k, v, g, beta, A_log, dt_bias, cu_seqlens, state_pool, slots, 
     if workspace is None:
         workspace = tc_workspace(q.device, need)
     elif (workspace.dtype != torch.float32 or workspace.device != q.device or not workspace.is_contiguous()
-          or workspace.numel() < need):
-        raise ValueError(f"workspace must be contiguous float32 on {q.device} with at least {need} elements "
-                         f"(tc_workspace_floats), got {workspace.dtype} on {workspace.device} with {workspace.numel()}")
+          or workspace.numel() < need or workspace.data_ptr() % 16):
+        raise ValueError(f"workspace must be contiguous float32 on {q.device}, 16-byte aligned, with at least {need} "
+                         f"elements (tc_workspace_floats), got {workspace.dtype} on {workspace.device} with "
+                         f"{workspace.numel()} at address {workspace.data_ptr():#x}")
 
     TC_SCRATCH.note_captured(workspace)
 

@@ -156,7 +156,8 @@ def test_tc_workspace_checked_and_reusable():
     need = _ext.tc_workspace_floats(int(cu[-1]), len(lens), H)
     before = pool.clone()
     out = torch.full(inputs[2].shape, float("nan"), dtype=torch.bfloat16, device=DEV)
-    for bad in (torch.empty(need - 1, device=DEV), torch.empty(need, device=DEV, dtype=torch.bfloat16)):
+    for bad in (torch.empty(need - 1, device=DEV), torch.empty(need, device=DEV, dtype=torch.bfloat16),
+                torch.empty(need + 1, device=DEV)[1:]):  # too small, not fp32, not 16-byte aligned
         with pytest.raises(ValueError, match="workspace"):
             _ext.prefill_tc(*inputs, cu, pool, slots, has_init, out=out, workspace=bad)
     sync()
