@@ -77,6 +77,7 @@
 #include <cstdlib>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <utility>
 
 #include "conv/conv1d.h"
@@ -98,11 +99,25 @@ using at::Tensor;
 using Named = std::pair<const Tensor*, const char*>;
 constexpr int64_t kDim = 128;  // K = V
 
-#define KDA_CHECK(cond, ...) TORCH_CHECK(cond, "kda_serving: ", __VA_ARGS__)
+// Error messages are built here by string concatenation, numbers through std::to_string, and
+// reach TORCH_CHECK as one std::string, so no message goes through an ostream: on the GPU machine
+// (torch 2.11.0+cu130) every binding error whose message held a number (a size, a count, a
+// tensor's sizes()) crashed the process with SIGSEGV instead of raising, while messages of text
+// alone raised (c3ff5f8, one bad call per process); TORCH_CHECK formats several arguments through
+// an std::ostringstream in this library. Arguments: text, numbers, or shape() / device_name() /
+// dtype_name() strings; anything else does not compile.
+inline void msg_append(std::string& s, const char* x) { s += x; }
+inline void msg_append(std::string& s, const std::string& x) { s += x; }
+template <typename T, std::enable_if_t<std::is_arithmetic_v<T>, int> = 0>
+inline void msg_append(std::string& s, T x) { s += std::to_string(x); }
+template <typename... Args>
+std::string kda_msg(const Args&... args) {
+  std::string s = "kda_serving: ";
+  (msg_append(s, args), ...);
+  return s;
+}
+#define KDA_CHECK(cond, ...) TORCH_CHECK(cond, kda_msg(__VA_ARGS__))
 
-// Error messages format shapes, devices and dtypes as std::string themselves: streaming a
-// Tensor's sizes() into TORCH_CHECK's message crashed the process (SIGSEGV) with torch
-// 2.11.0+cu130 on the GPU machine instead of raising.
 std::string shape(const Tensor& t) {
   std::string s = "[";
   for (int64_t i = 0; i < t.dim(); ++i) s += (i ? ", " : "") + std::to_string(t.size(i));

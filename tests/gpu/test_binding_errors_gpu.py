@@ -1,7 +1,7 @@
 """Bad arguments to the CUDA ops raise a RuntimeError naming the argument, and nothing else
-happens: each call runs in a process of its own, so that a crash in the binding (a message that
-streamed a tensor's sizes() once killed the process with SIGSEGV instead of raising) fails its
-case instead of taking the test run down."""
+happens: each call runs in a process of its own, so that a crash in the binding (messages with a
+number in them, formatted through an ostream, once killed the process with SIGSEGV instead of
+raising) fails its case instead of taking the test run down."""
 
 import subprocess
 import sys
