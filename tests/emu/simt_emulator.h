@@ -245,6 +245,7 @@ template <typename T>
 inline T __shfl_sync(unsigned, T v, int src) { return emu::shfl_from(v, src); }
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 inline float __log2f(float x) { return std::log2(x); }
+inline float __fdividef(float a, float b) { return a / b; }
 inline unsigned __float_as_uint(float x) {
   unsigned u;
   std::memcpy(&u, &x, 4);
