@@ -26,6 +26,10 @@ SETUP = textwrap.dedent("""
     out = torch.empty(B, 1, H, D, device=dev).bfloat16()
     mixed = torch.randn(B, 1, 3 * H * D, device=dev).bfloat16()
     cw, cpool = torch.randn(3 * H * D, 4, device=dev), torch.zeros(4, 3, 3 * H * D, device=dev)
+    pq, pk, pv, pg = (torch.randn(70, H, D, device=dev).bfloat16() for _ in range(4))
+    pbeta, cu = torch.randn(70, H, device=dev).bfloat16(), torch.tensor([0, 70], dtype=torch.int32, device=dev)
+    has = torch.ones(1, dtype=torch.bool, device=dev)
+    pout = torch.empty(70, H, D, device=dev).bfloat16()
     pool0, cpool0 = pool.clone(), cpool.clone()
     ops = torch.ops.kda_serving
     try:
@@ -40,7 +44,11 @@ SETUP = textwrap.dedent("""
 
 DECODE = "ops.kda_decode({q}, k, v, g, beta, A_log, dt, pool, slots, None, None, 0.088, out)"
 FUSED = "ops.kda_decode_fused(mixed, g, beta, A_log, dt, cw, None, cpool, pool, slots, None, None, 0.088, {rest})"
+PREFILL = ("ops.kda_prefill_tc(pq, pk, pv, pg, pbeta, A_log, dt, cu, pool, slots[:1], has, None, 0.088, None, None, "
+           "pout, {ws})")
 CASES = {
+    "workspace size": (PREFILL.format(ws="torch.empty(5, device=dev)"), "workspace must be contiguous"),
+    "workspace alignment": (PREFILL.format(ws="torch.empty(1 << 20, device=dev)[1:]"), "workspace must start 16-byte"),
     "q shape": (DECODE.format(q="q[:, :, :1]"), "q must be"),
     "q dtype": (DECODE.format(q="q.float()"), "q must be BFloat16"),
     "q device": (DECODE.format(q="q.cpu()"), "q must be a CUDA tensor"),
