@@ -281,14 +281,27 @@ void prefill_tc_op(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
 }
 constexpr char kPrefillChunkedName[] = "kda_prefill_chunked";
 
-// KDA_SERVING_DECODE_GRID=rows / heads forces the decode's row-block / head kernel (read on
-// every call; for comparisons and tests); unset or auto, the launcher decides.
+// The index of environment variable var's value in names (read on every call, like the prefill
+// selection); unset or empty is names[0] ("auto"), anything else not in names is refused.
+template <size_t N>
+int env_choice(const char* var, const char* const (&names)[N]) {
+  const char* sel = std::getenv(var);
+  if (sel == nullptr || *sel == 0) return 0;
+  std::string allowed;
+  for (size_t i = 0; i < N; ++i) {
+    if (std::string(sel) == names[i]) return (int)i;
+    allowed += std::string(i == 0 ? "" : i + 1 == N ? " or " : ", ") + names[i];
+  }
+  KDA_CHECK(false, var, " must be ", allowed, ", got '", sel, "'");
+  return 0;
+}
+
+// KDA_SERVING_DECODE_GRID=rows / heads forces the decode's row-block / head kernel (for
+// comparisons and tests); unset or auto, the launcher decides. Names in kDecodeKernel* order.
 int decode_kernel_choice() {
-  const char* sel = std::getenv("KDA_SERVING_DECODE_GRID");
-  if (sel == nullptr || *sel == 0 || std::string(sel) == "auto") return kda::kDecodeKernelAuto;
-  if (std::string(sel) == "rows") return kda::kDecodeKernelRows;
-  KDA_CHECK(std::string(sel) == "heads", "KDA_SERVING_DECODE_GRID must be auto, rows or heads, got '", sel, "'");
-  return kda::kDecodeKernelHeads;
+  static_assert(kda::kDecodeKernelAuto == 0 && kda::kDecodeKernelRows == 1 && kda::kDecodeKernelHeads == 2);
+  constexpr const char* kNames[] = {"auto", "rows", "heads"};
+  return env_choice("KDA_SERVING_DECODE_GRID", kNames);
 }
 
 // Checks and fills everything of a decode call but q, k, v: g [B, T, H, 128], beta [B, T, H],
@@ -471,14 +484,12 @@ void causal_conv1d_update(const Tensor& x, const Tensor& weight, const std::opti
 }
 
 // KDA_SERVING_FUSED_DECODE_PATH=rows keeps the fused decode on its three-kernel path, =single takes
-// the opt-in single-kernel path for T <= 8 (read on every call, like the prefill selection; for
-// comparisons and tests); unset or auto, the default.
+// the opt-in single-kernel path for T <= 8 (for comparisons and tests); unset or auto, the default.
+// Names in kFusedPath* order.
 int fused_path_choice() {
-  const char* sel = std::getenv("KDA_SERVING_FUSED_DECODE_PATH");
-  if (sel == nullptr || *sel == 0 || std::string(sel) == "auto") return kda::kFusedPathAuto;
-  if (std::string(sel) == "single") return kda::kFusedPathSingle;
-  KDA_CHECK(std::string(sel) == "rows", "KDA_SERVING_FUSED_DECODE_PATH must be auto, rows or single, got '", sel, "'");
-  return kda::kFusedPathRows;
+  static_assert(kda::kFusedPathAuto == 0 && kda::kFusedPathRows == 1 && kda::kFusedPathSingle == 2);
+  constexpr const char* kNames[] = {"auto", "rows", "single"};
+  return env_choice("KDA_SERVING_FUSED_DECODE_PATH", kNames);
 }
 
 void kda_decode_fused(const Tensor& mixed_qkv, const Tensor& g, const Tensor& beta,

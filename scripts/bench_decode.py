@@ -46,6 +46,12 @@ def l2_bytes(device) -> int:
     return getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20)
 
 
+# Forced variants of the fused call, each timed with and without the norm: the row-block or the
+# head decode kernel, the opt-in single-kernel path.
+VARIANTS = {"rowgrid": dict(KDA_SERVING_DECODE_GRID="rows"), "heads": dict(KDA_SERVING_DECODE_GRID="heads"),
+            "single": dict(KDA_SERVING_FUSED_DECODE_PATH="single")}
+
+
 def with_env(fn, **env):
     """fn run with the KDA_SERVING_* switches in env set (the extension reads them at each call)."""
     def run():
@@ -131,7 +137,7 @@ def cross_check(case, lb, with_fla):
     slots = case.slots[0].long()
     s0, c0 = case.state_pool.clone(), case.conv_pool.clone()
     runs = {"ours": case.total_fn(ops, 0, lb), "fused": case.fused_fn(0, lb), "fused_rows": case.fused_rows_fn(0, lb),
-            "fused_single": with_env(case.fused_fn(0, lb), KDA_SERVING_FUSED_DECODE_PATH="single")}
+            "fused_single": with_env(case.fused_fn(0, lb), **VARIANTS["single"])}
     if with_fla:
         runs["fla"] = case.total_fn(fla_ops, 0, lb)
     res = {}
@@ -170,15 +176,10 @@ def run_case(B, H, d, pool_name, lb, device, bandwidth, fla_reason, samples, min
              for name, impl in impls for part, make in (("", case.total_fn), ("_kda", case.kda_fn))}
     timed["ours_fused"] = [case.fused_fn(i, lb) for i in range(nsets)]
     timed["ours_fused_rows"] = [case.fused_rows_fn(i, lb) for i in range(nsets)]
-    for norm in ("", "_norm"):
-        timed[f"ours_fused{norm}_rowgrid"] = [with_env(case.fused_fn(i, lb, bool(norm)), KDA_SERVING_DECODE_GRID="rows")
-                                              for i in range(nsets)]
-        timed[f"ours_fused{norm}_heads"] = [with_env(case.fused_fn(i, lb, bool(norm)), KDA_SERVING_DECODE_GRID="heads")
-                                            for i in range(nsets)]
     timed["ours_fused_norm"] = [case.fused_fn(i, lb, True) for i in range(nsets)]
-    for norm in ("", "_norm"):  # the opt-in single-kernel path
-        timed[f"ours_fused{norm}_single"] = [with_env(case.fused_fn(i, lb, bool(norm)),
-                                                      KDA_SERVING_FUSED_DECODE_PATH="single") for i in range(nsets)]
+    for norm in ("", "_norm"):
+        for name, env in VARIANTS.items():
+            timed[f"ours_fused{norm}_{name}"] = [with_env(case.fused_fn(i, lb, bool(norm)), **env) for i in range(nsets)]
     for key, fns in timed.items():
         try:
             row[f"{key}_us"] = bc.graph_time_ms(fns, device, reps=reps, samples=samples) * 1e3

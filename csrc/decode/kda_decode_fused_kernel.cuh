@@ -166,7 +166,7 @@ template <typename StateT>
 __global__ void __launch_bounds__(kThreads)
 kda_decode_fused_head_kernel(const __grid_constant__ KdaDecodeFusedParams p) {
   __shared__ HeadSmem sm;
-  const int h = blockIdx.x, n = blockIdx.y, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int h = blockIdx.x, n = blockIdx.y;
   const TokenView tv = decode_token_view(p.dec, n, h, 0);
   const FusedRow r = fused_row(p, n);
   if (!r.live) {
@@ -192,12 +192,7 @@ kda_decode_fused_head_kernel(const __grid_constant__ KdaDecodeFusedParams p) {
       ch.store_pool(cp, base, T, nrows);
     }
     __syncthreads();  // every channel's raw q, k in shared memory before the norms
-    const GateArgs ga{expf(p.dec.A_log[h]), p.dec.has_lower_bound, p.dec.lower_bound, p.dec.scale,
-                      p.dec.dt_bias + h * kHeadDim};
-    float dtb[4];
-#pragma unroll
-    for (int j = 0; j < 4; ++j) dtb[j] = ga.dt_bias_h[lane * 4 + j];
-    for (int i = warp; i < T; i += kWarps) stage_token(tv, StagedQKV{}, ga, dtb, sm, i, i, lane);
+    head_stage_tokens(p.dec, tv, StagedQKV{}, h, sm);
   });
 }
 
@@ -259,8 +254,7 @@ kda_fused_norm_kernel(const __grid_constant__ KdaDecodeFusedParams p) {
   const int64_t n = nt / dp.T;
   __nv_bfloat16* o = static_cast<__nv_bfloat16*>(dp.o) + n * dp.o_sb + t * dp.o_st + h * dp.o_sh;
   const DecodeNormArgs& nm = dp.norm;
-  const __nv_bfloat16* gt = static_cast<const __nv_bfloat16*>(nm.gate) + n * nm.gate_sb + t * nm.gate_st + h * nm.gate_sh;
-  gated_rms_norm_row<false>(o, gt, o, nm.weight, nm.weight_bf16, nm.eps, lane);
+  gated_rms_norm_row<false>(o, norm_gate_row(nm, n, t, h), o, nm.weight, nm.weight_bf16, nm.eps, lane);
 }
 
 }  // namespace kda

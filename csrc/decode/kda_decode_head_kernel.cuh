@@ -27,6 +27,11 @@ struct HeadSmem {
   float beta[kHeadMaxT];
 };
 
+// Row (n, t, h) of the gated norm's gate.
+__device__ __forceinline__ const __nv_bfloat16* norm_gate_row(const DecodeNormArgs& nm, int64_t n, int t, int h) {
+  return static_cast<const __nv_bfloat16*>(nm.gate) + n * nm.gate_sb + t * nm.gate_st + h * nm.gate_sh;
+}
+
 // The T output rows of (n, h) from sm.o, rounded to bf16 as the row-block kernel stores them,
 // then normalised when p.norm.gate is set (as the norm kernel would on the stored row). One warp
 // per token.
@@ -44,8 +49,7 @@ __device__ __forceinline__ void head_store_outputs(const KdaDecodeParams& p, con
     }
     const bool vec_o = reinterpret_cast<uintptr_t>(o) % 8 == 0;  // uniform over the warp
     if (p.norm.gate) {
-      const __nv_bfloat16* gt = static_cast<const __nv_bfloat16*>(p.norm.gate) + n * p.norm.gate_sb +
-                                t * p.norm.gate_st + h * p.norm.gate_sh;
+      const __nv_bfloat16* gt = norm_gate_row(p.norm, n, t, h);
       if (reinterpret_cast<uintptr_t>(gt) % 8 == 0)
         gated_rms_norm_quad<true>(xv, gt, p.norm.weight, p.norm.weight_bf16, p.norm.eps, lane, y);
       else
@@ -97,11 +101,24 @@ __device__ __forceinline__ void head_decode(const KdaDecodeParams& p, const Toke
   head_store_outputs(p, tv, n, h, sm, warp, lane);
 }
 
+// The T tokens of head h into sm (one warp per token): q and k from src (raw from global memory,
+// or already raw in sm.qs / sm.kn when Src::kStages) normalised, decays and beta from tv.
+template <class Src>
+__device__ __forceinline__ void head_stage_tokens(const KdaDecodeParams& p, const TokenView& tv, const Src& src, int h,
+                                                  HeadSmem& sm) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const GateArgs ga{expf(p.A_log[h]), p.has_lower_bound, p.lower_bound, p.scale, p.dt_bias + h * kHeadDim};
+  float dtb[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) dtb[j] = ga.dt_bias_h[lane * 4 + j];
+  for (int i = warp; i < p.T; i += kWarps) stage_token(tv, src, ga, dtb, sm, i, i, lane);
+}
+
 // grid = (H, B), kThreads threads.
 template <typename StateT>
 __global__ void __launch_bounds__(kThreads) kda_decode_head_kernel(const __grid_constant__ KdaDecodeParams p) {
   __shared__ HeadSmem sm;
-  const int h = blockIdx.x, n = blockIdx.y, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int h = blockIdx.x, n = blockIdx.y;
   auto bf = [](const void* x) { return static_cast<const __nv_bfloat16*>(x); };
   TokenView tv = decode_token_view(p, n, h, 0);
   tv.q = bf(p.q) + n * p.q_sb + h * p.q_sh;
@@ -116,11 +133,7 @@ __global__ void __launch_bounds__(kThreads) kda_decode_head_kernel(const __grid_
     return;
   }
   head_decode<StateT>(p, tv, n, h, start, sm, [&] {
-    const GateArgs ga{expf(p.A_log[h]), p.has_lower_bound, p.lower_bound, p.scale, p.dt_bias + h * kHeadDim};
-    float dtb[4];
-#pragma unroll
-    for (int j = 0; j < 4; ++j) dtb[j] = ga.dt_bias_h[lane * 4 + j];
-    for (int i = warp; i < p.T; i += kWarps) stage_token(tv, tv, ga, dtb, sm, i, i, lane);
+    head_stage_tokens(p, tv, tv, h, sm);
     for (int idx = threadIdx.x; idx < p.T * kHeadDim; idx += kThreads)
       sm.v[idx / kHeadDim][idx % kHeadDim] = tv.load_v(idx / kHeadDim, idx % kHeadDim);
   });
