@@ -330,6 +330,15 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
     __syncthreads();
     KDA_TC_MARK(5);
 
+    // The record's Qe, Kd, A_qk (fp16) and EL are final: out now, so that the stores drain while
+    // 4b computes instead of queueing ahead of u and w in phase 6. 4b's barriers order these
+    // reads of Qr before phase 6 overwrites it.
+    float* rec = chunk_record(p, cslot, h);
+    store_rows_half(rec_half(rec, kRecQe), &sm.Qr[0][0], kLdK, kK);
+    store_rows_half(rec_half(rec, kRecKd), &sm.Kb[0][0], kLdK, kK);
+    store_rows_half(rec_half(rec, kRecAqk), &sm.Aqk[0][0], kLdC, kC);
+    if (tid < kK) rec[kRecEL + tid] = sm.EL[tid];
+
     // v's loads (this chunk's, for phase 6) in flight during 4b.
     const int vi0 = tid / 16, vr8 = tid % 16 * 8;  // tokens vi0 + kVStride m, value rows vr8 .. vr8+7
     uint4 vraw[kVPer];
@@ -371,17 +380,10 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
 
     KDA_TC_MARK(6);
 
-
-    // 6. The record: Qe, Kd, A_qk (fp16) and EL out; then beta v goes to the Qr area and beta
-    //    into the Ke rows (both TF32), and the WY factors u = T (beta v), w = T (beta Ke) run on
-    //    tensor cores (mma.sync m16n8k8; warp = 16 tokens x kCols columns), stored from the
-    //    accumulators (u fp32, 8 rows x 32 bytes per store; w fp16).
-    float* rec = chunk_record(p, cslot, h);
-    store_rows_half(rec_half(rec, kRecQe), &sm.Qr[0][0], kLdK, kK);
-    store_rows_half(rec_half(rec, kRecKd), &sm.Kb[0][0], kLdK, kK);
-    store_rows_half(rec_half(rec, kRecAqk), &sm.Aqk[0][0], kLdC, kC);
-    if (tid < kK) rec[kRecEL + tid] = sm.EL[tid];
-    __syncthreads();  // Qe is out: its area is free
+    // 6. beta v goes to the Qr area (Qe is out) and beta into the Ke rows (both TF32), and the
+    //    WY factors u = T (beta v), w = T (beta Ke) run on tensor cores (mma.sync m16n8k8; warp =
+    //    16 tokens x kCols columns), stored from the accumulators (u fp32, 8 rows x 32 bytes per
+    //    store; w fp16).
 #pragma unroll
     for (int m = 0; m < kVPer; ++m) {
       const int i = vi0 + kVStride * m;
