@@ -27,6 +27,15 @@
 //   tc_workspace_floats), reused across calls on one stream. The default
 //   (KDA_SERVING_PREFILL_KERNEL=tc).
 //
+// kda_prefill_tc_split(<kda_prefill's arguments without inter, inter_offsets>, Tensor(d!) workspace,
+//                      Tensor units, int units_a, int units_b, int units_c,
+//                      Tensor(e!) split_state) -> ()
+//   The tensor-core kernel with long sequences split into segments that run in parallel
+//   (csrc/prefill/kda_prefill_tc_units.cuh): units [units_a + units_b + units_c, 8] int32, the
+//   table kda_serving/ops/tc_split.py builds (its entry indices must be below split_state's
+//   entries; the kernels do not check them); split_state contiguous fp32, a multiple of
+//   H * 2 * 128 * 128 elements, 16-byte aligned. No checkpoints.
+//
 // kda_decode(Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, Tensor A_log,
 //            Tensor dt_bias, Tensor(a!) state_pool, Tensor slots, Tensor? num_accepted,
 //            float? lower_bound, float scale, Tensor(b!) out) -> ()
@@ -173,13 +182,21 @@ void check_gate_params(const Tensor& A_log, const Tensor& dt_bias, int64_t H, co
 
 using PrefillLaunch = cudaError_t (*)(const kda::KdaPrefillParams&, cudaStream_t);
 
+// kda_prefill_tc_split's extra arguments.
+struct TcSplitArgs {
+  const Tensor* units;
+  int64_t a, b, c;
+  const Tensor* state;
+};
+
 void prefill_common(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
                     const Tensor& beta, const Tensor& A_log, const Tensor& dt_bias,
                     const Tensor& cu_seqlens, Tensor& state_pool, const Tensor& slots,
                     const Tensor& has_initial_state, std::optional<double> lower_bound,
                     double scale, const std::optional<Tensor>& inter,
                     const std::optional<Tensor>& inter_offsets, Tensor& out,
-                    PrefillLaunch launch, const char* op, const Tensor* tc_workspace = nullptr) {
+                    PrefillLaunch launch, const char* op, const Tensor* tc_workspace = nullptr,
+                    const TcSplitArgs* split = nullptr) {
   KDA_CHECK(q.dim() == 3 && q.size(2) == kDim, "q must be [Ttot, H, 128], got ", shape(q));
   const int64_t Tt = q.size(0), H = q.size(1);
   const Named tensors[] = {{&q, "q"}, {&k, "k"}, {&g, "g"}, {&v, "v"}, {&out, "out"}};
@@ -251,6 +268,27 @@ void prefill_common(const Tensor& q, const Tensor& k, const Tensor& v, const Ten
     p.tc_workspace = tc_workspace->data_ptr<float>();
     p.tc_chunk_slots = kda::tc_chunk_slots(Tt, N);
   }
+  if (split) {
+    const Tensor& u = *split->units;
+    const Tensor& st = *split->state;
+    check_cuda(u, "units", q);
+    check_dtype(u, "units", at::kInt);
+    KDA_CHECK(split->a >= 0 && split->b >= 0 && split->c >= 0 && split->a + split->b + split->c < (1 << 30),
+              "units_a, units_b, units_c must be non-negative, got ", split->a, ", ", split->b, ", ", split->c);
+    KDA_CHECK(u.dim() == 2 && u.size(0) == split->a + split->b + split->c && u.size(1) == kda::kTcUnitInts &&
+              u.is_contiguous(), "units must be contiguous [units_a + units_b + units_c, ", kda::kTcUnitInts,
+              "] = [", split->a + split->b + split->c, ", ", kda::kTcUnitInts, "], got ", shape(u));
+    check_cuda(st, "split_state", q);
+    check_dtype(st, "split_state", at::kFloat);
+    const int64_t entry = kda::tc_split_state_floats(1, H);
+    KDA_CHECK(st.is_contiguous() && st.numel() % entry == 0 && reinterpret_cast<uintptr_t>(st.data_ptr()) % 16 == 0,
+              "split_state must be contiguous fp32, 16-byte aligned, a multiple of H * 2 * 128 * 128 = ", entry,
+              " elements, got ", st.numel());
+    KDA_CHECK(!inter.has_value(), "kda_prefill_tc_split writes no checkpoints");
+    p.tc_units = u.data_ptr<int32_t>();
+    p.tc_units_a = (int)split->a; p.tc_units_b = (int)split->b; p.tc_units_c = (int)split->c;
+    p.tc_split_state = st.data_ptr<float>();
+  }
   const c10::cuda::CUDAGuard guard(q.device());
   p.num_sms = num_sms();
   const cudaError_t err = launch(p, at::cuda::getCurrentCUDAStream());
@@ -278,6 +316,16 @@ void prefill_tc_op(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
   prefill_common(q, k, v, g, beta, A_log, dt_bias, cu_seqlens, state_pool, slots, has_initial_state,
                  lower_bound, scale, inter, inter_offsets, out, &kda::launch_kda_prefill_tc, "kda_prefill_tc",
                  &workspace);
+}
+void prefill_tc_split_op(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g, const Tensor& beta,
+                         const Tensor& A_log, const Tensor& dt_bias, const Tensor& cu_seqlens, Tensor& state_pool,
+                         const Tensor& slots, const Tensor& has_initial_state, std::optional<double> lower_bound,
+                         double scale, Tensor& out, Tensor& workspace, const Tensor& units, int64_t units_a,
+                         int64_t units_b, int64_t units_c, Tensor& split_state) {
+  const TcSplitArgs split{&units, units_a, units_b, units_c, &split_state};
+  prefill_common(q, k, v, g, beta, A_log, dt_bias, cu_seqlens, state_pool, slots, has_initial_state,
+                 lower_bound, scale, std::nullopt, std::nullopt, out, &kda::launch_kda_prefill_tc,
+                 "kda_prefill_tc_split", &workspace, &split);
 }
 constexpr char kPrefillChunkedName[] = "kda_prefill_chunked";
 
@@ -597,6 +645,10 @@ void kda_prefill_tc_meta(const Tensor&, const Tensor&, const Tensor&, const Tens
                          const Tensor&, const Tensor&, const Tensor&, Tensor&, const Tensor&,
                          const Tensor&, std::optional<double>, double, const std::optional<Tensor>&,
                          const std::optional<Tensor>&, Tensor&, Tensor&) {}
+void kda_prefill_tc_split_meta(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                               const Tensor&, const Tensor&, const Tensor&, Tensor&, const Tensor&,
+                               const Tensor&, std::optional<double>, double, Tensor&, Tensor&, const Tensor&,
+                               int64_t, int64_t, int64_t, Tensor&) {}
 void kda_decode_meta(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                      const Tensor&, const Tensor&, Tensor&, const Tensor&,
                      const std::optional<Tensor>&, std::optional<double>, double, Tensor&) {}
@@ -630,6 +682,12 @@ TORCH_LIBRARY(kda_serving, m) {
       "Tensor has_initial_state, float? lower_bound, float scale, Tensor(b!)? inter, "
       "Tensor? inter_offsets, Tensor(c!) out, Tensor(d!) workspace) -> ()");
   m.def(
+      "kda_prefill_tc_split(Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, Tensor A_log, "
+      "Tensor dt_bias, Tensor cu_seqlens, Tensor(a!) state_pool, Tensor slots, "
+      "Tensor has_initial_state, float? lower_bound, float scale, Tensor(b!) out, "
+      "Tensor(c!) workspace, Tensor units, int units_a, int units_b, int units_c, "
+      "Tensor(d!) split_state) -> ()");
+  m.def(
       "kda_decode(Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, Tensor A_log, "
       "Tensor dt_bias, Tensor(a!) state_pool, Tensor slots, Tensor? num_accepted, "
       "float? lower_bound, float scale, Tensor(b!) out) -> ()");
@@ -652,6 +710,7 @@ TORCH_LIBRARY_IMPL(kda_serving, CUDA, m) {
   m.impl("kda_prefill", &prefill_op<&kda::kda_prefill_launch, kPrefillName>);
   m.impl("kda_prefill_chunked", &prefill_op<&kda::launch_kda_prefill_chunked, kPrefillChunkedName>);
   m.impl("kda_prefill_tc", &prefill_tc_op);
+  m.impl("kda_prefill_tc_split", &prefill_tc_split_op);
   m.impl("kda_decode", &kda_decode);
   m.impl("causal_conv1d_prefill", &causal_conv1d_prefill);
   m.impl("causal_conv1d_update", &causal_conv1d_update);
@@ -663,6 +722,7 @@ TORCH_LIBRARY_IMPL(kda_serving, Meta, m) {
   m.impl("kda_prefill", &kda_prefill_meta);
   m.impl("kda_prefill_chunked", &kda_prefill_meta);
   m.impl("kda_prefill_tc", &kda_prefill_tc_meta);
+  m.impl("kda_prefill_tc_split", &kda_prefill_tc_split_meta);
   m.impl("kda_decode", &kda_decode_meta);
   m.impl("causal_conv1d_prefill", &conv_prefill_meta);
   m.impl("causal_conv1d_update", &conv_update_meta);

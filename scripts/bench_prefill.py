@@ -3,14 +3,15 @@
 Timed region, per call (CUDA events, median): ours is one ``ops.kda_prefill`` call on bf16
 q, k, v, g [T, H, 128], beta [T, H] and an fp32 pool [S, H, V, K] updated in place at ``slots``
 (has_initial_state True), with the host cu_seqlens so long sequences may be split into segments
-(``kda_serving/ops/split_plan.py``; the chosen segment length and the split scratch in bytes per
+(the tensor-core kernel inside the kernel, ``kda_serving/ops/tc_split.py``; the others
+``kda_serving/ops/split_plan.py``; the chosen segment length and the split scratch in bytes per
 token are recorded). With --long, ``ours_unsplit`` times the same call without the host
 cu_seqlens, i.e. with splitting disabled. fla is ``kda_serving.baselines.fla_ops.kda_prefill``: gather the
 initial states from the pool, ``chunk_kda`` (V-first fp32 states, gate / L2 norm / beta sigmoid in
 the kernel; the bounded gate with safe_gate=True, lower_bound=-5), scatter the final states back.
 Both allocate their output inside the timed call. "ours" runs the kernel KDA_SERVING_PREFILL_KERNEL
-selects (default: the TF32 tensor-core kernel, never split unless KDA_SERVING_PREFILL_SPLIT forces a
-length; the token-serial kernel is split by the planner). With --kernels (CUDA path only) the
+selects (default: the TF32 tensor-core kernel; each kernel's planner splits, or
+KDA_SERVING_PREFILL_SPLIT forces a length). With --kernels (CUDA path only) the
 named kernels (``serial``: token-serial, ``chunked``: CUDA cores, ``tc``: tensor cores;
 docs/kernels.md) are also timed on the same call, unsplit, as ``ours_<name>``, and cross-checked
 against ``ours``. With --segments the selected kernel is also timed split at each forced segment

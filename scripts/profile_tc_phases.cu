@@ -119,8 +119,10 @@ int main(int argc, char** argv) {
     return 2;
   }
   auto launch_state = [&]() {
-    return rows == 128 ? kda::launch_state<128, float>(p, 0)
-                       : rows == 64 ? kda::launch_state<64, float>(p, 0) : kda::launch_state<32, float>(p, 0);
+    const int V = kda::kHeadDim;
+    return rows == 128  ? kda::launch_state<128, float>(p, V, p.N, 0)
+           : rows == 64 ? kda::launch_state<64, float>(p, V, p.N, 0)
+                        : kda::launch_state<32, float>(p, V, p.N, 0);
   };
 
   float* ws = nullptr;

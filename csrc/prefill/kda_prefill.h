@@ -40,6 +40,14 @@ struct KdaPrefillParams {
   // chunk's operands, the state pass reads them.
   float* tc_workspace;
   int64_t tc_chunk_slots;
+  // Tensor-core kernel, long sequences split into segments (kda_prefill_tc_split.cuh); tc_units
+  // nullptr: unsplit. tc_units: [tc_units_a + tc_units_b + tc_units_c][kTcUnitInts] int32, the
+  // first state pass's units, then the second's, then one combine entry per split sequence;
+  // tc_split_state: fp32 [entries, H, 2 * 128, 128] (tc_split_state_floats).
+  const int32_t* tc_units;
+  int tc_units_a, tc_units_b, tc_units_c;
+  int tc_unit_first;  // set by the launcher: the unit row of blockIdx.z = 0
+  float* tc_split_state;
 };
 
 constexpr int kCheckpointEvery = 64;
@@ -53,6 +61,20 @@ inline int64_t tc_chunk_slots(int64_t total_tokens, int64_t N) { return total_to
 inline int64_t tc_workspace_floats(int64_t total_tokens, int64_t N, int64_t H) {
   return tc_chunk_slots(total_tokens, N) * H * kTcRecordFloats;
 }
+
+// A split call's unit table rows (kda_prefill_tc_split.cuh): {sequence, first chunk, chunks, flags,
+// split-state entry read, split-state entry written, 0, 0}; combine rows: {sequence, first entry,
+// entries, 0, ...}. Flags say where a unit's state starts and ends and whether it writes outputs.
+constexpr int kTcUnitInts = 8;
+enum TcUnitFlags : int32_t {
+  kUnitInitPool = 1,       // starts from the pool (has_initial_state), else from zeros
+  kUnitInitEntry = 2,      // starts from rows 0..127 of its read entry
+  kUnitOut = 4,            // writes its tokens' outputs
+  kUnitFinalPool = 8,      // writes its final state to the pool
+  kUnitFinalEntry = 16,    // writes its final state to rows 0..127 of its written entry
+  kUnitTransition = 32,    // also the transition rows 128..255 (identity start, u = 0) to that entry
+};
+inline int64_t tc_split_state_floats(int64_t entries, int64_t H) { return entries * H * 2 * 128 * 128; }
 
 cudaError_t kda_prefill_launch(const KdaPrefillParams& p, cudaStream_t stream);
 

@@ -1,7 +1,9 @@
 // Launch code for the tensor-core chunked KDA prefill: the prepare pass over all chunks
 // (kda_prefill_tc_prepare.cuh), then the serial state pass (kda_prefill_tc_state.cuh), on one
-// stream, through the caller's workspace.
+// stream, through the caller's workspace; a split call runs the state pass twice around the
+// combine (kda_prefill_tc_units.cuh, kda_prefill_tc_split.cuh).
 #include "kda_prefill_tc_prepare.cuh"
+#include "kda_prefill_tc_split.cuh"
 #include "kda_prefill_tc_state.cuh"
 
 namespace kda {
@@ -24,13 +26,15 @@ cudaError_t launch_kda_prefill_tc_prepare(const KdaPrefillParams& p, cudaStream_
   return cudaGetLastError();
 }
 
+// rows: value rows per (unit, head), V or (a split call's first pass) 2 V; z: sequences or units.
 template <int BV, typename StateT>
-static cudaError_t launch_state(const KdaPrefillParams& p, cudaStream_t stream) {
+static cudaError_t launch_state(const KdaPrefillParams& p, int rows, int z, cudaStream_t stream) {
   constexpr int smem = (int)sizeof(tc::StateSmem<BV>);
   static_assert(smem <= 227 * 1024, "shared memory of one CTA exceeds what Hopper grants");
+  if (z == 0) return cudaSuccess;
   const cudaError_t attr = allow_smem(kda_prefill_tc_state_kernel<BV, StateT>, smem);
   if (attr != cudaSuccess) return attr;
-  const dim3 grid(kHeadDim / BV, p.H, p.N);
+  const dim3 grid(rows / BV, p.H, z);
   kda_prefill_tc_state_kernel<BV, StateT><<<grid, tc::kThr, smem, stream>>>(p);
   return cudaGetLastError();
 }
@@ -38,10 +42,11 @@ static cudaError_t launch_state(const KdaPrefillParams& p, cudaStream_t stream) 
 // Value rows per state-pass CTA: fewer rows mean more CTAs (more SMs busy), each reading the
 // whole record per chunk and doing the products with W, Qe over fewer rows. Picks the fewest
 // waves, each weighted by the relative time of one CTA of that many rows (kRowCost).
+// A split call weighs its second pass's units (every unit there runs a whole segment).
 int tc_state_rows(const KdaPrefillParams& p) {
   constexpr int kRows[3] = {128, 64, 32};
   constexpr int kRowCost[3] = {16, 10, 7};  // tenths of a 64-row CTA's time per chunk
-  const int64_t seq_heads = (int64_t)p.H * p.N, sms = p.num_sms > 0 ? p.num_sms : 1;
+  const int64_t seq_heads = (int64_t)p.H * (p.tc_units ? p.tc_units_b : p.N), sms = p.num_sms > 0 ? p.num_sms : 1;
   int best = 0;
   int64_t best_cost = -1;
   for (int i = 0; i < 3; ++i) {
@@ -53,17 +58,41 @@ int tc_state_rows(const KdaPrefillParams& p) {
 }
 
 template <typename StateT>
-static cudaError_t launch_state_rows(const KdaPrefillParams& p, cudaStream_t stream) {
+static cudaError_t launch_state_rows(const KdaPrefillParams& p, int rows, int z, cudaStream_t stream) {
   switch (tc_state_rows(p)) {
-    case 128: return launch_state<128, StateT>(p, stream);
-    case 64: return launch_state<64, StateT>(p, stream);
-    default: return launch_state<32, StateT>(p, stream);
+    case 128: return launch_state<128, StateT>(p, rows, z, stream);
+    case 64: return launch_state<64, StateT>(p, rows, z, stream);
+    default: return launch_state<32, StateT>(p, rows, z, stream);
   }
+}
+
+static cudaError_t launch_state_pass(const KdaPrefillParams& p, int rows, int z, cudaStream_t stream) {
+  return p.state_bf16 ? launch_state_rows<__nv_bfloat16>(p, rows, z, stream)
+                      : launch_state_rows<float>(p, rows, z, stream);
+}
+
+// Split call: pass A over units [0, a) with the transition rows, the combine, pass B over units
+// [a, a + b).
+static cudaError_t launch_split_state(const KdaPrefillParams& p, cudaStream_t stream) {
+  KdaPrefillParams pa = p;
+  pa.tc_unit_first = 0;
+  cudaError_t err = launch_state_pass(pa, 2 * kHeadDim, p.tc_units_a, stream);
+  if (err != cudaSuccess) return err;
+  if (p.tc_units_c > 0) {
+    const dim3 grid(kHeadDim / tc::kCombineRows, p.H, p.tc_units_c);
+    kda_prefill_tc_combine_kernel<<<grid, tc::kThr, 0, stream>>>(p);
+    err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  KdaPrefillParams pb = p;
+  pb.tc_unit_first = p.tc_units_a;
+  return launch_state_pass(pb, kHeadDim, p.tc_units_b, stream);
 }
 
 cudaError_t launch_kda_prefill_tc_state(const KdaPrefillParams& p, cudaStream_t stream) {
   if (p.N == 0 || p.H == 0) return cudaSuccess;
-  return p.state_bf16 ? launch_state_rows<__nv_bfloat16>(p, stream) : launch_state_rows<float>(p, stream);
+  if (p.tc_units) return launch_split_state(p, stream);
+  return launch_state_pass(p, kHeadDim, p.N, stream);
 }
 
 cudaError_t launch_kda_prefill_tc(const KdaPrefillParams& p, cudaStream_t stream) {

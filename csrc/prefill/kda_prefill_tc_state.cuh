@@ -15,6 +15,7 @@
 #pragma once
 
 #include "kda_prefill_tc_common.cuh"
+#include "kda_prefill_tc_units.cuh"
 
 namespace kda {
 namespace tc {
@@ -55,19 +56,21 @@ __device__ __forceinline__ void copy_half_rows_async(__half* dst, int ld, const 
   copy_rows_async(reinterpret_cast<float*>(dst), ld / 2, rec + field, cols / 2, kC, cols / 2);
 }
 
-// Qe and w of a chunk (the operands of the products with the undecayed state).
+// w and, for a CTA that writes outputs, Qe of a chunk (the operands of the products with the
+// undecayed state).
 template <int BV>
-__device__ __forceinline__ void load_qe_w(StateSmem<BV>& sm, const float* rec) {
-  copy_half_rows_async(&sm.Qe[0][0], kLdR, rec, kRecQe, kK);
+__device__ __forceinline__ void load_qe_w(StateSmem<BV>& sm, const float* rec, bool outp) {
+  if (outp) copy_half_rows_async(&sm.Qe[0][0], kLdR, rec, kRecQe, kK);
   copy_half_rows_async(&sm.W[0][0], kLdR, rec, kRecW, kK);
 }
 
-// The rest: Kd, this CTA's columns of u, A_qk, EL.
+// The rest: Kd, EL, this CTA's columns of u (none for transition rows, whose u is 0) and A_qk
+// (only for outputs).
 template <int BV>
-__device__ __forceinline__ void load_rest(StateSmem<BV>& sm, const float* rec, int v0) {
+__device__ __forceinline__ void load_rest(StateSmem<BV>& sm, const float* rec, int v0, bool outp, bool with_u) {
   copy_half_rows_async(&sm.Kd[0][0], kLdR, rec, kRecKd, kK);
-  copy_rows_async(&sm.U[0][0], StateTiling<BV>::kLdU, rec + kRecU + v0, kK, kC, BV);
-  copy_half_rows_async(&sm.Aqk[0][0], kLdA, rec, kRecAqk, kC);
+  if (with_u) copy_rows_async(&sm.U[0][0], StateTiling<BV>::kLdU, rec + kRecU + v0, kK, kC, BV);
+  if (outp) copy_half_rows_async(&sm.Aqk[0][0], kLdA, rec, kRecAqk, kC);
   copy_rows_async(&sm.EL[0], kK, rec + kRecEL, kK, 1, kK);
 }
 
@@ -96,42 +99,59 @@ __device__ __forceinline__ void store_state_tiles(StateT* rows, int vr, int c0, 
 }  // namespace tc
 
 // grid = (V / BV, H, N), tc::kThr threads, dynamic smem sizeof(tc::StateSmem<BV>); runs after
-// kda_prefill_tc_prepare_kernel on the same stream.
+// kda_prefill_tc_prepare_kernel on the same stream. In a split call (p.tc_units) grid.z counts
+// units from p.tc_unit_first and grid.x covers the transition rows too (2 V / BV; tc_units.cuh).
 template <int BV, typename StateT>
 __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const KdaPrefillParams p) {
   using namespace tc;
   using G = StateTiling<BV>;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   StateSmem<BV>& sm = *reinterpret_cast<StateSmem<BV>*>(smem_raw);
-  const int v0 = blockIdx.x * BV, h = blockIdx.y, n = blockIdx.z;
+  const int h = blockIdx.y;
+  StateUnit unit;
+  if (!state_unit(p, blockIdx.x * BV, blockIdx.z, unit)) return;
+  const int v0 = unit.v0, n = unit.n;
+  const bool outp = unit.flags & kUnitOut;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
-  const TokenView tv = prefill_tokens(p, n, h, v0);
+  TokenView tv = prefill_tokens(p, n, h, v0);
+  unit_tokens(tv, unit);
   const int len = tv.len;
-  if (prefill_null_slot<BV, kThr>(p, tv, n)) return;
+  if (p.slots[n] <= 0) {  // null slot: zero output (once per token: only units with outputs)
+    if (outp) zero_output<BV, kThr>(tv);
+    return;
+  }
   const int slot = p.slots[n];
   StateT* dst = prefill_state_rows<StateT>(p, slot, h, v0);
-  StateT* ckpt = prefill_checkpoint_rows<StateT>(p, n, h, v0);
-  const int64_t cbase = chunk_base(p, n, load_index(p.cu_seqlens, p.cu_seqlens_64, 0));
+  StateT* ckpt = p.tc_units ? nullptr : prefill_checkpoint_rows<StateT>(p, n, h, v0);
+  const int64_t cbase = chunk_base(p, n, load_index(p.cu_seqlens, p.cu_seqlens_64, 0)) + unit.chunk0;
 
   const int vt = warp / G::kNCW, q = warp % G::kNCW;
   const int vr = vt * 16 + g;                 // value rows vr and vr + 8 of this lane's fragments
   const int cw0 = q * G::kCW;                 // first channel of this warp's state tiles
   const int cs = cw0 + 2 * t4;                // channel of s[j][0], less 8j
   float s[G::kSN][4];
-  if (p.has_initial_state[n]) {
+  if (unit.transition) {  // the identity: row v0 + vr (+ 8) has its 1 in that channel
+#pragma unroll
+    for (int j = 0; j < G::kSN; ++j) {
+      const int c = cs + 8 * j, r = v0 + vr;
+      s[j][0] = r == c; s[j][1] = r == c + 1; s[j][2] = r + 8 == c; s[j][3] = r + 8 == c + 1;
+    }
+  } else if (unit.flags & kUnitInitEntry) {
+    load_state_tiles(entry_rows(p, unit.entry_in, h, v0), vr, cs, s);
+  } else if ((unit.flags & kUnitInitPool) && p.has_initial_state[n]) {
     load_state_tiles(dst, vr, cs, s);
   } else {
 #pragma unroll
     for (int j = 0; j < G::kSN; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
   }
-  if (len > 0) load_qe_w(sm, chunk_record(p, cbase, h));
+  if (len > 0) load_qe_w(sm, chunk_record(p, cbase, h), outp);
   cp_async_wait_all();
   __syncthreads();
 
   KDA_TC_PROFILE_BEGIN();
   for (int t0 = 0, j = 0; t0 < len; t0 += kC, ++j) {
     const int nt = min(kC, len - t0);
-    load_rest(sm, chunk_record(p, cbase + j, h), v0);  // in flight during step 1
+    load_rest(sm, chunk_record(p, cbase + j, h), v0, outp, !unit.transition);  // in flight during step 1
 
     // 1. Partial X^T = S W^T and Y^T = S Qe^T over this warp's channels, [16 value rows x 64
     //    tokens] as 8 token tiles. A = the state tile, its channels 2t, 2t+1 as k-slots t, t+4;
@@ -148,9 +168,14 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
 #pragma unroll
       for (int jt = 0; jt < 8; ++jt) {
         const float2 bw = __half22float2(*reinterpret_cast<const __half2*>(&sm.W[8 * jt + g][c]));
-        const float2 bq = __half22float2(*reinterpret_cast<const __half2*>(&sm.Qe[8 * jt + g][c]));
         mma_tf32(x[jt], a, __float_as_uint(bw.x), __float_as_uint(bw.y));
-        mma_tf32(y[jt], a, __float_as_uint(bq.x), __float_as_uint(bq.y));
+      }
+      if (outp) {
+#pragma unroll
+        for (int jt = 0; jt < 8; ++jt) {
+          const float2 bq = __half22float2(*reinterpret_cast<const __half2*>(&sm.Qe[8 * jt + g][c]));
+          mma_tf32(y[jt], a, __float_as_uint(bq.x), __float_as_uint(bq.y));
+        }
       }
     }
     // Token tile jt is completed by warp jt / kTN of the value tile; the others hand it their
@@ -162,7 +187,7 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
         if (owner == q) continue;
         const int slot = owner < q ? jt : jt - G::kTN;
         sm.xch[warp][slot][0][lane] = make_float4(x[jt][0], x[jt][1], x[jt][2], x[jt][3]);
-        sm.xch[warp][slot][1][lane] = make_float4(y[jt][0], y[jt][1], y[jt][2], y[jt][3]);
+        if (outp) sm.xch[warp][slot][1][lane] = make_float4(y[jt][0], y[jt][1], y[jt][2], y[jt][3]);
       }
     }
     cp_async_wait_all();
@@ -171,7 +196,7 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
 
     // 2. The next chunk's Qe, w on their way. Own token tiles: the value tile's partials summed
     //    (in warp order), then U = u - X in place of u, rounded to TF32 for its two products.
-    if (t0 + kC < len) load_qe_w(sm, chunk_record(p, cbase + j + 1, h));
+    if (t0 + kC < len) load_qe_w(sm, chunk_record(p, cbase + j + 1, h), outp);
 #pragma unroll
     for (int jt = 0; jt < 8; ++jt) {
       if (jt / G::kTN != q) continue;
@@ -181,17 +206,20 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
           if (q2 == q) continue;
           const int slot = q < q2 ? jt : jt - G::kTN;
           const float4 px = sm.xch[vt * G::kNCW + q2][slot][0][lane];
-          const float4 py = sm.xch[vt * G::kNCW + q2][slot][1][lane];
           x[jt][0] += px.x; x[jt][1] += px.y; x[jt][2] += px.z; x[jt][3] += px.w;
-          y[jt][0] += py.x; y[jt][1] += py.y; y[jt][2] += py.z; y[jt][3] += py.w;
+          if (outp) {
+            const float4 py = sm.xch[vt * G::kNCW + q2][slot][1][lane];
+            y[jt][0] += py.x; y[jt][1] += py.y; y[jt][2] += py.z; y[jt][3] += py.w;
+          }
         }
       }
       float* u0 = &sm.U[8 * jt + 2 * t4][vr];  // x[jt] = X^T[vr][t], [vr][t+1], [vr+8][t], [vr+8][t+1]
       float* u1 = u0 + G::kLdU;
-      u0[0] = tf32_round(u0[0] - x[jt][0]);
-      u1[0] = tf32_round(u1[0] - x[jt][1]);
-      u0[8] = tf32_round(u0[8] - x[jt][2]);
-      u1[8] = tf32_round(u1[8] - x[jt][3]);
+      const bool zu = unit.transition;  // u = 0 (not loaded)
+      u0[0] = tf32_round((zu ? 0.f : u0[0]) - x[jt][0]);
+      u1[0] = tf32_round((zu ? 0.f : u1[0]) - x[jt][1]);
+      u0[8] = tf32_round((zu ? 0.f : u0[8]) - x[jt][2]);
+      u1[8] = tf32_round((zu ? 0.f : u1[8]) - x[jt][3]);
     }
     __syncthreads();  // U complete
     KDA_TC_MARK(kPrepPhases + 1);
@@ -209,11 +237,13 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
       const float* ur = &sm.U[8 * ks + t4][vt * 16 + g];
       const uint32_t a[4] = {__float_as_uint(ur[0]), __float_as_uint(ur[8]), __float_as_uint(ur[4 * G::kLdU]),
                              __float_as_uint(ur[4 * G::kLdU + 8])};
+      if (outp) {
 #pragma unroll
-      for (int jt = ks; jt < 8; ++jt) {
-        if (jt / G::kTN != q) continue;
-        const __half* ar = &sm.Aqk[8 * jt + g][8 * ks + t4];
-        mma_tf32(y[jt], a, tf32_of(ar[0]), tf32_of(ar[4]));
+        for (int jt = ks; jt < 8; ++jt) {
+          if (jt / G::kTN != q) continue;
+          const __half* ar = &sm.Aqk[8 * jt + g][8 * ks + t4];
+          mma_tf32(y[jt], a, tf32_of(ar[0]), tf32_of(ar[4]));
+        }
       }
 #pragma unroll
       for (int js = 0; js < G::kSN; ++js) {
@@ -223,7 +253,7 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
     }
 #pragma unroll
     for (int jt = 0; jt < 8; ++jt) {
-      if (jt / G::kTN != q) continue;
+      if (!outp || jt / G::kTN != q) continue;
       const int t = 8 * jt + 2 * t4;  // y[jt] = O^T[vr][t], [vr][t+1], [vr+8][t], [vr+8][t+1]
       __nv_bfloat16* o = tv.o + (int64_t)(t0 + t) * p.o_st + vr;
       if (t < nt) { o[0] = __float2bfloat16(y[jt][0]); o[8] = __float2bfloat16(y[jt][2]); }
@@ -236,7 +266,9 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
     __syncthreads();      // U, Kd, A_qk, EL free for the next chunk; its Qe, w visible
     KDA_TC_MARK(kPrepPhases + 2);
   }
-  store_state_tiles(dst, vr, cs, s);  // final state (the initial one, or zeros, for an empty sequence)
+  // Final state (the initial one, or zeros, for an empty sequence).
+  if (unit.flags & kUnitFinalPool) store_state_tiles(dst, vr, cs, s);
+  if (unit.flags & kUnitFinalEntry) store_state_tiles(entry_rows(p, unit.entry_out, h, blockIdx.x * BV), vr, cs, s);
   KDA_TC_PROFILE_END();
 }
 

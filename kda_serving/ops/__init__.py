@@ -20,6 +20,14 @@ __all__ = ["kda_prefill", "kda_decode", "causal_conv1d_prefill", "causal_conv1d_
            "gated_rms_norm", "op_path", "reserve_prefill_workspace"]
 
 
+def _num_sms(device: torch.device) -> int | None:
+    """The GPU's SM count (None off a GPU: the split planners then split only when forced)."""
+    if device.type != "cuda":
+        return None
+    from .split_prefill import _num_sms as cached
+    return cached(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def _kernel_ready(x, *tensors) -> bool:
     """The CUDA kernels take bf16 activations with head dim 128 and packed state rows."""
     return op_path(x) == "cuda" and all(t is None or t.dtype == torch.bfloat16 for t in tensors)
@@ -105,6 +113,15 @@ def kda_prefill(q, k, v, g, beta, A_log, dt_bias, *, cu_seqlens, state_pool, slo
     if intermediate_states is None:
         from .split_prefill import choose_segment, host_bounds, split_prefill
         bounds = host_bounds(cu_seqlens, cu_seqlens_cpu)
+        if cuda and bounds is not None and prefill_kernel_name() == "tc":
+            from . import _ext, tc_windows
+            from .tc_split import plan_segment
+            seg = plan_segment([b - a for a, b in zip(bounds[:-1], bounds[1:])], H, _num_sms(dev))
+            if seg is not None and _ext.tc_workspace_floats(T, N, H) * 4 <= tc_windows.workspace_limit_bytes():
+                log_path_once("kda_prefill", "cuda tc split")
+                return _ext.prefill_tc_split(q, k, v, g, beta, A_log, dt_bias, cu_seqlens, state_pool, slots,
+                                             has_initial_state, bounds=bounds, segment_chunks=seg,
+                                             lower_bound=lower_bound, scale=scale, out=out)
         segment = choose_segment(bounds, H, K, V, dev, cuda)
         if segment is not None:
             return split_prefill(q, k, v, g, beta, A_log, dt_bias, bounds=bounds, segment=segment,

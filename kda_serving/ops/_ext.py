@@ -132,6 +132,28 @@ def prefill_tc(q, k, v, g, beta, A_log, dt_bias, cu_seqlens, state_pool, slots, 
                          has_initial_state, lower_bound, scale, inter, inter_offsets, out)
 
 
+def prefill_tc_split(q, k, v, g, beta, A_log, dt_bias, cu_seqlens, state_pool, slots, has_initial_state,
+                     *, bounds, segment_chunks, lower_bound=None, scale=None, out=None):
+    """The tensor-core kernel with sequences longer than ``segment_chunks`` 64-token chunks split
+    (tc_split.py); ``bounds``: host cu_seqlens. No checkpoints; one workspace (no token windows)."""
+    from . import tc_split
+    table, ua, ub, uc, entries = tc_split.build_units(bounds, segment_chunks)
+    units = tc_split.upload(table, q.device)
+    H = q.shape[1]
+    workspace = tc_workspace(q.device, tc_workspace_floats(q.shape[0], cu_seqlens.numel() - 1, H))
+    need = tc_split.split_state_floats(max(entries, 1), H)
+    split_state = tc_split.SPLIT_STATE.get(q.device, need)[:need]
+    TC_SCRATCH.note_captured(workspace)
+    tc_split.SPLIT_STATE.note_captured(split_state)
+    if out is None:
+        out = torch.empty(v.shape, dtype=torch.bfloat16, device=v.device)
+    torch.ops.kda_serving.kda_prefill_tc_split(
+        q, k, v, g, beta, A_log, dt_bias.reshape(-1), cu_seqlens, state_pool, _i32(slots),
+        has_initial_state.contiguous(), lower_bound, _scale(q, scale), out, workspace, units, ua, ub, uc,
+        split_state)
+    return out
+
+
 def decode(q, k, v, g, beta, A_log, dt_bias, state_pool, slots, num_accepted=None,
            *, lower_bound=None, scale=None, out=None):
     """q, k, g [B, T, H, K]; v [B, T, H, V]; beta [B, T, H]; slots [B] or [B, T] (verify)."""

@@ -45,6 +45,12 @@ def install(lib) -> None:
                              inter_offsets=inter_offsets, out=out, workspace=workspace)
         return run
 
+    def prefill_tc_split(q, k, v, g, beta, A_log, dt_bias, cu_seqlens, state_pool, slots, has_initial_state,
+                         lower_bound, scale, out, workspace, units, units_a, units_b, units_c, split_state):
+        emulated.prefill(lib, "prefill_tc", None, q, k, v, g, beta, A_log, dt_bias, cu_seqlens, state_pool, slots,
+                         has_initial_state, lower_bound=lower_bound, scale=scale, out=out, workspace=workspace,
+                         split=(units, units_a, units_b, units_c, split_state))
+
     def decode(q, k, v, g, beta, A_log, dt_bias, state_pool, slots, num_accepted, lower_bound, scale, out):
         emulated.decode(lib, None, q, k, v, g, beta, A_log, dt_bias, state_pool, slots, num_accepted,
                         lower_bound=lower_bound, scale=scale, out=out)
@@ -68,7 +74,7 @@ def install(lib) -> None:
         emulated.gated_rms_norm(lib, x, gate, weight, eps, out)
 
     impls = {"kda_prefill": prefill("prefill"), "kda_prefill_chunked": prefill("prefill_chunked"),
-             "kda_prefill_tc": prefill("prefill_tc"), "kda_decode": decode,
+             "kda_prefill_tc": prefill("prefill_tc"), "kda_prefill_tc_split": prefill_tc_split, "kda_decode": decode,
              "causal_conv1d_prefill": conv_prefill, "causal_conv1d_update": conv_update,
              "kda_decode_fused": decode_fused, "gated_rms_norm": gated_rms_norm}
     missing = set(schemas()) - set(impls)

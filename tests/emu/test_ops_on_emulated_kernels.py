@@ -24,6 +24,22 @@ def inputs(T, H):
     return q, k, v, g, beta, torch.full((H,), math.log(4.0)), torch.randn(H * D) * 0.5
 
 
+def check_per_sequence(out, pool, slots, cu, ro, rs, unsplit=None):
+    """No NaN; a null slot's tokens zero; each live sequence's outputs and final state within TOL
+    of the gold (and within 2e-3 of ``unsplit``'s outputs)."""
+    assert not out.isnan().any()
+    for n, s in enumerate(slots.tolist()):
+        a, b = int(cu[n]), int(cu[n + 1])
+        if s <= 0:
+            assert (out[a:b] == 0).all()
+            continue
+        if b > a:
+            assert rel_rms(out[a:b], ro[a:b]) <= TOL, n
+            if unsplit is not None:
+                assert rel_rms(out[a:b], unsplit[a:b]) <= 2e-3, n
+        assert rel_rms(pool[s], rs[n]) <= TOL, n
+
+
 @pytest.mark.parametrize("split", [None, "64"])
 @pytest.mark.parametrize("kernel", [None, "serial", "chunked", "tc"])
 def test_kda_prefill_on_each_kernel_and_split(kernel_path, monkeypatch, kernel, split):
@@ -46,23 +62,17 @@ def test_kda_prefill_on_each_kernel_and_split(kernel_path, monkeypatch, kernel, 
     has = torch.tensor([True, True, True, False])
     out = torch.full((sum(lens), H, D), float("nan")).bfloat16()
     calls = []
-    if split:
+    if split:  # the tensor-core kernel splits inside the kernel (tc_split.py), the others in split_prefill.py
+        from kda_serving.ops import _ext
         from kda_serving.ops import split_prefill as sp
-        real = sp.split_prefill
+        real, real_tc = sp.split_prefill, _ext.prefill_tc_split
         monkeypatch.setattr(sp, "split_prefill", lambda *a, **kw: calls.append(kw["cuda"]) or real(*a, **kw))
+        monkeypatch.setattr(_ext, "prefill_tc_split", lambda *a, **kw: calls.append("tc") or real_tc(*a, **kw))
     ops.kda_prefill(*inp, cu_seqlens=cu, state_pool=pool, slots=slots, has_initial_state=has, out=out)
-    assert calls == ([True] if split else [])
+    assert calls == ([] if not split else ["tc"] if kernel in (None, "tc") else [True])
     init = torch.where((has & (slots > 0))[:, None, None, None], before[slots.clamp(min=0).long()], 0.0).double()
     ro, rs = naive_kda(*inp, cu_seqlens=cu, initial_state=init)
-    assert not out.isnan().any()
-    for n, s in enumerate(slots.tolist()):
-        a, b = int(cu[n]), int(cu[n + 1])
-        if s <= 0:
-            assert (out[a:b] == 0).all()
-            continue
-        if b > a:
-            assert rel_rms(out[a:b], ro[a:b]) <= TOL, n
-        assert rel_rms(pool[s], rs[n]) <= TOL, n
+    check_per_sequence(out, pool, slots, cu, ro, rs)
     assert torch.equal(pool[[0, 3, 5]], before[[0, 3, 5]])
 
 
@@ -167,3 +177,40 @@ def test_reserve_prefill_workspace(kernel_path, monkeypatch):
     _ext.TC_SCRATCH.clear(dev)
     assert ops.reserve_prefill_workspace(1 << 20, 4, dev) == 1 << 20  # the cap
     _ext.TC_SCRATCH.clear(dev)
+
+
+@pytest.mark.parametrize("segment", ["64", "128", "192"])
+@pytest.mark.parametrize("pool_dtype,lb", [(torch.float32, None), (torch.bfloat16, -5.0)])
+def test_tc_split_matches_fp64_and_unsplit(kernel_path, monkeypatch, segment, pool_dtype, lb):
+    """The tensor-core kernel's in-kernel split (tc_split.py) on segments of 1, 2 and 3 chunks:
+    sequences of one to eight segments, a partial last segment, an empty sequence, one shorter
+    than a segment, a null slot and one without an initial state; outputs poisoned, untouched
+    slots filled with 1e30. Against the fp64 gold and the unsplit call."""
+    from kda_serving.ops import _ext
+    monkeypatch.setenv("KDA_SERVING_PREFILL_KERNEL", "tc")
+    torch.manual_seed(7)
+    lens, H = [64 * 7 + 13, 0, 40, 64 * 3, 130, 64], 2
+    N = len(lens)
+    cu = torch.tensor([0] + lens).cumsum(0).to(torch.int64)
+    inp = inputs(sum(lens), H)
+    pool0 = torch.full((N + 2, H, D, D), 1e30, dtype=pool_dtype)
+    pool0[1:N + 1] = torch.randn(N, H, D, D) * 0.3
+    slots = torch.tensor([1, 2, 3, 4, 0, 6], dtype=torch.int32)
+    has = torch.tensor([True, True, False, True, True, True])
+    calls = []
+    real = _ext.prefill_tc_split
+    monkeypatch.setattr(_ext, "prefill_tc_split", lambda *a, **kw: calls.append(kw["segment_chunks"]) or real(*a, **kw))
+    outs, pools = {}, {}
+    for split in ("0", segment):
+        monkeypatch.setenv("KDA_SERVING_PREFILL_SPLIT", split)
+        pool = pool0.clone()
+        out = torch.full((sum(lens), H, D), float("nan")).bfloat16()
+        ops.kda_prefill(*inp, cu_seqlens=cu, state_pool=pool, slots=slots, has_initial_state=has, lower_bound=lb,
+                        out=out)
+        outs[split], pools[split] = out, pool
+    assert calls == [int(segment) // 64]
+    init = torch.where((has & (slots > 0))[:, None, None, None], pool0[slots.clamp(min=0).long()].float(), 0.0)
+    ro, rs = naive_kda(*inp, cu_seqlens=cu, initial_state=init.double(), lower_bound=lb)
+    out, pool = outs[segment], pools[segment]
+    check_per_sequence(out, pool, slots, cu, ro, rs, unsplit=outs["0"])
+    assert torch.equal(pool[[0, 5, 7]], pool0[[0, 5, 7]])

@@ -95,32 +95,47 @@ def test_split_matches_unsplit_and_fp64(monkeypatch, lens, H, lb):
     assert rel_rms(serial_o, ref_o) <= TOL
 
 
+@pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("lb", [None, -5.0])
-def test_split_on_the_tensor_core_kernel(monkeypatch, lb):
-    """The tensor-core kernel (the default) is not split by the planner; a forced segment length
-    runs the split passes on it; both match the fp64 gold."""
-    lens = [16384, 700, 0, 9000]
-    N, H = len(lens), 4
+@pytest.mark.parametrize("H,lens", [(4, [16384, 700, 0, 9000]), (8, [20000, 3, 2560, 64])], ids=["H4", "H8"])
+def test_split_on_the_tensor_core_kernel(monkeypatch, H, lens, lb, pool_dtype):
+    """The tensor-core kernel (the default) splits inside the kernel (tc_split.py): the planner's
+    choice, forced segments of 1024 and 640 tokens and no split all match the fp64 gold, split and
+    unsplit agree, a null slot gets zeros and untouched slots keep their bits."""
+    from kda_serving.ops import _ext
+    N = len(lens)
     cu_cpu = torch.tensor([0] + lens).cumsum(0)
     inp = make_inputs(sum(lens), H)
-    pool0 = torch.full((N + 2, H, D, D), 1e30, device=DEV)
+    pool0 = torch.full((N + 2, H, D, D), 1e30, device=DEV, dtype=pool_dtype)
     pool0[1:N + 1] = 0.1 * torch.randn(N, H, D, D, device=DEV)
-    has = torch.tensor([True, False, True, True], device=DEV)
-    calls = []
-    real = sp.split_prefill
-    monkeypatch.setattr(sp, "split_prefill", lambda *a, **kw: calls.append(kw["segment"]) or real(*a, **kw))
+    has = torch.tensor([True, False, True, True][:N], device=DEV)
+    slots = torch.arange(1, N + 1, dtype=torch.int32, device=DEV)
+    slots[1] = 0  # a null slot
+    calls, old = [], []
+    real, real_op = _ext.prefill_tc_split, sp.split_prefill
+    monkeypatch.setattr(_ext, "prefill_tc_split", lambda *a, **kw: calls.append(kw["segment_chunks"]) or real(*a, **kw))
+    monkeypatch.setattr(sp, "split_prefill", lambda *a, **kw: old.append(1) or real_op(*a, **kw))
     monkeypatch.delenv("KDA_SERVING_PREFILL_KERNEL", raising=False)
-    init = torch.where(has[:, None, None, None], pool0[1:N + 1], 0.0)
+    init = torch.where(has[:, None, None, None], pool0[1:N + 1].float(), 0.0)
     ref_o, ref_s = gold(*inp, cu_cpu.tolist(), init, lb)
-    for env in (None, "1024"):
+    results = {}
+    for env in ("0", None, "1024", "640"):
         if env is None:
             monkeypatch.delenv(split_plan.ENV, raising=False)
         else:
             monkeypatch.setenv(split_plan.ENV, env)
         pool = pool0.clone()
-        out = run(inp, lens, pool, has, lb, cu_cpu)
+        out = torch.full(inp[2].shape, float("nan"), dtype=torch.bfloat16, device=DEV)
+        ops.kda_prefill(*inp, cu_seqlens=cu_cpu.to(DEV), state_pool=pool, slots=slots, has_initial_state=has,
+                        lower_bound=lb, out=out, cu_seqlens_cpu=cu_cpu)
         sync()
-        assert rel_rms(out, ref_o) <= TOL, env
-        assert rel_rms(pool[1:N + 1], ref_s) <= TOL, env
-        assert torch.equal(pool[[0, N + 1]], pool0[[0, N + 1]]), env
-    assert calls == [1024], calls
+        results[env] = out
+        live = [n for n in range(N) if n != 1]
+        rows = torch.cat([torch.arange(int(cu_cpu[n]), int(cu_cpu[n + 1])) for n in live]).to(DEV)
+        assert rel_rms(out[rows], ref_o[rows]) <= TOL, env
+        assert (out[int(cu_cpu[1]):int(cu_cpu[2])] == 0).all(), env
+        assert rel_rms(pool[[n + 1 for n in live]], ref_s[live]) <= TOL, env
+        assert torch.equal(pool[[0, 2, N + 1]], pool0[[0, 2, N + 1]]), env
+        assert rel_rms(out[rows], results["0"][rows]) <= 2e-3, env
+    assert len(calls) == 3 and calls[1:] == [16, 10], calls  # the planner splits these on an H100
+    assert not old
