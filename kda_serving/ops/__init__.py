@@ -28,6 +28,10 @@ def _num_sms(device: torch.device) -> int | None:
     return cached(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def _kernel_ready(x, *tensors) -> bool:
     """The CUDA kernels take bf16 activations with head dim 128 and packed state rows."""
     return op_path(x) == "cuda" and all(t is None or t.dtype == torch.bfloat16 for t in tensors)
@@ -113,7 +117,8 @@ def kda_prefill(q, k, v, g, beta, A_log, dt_bias, *, cu_seqlens, state_pool, slo
     if intermediate_states is None:
         from .split_prefill import choose_segment, host_bounds, split_prefill
         bounds = host_bounds(cu_seqlens, cu_seqlens_cpu)
-        if cuda and bounds is not None and prefill_kernel_name() == "tc":
+        # The split uploads a host-built table: never inside a CUDA graph capture.
+        if cuda and bounds is not None and prefill_kernel_name() == "tc" and not _capturing(dev):
             from . import _ext, tc_windows
             from .tc_split import plan_segment
             seg = plan_segment([b - a for a, b in zip(bounds[:-1], bounds[1:])], H, _num_sms(dev))
