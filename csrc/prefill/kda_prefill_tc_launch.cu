@@ -27,15 +27,15 @@ cudaError_t launch_kda_prefill_tc_prepare(const KdaPrefillParams& p, cudaStream_
 }
 
 // rows: value rows per (unit, head), V or (a split call's first pass) 2 V; z: sequences or units.
-template <int BV, typename StateT>
+template <int BV, typename StateT, bool kSplit = false>
 static cudaError_t launch_state(const KdaPrefillParams& p, int rows, int z, cudaStream_t stream) {
   constexpr int smem = (int)sizeof(tc::StateSmem<BV>);
   static_assert(smem <= 227 * 1024, "shared memory of one CTA exceeds what Hopper grants");
   if (z == 0) return cudaSuccess;
-  const cudaError_t attr = allow_smem(kda_prefill_tc_state_kernel<BV, StateT>, smem);
+  const cudaError_t attr = allow_smem(kda_prefill_tc_state_kernel<BV, StateT, kSplit>, smem);
   if (attr != cudaSuccess) return attr;
   const dim3 grid(rows / BV, p.H, z);
-  kda_prefill_tc_state_kernel<BV, StateT><<<grid, tc::kThr, smem, stream>>>(p);
+  kda_prefill_tc_state_kernel<BV, StateT, kSplit><<<grid, tc::kThr, smem, stream>>>(p);
   return cudaGetLastError();
 }
 
@@ -57,18 +57,19 @@ int tc_state_rows(const KdaPrefillParams& p) {
   return kRows[best];
 }
 
-template <typename StateT>
+template <typename StateT, bool kSplit>
 static cudaError_t launch_state_rows(const KdaPrefillParams& p, int rows, int z, cudaStream_t stream) {
   switch (tc_state_rows(p)) {
-    case 128: return launch_state<128, StateT>(p, rows, z, stream);
-    case 64: return launch_state<64, StateT>(p, rows, z, stream);
-    default: return launch_state<32, StateT>(p, rows, z, stream);
+    case 128: return launch_state<128, StateT, kSplit>(p, rows, z, stream);
+    case 64: return launch_state<64, StateT, kSplit>(p, rows, z, stream);
+    default: return launch_state<32, StateT, kSplit>(p, rows, z, stream);
   }
 }
 
+template <bool kSplit>
 static cudaError_t launch_state_pass(const KdaPrefillParams& p, int rows, int z, cudaStream_t stream) {
-  return p.state_bf16 ? launch_state_rows<__nv_bfloat16>(p, rows, z, stream)
-                      : launch_state_rows<float>(p, rows, z, stream);
+  return p.state_bf16 ? launch_state_rows<__nv_bfloat16, kSplit>(p, rows, z, stream)
+                      : launch_state_rows<float, kSplit>(p, rows, z, stream);
 }
 
 // Split call: pass A over units [0, a) with the transition rows, the combine, pass B over units
@@ -76,7 +77,7 @@ static cudaError_t launch_state_pass(const KdaPrefillParams& p, int rows, int z,
 static cudaError_t launch_split_state(const KdaPrefillParams& p, cudaStream_t stream) {
   KdaPrefillParams pa = p;
   pa.tc_unit_first = 0;
-  cudaError_t err = launch_state_pass(pa, 2 * kHeadDim, p.tc_units_a, stream);
+  cudaError_t err = launch_state_pass<true>(pa, 2 * kHeadDim, p.tc_units_a, stream);
   if (err != cudaSuccess) return err;
   if (p.tc_units_c > 0) {
     const dim3 grid(kHeadDim / tc::kCombineRows, p.H, p.tc_units_c);
@@ -86,13 +87,13 @@ static cudaError_t launch_split_state(const KdaPrefillParams& p, cudaStream_t st
   }
   KdaPrefillParams pb = p;
   pb.tc_unit_first = p.tc_units_a;
-  return launch_state_pass(pb, kHeadDim, p.tc_units_b, stream);
+  return launch_state_pass<true>(pb, kHeadDim, p.tc_units_b, stream);
 }
 
 cudaError_t launch_kda_prefill_tc_state(const KdaPrefillParams& p, cudaStream_t stream) {
   if (p.N == 0 || p.H == 0) return cudaSuccess;
   if (p.tc_units) return launch_split_state(p, stream);
-  return launch_state_pass(p, kHeadDim, p.N, stream);
+  return launch_state_pass<false>(p, kHeadDim, p.N, stream);
 }
 
 cudaError_t launch_kda_prefill_tc(const KdaPrefillParams& p, cudaStream_t stream) {

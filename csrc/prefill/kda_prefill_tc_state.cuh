@@ -99,9 +99,9 @@ __device__ __forceinline__ void store_state_tiles(StateT* rows, int vr, int c0, 
 }  // namespace tc
 
 // grid = (V / BV, H, N), tc::kThr threads, dynamic smem sizeof(tc::StateSmem<BV>); runs after
-// kda_prefill_tc_prepare_kernel on the same stream. In a split call (p.tc_units) grid.z counts
+// kda_prefill_tc_prepare_kernel on the same stream. kSplit (a split call, p.tc_units): grid.z counts
 // units from p.tc_unit_first and grid.x covers the transition rows too (2 V / BV; tc_units.cuh).
-template <int BV, typename StateT>
+template <int BV, typename StateT, bool kSplit>
 __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const KdaPrefillParams p) {
   using namespace tc;
   using G = StateTiling<BV>;
@@ -109,7 +109,7 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
   StateSmem<BV>& sm = *reinterpret_cast<StateSmem<BV>*>(smem_raw);
   const int h = blockIdx.y;
   StateUnit unit;
-  if (!state_unit(p, blockIdx.x * BV, blockIdx.z, unit)) return;
+  if (!state_unit<kSplit>(p, blockIdx.x * BV, blockIdx.z, unit)) return;
   const int v0 = unit.v0, n = unit.n;
   const bool outp = unit.flags & kUnitOut;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
@@ -122,7 +122,7 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
   }
   const int slot = p.slots[n];
   StateT* dst = prefill_state_rows<StateT>(p, slot, h, v0);
-  StateT* ckpt = p.tc_units ? nullptr : prefill_checkpoint_rows<StateT>(p, n, h, v0);
+  StateT* ckpt = kSplit ? nullptr : prefill_checkpoint_rows<StateT>(p, n, h, v0);
   const int64_t cbase = chunk_base(p, n, load_index(p.cu_seqlens, p.cu_seqlens_64, 0)) + unit.chunk0;
 
   const int vt = warp / G::kNCW, q = warp % G::kNCW;

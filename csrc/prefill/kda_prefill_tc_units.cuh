@@ -26,9 +26,11 @@ struct StateUnit {
 };
 
 // The unit of CTA (row offset r0 = blockIdx.x * BV, z = blockIdx.z); false when the CTA has no
-// work (transition rows of a unit without them).
+// work (transition rows of a unit without them). Unsplit (kSplit false), every field is a
+// constant but the sequence, so the unsplit kernel compiles to what it was before splits existed.
+template <bool kSplit>
 __device__ __forceinline__ bool state_unit(const KdaPrefillParams& p, int r0, int z, StateUnit& u) {
-  if (p.tc_units == nullptr) {
+  if constexpr (!kSplit) {
     u.n = z; u.chunk0 = 0; u.chunks = 1 << 30; u.flags = kUnitInitPool | kUnitOut | kUnitFinalPool;
     u.entry_in = u.entry_out = -1; u.v0 = r0; u.transition = false;
     return true;
