@@ -144,16 +144,22 @@ def reserve_prefill_workspace(num_tokens: int, num_heads: int, device) -> int:
     """Allocates now what the tensor-core prefill's workspace needs for one call of ``num_tokens``
     tokens (capped at ``KDA_SERVING_TC_WORKSPACE_MB``, past which a call runs in token windows),
     so that an engine's memory profile, which runs its largest step before sizing its caches,
-    counts it. Returns the workspace size in bytes, or 0 when that kernel does not run here (the
-    reference path, another kernel selected) or a CUDA graph is being captured."""
+    counts it, and the split state its planner may use at that size (``tc_split.py``: one entry
+    per segment of at least ``SEGMENTS[0]`` chunks; windowed calls never split). Returns the bytes
+    held, or 0 when that kernel does not run here (the reference path, another kernel selected) or
+    a CUDA graph is being captured."""
     device = torch.device(device)
     if prefill_kernel_name() != "tc" or op_path(torch.empty(0, device=device)) != "cuda":
         return 0
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return 0
-    from . import _ext, tc_windows
-    floats = min(_ext.tc_workspace_floats(num_tokens, 1, num_heads), tc_windows.workspace_limit_bytes() // 4)
-    return _ext.tc_workspace(device, floats).numel() * 4
+    from . import _ext, tc_split, tc_windows
+    need, limit = _ext.tc_workspace_floats(num_tokens, 1, num_heads), tc_windows.workspace_limit_bytes()
+    held = _ext.tc_workspace(device, min(need, limit // 4)).numel() * 4
+    entries = num_tokens // (tc_split.SEGMENTS[0] * tc_split.CHUNK)
+    if need * 4 <= limit and entries:
+        held += tc_split.SPLIT_STATE.get(device, tc_split.split_state_floats(entries, num_heads)).numel() * 4
+    return held
 
 
 def kda_decode(q, k, v, g, beta, A_log, dt_bias, *, state_pool, slots, num_accepted_tokens=None,

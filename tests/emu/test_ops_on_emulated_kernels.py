@@ -161,21 +161,27 @@ def test_gated_rms_norm_takes_the_kernel_for_bf16_rows_of_128(kernel_path, monke
 
 def test_reserve_prefill_workspace(kernel_path, monkeypatch):
     """reserve_prefill_workspace takes the tensor-core prefill's workspace for a step of N tokens
-    (capped at KDA_SERVING_TC_WORKSPACE_MB), so an engine's memory profile counts it; the next
-    prefill of that size reuses it. Nothing is taken for the other kernels."""
-    from kda_serving.ops import _ext
+    (capped at KDA_SERVING_TC_WORKSPACE_MB) and the split state its planner may use at that size,
+    so an engine's memory profile counts them; the next prefill of that size reuses them. Nothing
+    is taken for the other kernels, and no split state for a windowed size."""
+    from kda_serving.ops import _ext, tc_split
     dev = torch.device("cpu")
     _ext.TC_SCRATCH.clear(dev)
+    tc_split.SPLIT_STATE.clear(dev)
     monkeypatch.setenv("KDA_SERVING_PREFILL_KERNEL", "serial")
     assert ops.reserve_prefill_workspace(4096, 4, dev) == 0 and _ext.TC_SCRATCH.current(dev) is None
     monkeypatch.delenv("KDA_SERVING_PREFILL_KERNEL")
     got = ops.reserve_prefill_workspace(4096, 4, dev)
-    assert got == _ext.tc_workspace_floats(4096, 1, 4) * 4
+    split = tc_split.split_state_floats(4096 // (tc_split.SEGMENTS[0] * 64), 4) * 4
+    assert got == _ext.tc_workspace_floats(4096, 1, 4) * 4 + split
+    assert tc_split.SPLIT_STATE.current(dev).numel() * 4 == split
     ws = _ext.TC_SCRATCH.current(dev)
     assert _ext.tc_workspace(dev, _ext.tc_workspace_floats(4000, 3, 4)) is ws  # reused by a smaller call
     monkeypatch.setenv("KDA_SERVING_TC_WORKSPACE_MB", "1")
     _ext.TC_SCRATCH.clear(dev)
-    assert ops.reserve_prefill_workspace(1 << 20, 4, dev) == 1 << 20  # the cap
+    tc_split.SPLIT_STATE.clear(dev)
+    assert ops.reserve_prefill_workspace(1 << 20, 4, dev) == 1 << 20  # the cap; windowed: no split state
+    assert tc_split.SPLIT_STATE.current(dev) is None
     _ext.TC_SCRATCH.clear(dev)
 
 
