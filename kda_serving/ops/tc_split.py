@@ -14,10 +14,14 @@ The longest chain falls from the sequence's chunk count to about two segments, f
 the state-pass work (three times the rows of a middle segment, two of them without outputs).
 
 Planner (``plan_segment``): estimates both state passes from the chunk-step times of a CTA of
-128 / 64 / 32 value rows (``STEP_US``, the profile's per-chunk cycles at 1.98 GHz, H100, fp16
-records: 13.7K cycles for 128 rows at H96 1x8192, 6.6K for 32 rows at H32 1x32768; 64 rows
-interpolated), each pass as the larger of its longest chain and its total work spread over the
-SMs, and splits when the estimate is under ``MARGIN`` of the unsplit state pass.
+128 / 64 / 32 value rows (``STEP_US``: the profile's per-chunk cycles at 1.98 GHz, H100, fp16
+records, 13.7K cycles for 128 rows at H96 1x8192 and 6.6K for 32 rows at H32 1x32768, 64 rows
+interpolated, times 1.25), each pass as the larger of its longest chain and its total work spread
+over the SMs, a split unit's chain ``UNIT_STEPS`` steps longer than its chunks, and splits when
+the estimate is under ``MARGIN`` of the unsplit state pass. The 1.25 and ``UNIT_STEPS`` are fitted
+to the H100 run of 54de340 (``benchmarks/results/bench_prefill-long-tc-split-kimi-*-54de340.json``:
+H8 1x32768 and 1x131072, unsplit and at segments of 2048 to 8192 tokens, less the prepare pass's
+share from the phase profile), which they reproduce within 5%.
 ``KDA_SERVING_PREFILL_SPLIT`` forces a segment length (a multiple of 64 tokens) or ``0`` (never).
 Splitting needs the host's lengths (``cu_seqlens_cpu`` or a CPU ``cu_seqlens``) and no
 checkpoints (``intermediate_states``)."""
@@ -32,7 +36,8 @@ from .split_plan import env_segment
 CHUNK = 64
 UNIT_INTS = 8                                # kda_prefill.h kTcUnitInts
 INIT_POOL, INIT_ENTRY, OUT, FINAL_POOL, FINAL_ENTRY, TRANSITION = 1, 2, 4, 8, 16, 32  # TcUnitFlags
-STEP_US = {128: 6.9, 64: 4.8, 32: 3.3}       # one chunk step of a state CTA of that many rows
+STEP_US = {128: 8.6, 64: 6.0, 32: 4.1}       # one chunk step of a state CTA of that many rows
+UNIT_STEPS = 20                              # a split unit's start and tail, in chunk steps (fitted)
 ROW_COST = {128: 16, 64: 10, 32: 7}          # the launcher's weights (tc_state_rows)
 NO_OUTPUT = 0.65                             # a step without outputs (no Qe, A_qk products): estimate
 COMBINE_STEP_US = 2.0                        # one S·P + B step of the combine kernel: estimate
@@ -78,9 +83,10 @@ def estimate_us(lengths: list[int], num_heads: int, num_sms: int, seg: int | Non
         if s < 2:
             pass_a.append((c, 1.0))
             continue
-        pass_a.append((seg, 1.0))
-        pass_a += [(seg, 2 * NO_OUTPUT)] * (s - 2)
-        pass_b += [(seg, 1.0)] * (s - 1)
+        chain = seg + UNIT_STEPS
+        pass_a.append((chain, 1.0))
+        pass_a += [(chain, 2 * NO_OUTPUT)] * (s - 2)
+        pass_b += [(chain, 1.0)] * (s - 1)
         steps = max(steps, s - 2)
     rows = state_rows(len(pass_b) * num_heads, num_sms)
     return (_pass_us(pass_a, rows, num_heads, num_sms) + _pass_us(pass_b, rows, num_heads, num_sms)
