@@ -20,14 +20,6 @@ __all__ = ["kda_prefill", "kda_decode", "causal_conv1d_prefill", "causal_conv1d_
            "gated_rms_norm", "op_path", "reserve_prefill_workspace"]
 
 
-def _num_sms(device: torch.device) -> int | None:
-    """The GPU's SM count (None off a GPU: the split planners then split only when forced)."""
-    if device.type != "cuda":
-        return None
-    from .split_prefill import _num_sms as cached
-    return cached(device.index if device.index is not None else torch.cuda.current_device())
-
-
 def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
@@ -117,17 +109,19 @@ def kda_prefill(q, k, v, g, beta, A_log, dt_bias, *, cu_seqlens, state_pool, slo
     if intermediate_states is None:
         from .split_prefill import choose_segment, host_bounds, split_prefill
         bounds = host_bounds(cu_seqlens, cu_seqlens_cpu)
-        # The split uploads a host-built table: never inside a CUDA graph capture.
-        if cuda and bounds is not None and prefill_kernel_name() == "tc" and not _capturing(dev):
+        tc = cuda and prefill_kernel_name() == "tc"
+        # The tc kernel splits inside the kernel (tc_split.py; over the workspace limit, per token
+        # window, _ext.prefill_tc). It uploads a host-built table: never inside a CUDA graph capture.
+        if tc and bounds is not None and not _capturing(dev):
             from . import _ext, tc_windows
-            from .tc_split import plan_segment
-            seg = plan_segment([b - a for a, b in zip(bounds[:-1], bounds[1:])], H, _num_sms(dev))
+            from .tc_split import num_sms, plan_segment
+            seg = plan_segment([b - a for a, b in zip(bounds[:-1], bounds[1:])], H, num_sms(dev))
             if seg is not None and _ext.tc_workspace_floats(T, N, H) * 4 <= tc_windows.workspace_limit_bytes():
                 log_path_once("kda_prefill", "cuda tc split")
                 return _ext.prefill_tc_split(q, k, v, g, beta, A_log, dt_bias, cu_seqlens, state_pool, slots,
                                              has_initial_state, bounds=bounds, segment_chunks=seg,
                                              lower_bound=lower_bound, scale=scale, out=out)
-        segment = choose_segment(bounds, H, K, V, dev, cuda)
+        segment = None if tc else choose_segment(bounds, H, K, V, dev, cuda)
         if segment is not None:
             return split_prefill(q, k, v, g, beta, A_log, dt_bias, bounds=bounds, segment=segment,
                                  state_pool=state_pool, slots=slots, has_initial_state=has_initial_state,

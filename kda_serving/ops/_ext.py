@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from . import tc_windows
+from . import tc_split, tc_windows
 from .scratch import DeviceScratch
 
 _loaded: bool | None = None
@@ -109,7 +109,13 @@ def prefill_tc(q, k, v, g, beta, A_log, dt_bias, cu_seqlens, state_pool, slots, 
         bounds = [int(x) for x in cu_seqlens.tolist()]
         max_slots = max(2, limit // (4 * q.shape[1] * TC_RECORD_FLOATS))
 
-        def window(q_, k_, v_, g_, beta_, cu_, slots_, has_, offs_, out_):  # within the limit by the plan
+        def window(q_, k_, v_, g_, beta_, cu_, slots_, has_, offs_, out_, bounds):  # within the limit by the plan
+            seg = None if inter is not None else tc_split.plan_segment(
+                [b - a for a, b in zip(bounds[:-1], bounds[1:])], q.shape[1], tc_split.num_sms(q.device))
+            if seg is not None:  # a long sequence's window splits like an unwindowed call
+                prefill_tc_split(q_, k_, v_, g_, beta_, A_log, dt_bias, cu_, state_pool, slots_, has_, bounds=bounds,
+                                 segment_chunks=seg, lower_bound=lower_bound, scale=scale, out=out_)
+                return
             ws = tc_workspace(q.device, tc_workspace_floats(q_.shape[0], cu_.numel() - 1, q.shape[1]))
             prefill_tc(q_, k_, v_, g_, beta_, A_log, dt_bias, cu_, state_pool, slots_, has_, lower_bound=lower_bound,
                        scale=scale, inter=inter, inter_offsets=offs_, out=out_, workspace=ws)
@@ -136,7 +142,6 @@ def prefill_tc_split(q, k, v, g, beta, A_log, dt_bias, cu_seqlens, state_pool, s
                      *, bounds, segment_chunks, lower_bound=None, scale=None, out=None):
     """The tensor-core kernel with sequences longer than ``segment_chunks`` 64-token chunks split
     (tc_split.py); ``bounds``: host cu_seqlens. No checkpoints; one workspace (no token windows)."""
-    from . import tc_split
     table, ua, ub, uc, entries = tc_split.build_units(bounds, segment_chunks)
     units = tc_split.upload(table, q.device)
     H = q.shape[1]

@@ -47,6 +47,15 @@ SEGMENTS = (16, 32, 64, 128, 256, 512, 1024)  # candidate segment lengths, in ch
 SPLIT_STATE = DeviceScratch(torch.float32)    # the split-state entries, per device and stream
 
 
+def num_sms(device: torch.device) -> int | None:
+    """The GPU's SM count (None off a GPU, where the planner splits only when forced)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    from .split_prefill import _num_sms
+    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def state_rows(seq_heads: int, num_sms: int) -> int:
     """Value rows per state-pass CTA, as the launcher picks them (tc_state_rows)."""
     best, best_cost = 128, None

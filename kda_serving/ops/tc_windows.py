@@ -61,8 +61,9 @@ def plan_windows(bounds: list[int], max_slots: int) -> list[list[tuple[int, int,
 
 
 def run_windows(run_one, windows, bounds, q, k, v, g, beta, slots, has_initial_state, inter_offsets, out):
-    """``run_one(q, k, v, g, beta, cu, slots, has_init, inter_offsets, out)`` once per window, on row
-    slices of the token tensors and of ``out`` (rows counted from bounds[0])."""
+    """``run_one(q, k, v, g, beta, cu, slots, has_init, inter_offsets, out, bounds=cu_host)`` once per
+    window, on row slices of the token tensors and of ``out`` (rows counted from bounds[0]);
+    ``cu_host``: the window's cu_seqlens as a list."""
     dev = q.device
     slots_h = slots.tolist()
     has_h = [bool(x) for x in has_initial_state.tolist()]
@@ -82,4 +83,4 @@ def run_windows(run_one, windows, bounds, q, k, v, g, beta, slots, has_initial_s
                 torch.tensor(cu, dtype=torch.int32, device=dev),
                 torch.tensor([slots_h[n] for n, _, _ in pieces], dtype=torch.int32, device=dev),
                 torch.tensor([has_h[n] or s > 0 for n, s, _ in pieces], dtype=torch.bool, device=dev),
-                offs, out[rows])
+                offs, out[rows], bounds=cu)

@@ -220,3 +220,41 @@ def test_tc_split_matches_fp64_and_unsplit(kernel_path, monkeypatch, segment, po
     out, pool = outs[segment], pools[segment]
     check_per_sequence(out, pool, slots, cu, ro, rs, unsplit=outs["0"])
     assert torch.equal(pool[[0, 5, 7]], pool0[[0, 5, 7]])
+
+
+def test_tc_windows_split_long_pieces(kernel_path, monkeypatch):
+    """Over the workspace limit the tensor-core kernel runs token windows, and a window holding a
+    long piece splits it like an unwindowed call (forced here): same results as one unsplit call."""
+    from kda_serving.ops import _ext
+    monkeypatch.setenv("KDA_SERVING_PREFILL_KERNEL", "tc")
+    torch.manual_seed(9)
+    lens, H = [64 * 9 + 5, 30, 64 * 4], 2
+    N = len(lens)
+    cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
+    inp = inputs(sum(lens), H)
+    pool0 = torch.full((N + 2, H, D, D), 1e30)
+    pool0[1:N + 1] = torch.randn(N, H, D, D) * 0.3
+    slots = torch.tensor([1, 2, 3], dtype=torch.int32)
+    has = torch.tensor([True, False, True])
+    record_mb = 4 * H * _ext.TC_RECORD_FLOATS / (1 << 20)
+    calls = []
+    real = _ext.prefill_tc_split
+    monkeypatch.setattr(_ext, "prefill_tc_split", lambda *a, **kw: calls.append(kw["bounds"]) or real(*a, **kw))
+    results = []
+    for split, limit in (("0", None), ("64", 6 * record_mb)):
+        monkeypatch.setenv("KDA_SERVING_PREFILL_SPLIT", split)
+        if limit is None:
+            monkeypatch.delenv("KDA_SERVING_TC_WORKSPACE_MB", raising=False)
+        else:
+            monkeypatch.setenv("KDA_SERVING_TC_WORKSPACE_MB", str(limit))
+        pool = pool0.clone()
+        out = torch.full((sum(lens), H, D), float("nan")).bfloat16()
+        ops.kda_prefill(*inp, cu_seqlens=cu, state_pool=pool, slots=slots, has_initial_state=has, out=out)
+        results.append((out, pool))
+    assert len(calls) >= 2 and all(b[-1] - b[0] <= 6 * 64 for b in calls), calls  # one per window with a split
+    (o1, p1), (o2, p2) = results
+    init = torch.where(has[:, None, None, None], pool0[1:N + 1], 0.0)
+    ro, rs = naive_kda(*inp, cu_seqlens=cu, initial_state=init.double())
+    check_per_sequence(o2, p2, slots, cu, ro, rs, unsplit=o1)
+    assert rel_rms(p2[1:N + 1], p1[1:N + 1]) <= 2e-3
+    assert torch.equal(p2[[0, N + 1]], pool0[[0, N + 1]])
