@@ -142,8 +142,7 @@ def prefill_tc_split(q, k, v, g, beta, A_log, dt_bias, cu_seqlens, state_pool, s
                      *, bounds, segment_chunks, lower_bound=None, scale=None, out=None):
     """The tensor-core kernel with sequences longer than ``segment_chunks`` 64-token chunks split
     (tc_split.py); ``bounds``: host cu_seqlens. No checkpoints; one workspace (no token windows)."""
-    table, ua, ub, uc, entries = tc_split.build_units(bounds, segment_chunks)
-    units = tc_split.upload(table, q.device)
+    units, ua, ub, uc, entries = tc_split.device_units(bounds, segment_chunks, q.device)
     H = q.shape[1]
     workspace = tc_workspace(q.device, tc_workspace_floats(q.shape[0], cu_seqlens.numel() - 1, H))
     need = tc_split.split_state_floats(max(entries, 1), H)

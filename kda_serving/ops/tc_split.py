@@ -28,6 +28,8 @@ checkpoints (``intermediate_states``)."""
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 
 from .scratch import DeviceScratch
@@ -161,3 +163,26 @@ def upload(table: list[int], device: torch.device) -> torch.Tensor:
     if device.type == "cuda":
         t = t.pin_memory().to(device, non_blocking=True)
     return t
+
+
+_TABLES: OrderedDict = OrderedDict()  # (bounds, seg, device, stream) -> (units on device, counts)
+TABLES_KEPT = 16
+
+
+def device_units(bounds: list[int], seg: int, device: torch.device) -> tuple[torch.Tensor, int, int, int, int]:
+    """``build_units`` uploaded, kept for the next calls with the same lengths on the same stream:
+    every KDA layer of an engine step prefills the same batch, so the table is built and copied
+    once per step, not once per layer. Returns (units, units_a, units_b, units_c, entries)."""
+    device = torch.device(device)
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (tuple(bounds), seg, device, stream)
+    hit = _TABLES.get(key)
+    if hit is not None:
+        _TABLES.move_to_end(key)
+        return hit
+    table, ua, ub, uc, entries = build_units(bounds, seg)
+    hit = (upload(table, device), ua, ub, uc, entries)
+    _TABLES[key] = hit
+    while len(_TABLES) > TABLES_KEPT:
+        _TABLES.popitem(last=False)
+    return hit

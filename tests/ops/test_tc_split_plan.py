@@ -75,3 +75,21 @@ def test_state_rows_mirror_the_launcher():
     assert ts.state_rows(96, 132) == 128
     assert ts.state_rows(32, 132) == 32
     assert ts.state_rows(256, 132) == 128
+
+
+def test_device_units_are_built_once_per_batch():
+    """Every layer of a step prefills the same lengths: the uploaded table is reused, and a table
+    for other lengths or another segment is a new one; at most TABLES_KEPT stay."""
+    import torch
+    ts._TABLES.clear()
+    dev = torch.device("cpu")
+    a = ts.device_units([0, 500, 520], 2, dev)
+    assert ts.device_units([0, 500, 520], 2, dev)[0] is a[0]
+    table, *counts = ts.build_units([0, 500, 520], 2)
+    assert a[0].tolist() == torch.tensor(table).reshape(-1, ts.UNIT_INTS).tolist() and list(a[1:]) == counts
+    assert ts.device_units([0, 500, 521], 2, dev)[0] is not a[0]
+    assert ts.device_units([0, 500, 520], 3, dev)[0] is not a[0]
+    for n in range(ts.TABLES_KEPT):
+        ts.device_units([0, 1000 + n], 2, dev)
+    assert len(ts._TABLES) == ts.TABLES_KEPT and ts.device_units([0, 500, 520], 2, dev)[0] is not a[0]
+    ts._TABLES.clear()
