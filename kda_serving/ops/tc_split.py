@@ -70,7 +70,8 @@ def state_rows(seq_heads: int, num_sms: int) -> int:
 
 
 def _pass_us(chains: list[tuple[int, float]], rows: int, num_heads: int, num_sms: int) -> float:
-    """chains: (chunks, CTAs per head, each weighted by its cost relative to a step with outputs)."""
+    """One state pass; chains: (chunk steps of a unit, its CTAs per head and row block, weighted by
+    their step cost relative to one with outputs)."""
     if not chains:
         return 0.0
     longest = max(c for c, _ in chains)
