@@ -9,6 +9,7 @@ miss it (see ``graph_time_ms``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -28,6 +29,22 @@ if str(ROOT) not in sys.path:  # scripts run as files: make the package importab
 import torch  # noqa: E402
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results"
+
+
+@contextlib.contextmanager
+def env_set(**env):
+    """The KDA_SERVING_* switches in env set for the calls inside (the package reads them at each
+    call), the previous values restored after."""
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:

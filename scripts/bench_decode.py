@@ -26,7 +26,6 @@ g; beta) read once, the bf16 output written once, at the copy bandwidth of the s
 from __future__ import annotations
 
 import math
-import os
 import sys
 
 import bench_common as bc
@@ -53,18 +52,10 @@ VARIANTS = {"rowgrid": dict(KDA_SERVING_DECODE_GRID="rows"), "heads": dict(KDA_S
 
 
 def with_env(fn, **env):
-    """fn run with the KDA_SERVING_* switches in env set (the extension reads them at each call)."""
+    """fn run with the KDA_SERVING_* switches in env set (bench_common.env_set)."""
     def run():
-        old = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
+        with bc.env_set(**env):
             return fn()
-        finally:
-            for k, v in old.items():
-                if v is None:
-                    del os.environ[k]
-                else:
-                    os.environ[k] = v
     return run
 
 

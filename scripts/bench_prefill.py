@@ -25,8 +25,6 @@ call, output included, per token.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import sys
 
 import bench_common as bc
@@ -82,20 +80,6 @@ def io_bytes(x: dict, pool: torch.Tensor, N: int) -> int:
     return inputs + x["v"].numel() * x["v"].element_size() + 2 * N * state
 
 
-@contextlib.contextmanager
-def forced_segment(segment: int):
-    """KDA_SERVING_PREFILL_SPLIT=segment for the calls inside (read by the planner on every call)."""
-    old = os.environ.get(split_plan.ENV)
-    os.environ[split_plan.ENV] = str(segment)
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(split_plan.ENV, None)
-        else:
-            os.environ[split_plan.ENV] = old
-
-
 def run_case(H, d, seqlens, gate, device, bandwidth, fla_reason, iters, warmup, unsplit=False, kernels=(),
              segments=()):
     T, N = sum(seqlens), len(seqlens)
@@ -125,7 +109,7 @@ def run_case(H, d, seqlens, gate, device, bandwidth, fla_reason, iters, warmup, 
     for seg in segments:
         if seg < max(seqlens, default=0):
             def split_call(seg=seg):
-                with forced_segment(seg):
+                with bc.env_set(**{split_plan.ENV: str(seg)}):
                     return ops.kda_prefill(*args, **pool_args, lower_bound=lb, cu_seqlens_cpu=cu_cpu)
             impls[f"ours_split{seg}"] = split_call
     if fla_reason is None:

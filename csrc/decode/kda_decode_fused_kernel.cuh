@@ -23,8 +23,9 @@
 // kernel below. Small CTAs whose state loads overlap the kernel before them keep more bytes in
 // flight.
 //
-// KDA_SERVING_FUSED_DECODE_PATH=single (opt-in until measured), T <= kHeadMaxT: one kernel,
-// kda_decode_fused_head_kernel below, the head kernel computing its head's conv itself.
+// KDA_SERVING_FUSED_DECODE_PATH=single (opt-in; slower than the pair path on an H100, f47f051),
+// T <= kHeadMaxT: one kernel, kda_decode_fused_head_kernel below, the head kernel computing its
+// head's conv itself.
 //
 // T > kPairMaxT: three kernels without the buffer:
 //

@@ -114,8 +114,8 @@ def kda_prefill(q, k, v, g, beta, A_log, dt_bias, *, cu_seqlens, state_pool, slo
         # window, _ext.prefill_tc). It uploads a host-built table: never inside a CUDA graph capture.
         if tc and bounds is not None and not _capturing(dev):
             from . import _ext, tc_windows
-            from .tc_split import num_sms, plan_segment
-            seg = plan_segment([b - a for a, b in zip(bounds[:-1], bounds[1:])], H, num_sms(dev))
+            from .tc_split import plan_for_bounds
+            seg = plan_for_bounds(bounds, H, dev)
             if seg is not None and _ext.tc_workspace_floats(T, N, H) * 4 <= tc_windows.workspace_limit_bytes():
                 log_path_once("kda_prefill", "cuda tc split")
                 return _ext.prefill_tc_split(q, k, v, g, beta, A_log, dt_bias, cu_seqlens, state_pool, slots,

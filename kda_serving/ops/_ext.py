@@ -110,8 +110,7 @@ def prefill_tc(q, k, v, g, beta, A_log, dt_bias, cu_seqlens, state_pool, slots, 
         max_slots = max(2, limit // (4 * q.shape[1] * TC_RECORD_FLOATS))
 
         def window(q_, k_, v_, g_, beta_, cu_, slots_, has_, offs_, out_, bounds):  # within the limit by the plan
-            seg = None if inter is not None else tc_split.plan_segment(
-                [b - a for a, b in zip(bounds[:-1], bounds[1:])], q.shape[1], tc_split.num_sms(q.device))
+            seg = None if inter is not None else tc_split.plan_for_bounds(bounds, q.shape[1], q.device)
             if seg is not None:  # a long sequence's window splits like an unwindowed call
                 prefill_tc_split(q_, k_, v_, g_, beta_, A_log, dt_bias, cu_, state_pool, slots_, has_, bounds=bounds,
                                  segment_chunks=seg, lower_bound=lower_bound, scale=scale, out=out_)

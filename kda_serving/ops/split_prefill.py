@@ -79,8 +79,8 @@ def describe_split(cu_seqlens_cpu: torch.Tensor, num_heads: int, head_dim: int, 
     bounds = [int(x) for x in cu_seqlens_cpu.tolist()]
     T = bounds[-1] - bounds[0]
     if kernel_path and device.type == "cuda" and prefill_kernel_name() == "tc" and head_dim == 128:
-        from .tc_split import build_units, num_sms, plan_segment, split_state_floats  # split inside the kernel
-        seg = plan_segment([b - a for a, b in zip(bounds[:-1], bounds[1:])], num_heads, num_sms(device))
+        from .tc_split import build_units, plan_for_bounds, split_state_floats  # split inside the kernel
+        seg = plan_for_bounds(bounds, num_heads, device)
         ws = 0 if seg is None else split_state_floats(build_units(bounds, seg)[4], num_heads) * 4
         return dict(segment=None if seg is None else seg * 64, workspace_bytes=ws,
                     workspace_bytes_per_token=ws / max(T, 1), workspace_bytes_per_token_head=ws / max(T, 1) / num_heads)

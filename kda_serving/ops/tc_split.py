@@ -126,6 +126,11 @@ def plan_segment(lengths: list[int], num_heads: int, num_sms: int | None) -> int
     return best
 
 
+def plan_for_bounds(bounds: list[int], num_heads: int, device: torch.device) -> int | None:
+    """``plan_segment`` for a call with host cu_seqlens ``bounds`` on ``device``."""
+    return plan_segment([b - a for a, b in zip(bounds[:-1], bounds[1:])], num_heads, num_sms(device))
+
+
 def build_units(bounds: list[int], seg: int) -> tuple[list[int], int, int, int, int]:
     """The unit table (flat, ``UNIT_INTS`` per row) for host ``cu_seqlens`` bounds and segments of
     ``seg`` chunks: pass A rows, pass B rows, combine rows; returns (table, units_a, units_b,
