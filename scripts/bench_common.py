@@ -181,13 +181,18 @@ def free_bytes(device: torch.device) -> int:
     return torch.cuda.mem_get_info(device)[0]
 
 
-def rel_rms(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """||x - ref|| / ||ref|| in fp64; inf when x has a NaN or inf."""
-    x, ref = x.double(), ref.double()
-    if not torch.isfinite(x).all():
-        return math.inf
-    d = ref.norm()
-    return float((x - ref).norm() / d) if d > 0 else float((x - ref).norm())
+def rel_rms(x: torch.Tensor, ref: torch.Tensor, piece: int = 1 << 24) -> float:
+    """||x - ref|| / ||ref|| in fp64; inf when x has a NaN or inf. Summed over pieces of
+    ``piece`` elements, so a 1M-token output does not need an fp64 copy of itself."""
+    x, ref = x.reshape(-1), ref.reshape(-1)
+    num = den = 0.0
+    for s in range(0, x.numel(), piece):
+        a, b = x[s:s + piece].double(), ref[s:s + piece].double()
+        if not torch.isfinite(a).all():
+            return math.inf
+        num += float((a - b).square().sum())
+        den += float(b.square().sum())
+    return math.sqrt(num / den) if den > 0 else math.sqrt(num)
 
 
 def ratio(a, b):

@@ -5,8 +5,8 @@ q, k, v, g [T, H, 128], beta [T, H] and an fp32 pool [S, H, V, K] updated in pla
 (has_initial_state True), with the host cu_seqlens so long sequences may be split into segments
 (the tensor-core kernel inside the kernel, ``kda_serving/ops/tc_split.py``; the others
 ``kda_serving/ops/split_plan.py``; the chosen segment length and the split scratch in bytes per
-token are recorded). With --long, ``ours_unsplit`` times the same call without the host
-cu_seqlens, i.e. with splitting disabled. fla is ``kda_serving.baselines.fla_ops.kda_prefill``: gather the
+token are recorded). With --long, ``ours_unsplit`` times the same call with splitting disabled
+(KDA_SERVING_PREFILL_SPLIT=0). fla is ``kda_serving.baselines.fla_ops.kda_prefill``: gather the
 initial states from the pool, ``chunk_kda`` (V-first fp32 states, gate / L2 norm / beta sigmoid in
 the kernel; the bounded gate with safe_gate=True, lower_bound=-5), scatter the final states back.
 Both allocate their output inside the timed call. "ours" runs the kernel KDA_SERVING_PREFILL_KERNEL
@@ -104,8 +104,11 @@ def run_case(H, d, seqlens, gate, device, bandwidth, fla_reason, iters, warmup, 
     args = [x[n] for n in ("q", "k", "v", "g", "beta", "A_log", "dt_bias")]
     pool, slots = pool_args["state_pool"], pool_args["slots"].long()
     impls = {"ours": lambda: ops.kda_prefill(*args, **pool_args, lower_bound=lb, cu_seqlens_cpu=cu_cpu)}
-    if unsplit:  # without the host lengths the op never splits on the GPU
-        impls["ours_unsplit"] = lambda: ops.kda_prefill(*args, **pool_args, lower_bound=lb)
+    if unsplit:  # split forbidden: a call over the workspace limit reads its lengths to window them
+        def unsplit_call():
+            with bc.env_set(**{split_plan.ENV: "0"}):
+                return ops.kda_prefill(*args, **pool_args, lower_bound=lb, cu_seqlens_cpu=cu_cpu)
+        impls["ours_unsplit"] = unsplit_call
     for seg in segments:
         if seg < max(seqlens, default=0):
             def split_call(seg=seg):
