@@ -28,10 +28,10 @@ namespace {
 
 const char* kPhaseNames[] = {
     "prepare 1. inputs: q, k, g, beta into smem",
-    "prepare 2a+3a. block totals, diagonal blocks",
+    "prepare 2a. block totals",
+    "prepare 3a. steep diagonal blocks (CUDA cores)",
     "prepare 2b+2c. decay products, block-local ops",
-    "prepare 3b. off-diagonal blocks (tensor cores)",
-    "prepare 4a. beta into A_kk",
+    "prepare 3b. A_qk, A_kk blocks (tensor cores)",
     "prepare 4a+5. T diagonal blocks, chunk operands",
     "prepare 4b. record out (Qe, Kd, A_qk), T blocks",
     "prepare 6. beta v, u and w out",

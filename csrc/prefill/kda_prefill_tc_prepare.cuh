@@ -11,8 +11,10 @@
 // before block I / after block J:
 //   Qr = q Ploc, Kq = k Ploc, Kb = k Rloc                              (factors <= 1)
 //   A_qk, A_kk off-diagonal block (I, J<I) = [Qr_I; Kq_I] . (Kb_J * prod_{J<M<I} Ptot_M)^T
-//   A_qk, A_kk diagonal blocks: exact on CUDA cores with running products E_ij = prod a_t
-//   T = (I + beta A_kk)^-1 (fp32, blocked forward substitution)
+//   A_qk, A_kk diagonal block I = Qr_I . (Kb_I / Ptot_I)^T on tensor cores where every channel's
+//     Ptot_I >= 2^-64 (1 / Ptot_I stays finite and each product keeps its relative precision),
+//     else exact on CUDA cores with running products E_ij = prod a_t
+//   T = (I + beta A_kk)^-1 (fp32, blocked forward substitution; beta folded into A_kk's stores)
 //   Qe = Qr pre, Ke = Kq pre, Kd = Kb post, EL = prod Ptot
 // Every decay factor is a product of values <= 1, so no gate, bounded or not, overflows.
 // kda_serving/ops/tensorcore_mirror.py is this algorithm in torch; docs/kernels.md derives it.
@@ -43,6 +45,27 @@ struct alignas(128) PrepSmem {
   float EL[kK];
   float beta[kC];
 };
+
+// Diagonal blocks whose decay over the block is at least this in every channel factor at the
+// block start on tensor cores: Kb_j / Ptot = k_j / Ploc_j <= 2^64, so even the masked entries
+// above the diagonal stay finite, and an operand that underflows carried a term below 2^-62.
+constexpr float kDiagTcMin = 0x1p-64f;
+
+// Bit b set: block b's diagonal block runs on tensor cores (every channel's Ptot[b] >= kDiagTcMin).
+// The same value in every lane; lane L reads channels 4L .. 4L+3.
+__device__ __forceinline__ unsigned diag_tc_mask(const float (&Ptot)[kNB][kK], int lane) {
+  unsigned mask = 0;
+#pragma unroll
+  for (int b = 0; b < kNB; ++b) {
+    const float4 p = *reinterpret_cast<const float4*>(&Ptot[b][lane * 4]);
+    const bool ok = p.x >= kDiagTcMin && p.y >= kDiagTcMin && p.z >= kDiagTcMin && p.w >= kDiagTcMin;
+    float m = ok ? 1.f : 0.f;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) m = fminf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    mask |= (m > 0.f ? 1u : 0u) << b;
+  }
+  return mask;
+}
 
 }  // namespace tc
 
@@ -157,8 +180,12 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
       for (int i = b * kBlk; i < (b + 1) * kBlk; ++i) P *= sm.r1.al[i][ch];
       sm.Ptot[b][ch] = P;
     }
+    __syncthreads();
+    KDA_TC_MARK(1);
+    const unsigned diag_tc = diag_tc_mask(sm.Ptot, lane);  // blocks whose diagonal 3b computes
 
-    // 3a. Diagonal blocks on CUDA cores, from the undecayed q, k in shared memory. Item = (block,
+    // 3a. Diagonal blocks on CUDA cores where a block's decay is too steep for 3b's factoring
+    //     (often none), from the undecayed q, k in shared memory. Item = (block,
     //     pair of columns j1 = jj, j2 = 15 - jj of it): their lower triangles hold 17 rows
     //     together, so a pair costs 17 row steps where two separate columns would cost 32. Each
     //     lane holds 4 channels; step 0 / 1 are the diagonal entries (q_j . k_j, E = 1), steps
@@ -167,6 +194,7 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
     //     steps 2..16) stay in registers; one reduce-scatter over the warp (RowReduce, 31 shuffles)
     //     then leaves lane L with the full sum of value L. Rows past the end are zero in Qr / Kq.
     for (int pair = warp; pair < kNB * kBlk / 2; pair += kPrepWarp) {
+      if (diag_tc >> (pair / (kBlk / 2)) & 1u) continue;  // the same in every lane
       const int i0 = pair / (kBlk / 2) * kBlk, jj = pair % (kBlk / 2);
       const int j1 = i0 + jj, j2 = i0 + kBlk - 1 - jj;
       const int sw = kBlk + 1 - jj;  // first step of column j2's rows below its diagonal
@@ -204,14 +232,14 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
       const bool second = st == 1 || st >= sw;
       const int i = i0 + (st == 0 ? jj : st == 1 ? kBlk - 1 - jj : second ? st - 1 : jj + st - 1);
       if (lane <= kBlk) sm.Aqk[i][second ? j2 : j1] = sum;
-      else sm.Akk[i][second ? j2 : j1] = sum;
+      else sm.Akk[i][second ? j2 : j1] = sum * sm.beta[i];
       // The pair's entries above the diagonal (and A_kk's diagonal) are zero: A_qk rows 0..jj-1
       // of j1 and 0..14-jj of j2 (15 lanes); A_kk rows 0..jj of j1 and 0..15-jj of j2 (17 lanes).
       if (lane < kBlk - 1) sm.Aqk[i0 + (lane < jj ? lane : lane - jj)][lane < jj ? j1 : j2] = 0.f;
       if (lane <= kBlk) sm.Akk[i0 + (lane <= jj ? lane : lane - jj - 1)][lane <= jj ? j1 : j2] = 0.f;
     }
     __syncthreads();
-    KDA_TC_MARK(1);
+    KDA_TC_MARK(2);
 
     // 2b. Products of block totals before / after each block, and the chunk total.
     if (tid < kK) {
@@ -237,23 +265,35 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
       }
     }
     __syncthreads();
-    KDA_TC_MARK(2);
+    KDA_TC_MARK(3);
 
-    // 3b. Off-diagonal blocks (I > J) on tensor cores (mma.sync m16n8k8, TF32): warp = job (I, J),
-    //     A = Qr_I / Kq_I [16 tokens x 8 channels] per k-step, B = (Kb_J scaled by
-    //     prod_{J<M<I} Ptot_M)^T, two 8-token tiles of J. Blocks above the diagonal are zeroed by
-    //     the warps without a job.
+    // 3b. Blocks below the diagonal (I > J) and the diagonal blocks 3a left, on tensor cores
+    //     (mma.sync m16n8k8, TF32): warp = job (I, J), A = Qr_I / Kq_I [16 tokens x 8 channels]
+    //     per k-step, B = (Kb_J scaled by prod_{J<M<I} Ptot_M, or by 1 / Ptot_I on the
+    //     diagonal)^T, two 8-token tiles of J. A_kk rows are stored times beta; on the diagonal
+    //     only the causal part (A_qk: j <= i, A_kk: j < i). Blocks above the diagonal are zeroed.
     {
-      constexpr int kJobs = kNB * (kNB - 1) / 2;  // 6
-      if (warp < kJobs) {
-        int I = 1, J = warp;
-        while (J >= I) { J -= I; ++I; }            // warp -> (1,0) (2,0) (2,1) (3,0) (3,1) (3,2)
+      constexpr int kOff = kNB * (kNB - 1) / 2;  // 6 jobs below the diagonal, then kNB diagonal ones
+      for (int job = warp; job < kOff + kNB; job += kPrepWarp) {
+        int I = 1, J = job;
+        if (job < kOff) {
+          while (J >= I) { J -= I; ++I; }  // job -> (1,0) (2,0) (2,1) (3,0) (3,1) (3,2)
+        } else {
+          I = J = job - kOff;
+          if (!(diag_tc >> I & 1u)) continue;  // 3a computed it
+        }
+        const bool diag = I == J;
         float accq[2][4] = {}, acck[2][4] = {};
 #pragma unroll 2
         for (int kk = 0; kk < kK; kk += 8) {
           const int c0 = kk + t4;  // this lane's channels c0, c0 + 4 of the k-step
           float m0 = 1.f, m1 = 1.f;
-          for (int M = J + 1; M < I; ++M) { m0 *= sm.Ptot[M][c0]; m1 *= sm.Ptot[M][c0 + 4]; }
+          if (diag) {
+            m0 = __fdividef(1.f, sm.Ptot[I][c0]);
+            m1 = __fdividef(1.f, sm.Ptot[I][c0 + 4]);
+          } else {
+            for (int M = J + 1; M < I; ++M) { m0 *= sm.Ptot[M][c0]; m1 *= sm.Ptot[M][c0 + 4]; }
+          }
           const float* qr = &sm.Qr[I * kBlk + g][c0];
           const float* kq = &sm.Kq[I * kBlk + g][c0];
           const uint32_t aq[4] = {to_tf32(qr[0]), to_tf32(qr[8 * kLdK]), to_tf32(qr[4]), to_tf32(qr[8 * kLdK + 4])};
@@ -266,32 +306,39 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
             mma_tf32(acck[nt], ak, b0, b1);
           }
         }
+        const float b_lo = sm.beta[I * kBlk + g], b_hi = sm.beta[I * kBlk + g + 8];
 #pragma unroll
         for (int nt = 0; nt < 2; ++nt) {
           const int r = I * kBlk + g, c = J * kBlk + 8 * nt + 2 * t4;
-          *reinterpret_cast<float2*>(&sm.Aqk[r][c]) = make_float2(accq[nt][0], accq[nt][1]);
-          *reinterpret_cast<float2*>(&sm.Aqk[r + 8][c]) = make_float2(accq[nt][2], accq[nt][3]);
-          *reinterpret_cast<float2*>(&sm.Akk[r][c]) = make_float2(acck[nt][0], acck[nt][1]);
-          *reinterpret_cast<float2*>(&sm.Akk[r + 8][c]) = make_float2(acck[nt][2], acck[nt][3]);
+          float q4[4] = {accq[nt][0], accq[nt][1], accq[nt][2], accq[nt][3]};
+          float k4[4] = {acck[nt][0] * b_lo, acck[nt][1] * b_lo, acck[nt][2] * b_hi, acck[nt][3] * b_hi};
+          if (diag) {  // local row g / g + 8, local column 8 nt + 2 t4 + e
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int lr = g + (e >= 2 ? 8 : 0), lc = 8 * nt + 2 * t4 + (e & 1);
+              if (lc > lr) q4[e] = 0.f;
+              if (lc >= lr) k4[e] = 0.f;
+            }
+          }
+          *reinterpret_cast<float2*>(&sm.Aqk[r][c]) = make_float2(q4[0], q4[1]);
+          *reinterpret_cast<float2*>(&sm.Aqk[r + 8][c]) = make_float2(q4[2], q4[3]);
+          *reinterpret_cast<float2*>(&sm.Akk[r][c]) = make_float2(k4[0], k4[1]);
+          *reinterpret_cast<float2*>(&sm.Akk[r + 8][c]) = make_float2(k4[2], k4[3]);
         }
-      } else {
-        for (int idx = (warp - kJobs) * 32 + lane; idx < kJobs * kBlk * kBlk; idx += (kPrepWarp - kJobs) * 32) {
-          const int job = idx / (kBlk * kBlk), r = (idx / kBlk) % kBlk, c = idx % kBlk;
-          int I = 1, J = job;
-          while (J >= I) { J -= I; ++I; }
-          sm.Aqk[J * kBlk + r][I * kBlk + c] = 0.f;  // the transposed position: above the diagonal
-          sm.Akk[J * kBlk + r][I * kBlk + c] = 0.f;
-        }
+      }
+      for (int idx = tid; idx < kOff * kBlk * kBlk; idx += kPrepThr) {
+        const int job = idx / (kBlk * kBlk), r = (idx / kBlk) % kBlk, c = idx % kBlk;
+        int I = 1, J = job;
+        while (J >= I) { J -= I; ++I; }
+        sm.Aqk[J * kBlk + r][I * kBlk + c] = 0.f;  // the transposed position: above the diagonal
+        sm.Akk[J * kBlk + r][I * kBlk + c] = 0.f;
       }
     }
     __syncthreads();
-    KDA_TC_MARK(3);
-
-    // 4a. beta into A_kk rows; T's diagonal blocks by forward substitution (thread = block,
-    //     column); T's blocks above the diagonal are zero.
-    for (int idx = tid; idx < kC * kC; idx += kPrepThr) sm.Akk[idx / kC][idx % kC] *= sm.beta[idx / kC];
-    __syncthreads();
     KDA_TC_MARK(4);
+
+    // 4a. T's diagonal blocks by forward substitution (thread = block, column; A_kk's rows carry
+    //     beta already); T's blocks above the diagonal are zero.
     if (tid < kC) {
       // Column j of its block's T in registers, fully unrolled: the A loads do not depend on the
       // solve and are broadcasts (the 16 threads of a block read the same entries); entries above

@@ -13,8 +13,10 @@ Per 64-token chunk, in 4 blocks of 16 tokens, with a_t = exp(g_t) <= 1 the per-t
   block end), Ptot (block totals);
 * off-diagonal blocks (I > J) of A_qk / A_kk factor at the token before block I, so both operand
   factors are products of values <= 1: (q_i Ploc_i) . (k_j Rloc_j prod_{J<M<I} Ptot_M);
-* the four diagonal 16 x 16 blocks are computed exactly on CUDA cores with running products
-  E_ij = prod_{j<t<=i} a_t, so no input overflows;
+* a diagonal 16 x 16 block factors at the block start on tensor cores, Qr_i . (k_j Rloc_j /
+  Ptot), where the block's decay Ptot is at least 2^-64 in every channel (1 / Ptot stays finite,
+  each product keeps its relative precision); a steeper block's is computed exactly on CUDA
+  cores with running products E_ij = prod_{j<t<=i} a_t, so no input overflows;
 * T = (I + A_kk)^-1 in fp32 by blocked forward substitution (``_blocked_inverse``); the WY
   factors u = T (beta v) and w = T (beta Ke) on tensor cores (the kernel's prepare pass, for all
   chunks at once), then U = u - w S^T (its serial state pass);
@@ -36,6 +38,7 @@ from .gates import kda_gate, l2_normalize
 
 CHUNK = 64
 BLOCK = 16
+DIAG_TC_MIN = 2.0**-64  # a block's diagonal on tensor cores when its decay is at least this
 
 
 def _tf32(x: torch.Tensor) -> torch.Tensor:
@@ -83,11 +86,17 @@ def _chunk(S, q, k, v, g, beta):
             cols = slice(J * BLOCK, (J + 1) * BLOCK)
             Aqk[:, rows, cols] = torch.einsum("ihk,jhk->hij", Qr[I], Kr)
             Akk[:, rows, cols] = torch.einsum("ihk,jhk->hij", Kq[I], Kr)
-        # diagonal block on CUDA cores: E_ij = prod_{j<t<=i} a_t (i >= j), exact in fp32
+        # diagonal block: on tensor cores factored at the block start, Qr_i . (k_j Rloc_j / Ptot),
+        # for a head whose block decay is >= DIAG_TC_MIN in every channel; else on CUDA cores with
+        # E_ij = prod_{j<t<=i} a_t (i >= j), exact in fp32
+        fast = (Ptot[I] >= DIAG_TC_MIN).all(-1)[:, None, None]          # [H, 1, 1]
+        Kr = _tf32(kb[I] * Rloc[I] * torch.where(Ptot[I] >= DIAG_TC_MIN, 1.0 / Ptot[I], 0.0))
         la = g.view(nb, BLOCK, H, K)[I].double().cumsum(0)
         E = (la[:, None] - la[None, :]).clamp(max=0.0).exp().float()   # [i, j, H, K]
-        Aqk[:, rows, rows] = torch.einsum("ihk,jhk,ijhk->hij", qb[I], kb[I], E)
-        Akk[:, rows, rows] = torch.einsum("ihk,jhk,ijhk->hij", kb[I], kb[I], E)
+        Aqk[:, rows, rows] = torch.where(fast, torch.einsum("ihk,jhk->hij", Qr[I], Kr),
+                                         torch.einsum("ihk,jhk,ijhk->hij", qb[I], kb[I], E))
+        Akk[:, rows, rows] = torch.where(fast, torch.einsum("ihk,jhk->hij", Kq[I], Kr),
+                                         torch.einsum("ihk,jhk,ijhk->hij", kb[I], kb[I], E))
     causal = torch.ones(C, C, dtype=torch.bool).tril()
     Aqk = Aqk.masked_fill(~causal, 0.0)
     Akk = Akk.masked_fill(~causal.tril(-1), 0.0) * beta.t()[:, :, None]
