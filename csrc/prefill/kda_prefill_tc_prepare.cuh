@@ -15,7 +15,7 @@
 //     Ptot_I >= 2^-64 (1 / Ptot_I stays finite and each product keeps its relative precision),
 //     else exact on CUDA cores with running products E_ij = prod a_t
 //   T = (I + beta A_kk)^-1 (fp32, blocked forward substitution; beta folded into A_kk's stores)
-//   Qe = Qr pre, Ke = Kq pre, Kd = Kb post, EL = prod Ptot
+//   Qe = Qr pre, Ke = Kq pre, Kd = Kb post (applied as they are stored / used), EL = prod Ptot
 // Every decay factor is a product of values <= 1, so no gate, bounded or not, overflows.
 // kda_serving/ops/tensorcore_mirror.py is this algorithm in torch; docs/kernels.md derives it.
 #pragma once
@@ -360,31 +360,17 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
         if (j / kBlk > i / kBlk) sm.r1.tu.T[i][j] = 0.f;
       }
     }
-    // 5. Chunk-level operands: Qe = Qr pre, Ke = Kq pre, Kd = Kb post (T is not read here), 4
-    //    channels per step.
-    for (int idx = tid; idx < kC * kK / 4; idx += kPrepThr) {
-      const int i = idx / (kK / 4), c = idx % (kK / 4) * 4, b = i / kBlk;
-      const float4 pr = *reinterpret_cast<const float4*>(&sm.pre[b][c]);
-      const float4 po = *reinterpret_cast<const float4*>(&sm.post[b][c]);
-      float4* q = reinterpret_cast<float4*>(&sm.Qr[i][c]);
-      float4* k = reinterpret_cast<float4*>(&sm.Kq[i][c]);
-      float4* d = reinterpret_cast<float4*>(&sm.Kb[i][c]);
-      const float4 qv = *q, kv = *k, dv = *d;
-      *q = make_float4(qv.x * pr.x, qv.y * pr.y, qv.z * pr.z, qv.w * pr.w);
-      *k = make_float4(kv.x * pr.x, kv.y * pr.y, kv.z * pr.z, kv.w * pr.w);
-      *d = make_float4(dv.x * po.x, dv.y * po.y, dv.z * po.z, dv.w * po.w);
-    }
-    __syncthreads();
-    KDA_TC_MARK(5);
-
-    // The record's Qe, Kd, A_qk (fp16) and EL are final: out now, so that the stores drain while
-    // 4b computes instead of queueing ahead of u and w in phase 6. 4b's barriers order these
-    // reads of Qr before phase 6 overwrites it.
+    // 5. The record's Qe = Qr pre, Kd = Kb post (scaled as they are stored), A_qk (fp16) and EL,
+    // final since 3b: out now, while threads 0..63 solve (the rest start on it at once), so that
+    // the stores drain during 4a and 4b instead of queueing ahead of u and w in phase 6; 4b's
+    // barriers order these reads of Qr before phase 6 overwrites it.
     float* rec = chunk_record(p, cslot, h);
-    store_rows_half(rec_half(rec, kRecQe), &sm.Qr[0][0], kLdK, kK);
-    store_rows_half(rec_half(rec, kRecKd), &sm.Kb[0][0], kLdK, kK);
+    store_rows_half(rec_half(rec, kRecQe), &sm.Qr[0][0], kLdK, kK, &sm.pre[0][0]);
+    store_rows_half(rec_half(rec, kRecKd), &sm.Kb[0][0], kLdK, kK, &sm.post[0][0]);
     store_rows_half(rec_half(rec, kRecAqk), &sm.Aqk[0][0], kLdC, kC);
     if (tid < kK) rec[kRecEL + tid] = sm.EL[tid];
+    __syncthreads();
+    KDA_TC_MARK(5);
 
     // v's loads (this chunk's, for phase 6) in flight during 4b.
     const int vi0 = tid / 16, vr8 = tid % 16 * 8;  // tokens vi0 + kVStride m, value rows vr8 .. vr8+7
@@ -427,7 +413,7 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
 
     KDA_TC_MARK(6);
 
-    // 6. beta v goes to the Qr area (Qe is out) and beta into the Ke rows (both TF32), and the
+    // 6. beta v goes to the Qr area (Qe is out) and beta Ke = beta Kq pre to the Kq rows (both TF32), and the
     //    WY factors u = T (beta v), w = T (beta Ke) run on tensor cores (mma.sync m16n8k8; warp =
     //    16 tokens x kCols columns), stored from the accumulators (u fp32, 8 rows x 32 bytes per
     //    store; w fp16).
@@ -441,7 +427,8 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
 #pragma unroll
       for (int e = 0; e < 8; e += 4) {
         float4* k4 = reinterpret_cast<float4*>(&sm.Kq[i][vr8 + e]);
-        const float4 k = *k4;
+        const float4 kq = *k4, pr = *reinterpret_cast<const float4*>(&sm.pre[i / kBlk][vr8 + e]);
+        const float4 k = make_float4(kq.x * pr.x, kq.y * pr.y, kq.z * pr.z, kq.w * pr.w);
         *reinterpret_cast<float4*>(&sm.Qr[i][vr8 + e]) =
             make_float4(tf32_round(b * vv[e]), tf32_round(b * vv[e + 1]),
                         tf32_round(b * vv[e + 2]), tf32_round(b * vv[e + 3]));

@@ -144,14 +144,21 @@ __device__ __forceinline__ unsigned half2_bits(float a, float b) {
 }
 
 // A [64 x cols] shared fp32 array (row pitch ld) to an fp16 record field, 8 values per 16-byte
-// store, coalesced.
-__device__ __forceinline__ void store_rows_half(__half* dst, const float* src, int ld, int cols) {
+// store, coalesced; with `scale` ([kNB x cols], row = the token's block) times scale first.
+__device__ __forceinline__ void store_rows_half(__half* dst, const float* src, int ld, int cols,
+                                                const float* scale = nullptr) {
   const int per_row = cols / 8;
 #pragma unroll 2
   for (int idx = threadIdx.x; idx < kC * per_row; idx += kPrepThr) {
     const int i = idx / per_row, c = idx % per_row * 8;
-    const float4 a = *reinterpret_cast<const float4*>(src + i * ld + c);
-    const float4 b = *reinterpret_cast<const float4*>(src + i * ld + c + 4);
+    float4 a = *reinterpret_cast<const float4*>(src + i * ld + c);
+    float4 b = *reinterpret_cast<const float4*>(src + i * ld + c + 4);
+    if (scale) {
+      const float4 sa = *reinterpret_cast<const float4*>(scale + i / kBlk * cols + c);
+      const float4 sb = *reinterpret_cast<const float4*>(scale + i / kBlk * cols + c + 4);
+      a = make_float4(a.x * sa.x, a.y * sa.y, a.z * sa.z, a.w * sa.w);
+      b = make_float4(b.x * sb.x, b.y * sb.y, b.z * sb.z, b.w * sb.w);
+    }
     *reinterpret_cast<uint4*>(dst + i * cols + c) =
         make_uint4(half2_bits(a.x, a.y), half2_bits(a.z, a.w), half2_bits(b.x, b.y), half2_bits(b.z, b.w));
   }
