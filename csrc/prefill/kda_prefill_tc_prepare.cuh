@@ -377,46 +377,53 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
     uint4 vraw[kVPer];
     issue_v_loads(p, tv, t0, nt, vi0, vr8, rows_aligned(tv.v, p.v_st, 16), vraw);
 
-    // 4b. T's blocks below the diagonal, by distance d = I - J:
-    //     X = sum_{J<=M<I} A_IM T_MJ;  T_IJ = -T_II X. Temporaries in the U area. A thread computes
-    //     4 adjacent columns of one row (one scalar and one float4 load per 4 FMAs), summing in the
-    //     same order as a one-entry-per-thread loop would.
-    float* X = &sm.r1.tu.X[0][0];
-    constexpr int kQuads = kBlk * kBlk / 4;  // 4-column pieces of a 16 x 16 tile
-    for (int d = 1; d < kNB; ++d) {
-      const int tiles = kNB - d;
-      for (int idx = tid; idx < tiles * kQuads; idx += kPrepThr) {
-        const int J = idx / kQuads, I = J + d, r = (idx / 4) % kBlk, c = idx % 4 * 4;
-        float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
-        for (int col = J * kBlk; col < I * kBlk; ++col) {
-          const float a = sm.Akk[I * kBlk + r][col];
-          const float4 t = *reinterpret_cast<const float4*>(&sm.r1.tu.T[col][J * kBlk + c]);
-          x.x += a * t.x; x.y += a * t.y; x.z += a * t.z; x.w += a * t.w;
-        }
-        *reinterpret_cast<float4*>(&X[J * kBlk * kBlk + r * kBlk + c]) = x;
-      }
-      __syncthreads();
-      for (int idx = tid; idx < tiles * kQuads; idx += kPrepThr) {
-        const int J = idx / kQuads, I = J + d, r = (idx / 4) % kBlk, c = idx % 4 * 4;
-        const float* Xt = X + J * kBlk * kBlk;
-        float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
+    // 4b. T's blocks below the diagonal on tensor cores (mma.sync m16n8k8, TF32): warp J walks
+    //     column J's blocks I = J+1 .. 3 in order, X = sum_{J<=M<I} A_IM T_MJ (only this column's
+    //     blocks above I) into the warp's own 16 rows of the X area, then T_IJ = -T_II X. Nothing
+    //     crosses warps, so the other warps start on phase 6a meanwhile.
+    if (warp < kNB - 1) {
+      const int J = warp;
+      float(*Xw)[kLdC] = &sm.r1.tu.X[J * kBlk];
+      for (int I = J + 1; I < kNB; ++I) {
+        float acc[2][4] = {};
+        for (int ks = J * kBlk; ks < I * kBlk; ks += 8) {
+          const float* ar = &sm.Akk[I * kBlk + g][ks + t4];
+          const uint32_t a[4] = {to_tf32(ar[0]), to_tf32(ar[8 * kLdC]), to_tf32(ar[4]), to_tf32(ar[8 * kLdC + 4])};
 #pragma unroll
-        for (int m = 0; m < kBlk; ++m) {
-          const float a = sm.r1.tu.T[I * kBlk + r][I * kBlk + m];
-          const float4 t = *reinterpret_cast<const float4*>(&Xt[m * kBlk + c]);
-          x.x += a * t.x; x.y += a * t.y; x.z += a * t.z; x.w += a * t.w;
+          for (int nt = 0; nt < 2; ++nt) {
+            const float* br = &sm.r1.tu.T[ks + t4][J * kBlk + 8 * nt + g];
+            mma_tf32(acc[nt], a, to_tf32(br[0]), to_tf32(br[4 * kLdC]));
+          }
         }
-        *reinterpret_cast<float4*>(&sm.r1.tu.T[I * kBlk + r][J * kBlk + c]) = make_float4(-x.x, -x.y, -x.z, -x.w);
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) {
+          *reinterpret_cast<float2*>(&Xw[g][8 * nt + 2 * t4]) = make_float2(acc[nt][0], acc[nt][1]);
+          *reinterpret_cast<float2*>(&Xw[g + 8][8 * nt + 2 * t4]) = make_float2(acc[nt][2], acc[nt][3]);
+        }
+        __syncwarp();
+        float tij[2][4] = {};
+#pragma unroll
+        for (int ks = 0; ks < kBlk; ks += 8) {
+          const float* ar = &sm.r1.tu.T[I * kBlk + g][I * kBlk + ks + t4];
+          const uint32_t a[4] = {to_tf32(ar[0]), to_tf32(ar[8 * kLdC]), to_tf32(ar[4]), to_tf32(ar[8 * kLdC + 4])};
+#pragma unroll
+          for (int nt = 0; nt < 2; ++nt)
+            mma_tf32(tij[nt], a, to_tf32(Xw[ks + t4][8 * nt + g]), to_tf32(Xw[ks + t4 + 4][8 * nt + g]));
+        }
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) {
+          const int r = I * kBlk + g, c = J * kBlk + 8 * nt + 2 * t4;
+          *reinterpret_cast<float2*>(&sm.r1.tu.T[r][c]) = make_float2(-tij[nt][0], -tij[nt][1]);
+          *reinterpret_cast<float2*>(&sm.r1.tu.T[r + 8][c]) = make_float2(-tij[nt][2], -tij[nt][3]);
+        }
+        __syncwarp();  // T_IJ is the next block's operand; X is rewritten
       }
-      __syncthreads();
     }
 
-    KDA_TC_MARK(6);
-
-    // 6. beta v goes to the Qr area (Qe is out) and beta Ke = beta Kq pre to the Kq rows (both TF32), and the
-    //    WY factors u = T (beta v), w = T (beta Ke) run on tensor cores (mma.sync m16n8k8; warp =
-    //    16 tokens x kCols columns), stored from the accumulators (u fp32, 8 rows x 32 bytes per
-    //    store; w fp16).
+    // 6a. beta v goes to the Qr area (Qe is out) and beta Ke = beta Kq pre to the Kq rows (both
+    //     TF32), by every thread (warps 0..2 after their 4b); 6b. the WY factors u = T (beta v),
+    //     w = T (beta Ke) run on tensor cores (mma.sync m16n8k8; warp = 16 tokens x kCols
+    //     columns), stored from the accumulators (u fp32, 8 rows x 32 bytes per store; w fp16).
 #pragma unroll
     for (int m = 0; m < kVPer; ++m) {
       const int i = vi0 + kVStride * m;
@@ -437,6 +444,7 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
       }
     }
     __syncthreads();
+    KDA_TC_MARK(6);
     constexpr int kColWarps = kPrepWarp / (kC / 16), kCols = kK / kColWarps, kNJ = kCols / 8;
     const int tm = warp / kColWarps, n0 = (warp % kColWarps) * kCols;
 #pragma unroll 1

@@ -17,7 +17,8 @@ Per 64-token chunk, in 4 blocks of 16 tokens, with a_t = exp(g_t) <= 1 the per-t
   Ptot), where the block's decay Ptot is at least 2^-64 in every channel (1 / Ptot stays finite,
   each product keeps its relative precision); a steeper block's is computed exactly on CUDA
   cores with running products E_ij = prod_{j<t<=i} a_t, so no input overflows;
-* T = (I + A_kk)^-1 in fp32 by blocked forward substitution (``_blocked_inverse``); the WY
+* T = (I + A_kk)^-1 by blocked forward substitution (``_blocked_inverse``; its diagonal blocks
+  in fp32, the rest from TF32 products); the WY
   factors u = T (beta v) and w = T (beta Ke) on tensor cores (the kernel's prepare pass, for all
   chunks at once), then U = u - w S^T (its serial state pass);
 * the state stays fp32 and is rounded to TF32 only as a tensor-core operand;
@@ -114,9 +115,9 @@ def _chunk(S, q, k, v, g, beta):
 
 
 def _blocked_inverse(A: torch.Tensor) -> torch.Tensor:
-    """(I + A)^-1 for strictly lower-triangular A [H, C, C], as the kernel forms it in fp32:
-    16 x 16 diagonal blocks by forward substitution, then the blocks below the diagonal by
-    distance d = I - J: T_IJ = -T_II (sum_{J<=M<I} A_IM T_MJ)."""
+    """(I + A)^-1 for strictly lower-triangular A [H, C, C], as the kernel forms it: 16 x 16
+    diagonal blocks by forward substitution in fp32, then the blocks below the diagonal column by
+    column on tensor cores (TF32 operands): T_IJ = -T_II (sum_{J<=M<I} A_IM T_MJ)."""
     H, C, _ = A.shape
     nb = C // BLOCK
     T = torch.zeros(H, C, C)
@@ -130,8 +131,8 @@ def _blocked_inverse(A: torch.Tensor) -> torch.Tensor:
         for J in range(nb - d):
             I = J + d
             r, c = slice(I * BLOCK, (I + 1) * BLOCK), slice(J * BLOCK, (J + 1) * BLOCK)
-            X = A[:, r, J * BLOCK:I * BLOCK] @ T[:, J * BLOCK:I * BLOCK, c]
-            T[:, r, c] = -(T[:, r, r] @ X)
+            X = _tf32(A[:, r, J * BLOCK:I * BLOCK]) @ _tf32(T[:, J * BLOCK:I * BLOCK, c])
+            T[:, r, c] = -(_tf32(T[:, r, r]) @ _tf32(X))
     return T
 
 

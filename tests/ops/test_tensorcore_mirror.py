@@ -64,6 +64,11 @@ def test_tf32_rounding_matches_the_hardware_rule():
 def test_blocked_inverse_is_the_inverse():
     from kda_serving.ops.tensorcore_mirror import _blocked_inverse
     A = (torch.randn(3, 64, 64) * 0.3).tril(-1)
-    T = _blocked_inverse(A)
-    eye = torch.eye(64).expand(3, 64, 64)
-    assert torch.allclose(T @ (eye + A), eye, atol=1e-4)
+    T = _blocked_inverse(A).double()
+    exact = torch.linalg.inv(torch.eye(64, dtype=torch.float64) + A.double())
+    # the blocks below the diagonal come from TF32 products (10-bit mantissa): measured 5e-4
+    assert ((T - exact).norm() / exact.norm()) <= 2e-3
+    for b in range(4):  # the diagonal blocks by fp32 substitution
+        d = slice(16 * b, 16 * b + 16)
+        assert torch.allclose(T[:, d, d], exact[:, d, d], rtol=1e-5, atol=1e-5)
+    assert torch.equal(T.triu(1), torch.zeros_like(T))
