@@ -27,14 +27,14 @@ namespace kda {
 namespace tc {
 
 struct alignas(128) PrepSmem {
-  float Qr[kC][kLdK];  // q Ploc, then Qe; after Qe is written out beta v
-  float Kq[kC][kLdK];  // k Ploc, then Ke, then beta Ke
-  float Kb[kC][kLdK];  // k Rloc, then Kd
+  float Qr[kC][kLdK];  // q Ploc (stored as Qe = Qr pre), then beta v
+  float Kq[kC][kLdK];  // k Ploc, then beta Ke = beta Kq pre
+  float Kb[kC][kLdK];  // k Rloc (stored as Kd = Kb post)
   union {
     float al[kC][kK];  // a_t, until the decayed operands are built (2c)
     struct {
       float T[kC][kLdC];  // (I + beta A_kk)^-1
-      float X[kC][kLdC];  // the substitution's 16x16 temporaries
+      float X[kC][kLdC];  // 4b: warp J's X tile in rows 16 J .. 16 J + 15
     } tu;
   } r1;
   float Aqk[kC][kLdC];
@@ -362,8 +362,8 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
     }
     // 5. The record's Qe = Qr pre, Kd = Kb post (scaled as they are stored), A_qk (fp16) and EL,
     // final since 3b: out now, while threads 0..63 solve (the rest start on it at once), so that
-    // the stores drain during 4a and 4b instead of queueing ahead of u and w in phase 6; 4b's
-    // barriers order these reads of Qr before phase 6 overwrites it.
+    // the stores drain during 4a and 4b instead of queueing ahead of u and w in phase 6; the
+    // barrier below orders these reads of Qr before phase 6a overwrites it.
     float* rec = chunk_record(p, cslot, h);
     store_rows_half(rec_half(rec, kRecQe), &sm.Qr[0][0], kLdK, kK, &sm.pre[0][0]);
     store_rows_half(rec_half(rec, kRecKd), &sm.Kb[0][0], kLdK, kK, &sm.post[0][0]);
@@ -372,7 +372,7 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
     __syncthreads();
     KDA_TC_MARK(5);
 
-    // v's loads (this chunk's, for phase 6) in flight during 4b.
+    // v's loads (this chunk's, for phase 6a) in flight during 4b.
     const int vi0 = tid / 16, vr8 = tid % 16 * 8;  // tokens vi0 + kVStride m, value rows vr8 .. vr8+7
     uint4 vraw[kVPer];
     issue_v_loads(p, tv, t0, nt, vi0, vr8, rows_aligned(tv.v, p.v_st, 16), vraw);

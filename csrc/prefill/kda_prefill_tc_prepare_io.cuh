@@ -123,11 +123,11 @@ __device__ __forceinline__ int64_t next_prep_item(const KdaPrefillParams& p, int
   return items;
 }
 
-// Phase 6's v: thread tid takes value rows r8 .. r8+7 (r8 = tid % 16 * 8) of the kVPer tokens
+// Phase 6a's v: thread tid takes value rows r8 .. r8+7 (r8 = tid % 16 * 8) of the kVPer tokens
 // tid / 16 + kVStride m.
 constexpr int kVStride = kPrepThr / 16, kVPer = kC / kVStride;
 
-// Phase 6's v, issued early: value rows r8 .. r8+7 of tokens t0 + i0 + kVStride m, zero past the
+// Phase 6a's v, issued early: value rows r8 .. r8+7 of tokens t0 + i0 + kVStride m, zero past the
 // end; vec: 16-byte loads (rows 16-byte aligned).
 __device__ __forceinline__ void issue_v_loads(const KdaPrefillParams& p, const TokenView& tv, int t0, int nt, int i0,
                                               int r8, bool vec, uint4 (&raw)[kVPer]) {
