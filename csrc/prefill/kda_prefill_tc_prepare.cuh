@@ -11,9 +11,11 @@
 // before block I / after block J:
 //   Qr = q Ploc, Kq = k Ploc, Kb = k Rloc                              (factors <= 1)
 //   A_qk, A_kk off-diagonal block (I, J<I) = [Qr_I; Kq_I] . (Kb_J * prod_{J<M<I} Ptot_M)^T
-//   A_qk, A_kk diagonal block I = Qr_I . (Kb_I / Ptot_I)^T on tensor cores where every channel's
-//     Ptot_I >= 2^-64 (1 / Ptot_I stays finite and each product keeps its relative precision),
-//     else exact on CUDA cores with running products E_ij = prod a_t
+//   A_qk, A_kk diagonal block I = (Qr_I s_I) . (Kb_I s_I)^T, s = Ptot_I^-1/2 per channel, on
+//     tensor cores where every channel's Ptot_I >= 2^-120 (both factors within 2^+-60, so each
+//     product keeps its relative precision), else exact on CUDA cores with running products
+//     E_ij = prod a_t. Such a block's Qr, Kq, Kb are kept times s (2c) and the factors that
+//     meet them (3b's multipliers, pre, post) times 1 / s.
 //   T = (I + beta A_kk)^-1 (fp32, blocked forward substitution; beta folded into A_kk's stores)
 //   Qe = Qr pre, Ke = Kq pre, Kd = Kb post (applied as they are stored / used), EL = prod Ptot
 // Every decay factor is a product of values <= 1, so no gate, bounded or not, overflows.
@@ -42,14 +44,20 @@ struct alignas(128) PrepSmem {
   float Ptot[kNB][kK];
   float pre[kNB][kK];
   float post[kNB][kK];
+  float isc[kNB][kK];  // 1 / s: Ptot^1/2 for a block on the diagonal fast path, else 1
   float EL[kK];
   float beta[kC];
 };
 
-// Diagonal blocks whose decay over the block is at least this in every channel factor at the
-// block start on tensor cores: Kb_j / Ptot = k_j / Ploc_j <= 2^64, so even the masked entries
-// above the diagonal stay finite, and an operand that underflows carried a term below 2^-62.
-constexpr float kDiagTcMin = 0x1p-64f;
+// Diagonal blocks whose decay over the block is at least this in every channel run on tensor
+// cores, each channel's operands scaled by s = Ptot^-1/2 <= 2^60: q Ploc_i s and k Rloc_j s lie
+// within 2^+-60 (times |q|, |k| <= 1), so neither overflows nor loses its relative precision, and
+// even the masked entries above the diagonal (at most 2^120) stay finite. A bounded gate's block
+// (16 tokens of at least e^-5) always qualifies.
+constexpr float kDiagTcMin = 0x1p-120f;
+
+// s = Ptot^-1/2 for a channel of a block on the diagonal fast path, else 1.
+__device__ __forceinline__ float diag_scale(float ptot, bool fast) { return fast ? rsqrtf(ptot) : 1.f; }
 
 // Bit b set: block b's diagonal block runs on tensor cores (every channel's Ptot[b] >= kDiagTcMin).
 // The same value in every lane; lane L reads channels 4L .. 4L+3.
@@ -241,23 +249,31 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
     __syncthreads();
     KDA_TC_MARK(2);
 
-    // 2b. Products of block totals before / after each block, and the chunk total.
+    // 2b. Products of block totals before / after each block, and the chunk total; the scale
+    //     1 / s of each block (diag_scale), and pre, post times it, which is how they meet the
+    //     scaled operands (Qe = Qr pre, Ke = Kq pre, Kd = Kb post).
     if (tid < kK) {
       float x = 1.f;
-      for (int b = 0; b < kNB; ++b) { sm.pre[b][ch] = x; x *= sm.Ptot[b][ch]; }
+      for (int b = 0; b < kNB; ++b) {
+        const float isc = (diag_tc >> b & 1u) ? sm.Ptot[b][ch] * diag_scale(sm.Ptot[b][ch], true) : 1.f;
+        sm.isc[b][ch] = isc;
+        sm.pre[b][ch] = x * isc;
+        x *= sm.Ptot[b][ch];
+      }
       sm.EL[ch] = x;
       x = 1.f;
-      for (int b = kNB - 1; b >= 0; --b) { sm.post[b][ch] = x; x *= sm.Ptot[b][ch]; }
+      for (int b = kNB - 1; b >= 0; --b) { sm.post[b][ch] = x * sm.isc[b][ch]; x *= sm.Ptot[b][ch]; }
     }
-    // 2c. Block-local decayed operands, in place: Kb = k Rloc (backward products, from the
-    //     undecayed Kq), then Qr = q Ploc and Kq = k Ploc (forward products).
+    // 2c. Block-local decayed operands, in place, times the block's s: Kb = k Rloc s (backward
+    //     products, from the undecayed Kq), then Qr = q Ploc s and Kq = k Ploc s (forward).
     for (int b = grp * kBPG; b < (grp + 1) * kBPG; ++b) {
-      float R = 1.f;
+      const float sc = diag_scale(sm.Ptot[b][ch], diag_tc >> b & 1u);
+      float R = sc;
       for (int j = (b + 1) * kBlk - 1; j >= b * kBlk; --j) {
         sm.Kb[j][ch] = sm.Kq[j][ch] * R;
         R *= sm.r1.al[j][ch];
       }
-      float P = 1.f;
+      float P = sc;
       for (int i = b * kBlk; i < (b + 1) * kBlk; ++i) {
         P *= sm.r1.al[i][ch];
         sm.Qr[i][ch] *= P;
@@ -269,8 +285,8 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
 
     // 3b. Blocks below the diagonal (I > J) and the diagonal blocks 3a left, on tensor cores
     //     (mma.sync m16n8k8, TF32): warp = job (I, J), A = Qr_I / Kq_I [16 tokens x 8 channels]
-    //     per k-step, B = (Kb_J scaled by prod_{J<M<I} Ptot_M, or by 1 / Ptot_I on the
-    //     diagonal)^T, two 8-token tiles of J. A_kk rows are stored times beta; on the diagonal
+    //     per k-step, B = (Kb_J scaled by prod_{J<M<I} Ptot_M / (s_I s_J); on the diagonal by
+    //     nothing, s_I^2 = 1 / Ptot_I being in the operands)^T, two 8-token tiles of J. A_kk rows are stored times beta; on the diagonal
     //     only the causal part (A_qk: j <= i, A_kk: j < i). Blocks above the diagonal are zeroed.
     {
       constexpr int kOff = kNB * (kNB - 1) / 2;  // 6 jobs below the diagonal, then kNB diagonal ones
@@ -288,10 +304,9 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
         for (int kk = 0; kk < kK; kk += 8) {
           const int c0 = kk + t4;  // this lane's channels c0, c0 + 4 of the k-step
           float m0 = 1.f, m1 = 1.f;
-          if (diag) {
-            m0 = __fdividef(1.f, sm.Ptot[I][c0]);
-            m1 = __fdividef(1.f, sm.Ptot[I][c0 + 4]);
-          } else {
+          if (!diag) {
+            m0 = sm.isc[I][c0] * sm.isc[J][c0];
+            m1 = sm.isc[I][c0 + 4] * sm.isc[J][c0 + 4];
             for (int M = J + 1; M < I; ++M) { m0 *= sm.Ptot[M][c0]; m1 *= sm.Ptot[M][c0 + 4]; }
           }
           const float* qr = &sm.Qr[I * kBlk + g][c0];

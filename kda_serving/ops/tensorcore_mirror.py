@@ -13,10 +13,11 @@ Per 64-token chunk, in 4 blocks of 16 tokens, with a_t = exp(g_t) <= 1 the per-t
   block end), Ptot (block totals);
 * off-diagonal blocks (I > J) of A_qk / A_kk factor at the token before block I, so both operand
   factors are products of values <= 1: (q_i Ploc_i) . (k_j Rloc_j prod_{J<M<I} Ptot_M);
-* a diagonal 16 x 16 block factors at the block start on tensor cores, Qr_i . (k_j Rloc_j /
-  Ptot), where the block's decay Ptot is at least 2^-64 in every channel (1 / Ptot stays finite,
-  each product keeps its relative precision); a steeper block's is computed exactly on CUDA
-  cores with running products E_ij = prod_{j<t<=i} a_t, so no input overflows;
+* a diagonal 16 x 16 block runs on tensor cores as (q_i Ploc_i s) . (k_j Rloc_j s), s =
+  Ptot^-1/2 per channel, where the block's decay Ptot is at least 2^-120 in every channel (both
+  factors within 2^+-60, each product keeps its relative precision; such a block's operands
+  carry s everywhere, the off-diagonal multipliers 1 / s); a steeper block's is computed exactly
+  on CUDA cores with running products E_ij = prod_{j<t<=i} a_t, so no input overflows;
 * T = (I + A_kk)^-1 by blocked forward substitution (``_blocked_inverse``; its diagonal blocks
   in fp32, the rest from TF32 products); the WY
   factors u = T (beta v) and w = T (beta Ke) on tensor cores (the kernel's prepare pass, for all
@@ -39,7 +40,7 @@ from .gates import kda_gate, l2_normalize
 
 CHUNK = 64
 BLOCK = 16
-DIAG_TC_MIN = 2.0**-64  # a block's diagonal on tensor cores when its decay is at least this
+DIAG_TC_MIN = 2.0**-120  # a block's diagonal on tensor cores when its decay is at least this
 
 
 def _tf32(x: torch.Tensor) -> torch.Tensor:
@@ -75,7 +76,12 @@ def _chunk(S, q, k, v, g, beta):
     Ke = (kb * pre[:, None] * Ploc).view(C, H, K)                    # fp32: only beta Ke is an operand
     Kd = _fp16((kb * Rloc * post[:, None]).view(C, H, K))
     EL = Ptot.prod(0)                                                 # [H, K]
-    Qr, Kq = _tf32(qb * Ploc), _tf32(kb * Ploc)
+    # a block whose decay is >= DIAG_TC_MIN in every channel (per head) keeps its operands times
+    # s = Ptot^-1/2, so that its diagonal block runs on tensor cores (below); isc = 1 / s
+    fast = (Ptot >= DIAG_TC_MIN).all(-1, keepdim=True)               # [nb, H, 1]
+    sc = torch.where(fast, Ptot.clamp(min=DIAG_TC_MIN).rsqrt(), torch.ones_like(Ptot))
+    isc = torch.where(fast, Ptot.clamp(min=DIAG_TC_MIN).sqrt(), torch.ones_like(Ptot))
+    Qr, Kq = _tf32(qb * Ploc * sc[:, None]), _tf32(kb * Ploc * sc[:, None])
 
     Aqk = torch.zeros(H, C, C)
     Akk = torch.zeros(H, C, C)
@@ -83,20 +89,19 @@ def _chunk(S, q, k, v, g, beta):
         rows = slice(I * BLOCK, (I + 1) * BLOCK)
         for J in range(I):
             mid = Ptot[J + 1:I].prod(0) if I > J + 1 else torch.ones(H, K)
-            Kr = _tf32(kb[J] * Rloc[J] * mid)                         # [16, H, K]
+            Kr = _tf32(kb[J] * Rloc[J] * sc[J] * (mid * isc[I] * isc[J]))  # [16, H, K]
             cols = slice(J * BLOCK, (J + 1) * BLOCK)
             Aqk[:, rows, cols] = torch.einsum("ihk,jhk->hij", Qr[I], Kr)
             Akk[:, rows, cols] = torch.einsum("ihk,jhk->hij", Kq[I], Kr)
-        # diagonal block: on tensor cores factored at the block start, Qr_i . (k_j Rloc_j / Ptot),
-        # for a head whose block decay is >= DIAG_TC_MIN in every channel; else on CUDA cores with
-        # E_ij = prod_{j<t<=i} a_t (i >= j), exact in fp32
-        fast = (Ptot[I] >= DIAG_TC_MIN).all(-1)[:, None, None]          # [H, 1, 1]
-        Kr = _tf32(kb[I] * Rloc[I] * torch.where(Ptot[I] >= DIAG_TC_MIN, 1.0 / Ptot[I], 0.0))
+        # diagonal block: on tensor cores, (q_i Ploc_i s) . (k_j Rloc_j s), for a head whose block
+        # decay is >= DIAG_TC_MIN in every channel; else on CUDA cores with E_ij = prod_{j<t<=i}
+        # a_t (i >= j), exact in fp32
+        Kr = _tf32(kb[I] * Rloc[I] * sc[I])
         la = g.view(nb, BLOCK, H, K)[I].double().cumsum(0)
         E = (la[:, None] - la[None, :]).clamp(max=0.0).exp().float()   # [i, j, H, K]
-        Aqk[:, rows, rows] = torch.where(fast, torch.einsum("ihk,jhk->hij", Qr[I], Kr),
+        Aqk[:, rows, rows] = torch.where(fast[I, :, :, None], torch.einsum("ihk,jhk->hij", Qr[I], Kr),
                                          torch.einsum("ihk,jhk,ijhk->hij", qb[I], kb[I], E))
-        Akk[:, rows, rows] = torch.where(fast, torch.einsum("ihk,jhk->hij", Kq[I], Kr),
+        Akk[:, rows, rows] = torch.where(fast[I, :, :, None], torch.einsum("ihk,jhk->hij", Kq[I], Kr),
                                          torch.einsum("ihk,jhk,ijhk->hij", kb[I], kb[I], E))
     causal = torch.ones(C, C, dtype=torch.bool).tril()
     Aqk = Aqk.masked_fill(~causal, 0.0)

@@ -454,15 +454,16 @@ def test_tensor_core_prefill_long_slow_decay(lib):
     check_prefill(*res, None, tol_state=2e-3)
 
 
-@pytest.mark.parametrize("lb", [None, -5.0])
+@pytest.mark.parametrize("lb", [None, -5.0, -10.0])
 def test_tensor_core_prefill_mixed_diagonal_paths(lib, lb):
     """Moderate gates (a 16-token block's diagonal on tensor cores) with spikes that make a few
-    blocks' decay fall below 2^-64 (those diagonals run the exact CUDA-core path)."""
+    blocks' decay fall below 2^-120 (those diagonals run the exact CUDA-core path). With a lower
+    bound of -5 no block can (16 x -5 nats is 2^-115): all diagonals on tensor cores."""
     T, H = 200, 2
     q, k, v, _, beta, A_log, dt = inputs(T, H, A=1.0)
     g = -2.0 + torch.randn(T, H, D)
-    g[20, 0, 5] = g[21, 1, :] = 60.0    # block 1 steep for the Kimi gate (one token, e^-60)
-    g[144:160, :, 7] = 30.0             # block 9 steep for both (the bounded gate: 16 x -5)
+    g[20, 0, 5] = g[21, 1, :] = 100.0   # block 1 steep for the Kimi gate (one token, e^-100)
+    g[144:160, :, 7] = 30.0             # block 9 steep for the Kimi gate and a lower bound of -10
     g[100:110] = -30.0
     res = run_prefill(lib, "prefill_tc", 64, [T], H, torch.float32, lb,
                       inp=(q, k, v, g.bfloat16(), beta, A_log, dt), null=0)
