@@ -303,10 +303,15 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
 #pragma unroll 2
         for (int kk = 0; kk < kK; kk += 8) {
           const int c0 = kk + t4;  // this lane's channels c0, c0 + 4 of the k-step
-          float m0 = 1.f, m1 = 1.f;
+          // Kb_J (k Rloc s_J) times 1 / s_J first, back to a value <= 1, then times
+          // prod_{J<M<I} Ptot_M / s_I <= 1: a B operand that underflows then carried a term
+          // below 2^-66 (A <= 2^60), where one product of both scales could have underflowed alone.
+          float j0 = 1.f, j1 = 1.f, m0 = 1.f, m1 = 1.f;
           if (!diag) {
-            m0 = sm.isc[I][c0] * sm.isc[J][c0];
-            m1 = sm.isc[I][c0 + 4] * sm.isc[J][c0 + 4];
+            j0 = sm.isc[J][c0];
+            j1 = sm.isc[J][c0 + 4];
+            m0 = sm.isc[I][c0];
+            m1 = sm.isc[I][c0 + 4];
             for (int M = J + 1; M < I; ++M) { m0 *= sm.Ptot[M][c0]; m1 *= sm.Ptot[M][c0 + 4]; }
           }
           const float* qr = &sm.Qr[I * kBlk + g][c0];
@@ -316,7 +321,7 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
 #pragma unroll
           for (int nt = 0; nt < 2; ++nt) {
             const float* kb = &sm.Kb[J * kBlk + 8 * nt + g][c0];
-            const uint32_t b0 = to_tf32(kb[0] * m0), b1 = to_tf32(kb[4] * m1);
+            const uint32_t b0 = to_tf32(kb[0] * j0 * m0), b1 = to_tf32(kb[4] * j1 * m1);
             mma_tf32(accq[nt], aq, b0, b1);
             mma_tf32(acck[nt], ak, b0, b1);
           }

@@ -89,7 +89,7 @@ def _chunk(S, q, k, v, g, beta):
         rows = slice(I * BLOCK, (I + 1) * BLOCK)
         for J in range(I):
             mid = Ptot[J + 1:I].prod(0) if I > J + 1 else torch.ones(H, K)
-            Kr = _tf32(kb[J] * Rloc[J] * sc[J] * (mid * isc[I] * isc[J]))  # [16, H, K]
+            Kr = _tf32(kb[J] * Rloc[J] * sc[J] * isc[J] * (isc[I] * mid))  # [16, H, K]
             cols = slice(J * BLOCK, (J + 1) * BLOCK)
             Aqk[:, rows, cols] = torch.einsum("ihk,jhk->hij", Qr[I], Kr)
             Akk[:, rows, cols] = torch.einsum("ihk,jhk->hij", Kq[I], Kr)
