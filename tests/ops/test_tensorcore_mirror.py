@@ -48,6 +48,21 @@ def test_adversarial(lb):
     assert eo <= TOL and es <= TOL
 
 
+@pytest.mark.parametrize("case", ["bounded_at_its_bound", "kimi_near_the_threshold"])
+def test_diagonal_blocks_with_large_scales(case):
+    """Diagonal blocks on the tensor-core path with scales near their 2^60 limit: a bounded gate
+    pinned at -5 (every block 2^-115), and a Kimi gate whose blocks straddle 2^-120."""
+    q, k, v, g, beta, A_log, dt = kda_inputs(200, 2, 128)
+    if case == "bounded_at_its_bound":
+        g[:] = 30.0
+        lb = -5.0
+    else:
+        A_log, dt, lb = torch.zeros(2), torch.zeros(256), None
+        g = 4.85 + 0.5 * torch.randn_like(g)  # about a third of the blocks past 2^-120
+    eo, es = run((q, k, v, g, beta, A_log, dt), lb)
+    assert eo <= TOL and es <= TOL
+
+
 def test_long_slow_decay_without_initial_state():
     eo, es = run(kda_inputs(1024, 1, 128, g_mode=-4, dt_mode=-4), None, init=False)
     assert eo <= TOL and es <= TOL
