@@ -246,7 +246,9 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
       if (lane < kBlk - 1) sm.Aqk[i0 + (lane < jj ? lane : lane - jj)][lane < jj ? j1 : j2] = 0.f;
       if (lane <= kBlk) sm.Akk[i0 + (lane <= jj ? lane : lane - jj - 1)][lane <= jj ? j1 : j2] = 0.f;
     }
-    __syncthreads();
+    // 3a's reads of the undecayed q, k before 2c scales them in place; with no steep block (the
+    // usual case) there were none. diag_tc is the same in every thread, so all or none wait.
+    if (diag_tc != (1u << kNB) - 1) __syncthreads();
     KDA_TC_MARK(2);
 
     // 2b. Products of block totals before / after each block, and the chunk total; the scale
