@@ -27,7 +27,9 @@
 namespace {
 
 const char* kPhaseNames[] = {
-    "prepare 1. inputs: q, k, g, beta into smem",
+    "prepare 1a. item barrier, lookups, unpack, norms",
+    "prepare 1b. next item's loads issued",
+    "prepare 1c. decays, beta; barrier",
     "prepare 2a. block totals",
     "prepare 3a. steep diagonal blocks (CUDA cores)",
     "prepare 2b+2c. decay products, block-local ops",

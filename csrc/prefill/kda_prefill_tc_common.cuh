@@ -87,7 +87,7 @@ __device__ __forceinline__ float* chunk_record(const KdaPrefillParams& p, int64_
 // the extension): thread 0 reads clock64() after each block-wide barrier, i.e. when the phase
 // before it is done CTA-wide, and adds the cycles per phase to kda_tc_phase_cycles at exit.
 // Phases 0..kPrepPhases-1 belong to the prepare pass, the rest to the state pass.
-constexpr int kPrepPhases = 8;
+constexpr int kPrepPhases = 10;
 constexpr int kPhases = kPrepPhases + 3;
 #ifdef KDA_TC_PHASE_CYCLES
 __device__ unsigned long long kda_tc_phase_cycles[kPhases];

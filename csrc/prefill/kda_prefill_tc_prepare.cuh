@@ -159,12 +159,14 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
         *reinterpret_cast<float4*>(&sm.r1.al[i][c4]) = make_float4(gv[m][0], gv[m][1], gv[m][2], gv[m][3]);
         if (lane == 0) sm.beta[i] = bv[m];
       }
+      KDA_TC_MARK(0);  // the profile build's thread 0 only: no barrier at these two marks
       if (next < items) {
         int s1;
         TokenView tv1;
         item_tokens(next, n_next, tv1, s1);
         issue_chunk_loads(p, tv1, s1, min(kC, tv1.len - s1), warp, c4, vec, raw);
       }
+      KDA_TC_MARK(1);
 #pragma unroll 1
       for (int m = 0; m < kPer; ++m) {
         const int i = warp + m * kPrepWarp;
@@ -180,7 +182,7 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
       }
     }
     __syncthreads();
-    KDA_TC_MARK(0);
+    KDA_TC_MARK(2);
 
     // 2a. Block totals of the decays; thread = (channel, kBPG blocks).
     for (int b = grp * kBPG; b < (grp + 1) * kBPG; ++b) {
@@ -189,7 +191,7 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
       sm.Ptot[b][ch] = P;
     }
     __syncthreads();
-    KDA_TC_MARK(1);
+    KDA_TC_MARK(3);
     const unsigned diag_tc = diag_tc_mask(sm.Ptot, lane);  // blocks whose diagonal 3b computes
 
     // 3a. Diagonal blocks on CUDA cores where a block's decay is too steep for 3b's factoring
@@ -249,7 +251,7 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
     // 3a's reads of the undecayed q, k before 2c scales them in place; with no steep block (the
     // usual case) there were none. diag_tc is the same in every thread, so all or none wait.
     if (diag_tc != (1u << kNB) - 1) __syncthreads();
-    KDA_TC_MARK(2);
+    KDA_TC_MARK(4);
 
     // 2b. Products of block totals before / after each block, and the chunk total; the scale
     //     1 / s of each block (diag_scale), and pre, post times it, which is how they meet the
@@ -283,7 +285,7 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
       }
     }
     __syncthreads();
-    KDA_TC_MARK(3);
+    KDA_TC_MARK(5);
 
     // 3b. Blocks below the diagonal (I > J) and the diagonal blocks 3a left, on tensor cores
     //     (mma.sync m16n8k8, TF32): warp = job (I, J), A = Qr_I / Kq_I [16 tokens x 8 channels]
@@ -357,7 +359,7 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
       }
     }
     __syncthreads();
-    KDA_TC_MARK(4);
+    KDA_TC_MARK(6);
 
     // 4a. T's diagonal blocks by forward substitution (thread = block, column; A_kk's rows carry
     //     beta already); T's blocks above the diagonal are zero.
@@ -392,7 +394,7 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
     store_rows_half(rec_half(rec, kRecAqk), &sm.Aqk[0][0], kLdC, kC);
     if (tid < kK) rec[kRecEL + tid] = sm.EL[tid];
     __syncthreads();
-    KDA_TC_MARK(5);
+    KDA_TC_MARK(7);
 
     // v's loads (this chunk's, for phase 6a) in flight during 4b.
     const int vi0 = tid / 16, vr8 = tid % 16 * 8;  // tokens vi0 + kVStride m, value rows vr8 .. vr8+7
@@ -466,7 +468,7 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
       }
     }
     __syncthreads();
-    KDA_TC_MARK(6);
+    KDA_TC_MARK(8);
     constexpr int kColWarps = kPrepWarp / (kC / 16), kCols = kK / kColWarps, kNJ = kCols / 8;
     const int tm = warp / kColWarps, n0 = (warp % kColWarps) * kCols;
 #pragma unroll 1
@@ -500,7 +502,7 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
         }
       }
     }
-    KDA_TC_MARK(7);
+    KDA_TC_MARK(9);
     __syncthreads();  // every read of this item's shared arrays is done before the next item's writes
     item = next;
     n = n_next;
