@@ -13,7 +13,8 @@
 # some, e.g. BENCHES="decode layer"). long: the
 # long-context prefill benchmark (extra arguments in LONG_ARGS, e.g. "--heads 8 --max-tokens 131072") and
 # the 128K-token split tests. profile: the tensor-core prefill's cycles per phase
-# (scripts/profile_tc_phases.cu) at H96 1x8192 and H32 1x32768.
+# (scripts/profile_tc_phases.cu) at H96 1x8192, H32 1x32768 and H8 1x131072 (unsplit), for this
+# tree and the trees in PROFILE_TREES.
 # Set KDA_SERVING_COMMIT to name the commit in the JSON when the tree has no .git.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -56,9 +57,26 @@ if has bench; then
   [[ $benches == *" layer "* ]] && TAIL=30 step bench_layer python3 scripts/bench_layer.py --profile --out "$OUT"
 fi
 if has profile; then
-  step profile-build nvcc -std=c++17 -O3 -arch=sm_90a -Icsrc scripts/profile_tc_phases.cu -o "$OUT/.profile_tc"
-  TAIL=16 step profile-tc bash -c "'$OUT/.profile_tc' 1 8192 96 && '$OUT/.profile_tc' 1 32768 32"
-  rm -f "$OUT/.profile_tc"
+  # PROFILE_TREES: other source trees to time beside this one, case by case in the same call,
+  # each a directory with csrc/ and scripts/profile_tc_phases.cu (here:
+  # mkdir -p T && git archive COMMIT csrc scripts/profile_tc_phases.cu | tar -x -C T).
+  trees=". ${PROFILE_TREES:-}"
+  n=0
+  for t in $trees; do
+    step "profile-build-$n" nvcc -std=c++20 -O3 -arch=sm_90a -I"$t/csrc" "$t/scripts/profile_tc_phases.cu" \
+      -o "$OUT/.profile_tc_$n"
+    n=$((n + 1))
+  done
+  for shape in "1 8192 96" "1 32768 32" "1 131072 8"; do
+    n=0
+    for t in $trees; do
+      echo "### $t $shape" >>"$OUT/profile-tc.log"
+      "$OUT/.profile_tc_$n" $shape >>"$OUT/profile-tc.log" 2>&1 || rc=1
+      n=$((n + 1))
+    done
+  done
+  grep -E "###|ms" "$OUT/profile-tc.log"
+  rm -f "$OUT"/.profile_tc_*
 fi
 if has long; then
   TAIL=40 step bench_prefill-long python3 scripts/bench_prefill.py --long --out "$OUT" ${LONG_ARGS:-}
