@@ -189,6 +189,8 @@ struct TcSplitArgs {
   const Tensor* state;
 };
 
+int tc_diag_choice();  // below, with the other environment switches
+
 void prefill_common(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
                     const Tensor& beta, const Tensor& A_log, const Tensor& dt_bias,
                     const Tensor& cu_seqlens, Tensor& state_pool, const Tensor& slots,
@@ -267,6 +269,7 @@ void prefill_common(const Tensor& q, const Tensor& k, const Tensor& v, const Ten
     KDA_CHECK(reinterpret_cast<uintptr_t>(tc_workspace->data_ptr()) % 16 == 0, "workspace must start 16-byte aligned");
     p.tc_workspace = tc_workspace->data_ptr<float>();
     p.tc_chunk_slots = kda::tc_chunk_slots(Tt, N);
+    p.tc_diag_exact = tc_diag_choice() == 1;
   }
   if (split) {
     const Tensor& u = *split->units;
@@ -342,6 +345,13 @@ int env_choice(const char* var, const char* const (&names)[N]) {
   }
   KDA_CHECK(false, var, " must be ", allowed, ", got '", sel, "'");
   return 0;
+}
+
+// KDA_SERVING_TC_DIAG=exact puts every diagonal block of the tensor-core prefill on its exact
+// CUDA-core path (for comparisons); unset or auto, a block's decay decides.
+int tc_diag_choice() {
+  constexpr const char* kNames[] = {"auto", "exact"};
+  return env_choice("KDA_SERVING_TC_DIAG", kNames);
 }
 
 // KDA_SERVING_DECODE_GRID=rows / heads forces the decode's row-block / head kernel (for

@@ -48,6 +48,9 @@ struct KdaPrefillParams {
   int tc_units_a, tc_units_b, tc_units_c;
   int tc_unit_first;  // set by the launcher: the unit row of blockIdx.z = 0
   float* tc_split_state;
+  // Tensor-core kernel: every diagonal block on the exact CUDA-core path instead of tensor cores
+  // where its decay allows (KDA_SERVING_TC_DIAG=exact; for comparisons).
+  bool tc_diag_exact;
 };
 
 constexpr int kCheckpointEvery = 64;

@@ -192,7 +192,7 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
     }
     __syncthreads();
     KDA_TC_MARK(3);
-    const unsigned diag_tc = diag_tc_mask(sm.Ptot, lane);  // blocks whose diagonal 3b computes
+    const unsigned diag_tc = p.tc_diag_exact ? 0u : diag_tc_mask(sm.Ptot, lane);  // diagonals 3b computes
 
     // 3a. Diagonal blocks on CUDA cores where a block's decay is too steep for 3b's factoring
     //     (often none), from the undecayed q, k in shared memory. Item = (block,

@@ -43,7 +43,8 @@ class PrefillParams(C.Structure):
          ("o_sh", C.c_int64), ("N", C.c_int), ("H", C.c_int), ("scale", C.c_float), ("has_lower_bound", C.c_bool),
          ("lower_bound", C.c_float), ("num_sms", C.c_int), ("tc_workspace", C.c_void_p),
          ("tc_chunk_slots", C.c_int64), ("tc_units", C.c_void_p), ("tc_units_a", C.c_int), ("tc_units_b", C.c_int),
-         ("tc_units_c", C.c_int), ("tc_unit_first", C.c_int), ("tc_split_state", C.c_void_p)]
+         ("tc_units_c", C.c_int), ("tc_unit_first", C.c_int), ("tc_split_state", C.c_void_p),
+         ("tc_diag_exact", C.c_bool)]
 
 
 class DecodeNormArgs(C.Structure):
@@ -195,10 +196,11 @@ def sms_for_rows(kind: str, rows: int | None, seq_heads: int) -> int:
 
 def prefill(lib, kind: str, rows: int, q, k, v, g, beta, A_log, dt_bias, cu_seqlens, state_pool, slots,
             has_initial_state, *, lower_bound=None, scale=None, inter=None, inter_offsets=None, out=None,
-            workspace=None, split=None):
+            workspace=None, split=None, diag_exact=False):
     """One emulated launch of a prefill kernel; returns ``out`` [T, H, 128] bf16, pool updated.
     ``workspace``: the tensor-core kernel's (allocated here when not given); ``split``: a split
-    tensor-core call's (units [U, 8] int32, units_a, units_b, units_c, split_state fp32)."""
+    tensor-core call's (units [U, 8] int32, units_a, units_b, units_c, split_state fp32);
+    ``diag_exact``: its diagonal blocks all on the exact path (KDA_SERVING_TC_DIAG=exact)."""
     out = torch.empty(v.shape, dtype=torch.bfloat16) if out is None else out
     keep = dict(slots=slots.to(torch.int32).contiguous(), has=has_initial_state.contiguous(),
                 A_log=A_log.float().contiguous(), dt=dt_bias.float().reshape(-1).contiguous())
@@ -222,6 +224,7 @@ def prefill(lib, kind: str, rows: int, q, k, v, g, beta, A_log, dt_bias, cu_seql
         if workspace.dtype != torch.float32 or not workspace.is_contiguous() or workspace.numel() < need:
             raise RuntimeError(f"workspace must be contiguous fp32 with at least {need} elements")  # as the binding
         p.tc_workspace, p.tc_chunk_slots = _ptr(workspace), _ext.tc_chunk_slots(q.shape[0], N)
+        p.tc_diag_exact = diag_exact
         if split is not None:
             units, p.tc_units_a, p.tc_units_b, p.tc_units_c, split_state = split
             if units.dtype != torch.int32 or not units.is_contiguous() or split_state.dtype != torch.float32:

@@ -465,9 +465,14 @@ def test_tensor_core_prefill_mixed_diagonal_paths(lib, lb):
     g[20, 0, 5] = g[21, 1, :] = 100.0   # block 1 steep for the Kimi gate (one token, e^-100)
     g[144:160, :, 7] = 30.0             # block 9 steep for the Kimi gate and a lower bound of -10
     g[100:110] = -30.0
-    res = run_prefill(lib, "prefill_tc", 64, [T], H, torch.float32, lb,
-                      inp=(q, k, v, g.bfloat16(), beta, A_log, dt), null=0)
-    check_prefill(*res, lb)
+    inp = (q, k, v, g.bfloat16(), beta, A_log, dt)
+    outs = []
+    for diag_exact in (False, True):  # the default, and every diagonal exact (KDA_SERVING_TC_DIAG)
+        torch.manual_seed(1)  # the same pool and initial states for both
+        res = run_prefill(lib, "prefill_tc", 64, [T], H, torch.float32, lb, inp=inp, null=0, diag_exact=diag_exact)
+        check_prefill(*res, lb)
+        outs.append(res[-1])
+    assert not torch.equal(outs[0], outs[1])  # the default took the tensor-core diagonals somewhere
 
 
 @pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16])

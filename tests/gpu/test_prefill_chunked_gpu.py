@@ -146,25 +146,31 @@ def test_tc_adversarial_and_long(lower_bound):
 
 
 @pytest.mark.parametrize("lower_bound", [None, -5.0, -10.0])
-def test_tc_diagonal_block_paths(lower_bound):
+def test_tc_diagonal_block_paths(lower_bound, monkeypatch):
     """Tensor-core kernel, both paths of a diagonal block in one call: moderate gates (tensor
     cores) with a few blocks past 2^-120 of decay (exact CUDA-core path): one token at e^-100 in
     one channel, a whole block pinned (Kimi gate, or the bound -10); with the bound -5 every block
-    runs on tensor cores, the pinned one with its scales near their 2^60 limit."""
-    torch.manual_seed(12)
+    runs on tensor cores, the pinned one with its scales near their 2^60 limit. Again with every
+    diagonal exact (KDA_SERVING_TC_DIAG=exact): also within tolerance, and not the same bits."""
     H = 4
     lens = [17, 300, 2000]
-    cu, pool, slots, has_init, init = setup_pool(lens, H, torch.float32, n_null=0)
-    T = int(cu[-1])
-    q, k, v, _, beta, _, _ = make_inputs(T, H)
-    g = (-2.0 + torch.randn(T, H, D)).bfloat16().to(DEV)
-    A_log = torch.zeros(H, device=DEV)
-    dt_bias = torch.zeros(H * D, device=DEV)
-    g[40, 0, 5] = g[41, 1, :] = 100.0
-    g[160:176, :, 7] = 30.0
-    g[500:520] = -30.0
-    prefill_against_gold(_ext.prefill_tc, (q, k, v, g, beta, A_log, dt_bias), cu, pool, slots, has_init, init,
-                         lower_bound)
+    outs = []
+    for mode in ("auto", "exact"):
+        monkeypatch.setenv("KDA_SERVING_TC_DIAG", mode)
+        torch.manual_seed(12)  # the same inputs, pool and initial states for both
+        cu, pool, slots, has_init, init = setup_pool(lens, H, torch.float32, n_null=0)
+        T = int(cu[-1])
+        q, k, v, _, beta, _, _ = make_inputs(T, H)
+        g = (-2.0 + torch.randn(T, H, D)).bfloat16().to(DEV)
+        A_log = torch.zeros(H, device=DEV)
+        dt_bias = torch.zeros(H * D, device=DEV)
+        g[40, 0, 5] = g[41, 1, :] = 100.0
+        g[160:176, :, 7] = 30.0
+        g[500:520] = -30.0
+        prefill_against_gold(_ext.prefill_tc, (q, k, v, g, beta, A_log, dt_bias), cu, pool, slots, has_init, init,
+                             lower_bound)
+        outs.append(pool[slots.long()].clone())
+    assert not torch.equal(outs[0], outs[1])
 
 
 def test_tc_workspace_checked_and_reusable():
