@@ -6,13 +6,15 @@
 //
 //   nvcc -std=c++17 -O3 -arch=sm_90a -Icsrc scripts/profile_tc_phases.cu -o /tmp/profile_tc
 //   /tmp/profile_tc [N sequences] [tokens each] [heads] [state rows 128|64|32]   # default 1 8192 96,
-//   rows as the launcher picks
+//   rows as the launcher picks; KDA_SERVING_TC_DIAG=exact as for the extension. The Kimi gate on
+//   logits uniform in [-3, 1] keeps every diagonal block on the tensor-core path.
 #define KDA_TC_PHASE_CYCLES
 #include "../csrc/prefill/kda_prefill_tc_launch.cu"
 
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <string>
 #include <vector>
 
 #define CHECK(x)                                                                     \
@@ -110,6 +112,9 @@ int main(int argc, char** argv) {
   p.H = H;
   p.scale = 1.f / std::sqrt((float)K);
   p.has_lower_bound = false;
+  // As the binding reads it: KDA_SERVING_TC_DIAG=exact puts every diagonal block on its exact path.
+  const char* diag = std::getenv("KDA_SERVING_TC_DIAG");
+  p.tc_diag_exact = diag != nullptr && std::string(diag) == "exact";
   int dev = 0, sms = 0, clock_khz = 0;
   CHECK(cudaGetDevice(&dev));
   CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
