@@ -47,6 +47,14 @@ def env_set(**env):
                 os.environ[k] = v
 
 
+def with_env(fn, **env):
+    """``fn`` wrapped to run with the KDA_SERVING_* switches in env set (``env_set``)."""
+    def run():
+        with env_set(**env):
+            return fn()
+    return run
+
+
 def base_parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="directory for the JSON record")

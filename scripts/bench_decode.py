@@ -51,14 +51,6 @@ VARIANTS = {"rowgrid": dict(KDA_SERVING_DECODE_GRID="rows"), "heads": dict(KDA_S
             "single": dict(KDA_SERVING_FUSED_DECODE_PATH="single")}
 
 
-def with_env(fn, **env):
-    """fn run with the KDA_SERVING_* switches in env set (bench_common.env_set)."""
-    def run():
-        with bc.env_set(**env):
-            return fn()
-    return run
-
-
 class DecodeCase:
     """Pools and ``nsets`` input sets on disjoint slots for one (B, H, pool dtype)."""
 
@@ -105,7 +97,7 @@ class DecodeCase:
                                             out=self.out, **kw)
 
     def fused_rows_fn(self, i, lb):
-        return with_env(self.fused_fn(i, lb), KDA_SERVING_FUSED_DECODE_PATH="rows")
+        return bc.with_env(self.fused_fn(i, lb), KDA_SERVING_FUSED_DECODE_PATH="rows")
 
     def kda_fn(self, impl, i, lb):
         q, k, v = self.qkv[i]
@@ -128,7 +120,7 @@ def cross_check(case, lb, with_fla):
     slots = case.slots[0].long()
     s0, c0 = case.state_pool.clone(), case.conv_pool.clone()
     runs = {"ours": case.total_fn(ops, 0, lb), "fused": case.fused_fn(0, lb), "fused_rows": case.fused_rows_fn(0, lb),
-            "fused_single": with_env(case.fused_fn(0, lb), **VARIANTS["single"])}
+            "fused_single": bc.with_env(case.fused_fn(0, lb), **VARIANTS["single"])}
     if with_fla:
         runs["fla"] = case.total_fn(fla_ops, 0, lb)
     res = {}
@@ -170,7 +162,7 @@ def run_case(B, H, d, pool_name, lb, device, bandwidth, fla_reason, samples, min
     timed["ours_fused_norm"] = [case.fused_fn(i, lb, True) for i in range(nsets)]
     for norm in ("", "_norm"):
         for name, env in VARIANTS.items():
-            timed[f"ours_fused{norm}_{name}"] = [with_env(case.fused_fn(i, lb, bool(norm)), **env) for i in range(nsets)]
+            timed[f"ours_fused{norm}_{name}"] = [bc.with_env(case.fused_fn(i, lb, bool(norm)), **env) for i in range(nsets)]
     for key, fns in timed.items():
         try:
             row[f"{key}_us"] = bc.graph_time_ms(fns, device, reps=reps, samples=samples) * 1e3

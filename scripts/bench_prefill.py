@@ -105,16 +105,10 @@ def run_case(H, d, seqlens, gate, device, bandwidth, fla_reason, iters, warmup, 
     pool, slots = pool_args["state_pool"], pool_args["slots"].long()
     impls = {"ours": lambda: ops.kda_prefill(*args, **pool_args, lower_bound=lb, cu_seqlens_cpu=cu_cpu)}
     if unsplit:  # split forbidden: a call over the workspace limit reads its lengths to window them
-        def unsplit_call():
-            with bc.env_set(**{split_plan.ENV: "0"}):
-                return ops.kda_prefill(*args, **pool_args, lower_bound=lb, cu_seqlens_cpu=cu_cpu)
-        impls["ours_unsplit"] = unsplit_call
+        impls["ours_unsplit"] = bc.with_env(impls["ours"], **{split_plan.ENV: "0"})
     for seg in segments:
         if seg < max(seqlens, default=0):
-            def split_call(seg=seg):
-                with bc.env_set(**{split_plan.ENV: str(seg)}):
-                    return ops.kda_prefill(*args, **pool_args, lower_bound=lb, cu_seqlens_cpu=cu_cpu)
-            impls[f"ours_split{seg}"] = split_call
+            impls[f"ours_split{seg}"] = bc.with_env(impls["ours"], **{split_plan.ENV: str(seg)})
     if fla_reason is None:
         impls["fla"] = lambda: fla_ops.kda_prefill(*args, **pool_args, lower_bound=lb, cu_seqlens_cpu=cu_cpu)
         row["fla_backend"] = fla_ops.chunk_backend(lb)

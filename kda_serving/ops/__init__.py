@@ -145,7 +145,7 @@ def reserve_prefill_workspace(num_tokens: int, num_heads: int, device) -> int:
     device = torch.device(device)
     if prefill_kernel_name() != "tc" or op_path(torch.empty(0, device=device)) != "cuda":
         return 0
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+    if _capturing(device):
         return 0
     from . import _ext, tc_split, tc_windows
     need, limit = _ext.tc_workspace_floats(num_tokens, 1, num_heads), tc_windows.workspace_limit_bytes()

@@ -48,7 +48,7 @@ extern "C" int emu_conv(int update, const kda::Conv1dParams* p) {
 extern "C" int64_t emu_layout(int which) {
   switch (which) {
     case 0: return sizeof(kda::KdaPrefillParams);
-    case 1: return offsetof(kda::KdaPrefillParams, tc_split_state);
+    case 1: return offsetof(kda::KdaPrefillParams, tc_diag_exact);
     case 2: return sizeof(kda::KdaDecodeParams);
     case 3: return offsetof(kda::KdaDecodeParams, norm);
     case 4: return sizeof(kda::Conv1dParams);

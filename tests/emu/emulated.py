@@ -84,7 +84,7 @@ class GatedRmsNormParams(C.Structure):
         [("H", C.c_int), ("weight", C.c_void_p), ("weight_bf16", C.c_bool), ("vec", C.c_bool), ("eps", C.c_float)]
 
 
-LAYOUTS = [(PrefillParams, "tc_split_state"), (DecodeParams, "norm"), (ConvParams, "vec8_min_elems"),
+LAYOUTS = [(PrefillParams, "tc_diag_exact"), (DecodeParams, "norm"), (ConvParams, "vec8_min_elems"),
            (DecodeFusedParams, "path"), (GatedRmsNormParams, "eps")]
 # kda_decode_fused.h kFused*, by the names KDA_SERVING_FUSED_DECODE_PATH takes.
 FUSED_PATHS = {"auto": 0, "rows": 1, "single": 2}
