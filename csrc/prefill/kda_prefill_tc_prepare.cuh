@@ -56,8 +56,10 @@ struct alignas(128) PrepSmem {
 // (16 tokens of at least e^-5) always qualifies.
 constexpr float kDiagTcMin = 0x1p-120f;
 
-// s = Ptot^-1/2 for a channel of a block on the diagonal fast path, else 1.
+// s = Ptot^-1/2 for a channel of a block on the diagonal fast path, else 1; and 1 / s = Ptot s.
+// 2b and 2c each take them from Ptot (no barrier between them to share one).
 __device__ __forceinline__ float diag_scale(float ptot, bool fast) { return fast ? rsqrtf(ptot) : 1.f; }
+__device__ __forceinline__ float diag_unscale(float ptot, bool fast) { return fast ? ptot * rsqrtf(ptot) : 1.f; }
 
 // Bit b set: block b's diagonal block runs on tensor cores (every channel's Ptot[b] >= kDiagTcMin).
 // The same value in every lane; lane L reads channels 4L .. 4L+3.
@@ -259,7 +261,7 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
     if (tid < kK) {
       float x = 1.f;
       for (int b = 0; b < kNB; ++b) {
-        const float isc = (diag_tc >> b & 1u) ? sm.Ptot[b][ch] * diag_scale(sm.Ptot[b][ch], true) : 1.f;
+        const float isc = diag_unscale(sm.Ptot[b][ch], diag_tc >> b & 1u);
         sm.isc[b][ch] = isc;
         sm.pre[b][ch] = x * isc;
         x *= sm.Ptot[b][ch];
