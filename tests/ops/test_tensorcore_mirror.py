@@ -87,3 +87,20 @@ def test_blocked_inverse_is_the_inverse():
         d = slice(16 * b, 16 * b + 16)
         assert torch.allclose(T[:, d, d], exact[:, d, d], rtol=1e-5, atol=1e-5)
     assert torch.equal(T.triu(1), torch.zeros_like(T))
+
+
+def test_diag_paths_script_writes_its_record(tmp_path, monkeypatch):
+    """scripts/mirror_diag_paths.py (the numbers docs/kernels.md quotes): both variants within the
+    mirror's tolerance, every bounded-gate block on the tensor-core path (16 x -5 nats is 2^-115),
+    and nearly every Kimi-gate block on the benchmark's inputs."""
+    import importlib
+    import json
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[2]
+    monkeypatch.syspath_prepend(str(root / "scripts"))
+    importlib.import_module("mirror_diag_paths").main(["--out", str(tmp_path)])
+    record = json.loads((tmp_path / "mirror_diag_paths-cpu.json").read_text())
+    assert [r["variant"] for r in record["results"]] == ["every diagonal exact", "as the kernel chooses"]
+    assert all(max(r["worst_out_rel_rms"], r["worst_state_rel_rms"]) <= TOL for r in record["results"])
+    assert record["tensor_core_block_fraction"]["bounded"] == 1.0
+    assert record["tensor_core_block_fraction"]["kimi"] >= 0.99
