@@ -29,9 +29,9 @@ namespace kda {
 namespace tc {
 
 struct alignas(128) PrepSmem {
-  float Qr[kC][kLdK];  // q Ploc (stored as Qe = Qr pre), then beta v
-  float Kq[kC][kLdK];  // k Ploc, then beta Ke = beta Kq pre
-  float Kb[kC][kLdK];  // k Rloc (stored as Kd = Kb post)
+  float Qr[kC][kLdK];  // q Ploc (stored as Qe = Qr pre), then beta v (wy_at's layout)
+  float Kq[kC][kLdK];  // k Ploc
+  float Kb[kC][kLdK];  // k Rloc (stored as Kd = Kb post), then beta Ke = beta Kq pre (wy_at's layout)
   union {
     float al[kC][kK];  // a_t, until the decayed operands are built (2c)
     struct {
@@ -75,6 +75,18 @@ __device__ __forceinline__ unsigned diag_tc_mask(const float (&Ptot)[kNB][kK], i
     mask |= (m > 0.f ? 1u : 0u) << b;
   }
   return mask;
+}
+
+// Phase 6a/6b's B operands (beta v, beta Ke: [64 tokens x 128 columns]) in the Qr / Kb areas with
+// row pitch kK and the columns' bits 3-4 XORed with the row's bits 0-1: a B-fragment load (rows
+// 8 ks + t4, columns n0 + 8 j + g) then hits banks 8 (j ^ t4) + g, all 32 distinct, where the
+// operand arrays' pitch kLdK (made for A fragments) would put two lanes on every bank. 4-column
+// groups stay contiguous, so 6a still stores float4s.
+__device__ __forceinline__ float* wy_at(float* area, int row, int col) {
+  return area + row * kK + (col ^ ((row & 3) << 3));
+}
+__device__ __forceinline__ const float* wy_at(const float* area, int row, int col) {
+  return area + row * kK + (col ^ ((row & 3) << 3));
 }
 
 }  // namespace tc
@@ -446,10 +458,11 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
       }
     }
 
-    // 6a. beta v goes to the Qr area (Qe is out) and beta Ke = beta Kq pre to the Kq rows (both
-    //     TF32), by every thread (warps 0..2 after their 4b); 6b. the WY factors u = T (beta v),
-    //     w = T (beta Ke) run on tensor cores (mma.sync m16n8k8; warp = 16 tokens x kCols
-    //     columns), stored from the accumulators (u fp32, 8 rows x 32 bytes per store; w fp16).
+    // 6a. beta v goes to the Qr area (Qe is out) and beta Ke = beta Kq pre to the Kb area (Kd is
+    //     out), both TF32 and laid out for 6b's B fragments (wy_at), by every thread (warps 0..2
+    //     after their 4b); 6b. the WY factors u = T (beta v), w = T (beta Ke) run on tensor cores
+    //     (mma.sync m16n8k8; warp = 16 tokens x kCols columns), stored from the accumulators (u
+    //     fp32, 8 rows x 32 bytes per store; w fp16).
 #pragma unroll
     for (int m = 0; m < kVPer; ++m) {
       const int i = vi0 + kVStride * m;
@@ -459,14 +472,14 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
       unpack_bf16(vw, vv);
 #pragma unroll
       for (int e = 0; e < 8; e += 4) {
-        float4* k4 = reinterpret_cast<float4*>(&sm.Kq[i][vr8 + e]);
-        const float4 kq = *k4, pr = *reinterpret_cast<const float4*>(&sm.pre[i / kBlk][vr8 + e]);
+        const float4 kq = *reinterpret_cast<const float4*>(&sm.Kq[i][vr8 + e]);
+        const float4 pr = *reinterpret_cast<const float4*>(&sm.pre[i / kBlk][vr8 + e]);
         const float4 k = make_float4(kq.x * pr.x, kq.y * pr.y, kq.z * pr.z, kq.w * pr.w);
-        *reinterpret_cast<float4*>(&sm.Qr[i][vr8 + e]) =
+        *reinterpret_cast<float4*>(wy_at(&sm.Qr[0][0], i, vr8 + e)) =
             make_float4(tf32_round(b * vv[e]), tf32_round(b * vv[e + 1]),
                         tf32_round(b * vv[e + 2]), tf32_round(b * vv[e + 3]));
-        *k4 = make_float4(tf32_round(b * k.x), tf32_round(b * k.y),
-                          tf32_round(b * k.z), tf32_round(b * k.w));
+        *reinterpret_cast<float4*>(wy_at(&sm.Kb[0][0], i, vr8 + e)) =
+            make_float4(tf32_round(b * k.x), tf32_round(b * k.y), tf32_round(b * k.z), tf32_round(b * k.w));
       }
     }
     __syncthreads();
@@ -475,7 +488,7 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
     const int tm = warp / kColWarps, n0 = (warp % kColWarps) * kCols;
 #pragma unroll 1
     for (int out = 0; out < 2; ++out) {
-      const float(*B)[kLdK] = out == 0 ? sm.Qr : sm.Kq;
+      const float* B = out == 0 ? &sm.Qr[0][0] : &sm.Kb[0][0];
       float acc[kNJ][4] = {};
 #pragma unroll
       for (int ks = 0; ks < kC / 8; ++ks) {
@@ -483,8 +496,8 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
         const uint32_t a[4] = {to_tf32(tr[0]), to_tf32(tr[8 * kLdC]), to_tf32(tr[4]), to_tf32(tr[8 * kLdC + 4])};
 #pragma unroll
         for (int j = 0; j < kNJ; ++j) {
-          const float* br = &B[8 * ks + t4][n0 + 8 * j + g];
-          mma_tf32(acc[j], a, __float_as_uint(br[0]), __float_as_uint(br[4 * kLdK]));
+          const float* br = wy_at(B, 8 * ks + t4, n0 + 8 * j + g);  // row + 4: same swizzle
+          mma_tf32(acc[j], a, __float_as_uint(br[0]), __float_as_uint(br[4 * kK]));
         }
       }
       const int at = (tm * 16 + g) * kK + n0 + 2 * t4;  // element of acc[0][0]
