@@ -45,6 +45,7 @@ struct alignas(128) PrepSmem {
   float pre[kNB][kK];
   float post[kNB][kK];
   float isc[kNB][kK];  // 1 / s: Ptot^1/2 for a block on the diagonal fast path, else 1
+  float mid[kNB * (kNB - 1) / 2][kK];  // 3b's job (I, J < I): prod_{J<M<I} Ptot_M / s_I
   float EL[kK];
   float beta[kC];
 };
@@ -281,6 +282,13 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
       sm.EL[ch] = x;
       x = 1.f;
       for (int b = kNB - 1; b >= 0; --b) { sm.post[b][ch] = x * sm.isc[b][ch]; x *= sm.Ptot[b][ch]; }
+      // 3b's multipliers between blocks, in 3b's job order (1,0) (2,0) (2,1) (3,0) (3,1) (3,2).
+      for (int I = 1, job = 0; I < kNB; ++I)
+        for (int J = 0; J < I; ++J, ++job) {
+          float m = sm.isc[I][ch];
+          for (int M = J + 1; M < I; ++M) m *= sm.Ptot[M][ch];
+          sm.mid[job][ch] = m;
+        }
     }
     // 2c. Block-local decayed operands, in place, times the block's s: Kb = k Rloc s (backward
     //     products, from the undecayed Kq), then Qr = q Ploc s and Kq = k Ploc s (forward).
@@ -328,9 +336,8 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
           if (!diag) {
             j0 = sm.isc[J][c0];
             j1 = sm.isc[J][c0 + 4];
-            m0 = sm.isc[I][c0];
-            m1 = sm.isc[I][c0 + 4];
-            for (int M = J + 1; M < I; ++M) { m0 *= sm.Ptot[M][c0]; m1 *= sm.Ptot[M][c0 + 4]; }
+            m0 = sm.mid[job][c0];
+            m1 = sm.mid[job][c0 + 4];
           }
           const float* qr = &sm.Qr[I * kBlk + g][c0];
           const float* kq = &sm.Kq[I * kBlk + g][c0];
