@@ -114,13 +114,17 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
   const int c4 = lane * 4;          // first of the 4 channels of this lane in the per-token passes
   const bool vec = qkg_rows_aligned(p);
   // Item `item` of sequence n (found by next_prep_item): its tokens and first token t0.
+  const ItemDiv div(p.H);
   auto item_tokens = [&](int64_t item, int n, TokenView& tv, int& t0) {
-    tv = prefill_tokens(p, n, (int)(item % p.H), 0);
-    t0 = (int)(item / p.H - chunk_base(p, n, base_tok)) * kC;
+    int64_t cslot;
+    int h;
+    div.split(item, cslot, h);
+    tv = prefill_tokens(p, n, h, 0);
+    t0 = (int)(cslot - chunk_base(p, n, base_tok)) * kC;
   };
   RawChunkInputs<kPer> raw;
   int n;
-  int64_t item = next_prep_item(p, blockIdx.x, stride, items, base_tok, n);
+  int64_t item = next_prep_item(p, div, blockIdx.x, stride, items, base_tok, n);
   if (item < items) {
     int s0;
     TokenView tv0;
@@ -130,14 +134,15 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
 
   KDA_TC_PROFILE_BEGIN();
   while (item < items) {
-    const int64_t cslot = item / p.H;
-    const int h = (int)(item % p.H);
+    int64_t cslot;
+    int h;
+    div.split(item, cslot, h);
     int t0;
     TokenView tv;
     item_tokens(item, n, tv, t0);
     const int nt = min(kC, tv.len - t0);
     int n_next;
-    const int64_t next = next_prep_item(p, item + stride, stride, items, base_tok, n_next);
+    const int64_t next = next_prep_item(p, div, item + stride, stride, items, base_tok, n_next);
     const float a_h = expf(p.A_log[h]);
     float dtb4[4];
 #pragma unroll
