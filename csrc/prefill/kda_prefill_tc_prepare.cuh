@@ -167,6 +167,9 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
       }
       const int row = row_of_lane<2 * kPer>(lane);  // the norm this lane completes
       const float inv = rsqrtf(RowReduce<2 * kPer, 16>::run(part, lane) + 1e-6f) * (row < kPer ? p.scale : 1.f);
+      // The previous item's last reads of the shared arrays (6b) are done before these writes; a
+      // warp that finished 6b early has unpacked and reduced meanwhile.
+      __syncthreads();
 #pragma unroll
       for (int m = 0; m < kPer; ++m) {
         const int i = warp + m * kPrepWarp;
@@ -529,8 +532,7 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
         }
       }
     }
-    KDA_TC_MARK(9);
-    __syncthreads();  // every read of this item's shared arrays is done before the next item's writes
+    KDA_TC_MARK(9);  // (the barrier before the next item's writes sits in its phase 1)
     item = next;
     n = n_next;
   }
