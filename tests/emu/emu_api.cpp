@@ -8,6 +8,7 @@
 #include "decode/kda_decode_fused.h"
 #include "norm/gated_rms_norm.h"
 #include "prefill/kda_prefill.h"
+#include "prefill/kda_prefill_tc_common.cuh"
 
 namespace kda {
 alignas(128) unsigned char smem_raw[240 * 1024];  // the kernels' dynamic shared memory
@@ -45,6 +46,9 @@ extern "C" int emu_conv(int update, const kda::Conv1dParams* p) {
 // Layout checks for the ctypes mirrors: sizeof and the offset of the last field of each struct;
 // then the tensor-core prefill's workspace record size, the last fused decode path and the last
 // decode kernel.
+// The tensor-core prepare pass's work item -> (chunk slot, head) split (ItemDiv), for its test.
+extern "C" void emu_item_div(int heads, int64_t item, int64_t* cslot, int* h) { kda::tc::ItemDiv(heads).split(item, *cslot, *h); }
+
 extern "C" int64_t emu_layout(int which) {
   switch (which) {
     case 0: return sizeof(kda::KdaPrefillParams);

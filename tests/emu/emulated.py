@@ -138,6 +138,7 @@ def build(extra_flags: tuple[str, ...] = ()) -> C.CDLL:
     if so.emu_layout(2 * len(LAYOUTS) + 2) != DECODE_KERNELS["heads"]:
         raise RuntimeError("DECODE_KERNELS does not match csrc/ kDecodeKernel*")
     so.emu_set_order.argtypes = [C.c_int, C.c_uint64]
+    so.emu_item_div.argtypes = [C.c_int, C.c_int64, C.POINTER(C.c_int64), C.POINTER(C.c_int)]
     so.emu_prefill.argtypes = [C.c_int, C.POINTER(PrefillParams)]
     so.emu_decode.argtypes = [C.POINTER(DecodeParams)]
     so.emu_decode_fused.argtypes = [C.POINTER(DecodeFusedParams)]

@@ -5,7 +5,9 @@ also give bit-identical results under five thread schedules (simt_emulator.h: wa
 forward / reverse / shuffled, or one warp running ahead, lowest / highest first): a missing
 barrier makes them differ."""
 
+import ctypes as C
 import math
+import random
 
 import pytest
 import torch
@@ -153,6 +155,22 @@ def test_prefill_offsets_counted_from_the_first(lib, kind, bv):
         out = emulated.prefill(lib, kind, bv, *inp, cu + base, pool, slots, has, workspace=ws)
         results.append((out, pool))
     assert torch.equal(results[1][0], results[0][0]) and torch.equal(results[1][1], results[0][1])
+
+
+def test_prepare_item_split_matches_division(lib):
+    """The prepare pass's item -> (chunk slot, head) by reciprocal (ItemDiv) against exact division,
+    at the edges of its fast path (items below 2^31) and past it."""
+    rng = random.Random(7)
+    cslot, h = C.c_int64(), C.c_int()
+    for heads in list(range(1, 131)) + [255, 256, 1000, 4097]:
+        items = [0, 1, heads - 1, heads, heads + 1, 2**31 - 2, 2**31 - 1, 2**31, 2**40 + 3]
+        items += [k * heads + d for k in (7, 12345, (2**31 - 1) // heads) for d in (-1, 0, 1)]
+        items += [rng.randrange(2**31) for _ in range(200)]
+        for item in items:
+            if item < 0:
+                continue
+            lib.emu_item_div(heads, item, C.byref(cslot), C.byref(h))
+            assert (cslot.value, h.value) == divmod(item, heads), (heads, item)
 
 
 # ("prefill_tc", 128): one CTA, so the persistent prepare pass walks several items (the barriers
