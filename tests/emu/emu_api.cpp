@@ -43,12 +43,12 @@ extern "C" int emu_conv(int update, const kda::Conv1dParams* p) {
   return update ? kda::conv1d_update_launch(*p, nullptr) : kda::conv1d_prefill_launch(*p, nullptr);
 }
 
-// Layout checks for the ctypes mirrors: sizeof and the offset of the last field of each struct;
-// then the tensor-core prefill's workspace record size, the last fused decode path and the last
-// decode kernel.
 // The tensor-core prepare pass's work item -> (chunk slot, head) split (ItemDiv), for its test.
 extern "C" void emu_item_div(int heads, int64_t item, int64_t* cslot, int* h) { kda::tc::ItemDiv(heads).split(item, *cslot, *h); }
 
+// Layout checks for the ctypes mirrors: sizeof and the offset of the last field of each struct;
+// then the tensor-core prefill's workspace record size, the last fused decode path and the last
+// decode kernel.
 extern "C" int64_t emu_layout(int which) {
   switch (which) {
     case 0: return sizeof(kda::KdaPrefillParams);
