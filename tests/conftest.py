@@ -10,9 +10,11 @@ def pytest_configure(config):
 
 @pytest.fixture(autouse=True)
 def _fresh_seed():
-    # fresh random inputs each run, but reproducible within a run when a failure is printed
+    # fresh random inputs each run; the seed goes to the captured output, which pytest shows for a
+    # failing test, so the failure can be rerun with torch.manual_seed(seed)
     seed = torch.seed() % (2**31)
     torch.manual_seed(seed)
+    print(f"torch seed {seed}")
     yield seed
 
 
