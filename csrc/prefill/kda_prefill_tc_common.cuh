@@ -53,8 +53,8 @@ __device__ __forceinline__ const __half* rec_half(const float* rec, int field) {
 }
 
 // Work item -> (chunk slot, head) = (item / H, item % H) without a 64-bit division (tens of
-// instructions even where the compiler's check of the high words lets it divide in 32 bits, three
-// times per item in every thread): below 2^31 a multiply by a precomputed reciprocal,
+// instructions even where the compiler's check of the high words lets it divide in 32 bits, once
+// per item in every thread, by next_prep_item): below 2^31 a multiply by a precomputed reciprocal,
 // m = ceil(2^(31 + l) / H) with l = ceil(log2 H), exact for every dividend below 2^31; larger
 // items (never in practice) divide.
 struct ItemDiv {

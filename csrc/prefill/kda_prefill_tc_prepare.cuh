@@ -113,36 +113,33 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
   const int grp = tid / kK;         // which kBPG blocks of the chunk it walks
   const int c4 = lane * 4;          // first of the 4 channels of this lane in the per-token passes
   const bool vec = qkg_rows_aligned(p);
-  // Item `item` of sequence n (found by next_prep_item): its tokens and first token t0.
+  // The item at chunk slot cslot, head h of sequence n (as next_prep_item found it): its tokens
+  // and first token t0.
   const ItemDiv div(p.H);
-  auto item_tokens = [&](int64_t item, int n, TokenView& tv, int& t0) {
-    int64_t cslot;
-    int h;
-    div.split(item, cslot, h);
+  auto item_tokens = [&](int64_t cslot, int h, int n, TokenView& tv, int& t0) {
     tv = prefill_tokens(p, n, h, 0);
     t0 = (int)(cslot - chunk_base(p, n, base_tok)) * kC;
   };
   RawChunkInputs<kPer> raw;
-  int n;
-  int64_t item = next_prep_item(p, div, blockIdx.x, stride, items, base_tok, n);
+  int n, h;
+  int64_t cslot;
+  int64_t item = next_prep_item(p, div, blockIdx.x, stride, items, base_tok, n, cslot, h);
   if (item < items) {
     int s0;
     TokenView tv0;
-    item_tokens(item, n, tv0, s0);
+    item_tokens(cslot, h, n, tv0, s0);
     issue_chunk_loads(p, tv0, s0, min(kC, tv0.len - s0), warp, c4, vec, raw);
   }
 
   KDA_TC_PROFILE_BEGIN();
   while (item < items) {
-    int64_t cslot;
-    int h;
-    div.split(item, cslot, h);
     int t0;
     TokenView tv;
-    item_tokens(item, n, tv, t0);
+    item_tokens(cslot, h, n, tv, t0);
     const int nt = min(kC, tv.len - t0);
-    int n_next;
-    const int64_t next = next_prep_item(p, div, item + stride, stride, items, base_tok, n_next);
+    int n_next, h_next;
+    int64_t cslot_next;
+    const int64_t next = next_prep_item(p, div, item + stride, stride, items, base_tok, n_next, cslot_next, h_next);
     const float a_h = expf(p.A_log[h]);
     float dtb4[4];
 #pragma unroll
@@ -186,7 +183,7 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
       if (next < items) {
         int s1;
         TokenView tv1;
-        item_tokens(next, n_next, tv1, s1);
+        item_tokens(cslot_next, h_next, n_next, tv1, s1);
         issue_chunk_loads(p, tv1, s1, min(kC, tv1.len - s1), warp, c4, vec, raw);
       }
       KDA_TC_MARK(1);
@@ -535,6 +532,8 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
     KDA_TC_MARK(9);  // (the barrier before the next item's writes sits in its phase 1)
     item = next;
     n = n_next;
+    cslot = cslot_next;
+    h = h_next;
   }
   KDA_TC_PROFILE_END();
 }

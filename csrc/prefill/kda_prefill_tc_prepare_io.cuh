@@ -111,12 +111,12 @@ __device__ __forceinline__ void unpack_chunk_inputs(const RawChunkInputs<kPer>& 
 }
 
 // The first prepare work item (chunk slot item / H, head item % H) at or after `item`, stepping by
-// `stride`, that has tokens to prepare, and its sequence n; `items` when none is left.
+// `stride`, that has tokens to prepare, with its sequence n, chunk slot and head; `items` when
+// none is left.
 __device__ __forceinline__ int64_t next_prep_item(const KdaPrefillParams& p, const ItemDiv& div, int64_t item,
-                                                  int64_t stride, int64_t items, int64_t base_tok, int& n) {
+                                                  int64_t stride, int64_t items, int64_t base_tok, int& n,
+                                                  int64_t& cslot, int& h) {
   for (; item < items; item += stride) {
-    int64_t cslot;
-    int h;
     div.split(item, cslot, h);
     n = chunk_sequence(p, cslot, base_tok);
     const int64_t len = load_index(p.cu_seqlens, p.cu_seqlens_64, n + 1) - load_index(p.cu_seqlens, p.cu_seqlens_64, n);
