@@ -1,10 +1,10 @@
 // Tensor-core chunked prefill, pass 1 of 2: everything of a 64-token chunk that does not depend
 // on the state, for all chunks of all sequences at once. A work item is a (chunk slot, head), one
-// CTA of 8 warps per SM walks items; an item reads the chunk's q, k, g, beta, v once and writes one
-// workspace record
-// (kda_prefill_tc_common.cuh): Qe, Kd, A_qk, the chunk's total decay EL, and the WY factors
-// u = T beta v and w = T beta Ke, so that the serial state pass (kda_prefill_tc_state.cuh) is
-// left with U = u - w S^T, O = Qe S^T + A_qk U and S <- S diag(EL) + U^T Kd.
+// CTA of kPrepWarp (16) warps per SM walks items; an item reads the chunk's q, k, g, beta, v once
+// and writes one workspace record (kda_prefill_tc_common.cuh): Qe, Kd, A_qk, the chunk's total
+// decay EL, and the WY factors u = T beta v and w = T beta Ke, so that the serial state pass
+// (kda_prefill_tc_state.cuh) is left with U = u - w S^T, O = Qe S^T + A_qk U and
+// S <- S diag(EL) + U^T Kd.
 //
 // With a_t = exp(g_t) <= 1 per channel, Ploc/Rloc the forward/backward running products of a_t
 // inside a 16-token block, Ptot the block totals and pre_I / post_J the products of the totals
@@ -473,8 +473,8 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
     // 6a. beta v goes to the Qr area (Qe is out) and beta Ke = beta Kq pre to the Kb area (Kd is
     //     out), both TF32 and laid out for 6b's B fragments (wy_at), by every thread (warps 0..2
     //     after their 4b); 6b. the WY factors u = T (beta v), w = T (beta Ke) run on tensor cores
-    //     (mma.sync m16n8k8; warp = 16 tokens x kCols columns), stored from the accumulators (u
-    //     fp32, 8 rows x 32 bytes per store; w fp16).
+    //     (mma.sync m16n8k8; warp = two 16-token blocks x kCols columns of both), stored from the
+    //     accumulators (u fp32, 8 rows x 32 bytes per store; w fp16).
 #pragma unroll
     for (int m = 0; m < kVPer; ++m) {
       const int i = vi0 + kVStride * m;
@@ -496,37 +496,38 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
     }
     __syncthreads();
     KDA_TC_MARK(8);
-    constexpr int kColWarps = kPrepWarp / (kC / 16), kCols = kK / kColWarps, kNJ = kCols / 8;
-    const int tm = warp / kColWarps, n0 = (warp % kColWarps) * kCols;
+    // T is block lower triangular, so token block I of u and w sums over tokens 0 .. 16 I + 15
+    // only: 2 (I + 1) k-steps. A warp takes blocks I and kNB - 1 - I (10 k-steps in all, the same
+    // for every warp) over kCols columns of both u and w, each T fragment feeding both.
+    constexpr int kColGroups = kPrepWarp / 2, kCols = kK / kColGroups, kNJ = kCols / 8;
+    const int pair = warp / kColGroups, n0 = (warp % kColGroups) * kCols;
 #pragma unroll 1
-    for (int out = 0; out < 2; ++out) {
-      const float* B = out == 0 ? &sm.Qr[0][0] : &sm.Kb[0][0];
-      float acc[kNJ][4] = {};
-#pragma unroll
-      for (int ks = 0; ks < kC / 8; ++ks) {
+    for (int side = 0; side < 2; ++side) {
+      const int tm = side == 0 ? pair : kNB - 1 - pair;
+      float acc[2][kNJ][4] = {};  // [0]: u, [1]: w
+#pragma unroll 2
+      for (int ks = 0; ks < 2 * (tm + 1); ++ks) {
         const float* tr = &sm.r1.tu.T[tm * 16 + g][8 * ks + t4];
         const uint32_t a[4] = {to_tf32(tr[0]), to_tf32(tr[8 * kLdC]), to_tf32(tr[4]), to_tf32(tr[8 * kLdC + 4])};
 #pragma unroll
-        for (int j = 0; j < kNJ; ++j) {
-          const float* br = wy_at(B, 8 * ks + t4, n0 + 8 * j + g);  // row + 4: same swizzle
-          mma_tf32(acc[j], a, __float_as_uint(br[0]), __float_as_uint(br[4 * kK]));
+        for (int out = 0; out < 2; ++out) {
+          const float* B = out == 0 ? &sm.Qr[0][0] : &sm.Kb[0][0];
+#pragma unroll
+          for (int j = 0; j < kNJ; ++j) {
+            const float* br = wy_at(B, 8 * ks + t4, n0 + 8 * j + g);  // row + 4: same swizzle
+            mma_tf32(acc[out][j], a, __float_as_uint(br[0]), __float_as_uint(br[4 * kK]));
+          }
         }
       }
-      const int at = (tm * 16 + g) * kK + n0 + 2 * t4;  // element of acc[0][0]
-      if (out == 0) {  // u: fp32 (it enters fp32 math)
-        float* dst = rec + kRecU + at;
+      const int at = (tm * 16 + g) * kK + n0 + 2 * t4;  // element of acc[.][0][0]
+      float* du = rec + kRecU + at;  // u: fp32 (it enters fp32 math)
+      unsigned* dw = reinterpret_cast<unsigned*>(rec_half(rec, kRecW) + at);  // w: fp16
 #pragma unroll
-        for (int j = 0; j < kNJ; ++j) {
-          *reinterpret_cast<float2*>(dst + 8 * j) = make_float2(acc[j][0], acc[j][1]);
-          *reinterpret_cast<float2*>(dst + 8 * kK + 8 * j) = make_float2(acc[j][2], acc[j][3]);
-        }
-      } else {  // w: fp16
-        unsigned* dst = reinterpret_cast<unsigned*>(rec_half(rec, kRecW) + at);
-#pragma unroll
-        for (int j = 0; j < kNJ; ++j) {
-          dst[4 * j] = half2_bits(acc[j][0], acc[j][1]);
-          dst[4 * kK + 4 * j] = half2_bits(acc[j][2], acc[j][3]);
-        }
+      for (int j = 0; j < kNJ; ++j) {
+        *reinterpret_cast<float2*>(du + 8 * j) = make_float2(acc[0][j][0], acc[0][j][1]);
+        *reinterpret_cast<float2*>(du + 8 * kK + 8 * j) = make_float2(acc[0][j][2], acc[0][j][3]);
+        dw[4 * j] = half2_bits(acc[1][j][0], acc[1][j][1]);
+        dw[4 * kK + 4 * j] = half2_bits(acc[1][j][2], acc[1][j][3]);
       }
     }
     KDA_TC_MARK(9);  // (the barrier before the next item's writes sits in its phase 1)
