@@ -2,6 +2,7 @@
 // pointer to the very params struct the CUDA launchers take and calls the real launcher of
 // csrc/ (compiled from the *_launch.cu files after the textual pass, see simt_emulator.h).
 #include <cstddef>
+#include <cstring>
 
 #include "conv/conv1d.h"
 #include "decode/kda_decode.h"
@@ -15,6 +16,16 @@ alignas(128) unsigned char smem_raw[240 * 1024];  // the kernels' dynamic shared
 cudaError_t launch_kda_prefill_chunked(const KdaPrefillParams& p, cudaStream_t stream);
 cudaError_t launch_kda_prefill_tc(const KdaPrefillParams& p, cudaStream_t stream);
 }  // namespace kda
+
+namespace {
+// A GPU block's shared memory starts with whatever an earlier block left; here every block's
+// starts as NaN (all bits set), so a read before a write reaches the output as NaN instead of
+// passing with values an earlier block or test left behind.
+const bool kPoisonSmem = [] {
+  emu::g_on_block_start = [] { std::memset(kda::smem_raw, 0xFF, sizeof(kda::smem_raw)); };
+  return true;
+}();
+}  // namespace
 
 extern "C" cudaError_t cudaGetLastError(void) { return cudaSuccess; }
 

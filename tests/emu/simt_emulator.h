@@ -77,6 +77,8 @@ inline Order g_order = kForward;
 inline uint64_t g_seed = 1;
 inline std::function<void()>* g_body = nullptr;
 inline constexpr size_t kStack = 128 * 1024;
+// Called before each block runs (emu_api.cpp poisons the dynamic shared memory with it).
+inline void (*g_on_block_start)() = nullptr;
 
 inline void set_order(int order, uint64_t seed) {
   g_order = static_cast<Order>(order);
@@ -129,6 +131,7 @@ void launch(Idx grid, int threads, F&& fn) {
         blk.frag.assign((size_t)threads * 10, 0.f);
         g_blk = &blk;
         g_block = Idx{x, y, z};
+        if (g_on_block_start) g_on_block_start();
         for (int t = 0; t < threads; ++t) {
           Fiber& f = blk.fibers[t];
           getcontext(&f.start);
