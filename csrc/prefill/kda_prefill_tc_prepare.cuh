@@ -63,17 +63,14 @@ __device__ __forceinline__ float diag_scale(float ptot, bool fast) { return fast
 __device__ __forceinline__ float diag_unscale(float ptot, bool fast) { return fast ? ptot * rsqrtf(ptot) : 1.f; }
 
 // Bit b set: block b's diagonal block runs on tensor cores (every channel's Ptot[b] >= kDiagTcMin).
-// The same value in every lane; lane L reads channels 4L .. 4L+3.
+// The same value in every lane (one warp vote per block); lane L reads channels 4L .. 4L+3.
 __device__ __forceinline__ unsigned diag_tc_mask(const float (&Ptot)[kNB][kK], int lane) {
   unsigned mask = 0;
 #pragma unroll
   for (int b = 0; b < kNB; ++b) {
     const float4 p = *reinterpret_cast<const float4*>(&Ptot[b][lane * 4]);
     const bool ok = p.x >= kDiagTcMin && p.y >= kDiagTcMin && p.z >= kDiagTcMin && p.w >= kDiagTcMin;
-    float m = ok ? 1.f : 0.f;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) m = fminf(m, __shfl_xor_sync(0xffffffffu, m, o));
-    mask |= (m > 0.f ? 1u : 0u) << b;
+    mask |= (__all_sync(0xffffffffu, ok) ? 1u : 0u) << b;
   }
   return mask;
 }

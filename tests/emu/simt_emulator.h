@@ -235,6 +235,17 @@ inline void mma_m16n8k8_tf32(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
   }
 }
 
+// The warp's predicates as a bit mask (lane L in bit L), as __ballot_sync with a full mask.
+inline uint32_t ballot(bool pred) {
+  const int warp = g_thread.x / 32, lane = g_thread.x % 32;
+  g_blk->shfl[warp * 32 + lane] = pred ? 1u : 0u;
+  warp_barrier();
+  uint32_t m = 0;
+  for (int l = 0; l < 32; ++l) m |= (g_blk->shfl[warp * 32 + l] ? 1u : 0u) << l;
+  warp_barrier();
+  return m;
+}
+
 }  // namespace emu
 
 #define threadIdx (emu::g_thread)
@@ -246,6 +257,8 @@ template <typename T>
 inline T __shfl_xor_sync(unsigned, T v, int mask) { return emu::shfl_from(v, (int)(emu::g_thread.x % 32) ^ mask); }
 template <typename T>
 inline T __shfl_sync(unsigned, T v, int src) { return emu::shfl_from(v, src); }
+inline unsigned __ballot_sync(unsigned, int pred) { return emu::ballot(pred != 0); }
+inline int __all_sync(unsigned, int pred) { return emu::ballot(pred != 0) == 0xffffffffu; }
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 inline float __log2f(float x) { return std::log2(x); }
 inline float __fdividef(float a, float b) { return a / b; }
