@@ -147,13 +147,20 @@ __device__ unsigned long long kda_tc_phase_cycles[kPhases];
 #endif
 
 // Round to TF32 as the tensor cores' operands (cvt.rna: nearest, ties away from zero), as float.
-__device__ __forceinline__ float tf32_round(float x) { return nvcuda::wmma::__float_to_tf32(x); }
+// For a finite x (every operand here) adding half a TF32 unit to the bit pattern and dropping the
+// low 13 bits is exactly that rounding (the magnitude rounds to nearest, ties away; a carry moves
+// into the exponent, and inf stays inf): one add and one mask where cvt.rna costs three
+// instructions (a NaN with its top mantissa bits set would wrap, which no operand here can be).
+__device__ __forceinline__ float tf32_round(float x) {
+  return __uint_as_float((__float_as_uint(x) + 0x1000u) & ~0x1FFFu);
+}
 
 // One m16n8k8 TF32 tensor-core product d += a b on raw mma.sync fragments (PTX ISA layouts, with
 // g = lane / 4, t = lane % 4): a = A[g][t], A[g+8][t], A[g][t+4], A[g+8][t+4] of the 16 x 8 A;
 // b = B[t][g], B[t+4][g] of the 8 x 8 B; d = D[g][2t], D[g][2t+1], D[g+8][2t], D[g+8][2t+1].
 // Operands are TF32 bit patterns (to_tf32); the emulator gathers the warp's fragments.
-__device__ __forceinline__ uint32_t to_tf32(float x) { return __float_as_uint(tf32_round(x)); }
+// The tensor cores ignore an operand's low 13 bits, so to_tf32 leaves out tf32_round's mask.
+__device__ __forceinline__ uint32_t to_tf32(float x) { return __float_as_uint(x) + 0x1000u; }
 
 __device__ __forceinline__ void mma_tf32(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
 #ifdef KDA_SIMT_EMULATOR
