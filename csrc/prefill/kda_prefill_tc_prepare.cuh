@@ -22,6 +22,8 @@
 // kda_serving/ops/tensorcore_mirror.py is this algorithm in torch; docs/kernels.md derives it.
 #pragma once
 
+#include <type_traits>
+
 #include "kda_prefill_tc_common.cuh"
 #include "kda_prefill_tc_prepare_io.cuh"
 
@@ -312,22 +314,19 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
     KDA_TC_MARK(5);
 
     // 3b. Blocks below the diagonal (I > J) and the diagonal blocks 3a left, on tensor cores
-    //     (mma.sync m16n8k8, TF32): warp = job (I, J), A = Qr_I / Kq_I [16 tokens x 8 channels]
-    //     per k-step, B = (Kb_J scaled by prod_{J<M<I} Ptot_M / (s_I s_J); on the diagonal by
-    //     nothing, s_I^2 = 1 / Ptot_I being in the operands)^T, two 8-token tiles of J. A_kk rows are stored times beta; on the diagonal
-    //     only the causal part (A_qk: j <= i, A_kk: j < i). Blocks above the diagonal are zeroed.
+    //     (mma.sync m16n8k8, TF32): job (I, J), A = Qr_I / Kq_I [16 tokens x 8 channels] per
+    //     k-step, B = (Kb_J scaled by prod_{J<M<I} Ptot_M / (s_I s_J); on the diagonal by nothing,
+    //     s_I^2 = 1 / Ptot_I being in the operands)^T, 8-token tiles of J. A_kk rows are stored
+    //     times beta; on the diagonal only the causal part (A_qk: j <= i, A_kk: j < i). Blocks
+    //     above the diagonal are zeroed.
     {
       constexpr int kOff = kNB * (kNB - 1) / 2;  // 6 jobs below the diagonal, then kNB diagonal ones
-      for (int job = warp; job < kOff + kNB; job += kPrepWarp) {
-        int I = 1, J = job;
-        if (job < kOff) {
-          while (J >= I) { J -= I; ++I; }  // job -> (1,0) (2,0) (2,1) (3,0) (3,1) (3,2)
-        } else {
-          I = J = job - kOff;
-          if (!(diag_tc >> I & 1u)) continue;  // 3a computed it
-        }
+      // Unit = one 8-token tile (nt) of an off-diagonal job (2 kOff units), then a diagonal job
+      // with both tiles: 16 units, one per warp of 16, where whole jobs left 6 warps idle.
+      auto product = [&](auto ntc, int I, int J, int job, int nt0) {
+        constexpr int kNT = decltype(ntc)::value;
         const bool diag = I == J;
-        float accq[2][4] = {}, acck[2][4] = {};
+        float accq[kNT][4] = {}, acck[kNT][4] = {};
 #pragma unroll 2
         for (int kk = 0; kk < kK; kk += 8) {
           const int c0 = kk + t4;  // this lane's channels c0, c0 + 4 of the k-step
@@ -346,19 +345,19 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
           const uint32_t aq[4] = {to_tf32(qr[0]), to_tf32(qr[8 * kLdK]), to_tf32(qr[4]), to_tf32(qr[8 * kLdK + 4])};
           const uint32_t ak[4] = {to_tf32(kq[0]), to_tf32(kq[8 * kLdK]), to_tf32(kq[4]), to_tf32(kq[8 * kLdK + 4])};
 #pragma unroll
-          for (int nt = 0; nt < 2; ++nt) {
-            const float* kb = &sm.Kb[J * kBlk + 8 * nt + g][c0];
+          for (int t = 0; t < kNT; ++t) {
+            const float* kb = &sm.Kb[J * kBlk + 8 * (nt0 + t) + g][c0];
             const uint32_t b0 = to_tf32(kb[0] * j0 * m0), b1 = to_tf32(kb[4] * j1 * m1);
-            mma_tf32(accq[nt], aq, b0, b1);
-            mma_tf32(acck[nt], ak, b0, b1);
+            mma_tf32(accq[t], aq, b0, b1);
+            mma_tf32(acck[t], ak, b0, b1);
           }
         }
         const float b_lo = sm.beta[I * kBlk + g], b_hi = sm.beta[I * kBlk + g + 8];
 #pragma unroll
-        for (int nt = 0; nt < 2; ++nt) {
-          const int r = I * kBlk + g, c = J * kBlk + 8 * nt + 2 * t4;
-          float q4[4] = {accq[nt][0], accq[nt][1], accq[nt][2], accq[nt][3]};
-          float k4[4] = {acck[nt][0] * b_lo, acck[nt][1] * b_lo, acck[nt][2] * b_hi, acck[nt][3] * b_hi};
+        for (int t = 0; t < kNT; ++t) {
+          const int nt = nt0 + t, r = I * kBlk + g, c = J * kBlk + 8 * nt + 2 * t4;
+          float q4[4] = {accq[t][0], accq[t][1], accq[t][2], accq[t][3]};
+          float k4[4] = {acck[t][0] * b_lo, acck[t][1] * b_lo, acck[t][2] * b_hi, acck[t][3] * b_hi};
           if (diag) {  // local row g / g + 8, local column 8 nt + 2 t4 + e
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
@@ -371,6 +370,17 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
           *reinterpret_cast<float2*>(&sm.Aqk[r + 8][c]) = make_float2(q4[2], q4[3]);
           *reinterpret_cast<float2*>(&sm.Akk[r][c]) = make_float2(k4[0], k4[1]);
           *reinterpret_cast<float2*>(&sm.Akk[r + 8][c]) = make_float2(k4[2], k4[3]);
+        }
+      };
+      for (int unit = warp; unit < 2 * kOff + kNB; unit += kPrepWarp) {
+        if (unit < 2 * kOff) {
+          const int job = unit / 2;
+          int I = 1, J = job;
+          while (J >= I) { J -= I; ++I; }  // job -> (1,0) (2,0) (2,1) (3,0) (3,1) (3,2)
+          product(std::integral_constant<int, 1>{}, I, J, job, unit % 2);
+        } else {
+          const int I = unit - 2 * kOff;
+          if (diag_tc >> I & 1u) product(std::integral_constant<int, 2>{}, I, I, 0, 0);  // else 3a computed it
         }
       }
       for (int idx = tid; idx < kOff * kBlk * kBlk; idx += kPrepThr) {
