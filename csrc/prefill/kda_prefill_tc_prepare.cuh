@@ -186,19 +186,27 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
         issue_chunk_loads(p, tv1, s1, min(kC, tv1.len - s1), warp, c4, vec, raw);
       }
       KDA_TC_MARK(1);
+      // The gate's form and a token's liveness are the same in every lane: tested per token, not
+      // per element.
+      auto decays = [&](auto bounded) {
 #pragma unroll 1
-      for (int m = 0; m < kPer; ++m) {
-        const int i = warp + m * kPrepWarp;
-        const bool live = i < nt;
-        const float4 g4 = *reinterpret_cast<const float4*>(&sm.r1.al[i][c4]);
-        const float g[4] = {g4.x, g4.y, g4.z, g4.w};
-        float al[4];
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-          al[j] = live ? decay_of_gate(g[j] + dtb4[j], a_h, p.has_lower_bound, p.lower_bound) : 1.f;
-        *reinterpret_cast<float4*>(&sm.r1.al[i][c4]) = make_float4(al[0], al[1], al[2], al[3]);
-        if (lane == 0) sm.beta[i] = live ? sigmoid_stable(sm.beta[i]) : 0.f;
-      }
+        for (int m = 0; m < kPer; ++m) {
+          const int i = warp + m * kPrepWarp;
+          float4 a4 = make_float4(1.f, 1.f, 1.f, 1.f);  // past the end: no decay
+          if (i < nt) {
+            const float4 g4 = *reinterpret_cast<const float4*>(&sm.r1.al[i][c4]);
+            constexpr bool kB = decltype(bounded)::value;
+            a4 = make_float4(decay_of_gate<kB>(g4.x + dtb4[0], a_h, p.lower_bound),
+                             decay_of_gate<kB>(g4.y + dtb4[1], a_h, p.lower_bound),
+                             decay_of_gate<kB>(g4.z + dtb4[2], a_h, p.lower_bound),
+                             decay_of_gate<kB>(g4.w + dtb4[3], a_h, p.lower_bound));
+          }
+          *reinterpret_cast<float4*>(&sm.r1.al[i][c4]) = a4;
+          if (lane == 0) sm.beta[i] = i < nt ? sigmoid_stable(sm.beta[i]) : 0.f;
+        }
+      };
+      if (p.has_lower_bound) decays(std::true_type{});
+      else decays(std::false_type{});
     }
     __syncthreads();
     KDA_TC_MARK(2);

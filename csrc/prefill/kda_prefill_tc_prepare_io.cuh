@@ -36,18 +36,33 @@ __device__ __forceinline__ uint4 ld_raw8(const __nv_bfloat16* src, bool vec) {
   return make_uint4(lo.x, lo.y, hi.x, hi.y);
 }
 
+// 2^x from MUFU.EX2 alone, a result below 2^-126 flushed to 0 (exp2f adds a test and two
+// multiplies to return it subnormal): for softplus's 1 + 2^x, where 1 + it is 1 either way.
+__device__ __forceinline__ float ex2_ftz(float x) {
+#ifdef KDA_SIMT_EMULATOR
+  return exp2f(x);
+#else
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#endif
+}
+
 // The decay a_t = exp(gate) of one channel, from the MUFU ex2 / lg2 approximations (about 1e-6
 // relative error on a_t) instead of expf / log1pf, which took a third of the inputs phase's
 // instructions. Kimi gate: exp(-a softplus(x)) = 2^(-a log2(1 + 2^(x log2 e))), softplus(x) = x
-// beyond 15 (to fp32 precision); bounded gate: exp(lb sigmoid(a x)).
-__device__ __forceinline__ float decay_of_gate(float x, float a, bool bounded, float lower_bound) {
+// beyond 15 (to fp32 precision, a select, no branch); bounded gate: exp(lb sigmoid(a x)). The
+// gate is a template parameter so that the caller's loop has no per-element test of it.
+template <bool kBounded>
+__device__ __forceinline__ float decay_of_gate(float x, float a, float lower_bound) {
   constexpr float kLog2e = 1.4426950408889634f;
   float log2_decay;
-  if (bounded) {
+  if constexpr (kBounded) {
     const float sig = 1.f / (1.f + exp2f(-a * x * kLog2e));  // 2^(+inf) = inf gives 0: the limit
     log2_decay = lower_bound * kLog2e * sig;
   } else {
-    const float sp2 = x > 15.f ? x * kLog2e : __log2f(1.f + exp2f(x * kLog2e));  // softplus(x) log2 e
+    const float t = x * kLog2e;
+    const float sp2 = x > 15.f ? t : __log2f(1.f + ex2_ftz(t));  // softplus(x) log2 e
     log2_decay = -a * sp2;
   }
   return exp2f(log2_decay);
