@@ -22,6 +22,7 @@
 // kda_serving/ops/tensorcore_mirror.py is this algorithm in torch; docs/kernels.md derives it.
 #pragma once
 
+#include <limits>
 #include <type_traits>
 
 #include "kda_prefill_tc_common.cuh"
@@ -391,19 +392,22 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
           if (diag_tc >> I & 1u) product(std::integral_constant<int, 2>{}, I, I, 0, 0);  // else 3a computed it
         }
       }
-      for (int idx = tid; idx < kOff * kBlk * kBlk; idx += kPrepThr) {
-        const int job = idx / (kBlk * kBlk), r = (idx / kBlk) % kBlk, c = idx % kBlk;
+      // A_qk's blocks above the diagonal go to the record as zeros (the state pass multiplies the
+      // whole matrix), 4 per store; A_kk's are never read (4a and 4b take its blocks on and below
+      // the diagonal), so they are left as they are.
+      for (int idx = tid; idx < kOff * kBlk * kBlk / 4; idx += kPrepThr) {
+        const int job = idx / (kBlk * kBlk / 4), r = idx / (kBlk / 4) % kBlk, c = idx % (kBlk / 4) * 4;
         int I = 1, J = job;
         while (J >= I) { J -= I; ++I; }
-        sm.Aqk[J * kBlk + r][I * kBlk + c] = 0.f;  // the transposed position: above the diagonal
-        sm.Akk[J * kBlk + r][I * kBlk + c] = 0.f;
+        *reinterpret_cast<float4*>(&sm.Aqk[J * kBlk + r][I * kBlk + c]) = make_float4(0.f, 0.f, 0.f, 0.f);
       }
     }
     __syncthreads();
     KDA_TC_MARK(6);
 
     // 4a. T's diagonal blocks by forward substitution (thread = block, column; A_kk's rows carry
-    //     beta already); T's blocks above the diagonal are zero.
+    //     beta already). T's blocks above the diagonal are zero and never read (4b and 6b take its
+    //     blocks on and below the diagonal), so they are not written.
     if (tid < kC) {
       // Column j of its block's T in registers, fully unrolled: the A loads do not depend on the
       // solve and are broadcasts (the 16 threads of a block read the same entries); entries above
@@ -419,12 +423,16 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
       }
 #pragma unroll
       for (int r = 0; r < kBlk; ++r) sm.r1.tu.T[lo + r][j] = col[r];
-    } else {
+    }
+#ifdef KDA_SIMT_EMULATOR
+    // The emulated kernel fills what is never read with NaN, so a read of it reaches the output.
+    else {
       for (int idx = tid - kC; idx < kC * kC; idx += kPrepThr - kC) {
         const int i = idx / kC, j = idx % kC;
-        if (j / kBlk > i / kBlk) sm.r1.tu.T[i][j] = 0.f;
+        if (j / kBlk > i / kBlk) sm.r1.tu.T[i][j] = sm.Akk[i][j] = std::numeric_limits<float>::quiet_NaN();
       }
     }
+#endif
     // 5. The record's Qe = Qr pre, Kd = Kb post (scaled as they are stored), A_qk (fp16) and EL,
     // final since 3b: out now, while threads 0..63 solve (the rest start on it at once), so that
     // the stores drain during 4a and 4b instead of queueing ahead of u and w in phase 6; the
