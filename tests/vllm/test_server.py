@@ -18,7 +18,9 @@ httpx = pytest.importorskip("httpx")
 
 from kda_serving.checkpoints import load_preset  # noqa: E402
 
-from .helpers import TOP_K, Server, amx_available, assert_same_greedy, write_tiny  # noqa: E402
+from .helpers import TOP_K, Server, amx_available, engine_unavailable, assert_same_greedy, write_tiny  # noqa: E402
+
+pytestmark = pytest.mark.skipif(engine_unavailable() is not None, reason=str(engine_unavailable()))
 
 MODEL = "tiny"
 MAX_MODEL_LEN = 512

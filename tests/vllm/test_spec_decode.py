@@ -10,7 +10,9 @@ import pytest
 pytest.importorskip("vllm")
 
 from .conftest import VARIANT_ENGINE, VARIANT_MAX_TOKENS, VARIANT_PROMPTS  # noqa: E402
-from .helpers import assert_same_greedy, run_offline  # noqa: E402
+from .helpers import engine_unavailable, assert_same_greedy, run_offline  # noqa: E402
+
+pytestmark = pytest.mark.skipif(engine_unavailable() is not None, reason=str(engine_unavailable()))
 
 
 def test_ngram_speculative_decoding_equals_plain_greedy(variant_ckpt, plain_greedy):

@@ -16,7 +16,9 @@ from kda_serving.backend import KDALayerParams, build_kda_batch, kda_mixer_forwa
 from kda_serving.serve import cpu_thread_binding  # noqa: E402
 
 from .conftest import VARIANT_ENGINE, VARIANT_MAX_TOKENS, VARIANT_PROMPTS  # noqa: E402
-from .helpers import assert_same_greedy, run_offline  # noqa: E402
+from .helpers import engine_unavailable, assert_same_greedy, run_offline  # noqa: E402
+
+pytestmark = pytest.mark.skipif(engine_unavailable() is not None, reason=str(engine_unavailable()))
 
 
 def shard_params(p: KDALayerParams, rank: int, tp: int) -> KDALayerParams:
