@@ -326,8 +326,8 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
     //     (mma.sync m16n8k8, TF32): job (I, J), A = Qr_I / Kq_I [16 tokens x 8 channels] per
     //     k-step, B = (Kb_J scaled by prod_{J<M<I} Ptot_M / (s_I s_J); on the diagonal by nothing,
     //     s_I^2 = 1 / Ptot_I being in the operands)^T, 8-token tiles of J. A_kk rows are stored
-    //     times beta; on the diagonal only the causal part (A_qk: j <= i, A_kk: j < i). Blocks
-    //     above the diagonal are zeroed.
+    //     times beta; on the diagonal only the causal part (A_qk: j <= i, A_kk: j < i). A_qk's
+    //     blocks above the diagonal are zeroed.
     {
       constexpr int kOff = kNB * (kNB - 1) / 2;  // 6 jobs below the diagonal, then kNB diagonal ones
       // Unit = one 8-token tile (nt) of an off-diagonal job (2 kOff units), then a diagonal job
