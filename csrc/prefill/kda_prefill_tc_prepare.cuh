@@ -78,6 +78,14 @@ __device__ __forceinline__ unsigned diag_tc_mask(const float (&Ptot)[kNB][kK], i
   return mask;
 }
 
+// 3b's off-diagonal job -> block (I, J < I): (1,0) (2,0) (2,1) (3,0) (3,1) (3,2), the order of 2b's
+// multiplier table sm.mid.
+__device__ __forceinline__ void off_diag_block(int job, int& I, int& J) {
+  I = 1;
+  J = job;
+  while (J >= I) { J -= I; ++I; }
+}
+
 // Phase 6a/6b's B operands (beta v, beta Ke: [64 tokens x 128 columns]) in the Qr / Kb areas with
 // row pitch kK and the columns' bits 3-4 XORed with the row's bits 0-1: a B-fragment load (rows
 // 8 ks + t4, columns n0 + 8 j + g) then hits banks 8 (j ^ t4) + g, all 32 distinct, where the
@@ -384,8 +392,8 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
       for (int unit = warp; unit < 2 * kOff + kNB; unit += kPrepWarp) {
         if (unit < 2 * kOff) {
           const int job = unit / 2;
-          int I = 1, J = job;
-          while (J >= I) { J -= I; ++I; }  // job -> (1,0) (2,0) (2,1) (3,0) (3,1) (3,2)
+          int I, J;
+          off_diag_block(job, I, J);
           product(std::integral_constant<int, 1>{}, I, J, job, unit % 2);
         } else {
           const int I = unit - 2 * kOff;
@@ -397,8 +405,8 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
       // the diagonal), so they are left as they are.
       for (int idx = tid; idx < kOff * kBlk * kBlk / 4; idx += kPrepThr) {
         const int job = idx / (kBlk * kBlk / 4), r = idx / (kBlk / 4) % kBlk, c = idx % (kBlk / 4) * 4;
-        int I = 1, J = job;
-        while (J >= I) { J -= I; ++I; }
+        int I, J;
+        off_diag_block(job, I, J);
         *reinterpret_cast<float4*>(&sm.Aqk[J * kBlk + r][I * kBlk + c]) = make_float4(0.f, 0.f, 0.f, 0.f);
       }
     }
