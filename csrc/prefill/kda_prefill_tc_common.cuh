@@ -4,7 +4,6 @@
 #pragma once
 
 #include <cuda_fp16.h>
-#include <mma.h>
 
 #include "prefill_sequence.cuh"
 

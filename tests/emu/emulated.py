@@ -2,7 +2,7 @@
 CPU tensors through the same params structs the CUDA build fills.
 
 Every ``csrc/**/*_launch.cu`` is compiled as C++ by g++ after a textual pass (``extern __shared__``
--> ``extern``, ``__shared__`` -> ``static``, ``<mma.h>`` dropped, ``k<<<cfg>>>(args)`` ->
+-> ``extern``, ``__shared__`` -> ``static``, ``k<<<cfg>>>(args)`` ->
 ``emu::Config(cfg).run([&] { k(args); })``), with simt_emulator.h force-included, and linked with
 emu_api.cpp into one shared library loaded by ctypes. The ctypes structures below mirror the
 params structs of csrc/; ``build()`` checks their sizes and last-field offsets against the C++
@@ -105,7 +105,7 @@ def cuda_include() -> Path | None:
 
 
 def _emulator_source(text: str) -> str:
-    text = text.replace("extern __shared__", "extern").replace("#include <mma.h>", "")
+    text = text.replace("extern __shared__", "extern")
     text = re.sub(r"\b__shared__\b", "static", text)
     return LAUNCH.sub(lambda m: f"::emu::Config({m.group(2)}).run([&] {{ {m.group(1)}({m.group(3)}); }});", text)
 

@@ -276,19 +276,3 @@ template <class F>
 inline cudaError_t cudaFuncSetAttribute(F*, cudaFuncAttribute, int) { return cudaSuccess; }
 inline int min(int a, int b) { return a < b ? a : b; }
 inline int max(int a, int b) { return a > b ? a : b; }
-
-namespace nvcuda {
-namespace wmma {
-
-// Round to TF32 as cvt.rna.tf32.f32 does: nearest, ties away from zero; inf/nan kept.
-inline float __float_to_tf32(float x) {
-  uint32_t i;
-  std::memcpy(&i, &x, 4);
-  if ((i & 0x7F800000u) != 0x7F800000u) i = (i + 0x1000u) & ~0x1FFFu;
-  float r;
-  std::memcpy(&r, &i, 4);
-  return r;
-}
-
-}  // namespace wmma
-}  // namespace nvcuda
