@@ -7,9 +7,10 @@
 // outputs [B, T, 3*H*128] (KdaDecodeFusedParams::conv.y), then the norm kernel (3. below) unless
 // P2 normalised the output itself:
 //
-//  P1. kda_fused_conv_kernel, one thread per (row, channel): the conv outputs of the live rows
-//      into conv.y, and the channel's pool column rewritten from the registers that read it. It
-//      releases its dependents at its start.
+//  P1. kda_fused_conv_vec_kernel, one thread per (row, eight channels), or where the rows are not
+//      16-byte aligned kda_fused_conv_kernel, one per (row, channel): the conv outputs of the live
+//      rows into conv.y, and the channels' pool columns rewritten from the registers that read
+//      them. It releases its dependents at its start.
 //  P2. kda_decode_launch's kernel on the column blocks of conv.y, launched to overlap P1: the
 //      head kernel (kda_decode_head_kernel.cuh, which applies the norm) or the row-block kernel
 //      (kda_decode_kernel.cuh). Its CTAs load their first state rows while P1 runs (P1 writes no
@@ -215,6 +216,38 @@ kda_fused_conv_kernel(const __grid_constant__ KdaDecodeFusedParams p) {
   for (int t = 0; t < MaxT; ++t)
     if (t < T) y[(int64_t)t * cp.y_st] = __float2bfloat16(ch.out(t, cp));
   ch.store_pool(cp, base, T, cp.num_accepted ? min(cp.R, cp.W - 2 + T) : cp.W - 1);
+}
+
+// P1 as kda_fused_conv_kernel, eight channels per thread with 16-byte accesses where
+// conv_vec8_ok: the taps and sums of the unfused conv op's vector kernel (ConvTaps8), so the same
+// bits in conv.y and the pool. A thread per channel spent most of P1 on 2-byte loads and their
+// address arithmetic, while its CTAs held the SM slots the decode CTAs wait for.
+// grid = (ceil(D / (kThreads * 8)), B).
+__global__ void __launch_bounds__(kThreads)
+kda_fused_conv_vec_kernel(const __grid_constant__ KdaDecodeFusedParams p) {
+  pdl_release_dependents();
+  const Conv1dParams& cp = p.conv;
+  const int d0 = (blockIdx.x * kThreads + threadIdx.x) * kConvVec, n = blockIdx.y;
+  if (d0 >= cp.D) return;
+  const FusedRow r = fused_row(p, n);
+  if (!r.live) return;
+  const int64_t base = (int64_t)r.conv_slot * cp.pool_ss + d0;
+  const int64_t xb = (int64_t)n * cp.x_sb + d0, yb = (int64_t)n * cp.y_sb + d0;
+  const ConvTaps8 taps(cp, d0);
+  float hist[kConvMaxWidth - 1][kConvVec];  // the window as read, for the write-back
+  load_window8(cp, base, r.off, hist);
+  float win[kConvMaxWidth - 1][kConvVec];
+#pragma unroll
+  for (int j = 0; j < kConvMaxWidth - 1; ++j)
+#pragma unroll
+    for (int c = 0; c < kConvVec; ++c) win[j][c] = hist[j][c];
+  for (int t = 0; t < cp.T; ++t) {
+    float xt[kConvVec], v[kConvVec];
+    ld8(cp.x, xb + (int64_t)t * cp.x_st, true, xt);
+    taps.step(cp, win, xt, v);
+    st8(cp.y, yb + (int64_t)t * cp.y_st, true, v);
+  }
+  conv_update_store8(cp, base, hist, static_cast<const __nv_bfloat16*>(cp.x) + xb, cp.x_st);
 }
 
 // Conv pool write-back after kernel 1. One thread per channel, or (Vec8, where conv_vec8_ok)

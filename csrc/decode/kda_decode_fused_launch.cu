@@ -39,9 +39,14 @@ static cudaError_t launch_three_kernels(const KdaDecodeFusedParams& p, cudaStrea
 
 // P1 and P2 of the pair path: kda_decode reads q, k, v from the column blocks of conv.y.
 static cudaError_t launch_pair(const KdaDecodeFusedParams& p, cudaStream_t stream) {
-  const dim3 grid((p.conv.D + kThreads - 1) / kThreads, p.dec.B);
-  if (p.dec.T == 1) kda_fused_conv_kernel<1><<<grid, kThreads, 0, stream>>>(p);
-  else kda_fused_conv_kernel<kPairMaxT><<<grid, kThreads, 0, stream>>>(p);
+  if (conv_vec8_ok(p.conv)) {
+    const int groups = p.conv.D / kConvVec;
+    kda_fused_conv_vec_kernel<<<dim3((groups + kThreads - 1) / kThreads, p.dec.B), kThreads, 0, stream>>>(p);
+  } else {
+    const dim3 grid((p.conv.D + kThreads - 1) / kThreads, p.dec.B);
+    if (p.dec.T == 1) kda_fused_conv_kernel<1><<<grid, kThreads, 0, stream>>>(p);
+    else kda_fused_conv_kernel<kPairMaxT><<<grid, kThreads, 0, stream>>>(p);
+  }
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   KdaDecodeParams dec = p.dec;
