@@ -415,7 +415,8 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
 
     // 4a. T's diagonal blocks by forward substitution (thread = block, column; A_kk's rows carry
     //     beta already). T's blocks above the diagonal are zero and never read (4b and 6b take its
-    //     blocks on and below the diagonal), so they are not written.
+    //     blocks on and below the diagonal), so they are not written. T is only ever a tensor-core
+    //     operand, so 4a and 4b store it TF32-rounded once and its readers take the bits as they are.
     if (tid < kC) {
       // Column j of its block's T in registers, fully unrolled: the A loads do not depend on the
       // solve and are broadcasts (the 16 threads of a block read the same entries); entries above
@@ -430,7 +431,7 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
         col[r] = lo + r < j ? 0.f : (lo + r == j ? 1.f : x);
       }
 #pragma unroll
-      for (int r = 0; r < kBlk; ++r) sm.r1.tu.T[lo + r][j] = col[r];
+      for (int r = 0; r < kBlk; ++r) sm.r1.tu.T[lo + r][j] = tf32_round(col[r]);
     }
 #ifdef KDA_SIMT_EMULATOR
     // The emulated kernel fills what is never read with NaN, so a read of it reaches the output.
@@ -473,7 +474,7 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
 #pragma unroll
           for (int nt = 0; nt < 2; ++nt) {
             const float* br = &sm.r1.tu.T[ks + t4][J * kBlk + 8 * nt + g];
-            mma_tf32(acc[nt], a, to_tf32(br[0]), to_tf32(br[4 * kLdC]));
+            mma_tf32(acc[nt], a, __float_as_uint(br[0]), __float_as_uint(br[4 * kLdC]));
           }
         }
 #pragma unroll
@@ -486,7 +487,8 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
 #pragma unroll
         for (int ks = 0; ks < kBlk; ks += 8) {
           const float* ar = &sm.r1.tu.T[I * kBlk + g][I * kBlk + ks + t4];
-          const uint32_t a[4] = {to_tf32(ar[0]), to_tf32(ar[8 * kLdC]), to_tf32(ar[4]), to_tf32(ar[8 * kLdC + 4])};
+          const uint32_t a[4] = {__float_as_uint(ar[0]), __float_as_uint(ar[8 * kLdC]), __float_as_uint(ar[4]),
+                                 __float_as_uint(ar[8 * kLdC + 4])};
 #pragma unroll
           for (int nt = 0; nt < 2; ++nt)
             mma_tf32(tij[nt], a, to_tf32(Xw[ks + t4][8 * nt + g]), to_tf32(Xw[ks + t4 + 4][8 * nt + g]));
@@ -494,8 +496,9 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
 #pragma unroll
         for (int nt = 0; nt < 2; ++nt) {
           const int r = I * kBlk + g, c = J * kBlk + 8 * nt + 2 * t4;
-          *reinterpret_cast<float2*>(&sm.r1.tu.T[r][c]) = make_float2(-tij[nt][0], -tij[nt][1]);
-          *reinterpret_cast<float2*>(&sm.r1.tu.T[r + 8][c]) = make_float2(-tij[nt][2], -tij[nt][3]);
+          *reinterpret_cast<float2*>(&sm.r1.tu.T[r][c]) = make_float2(tf32_round(-tij[nt][0]), tf32_round(-tij[nt][1]));
+          *reinterpret_cast<float2*>(&sm.r1.tu.T[r + 8][c]) =
+              make_float2(tf32_round(-tij[nt][2]), tf32_round(-tij[nt][3]));
         }
         __syncwarp();  // T_IJ is the next block's operand; X is rewritten
       }
@@ -539,7 +542,8 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
 #pragma unroll 2
       for (int ks = 0; ks < 2 * (tm + 1); ++ks) {
         const float* tr = &sm.r1.tu.T[tm * 16 + g][8 * ks + t4];
-        const uint32_t a[4] = {to_tf32(tr[0]), to_tf32(tr[8 * kLdC]), to_tf32(tr[4]), to_tf32(tr[8 * kLdC + 4])};
+        const uint32_t a[4] = {__float_as_uint(tr[0]), __float_as_uint(tr[8 * kLdC]), __float_as_uint(tr[4]),
+                               __float_as_uint(tr[8 * kLdC + 4])};
 #pragma unroll
         for (int out = 0; out < 2; ++out) {
           const float* B = out == 0 ? &sm.Qr[0][0] : &sm.Kb[0][0];
