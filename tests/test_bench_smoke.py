@@ -40,6 +40,16 @@ def test_smoke_run_writes_json(script, tmp_path, monkeypatch):
         assert row[first] > 0 and row["hbm_floor_fraction"] > 0
 
 
+def test_copy_probe_smoke_writes_json(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    main = importlib.import_module("bench_copy").main
+    path = main(["--smoke", "--device", "cpu", "--out", str(tmp_path)])
+    record = json.loads(Path(path).read_text())
+    assert META_KEYS <= record.keys() and record["mode"] == "smoke"
+    assert [r["copy_mib"] for r in record["results"]] == [1]
+    assert all(r["us"] > 0 and r["hbm_floor_fraction"] > 0 for r in record["results"])
+
+
 # Stand-ins with fla's documented semantics (dense [N, D, W] conv caches, V-first states), so the
 # adapters' gather / scatter and layout conversions are checked without a GPU.
 
