@@ -344,7 +344,7 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
         constexpr int kNT = decltype(ntc)::value;
         const bool diag = I == J;
         float accq[kNT][4] = {}, acck[kNT][4] = {};
-#pragma unroll 2
+#pragma unroll
         for (int kk = 0; kk < kK; kk += 8) {
           const int c0 = kk + t4;  // this lane's channels c0, c0 + 4 of the k-step
           // Kb_J (k Rloc s_J) times 1 / s_J first, back to a value <= 1, then times
@@ -413,6 +413,12 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
     __syncthreads();
     KDA_TC_MARK(6);
 
+    // v's loads (this chunk's, for phase 6a) in flight during 4a, 5 and 4b: issued after 5 they
+    // were still in flight when 6a, which most warps start at once, needed them.
+    const int vi0 = tid / 16, vr8 = tid % 16 * 8;  // tokens vi0 + kVStride m, value rows vr8 .. vr8+7
+    uint4 vraw[kVPer];
+    issue_v_loads(p, tv, t0, nt, vi0, vr8, rows_aligned(tv.v, p.v_st, 16), vraw);
+
     // 4a. T's diagonal blocks by forward substitution (thread = block, column; A_kk's rows carry
     //     beta already). T's blocks above the diagonal are zero and never read (4b and 6b take its
     //     blocks on and below the diagonal), so they are not written. T is only ever a tensor-core
@@ -453,11 +459,6 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
     if (tid < kK) rec[kRecEL + tid] = sm.EL[tid];
     __syncthreads();
     KDA_TC_MARK(7);
-
-    // v's loads (this chunk's, for phase 6a) in flight during 4b.
-    const int vi0 = tid / 16, vr8 = tid % 16 * 8;  // tokens vi0 + kVStride m, value rows vr8 .. vr8+7
-    uint4 vraw[kVPer];
-    issue_v_loads(p, tv, t0, nt, vi0, vr8, rows_aligned(tv.v, p.v_st, 16), vraw);
 
     // 4b. T's blocks below the diagonal on tensor cores (mma.sync m16n8k8, TF32): warp J walks
     //     column J's blocks I = J+1 .. 3 in order, X = sum_{J<=M<I} A_IM T_MJ (only this column's
