@@ -136,7 +136,7 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
     int s0;
     TokenView tv0;
     item_tokens(cslot, h, n, tv0, s0);
-    issue_chunk_loads(p, tv0, s0, min(kC, tv0.len - s0), warp, c4, vec, raw);
+    issue_chunk_loads(p, tv0, h, s0, min(kC, tv0.len - s0), warp, c4, vec, raw);
   }
 
   KDA_TC_PROFILE_BEGIN();
@@ -148,10 +148,8 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
     int n_next, h_next;
     int64_t cslot_next;
     const int64_t next = next_prep_item(p, div, item + stride, stride, items, base_tok, n_next, cslot_next, h_next);
-    const float a_h = expf(p.A_log[h]);
-    float dtb4[4];
-#pragma unroll
-    for (int j = 0; j < 4; ++j) dtb4[j] = p.dt_bias[h * kHeadDim + c4 + j];
+    const float a_h = expf(raw.A_log);
+    const float dtb4[4] = {raw.dt_bias.x, raw.dt_bias.y, raw.dt_bias.z, raw.dt_bias.w};
 
     // 1. The chunk's inputs into shared memory, read from global memory once: q, k L2-normalised
     //    and not yet decayed in Qr, Kq; the per-token decays a_t in al (1 past the end); beta.
@@ -192,7 +190,7 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
         int s1;
         TokenView tv1;
         item_tokens(cslot_next, h_next, n_next, tv1, s1);
-        issue_chunk_loads(p, tv1, s1, min(kC, tv1.len - s1), warp, c4, vec, raw);
+        issue_chunk_loads(p, tv1, h_next, s1, min(kC, tv1.len - s1), warp, c4, vec, raw);
       }
       KDA_TC_MARK(1);
       // The gate's form and a token's liveness are the same in every lane: tested per token, not

@@ -82,18 +82,25 @@ __device__ __forceinline__ bool qkg_rows_aligned(const KdaPrefillParams& p) {
   return ok(p.q, p.q_st, p.q_sh) && ok(p.k, p.k_st, p.k_sh) && ok(p.g, p.g_st, p.g_sh);
 }
 
-// A chunk's q, k, g, beta as loaded (bf16), one warp per token t0 + warp + kPrepWarp m, 4 channels per lane
+// A chunk's q, k, g, beta as loaded (bf16) and its head's dt_bias, A_log, one warp per token t0 + warp + kPrepWarp m, 4 channels per lane
 // from c4, zero past the end: kept raw so that the loads can be issued a chunk ahead and only
 // waited for when unpacked. Row pointers stepped per token.
 template <int kPer>
 struct RawChunkInputs {
   uint2 q[kPer], k[kPer], g[kPer];
   __nv_bfloat16 beta[kPer];
+  float4 dt_bias;  // the head's dt_bias at channels c4 .. c4+3
+  float A_log;
 };
 
 template <int kPer>
-__device__ __forceinline__ void issue_chunk_loads(const KdaPrefillParams& p, const TokenView& tv, int t0, int nt,
+__device__ __forceinline__ void issue_chunk_loads(const KdaPrefillParams& p, const TokenView& tv, int h, int t0, int nt,
                                                   int warp, int c4, bool vec, RawChunkInputs<kPer>& r) {
+  // The head's gate parameters too: loaded when the item starts, they waited behind the previous
+  // item's record stores until its decays needed them.
+  const float* db = p.dt_bias + h * kHeadDim + c4;  // 4-byte loads: a dt_bias view need not be 16-byte aligned
+  r.dt_bias = make_float4(db[0], db[1], db[2], db[3]);
+  r.A_log = p.A_log[h];
   const int64_t t = t0 + warp;
   const __nv_bfloat16 *qp = tv.q + t * p.q_st + c4, *kp = tv.k + t * p.k_st + c4;
   const __nv_bfloat16 *gp = tv.g + t * p.g_st + c4, *bp = tv.beta + t * p.beta_st;
