@@ -106,6 +106,9 @@ __device__ __forceinline__ const float* wy_at(const float* area, int row, int co
 // are issued as soon as this item's are unpacked, so their latency overlaps this item's work
 // instead of stalling the CTA (one per SM); that takes 8-byte aligned rows (qkg_rows_aligned),
 // else the 2-byte loads wait where they are issued.
+// kAligned: every q, k, g row 8-byte and every v row 16-byte aligned (prep_rows_aligned, checked by
+// the launcher), so only vector loads are built; else each sequence's rows are checked here.
+template <bool kAligned>
 __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel(const KdaPrefillParams p) {
   using namespace tc;
   constexpr int kPer = kC / kPrepWarp;  // tokens per warp in the per-token passes
@@ -120,7 +123,7 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
   const int ch = tid % kK;          // channel of this thread in the per-channel passes
   const int grp = tid / kK;         // which kBPG blocks of the chunk it walks
   const int c4 = lane * 4;          // first of the 4 channels of this lane in the per-token passes
-  const bool vec = qkg_rows_aligned(p);
+  const bool vec = kAligned || qkg_rows_aligned(p);
   // The item at chunk slot cslot, head h of sequence n (as next_prep_item found it): its tokens
   // and first token t0.
   const ItemDiv div(p.H);
@@ -415,7 +418,7 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
     // were still in flight when 6a, which most warps start at once, needed them.
     const int vi0 = tid / 16, vr8 = tid % 16 * 8;  // tokens vi0 + kVStride m, value rows vr8 .. vr8+7
     uint4 vraw[kVPer];
-    issue_v_loads(p, tv, t0, nt, vi0, vr8, rows_aligned(tv.v, p.v_st, 16), vraw);
+    issue_v_loads(p, tv, t0, nt, vi0, vr8, kAligned || rows_aligned(tv.v, p.v_st, 16), vraw);
 
     // 4a. T's diagonal blocks by forward substitution (thread = block, column; A_kk's rows carry
     //     beta already). T's blocks above the diagonal are zero and never read (4b and 6b take its

@@ -69,17 +69,27 @@ __device__ __forceinline__ float decay_of_gate(float x, float a, float lower_bou
 }
 
 // Rows of `base` (row stride st elements) start `bytes`-aligned at every token.
-__device__ __forceinline__ bool rows_aligned(const __nv_bfloat16* base, int64_t st, int bytes) {
+__host__ __device__ __forceinline__ bool rows_aligned(const __nv_bfloat16* base, int64_t st, int bytes) {
   return reinterpret_cast<uintptr_t>(base) % bytes == 0 && (st * 2) % bytes == 0;
+}
+
+// Rows of every sequence and head start `bytes`-aligned.
+__host__ __device__ __forceinline__ bool head_rows_aligned(const void* base, int64_t st, int64_t sh, int bytes) {
+  return rows_aligned(static_cast<const __nv_bfloat16*>(base), st, bytes) && (sh * 2) % bytes == 0;
 }
 
 // q, k, g rows of every sequence and head start 8-byte aligned: a lane's 4 channels are one
 // 8-byte load, which the prepare pass can keep in flight while it works on the previous chunk.
-__device__ __forceinline__ bool qkg_rows_aligned(const KdaPrefillParams& p) {
-  auto ok = [](const void* base, int64_t st, int64_t sh) {  // every head's rows
-    return rows_aligned(static_cast<const __nv_bfloat16*>(base), st, 8) && (sh * 2) % 8 == 0;
-  };
-  return ok(p.q, p.q_st, p.q_sh) && ok(p.k, p.k_st, p.k_sh) && ok(p.g, p.g_st, p.g_sh);
+__host__ __device__ __forceinline__ bool qkg_rows_aligned(const KdaPrefillParams& p) {
+  return head_rows_aligned(p.q, p.q_st, p.q_sh, 8) && head_rows_aligned(p.k, p.k_st, p.k_sh, 8) &&
+         head_rows_aligned(p.g, p.g_st, p.g_sh, 8);
+}
+
+// And v's rows 16-byte aligned (phase 6a's 8-value loads): the launcher then runs the prepare
+// kernel built for aligned rows, which holds no 2-byte load path. With a runtime flag both paths'
+// loads were issued, one set predicated off: four times the load instructions the inputs need.
+inline bool prep_rows_aligned(const KdaPrefillParams& p) {
+  return qkg_rows_aligned(p) && head_rows_aligned(p.v, p.v_st, p.v_sh, 16);
 }
 
 // A chunk's q, k, g, beta as loaded (bf16) and its head's dt_bias, A_log, one warp per token t0 + warp + kPrepWarp m, 4 channels per lane
