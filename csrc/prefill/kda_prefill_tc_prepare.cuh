@@ -51,6 +51,7 @@ struct alignas(128) PrepSmem {
   float mid[kNB * (kNB - 1) / 2][kK];  // 3b's job (I, J < I): prod_{J<M<I} Ptot_M / s_I
   float EL[kK];
   float beta[kC];
+  float dqk[kC];  // q_i . k_i (scale in q) in fp32: A_qk's diagonal entries on the fast path
 };
 
 // Diagonal blocks whose decay over the block is at least this in every channel run on tensor
@@ -173,6 +174,7 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
       }
       const int row = row_of_lane<2 * kPer>(lane);  // the norm this lane completes
       const float inv = rsqrtf(RowReduce<2 * kPer, 16>::run(part, lane) + 1e-6f) * (row < kPer ? p.scale : 1.f);
+
       // The previous item's last reads of the shared arrays (6b) are done before these writes; a
       // warp that finished 6b early has unpacked and reduced meanwhile.
       __syncthreads();
@@ -220,6 +222,25 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
     }
     __syncthreads();
     KDA_TC_MARK(2);
+
+    // q_i . k_i of every token in fp32 (kPrepThr / kC threads per token), for A_qk's diagonal
+    // entries on the fast path: a token's own term, which from TF32 operands kept only about 3e-5
+    // absolute, too little where q and k are near orthogonal and that term is most of the output
+    // (a one-token sequence without a state measured 4-6e-3 relative error).
+    {
+      constexpr int kTpt = kPrepThr / kC;
+      const int i = tid / kTpt, part = tid % kTpt;
+      float d = 0.f;
+#pragma unroll
+      for (int c = part * 4; c < kK; c += 4 * kTpt) {
+        const float4 q4 = *reinterpret_cast<const float4*>(&sm.Qr[i][c]);
+        const float4 k4 = *reinterpret_cast<const float4*>(&sm.Kq[i][c]);
+        d += q4.x * k4.x + q4.y * k4.y + q4.z * k4.z + q4.w * k4.w;
+      }
+#pragma unroll
+      for (int o = kTpt / 2; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
+      if (part == 0) sm.dqk[i] = d;
+    }
 
     // 2a. Block totals of the decays; thread = (channel, kBPG blocks).
     for (int b = grp * kBPG; b < (grp + 1) * kBPG; ++b) {
@@ -381,6 +402,7 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
             for (int e = 0; e < 4; ++e) {
               const int lr = g + (e >= 2 ? 8 : 0), lc = 8 * nt + 2 * t4 + (e & 1);
               if (lc > lr) q4[e] = 0.f;
+              if (lc == lr) q4[e] = sm.dqk[I * kBlk + lr];
               if (lc >= lr) k4[e] = 0.f;
             }
           }

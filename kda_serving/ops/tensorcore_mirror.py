@@ -17,7 +17,8 @@ Per 64-token chunk, in 4 blocks of 16 tokens, with a_t = exp(g_t) <= 1 the per-t
   Ptot^-1/2 per channel, where the block's decay Ptot is at least 2^-120 in every channel (both
   factors within 2^+-60, each product keeps its relative precision; such a block's operands
   carry s everywhere, the off-diagonal multipliers 1 / s); a steeper block's is computed exactly
-  on CUDA cores with running products E_ij = prod_{j<t<=i} a_t, so no input overflows;
+  on CUDA cores with running products E_ij = prod_{j<t<=i} a_t, so no input overflows; A_qk's
+  diagonal entries q_i . k_i are fp32 dot products in both cases;
 * T = (I + A_kk)^-1 by blocked forward substitution (``_blocked_inverse``; its diagonal blocks
   in fp32, the rest from TF32 products); the WY
   factors u = T (beta v) and w = T (beta Ke) on tensor cores (the kernel's prepare pass, for all
@@ -103,6 +104,9 @@ def _chunk(S, q, k, v, g, beta):
                                          torch.einsum("ihk,jhk,ijhk->hij", qb[I], kb[I], E))
         Akk[:, rows, rows] = torch.where(fast[I, :, :, None], torch.einsum("ihk,jhk->hij", Kq[I], Kr),
                                          torch.einsum("ihk,jhk,ijhk->hij", kb[I], kb[I], E))
+    # A_qk's diagonal entries q_i . k_i in fp32 (not from TF32 operands), as the kernel computes them
+    diag = torch.arange(C)
+    Aqk[:, diag, diag] = torch.einsum("chk,chk->hc", q, k)
     causal = torch.ones(C, C, dtype=torch.bool).tril()
     Aqk = Aqk.masked_fill(~causal, 0.0)
     Akk = Akk.masked_fill(~causal.tril(-1), 0.0) * beta.t()[:, :, None]
