@@ -18,7 +18,8 @@ cudaError_t launch_kda_prefill_tc_prepare(const KdaPrefillParams& p, cudaStream_
   constexpr int smem = (int)sizeof(tc::PrepSmem);
   static_assert(smem <= 227 * 1024, "shared memory of one CTA exceeds what Hopper grants");
   if (p.N == 0 || p.H == 0 || p.tc_chunk_slots == 0) return cudaSuccess;
-  const auto kernel = tc::prep_rows_aligned(p) ? kda_prefill_tc_prepare_kernel<true> : kda_prefill_tc_prepare_kernel<false>;
+  const auto kernel =
+      tc::prep_rows_aligned(p) ? kda_prefill_tc_prepare_kernel<true> : kda_prefill_tc_prepare_kernel<false>;
   const cudaError_t attr = allow_smem(kernel, smem);
   if (attr != cudaSuccess) return attr;
   const int64_t items = p.tc_chunk_slots * p.H;  // persistent: at most one CTA per SM

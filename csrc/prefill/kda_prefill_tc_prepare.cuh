@@ -174,7 +174,6 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
       }
       const int row = row_of_lane<2 * kPer>(lane);  // the norm this lane completes
       const float inv = rsqrtf(RowReduce<2 * kPer, 16>::run(part, lane) + 1e-6f) * (row < kPer ? p.scale : 1.f);
-
       // The previous item's last reads of the shared arrays (6b) are done before these writes; a
       // warp that finished 6b early has unpacked and reduced meanwhile.
       __syncthreads();
@@ -366,7 +365,7 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
         constexpr int kNT = decltype(ntc)::value;
         const bool diag = I == J;
         float accq[kNT][4] = {}, acck[kNT][4] = {};
-#pragma unroll
+#pragma unroll 2
         for (int kk = 0; kk < kK; kk += 8) {
           const int c0 = kk + t4;  // this lane's channels c0, c0 + 4 of the k-step
           // Kb_J (k Rloc s_J) times 1 / s_J first, back to a value <= 1, then times
@@ -520,7 +519,8 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
 #pragma unroll
         for (int nt = 0; nt < 2; ++nt) {
           const int r = I * kBlk + g, c = J * kBlk + 8 * nt + 2 * t4;
-          *reinterpret_cast<float2*>(&sm.r1.tu.T[r][c]) = make_float2(tf32_round(-tij[nt][0]), tf32_round(-tij[nt][1]));
+          *reinterpret_cast<float2*>(&sm.r1.tu.T[r][c]) =
+              make_float2(tf32_round(-tij[nt][0]), tf32_round(-tij[nt][1]));
           *reinterpret_cast<float2*>(&sm.r1.tu.T[r + 8][c]) =
               make_float2(tf32_round(-tij[nt][2]), tf32_round(-tij[nt][3]));
         }

@@ -92,9 +92,9 @@ inline bool prep_rows_aligned(const KdaPrefillParams& p) {
   return qkg_rows_aligned(p) && head_rows_aligned(p.v, p.v_st, p.v_sh, 16);
 }
 
-// A chunk's q, k, g, beta as loaded (bf16) and its head's dt_bias, A_log, one warp per token t0 + warp + kPrepWarp m, 4 channels per lane
-// from c4, zero past the end: kept raw so that the loads can be issued a chunk ahead and only
-// waited for when unpacked. Row pointers stepped per token.
+// A chunk's q, k, g, beta as loaded (bf16), one warp per token t0 + warp + kPrepWarp m, 4 channels
+// per lane from c4, zero past the end, and its head's dt_bias, A_log: kept raw so that the loads
+// can be issued a chunk ahead and only waited for when unpacked. Row pointers stepped per token.
 template <int kPer>
 struct RawChunkInputs {
   uint2 q[kPer], k[kPer], g[kPer];
@@ -104,11 +104,11 @@ struct RawChunkInputs {
 };
 
 template <int kPer>
-__device__ __forceinline__ void issue_chunk_loads(const KdaPrefillParams& p, const TokenView& tv, int h, int t0, int nt,
-                                                  int warp, int c4, bool vec, RawChunkInputs<kPer>& r) {
+__device__ __forceinline__ void issue_chunk_loads(const KdaPrefillParams& p, const TokenView& tv, int h, int t0,
+                                                  int nt, int warp, int c4, bool vec, RawChunkInputs<kPer>& r) {
   // The head's gate parameters too: loaded when the item starts, they waited behind the previous
   // item's record stores until its decays needed them.
-  const float* db = p.dt_bias + h * kHeadDim + c4;  // 4-byte loads: a dt_bias view need not be 16-byte aligned
+  const float* db = p.dt_bias + h * kHeadDim + c4;  // 4-byte loads: a view need not be 16-byte aligned
   r.dt_bias = make_float4(db[0], db[1], db[2], db[3]);
   r.A_log = p.A_log[h];
   const int64_t t = t0 + warp;
