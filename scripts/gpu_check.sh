@@ -9,8 +9,9 @@
 # is unset). tests: the GPU tests except the 128K-token split cases; the opt-in chunked CUDA-core
 # prefill (KDA_SERVING_PREFILL_KERNEL=chunked) runs in a process of its own, next to the other
 # kernels' process, so a fault in one (an illegal address leaves the CUDA context unusable) cannot
-# take the other's results with it. bench: prefill (all kernels), decode, one layer (BENCHES picks
-# some, e.g. BENCHES="decode layer"). long: the
+# take the other's results with it. bench: prefill (all kernels), decode (and bench_copy.py: what a
+# plain copy of decode-sized traffic reaches), one layer (BENCHES picks some, e.g.
+# BENCHES="decode layer"). long: the
 # long-context prefill benchmark (extra arguments in LONG_ARGS, e.g. "--heads 8 --max-tokens 131072") and
 # the 128K-token split tests. profile: the tensor-core prefill's cycles per phase
 # (scripts/profile_tc_phases.cu) at H96 1x8192, H32 1x32768 and H8 1x131072 (unsplit), for this
@@ -54,6 +55,7 @@ if has bench; then
   benches=" ${BENCHES:-prefill decode layer} "
   [[ $benches == *" prefill "* ]] && TAIL=22 step bench_prefill python3 scripts/bench_prefill.py --kernels serial chunked --out "$OUT"
   [[ $benches == *" decode "* ]] && TAIL=22 step bench_decode python3 scripts/bench_decode.py --out "$OUT"
+  [[ $benches == *" decode "* ]] && TAIL=8 step bench_copy python3 scripts/bench_copy.py --out "$OUT"
   [[ $benches == *" layer "* ]] && TAIL=30 step bench_layer python3 scripts/bench_layer.py --profile --out "$OUT"
 fi
 if has profile; then
