@@ -10,13 +10,14 @@ of its time, and this is the fraction of the floor that a copy of the same traff
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import torch
 
 import bench_common as bc
 
 
-def main(argv=None) -> int:
+def main(argv=None) -> Path:
     p = bc.base_parser(__doc__.splitlines()[0])
     p.add_argument("--sizes-mb", type=int, nargs="+", default=[8, 16, 32, 64, 128],
                    help="bytes copied per call (read once, written once), MiB")
@@ -36,7 +37,8 @@ def main(argv=None) -> int:
         floor = bc.floor_ms(2 * n, bandwidth)
         rows.append({"case": f"copy {mb} MiB", "copy_mib": mb, "us": ms * 1e3, "floor_us": floor * 1e3,
                      "hbm_floor_fraction": floor / ms})
-        print(f"copy {mb:4d} MiB  {ms * 1e3:8.1f} us  floor {floor * 1e3:8.1f} us  fraction {floor / ms:.3f}", flush=True)
+        print(f"copy {mb:4d} MiB  {ms * 1e3:8.1f} us  floor {floor * 1e3:8.1f} us  fraction {floor / ms:.3f}",
+              flush=True)
         del sets, fns
     path = bc.write_json(args.out, meta, rows, mode="smoke" if args.smoke else "default")
     print("wrote", path)

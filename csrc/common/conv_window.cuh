@@ -198,6 +198,29 @@ __device__ __forceinline__ void conv_update_store8(const Conv1dParams& p, int64_
   }
 }
 
+// The decode / verify update of eight channels from d0 of one row whose window starts at pool row
+// off (base = slot * pool_ss + d0; xb, yb: the row's token 0 at channel d0 in x and y): the T
+// outputs into y (bf16), then the pool rows rewritten from the window as read. Shared by the conv
+// op's vector kernel and the fused decode's conv kernel, so both give the same bits.
+__device__ __forceinline__ void conv_update_row8(const Conv1dParams& p, int64_t base, int off, int d0, int64_t xb,
+                                                 int64_t yb) {
+  const ConvTaps8 taps(p, d0);
+  float hist[kConvMaxWidth - 1][kConvVec];  // the window as read, for the write-back
+  load_window8(p, base, off, hist);
+  float win[kConvMaxWidth - 1][kConvVec];   // history, oldest first, shifted per token
+#pragma unroll
+  for (int j = 0; j < kConvMaxWidth - 1; ++j)
+#pragma unroll
+    for (int c = 0; c < kConvVec; ++c) win[j][c] = hist[j][c];
+  for (int t = 0; t < p.T; ++t) {
+    float xt[kConvVec], v[kConvVec];
+    ld8(p.x, xb + (int64_t)t * p.x_st, true, xt);
+    taps.step(p, win, xt, v);
+    st8(p.y, yb + (int64_t)t * p.y_st, true, v);
+  }
+  conv_update_store8(p, base, hist, static_cast<const __nv_bfloat16*>(p.x) + xb, p.x_st);
+}
+
 // One conv channel of a decode / verify row, over T <= MaxT tokens, in registers (the fused
 // decode kernels). f holds the W-1 window rows right-aligned in its first kConvHist entries,
 // then x of the T tokens; the taps are right-aligned the same way, so output t reads f[t + i] at

@@ -249,22 +249,7 @@ __global__ void __launch_bounds__(kConvThreads) conv1d_update_vec_kernel(const C
     for (int t = 0; t < p.T; ++t) st8(p.y, yb + (int64_t)t * p.y_st, true, v);
     return;
   }
-  const int64_t base = (int64_t)slot * p.pool_ss + d0;
-  const ConvTaps8 taps(p, d0);
-  float hist[kConvMaxWidth - 1][kConvVec];  // the window as read, for the write-back
-  load_window8(p, base, off, hist);
-  float win[kConvMaxWidth - 1][kConvVec];   // history, oldest first, shifted per token
-#pragma unroll
-  for (int j = 0; j < kConvMaxWidth - 1; ++j)
-#pragma unroll
-    for (int c = 0; c < kConvVec; ++c) win[j][c] = hist[j][c];
-  for (int t = 0; t < p.T; ++t) {
-    float xt[kConvVec];
-    ld8(p.x, xb + (int64_t)t * p.x_st, true, xt);
-    taps.step(p, win, xt, v);
-    st8(p.y, yb + (int64_t)t * p.y_st, true, v);
-  }
-  conv_update_store8(p, base, hist, static_cast<const __nv_bfloat16*>(p.x) + xb, p.x_st);
+  conv_update_row8(p, (int64_t)slot * p.pool_ss + d0, off, d0, xb, yb);
 }
 
 }  // namespace kda

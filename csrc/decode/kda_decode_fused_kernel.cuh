@@ -219,8 +219,8 @@ kda_fused_conv_kernel(const __grid_constant__ KdaDecodeFusedParams p) {
 }
 
 // P1 as kda_fused_conv_kernel, eight channels per thread with 16-byte accesses where
-// conv_vec8_ok: the taps and sums of the unfused conv op's vector kernel (ConvTaps8), so the same
-// bits in conv.y and the pool. A thread per channel spent most of P1 on 2-byte loads and their
+// conv_vec8_ok: the unfused conv op's vector kernel's update (conv_update_row8), so the same bits
+// in conv.y and the pool. A thread per channel spent most of P1 on 2-byte loads and their
 // address arithmetic, while its CTAs held the SM slots the decode CTAs wait for.
 // grid = (ceil(D / (kThreads * 8)), B).
 __global__ void __launch_bounds__(kThreads)
@@ -231,23 +231,8 @@ kda_fused_conv_vec_kernel(const __grid_constant__ KdaDecodeFusedParams p) {
   if (d0 >= cp.D) return;
   const FusedRow r = fused_row(p, n);
   if (!r.live) return;
-  const int64_t base = (int64_t)r.conv_slot * cp.pool_ss + d0;
-  const int64_t xb = (int64_t)n * cp.x_sb + d0, yb = (int64_t)n * cp.y_sb + d0;
-  const ConvTaps8 taps(cp, d0);
-  float hist[kConvMaxWidth - 1][kConvVec];  // the window as read, for the write-back
-  load_window8(cp, base, r.off, hist);
-  float win[kConvMaxWidth - 1][kConvVec];
-#pragma unroll
-  for (int j = 0; j < kConvMaxWidth - 1; ++j)
-#pragma unroll
-    for (int c = 0; c < kConvVec; ++c) win[j][c] = hist[j][c];
-  for (int t = 0; t < cp.T; ++t) {
-    float xt[kConvVec], v[kConvVec];
-    ld8(cp.x, xb + (int64_t)t * cp.x_st, true, xt);
-    taps.step(cp, win, xt, v);
-    st8(cp.y, yb + (int64_t)t * cp.y_st, true, v);
-  }
-  conv_update_store8(cp, base, hist, static_cast<const __nv_bfloat16*>(cp.x) + xb, cp.x_st);
+  conv_update_row8(cp, (int64_t)r.conv_slot * cp.pool_ss + d0, r.off, d0, (int64_t)n * cp.x_sb + d0,
+                   (int64_t)n * cp.y_sb + d0);
 }
 
 // Conv pool write-back after kernel 1. One thread per channel, or (Vec8, where conv_vec8_ok)
