@@ -9,9 +9,10 @@
 // value tile split the channels. A held tile is also, with the contraction index permuted, the A
 // fragment of S W^T and S Qe^T, so those products read only W and Qe from shared memory. Each
 // warp's products over its channels are partial sums; the value tile's warps hand each other the
-// partials of the token tiles the other completes (U, then O). The next chunk's Qe and w are
-// copied in (cp.async) while this chunk's output and update run; the rest of the record while
-// the products with S run.
+// partials of the token tiles the other completes (U, then O). The whole next chunk's record is
+// copied in (cp.async) while this chunk runs: Kd, u, A_qk and EL, double-buffered, from the
+// chunk's start, and Qe, w once this chunk's products with S have read theirs. One CTA per SM
+// either way (over 128 registers a thread), so the second buffer costs no occupancy.
 #pragma once
 
 #include "kda_prefill_tc_common.cuh"
@@ -44,10 +45,12 @@ struct alignas(128) StateSmem {
   using G = StateTiling<BV>;
   __half Qe[kC][kLdR];
   __half W[kC][kLdR];  // w = T beta Ke
-  __half Kd[kC][kLdR];
-  float U[kC][G::kLdU];  // u (this CTA's value rows), then U = u - w S^T as TF32
-  __half Aqk[kC][kLdA];
-  float EL[kK];
+  struct Rest {  // double-buffered: chunk j's in rest[j % 2]
+    __half Kd[kC][kLdR];
+    float U[kC][G::kLdU];  // u (this CTA's value rows), then U = u - w S^T as TF32
+    __half Aqk[kC][kLdA];
+    float EL[kK];
+  } rest[2];
   float4 xch[kWarp][G::kSlots > 0 ? G::kSlots : 1][2][32];  // partial (w S^T, Qe S^T) tiles, per lane
 };
 
@@ -67,11 +70,12 @@ __device__ __forceinline__ void load_qe_w(StateSmem<BV>& sm, const float* rec, b
 // The rest: Kd, EL, this CTA's columns of u (none for transition rows, whose u is 0) and A_qk
 // (only for outputs).
 template <int BV>
-__device__ __forceinline__ void load_rest(StateSmem<BV>& sm, const float* rec, int v0, bool outp, bool with_u) {
-  copy_half_rows_async(&sm.Kd[0][0], kLdR, rec, kRecKd, kK);
-  if (with_u) copy_rows_async(&sm.U[0][0], StateTiling<BV>::kLdU, rec + kRecU + v0, kK, kC, BV);
-  if (outp) copy_half_rows_async(&sm.Aqk[0][0], kLdA, rec, kRecAqk, kC);
-  copy_rows_async(&sm.EL[0], kK, rec + kRecEL, kK, 1, kK);
+__device__ __forceinline__ void load_rest(typename StateSmem<BV>::Rest& r, const float* rec, int v0, bool outp,
+                                          bool with_u) {
+  copy_half_rows_async(&r.Kd[0][0], kLdR, rec, kRecKd, kK);
+  if (with_u) copy_rows_async(&r.U[0][0], StateTiling<BV>::kLdU, rec + kRecU + v0, kK, kC, BV);
+  if (outp) copy_half_rows_async(&r.Aqk[0][0], kLdA, rec, kRecAqk, kC);
+  copy_rows_async(&r.EL[0], kK, rec + kRecEL, kK, 1, kK);
 }
 
 // An fp16 operand as the TF32 bits of the same value (exact: fp16's mantissa is TF32's).
@@ -144,14 +148,21 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
 #pragma unroll
     for (int j = 0; j < G::kSN; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
   }
-  if (len > 0) load_qe_w(sm, chunk_record(p, cbase, h), outp);
+  if (len > 0) {
+    load_qe_w(sm, chunk_record(p, cbase, h), outp);
+    load_rest<BV>(sm.rest[0], chunk_record(p, cbase, h), v0, outp, !unit.transition);
+  }
   cp_async_wait_all();
   __syncthreads();
 
   KDA_TC_PROFILE_BEGIN();
   for (int t0 = 0, j = 0; t0 < len; t0 += kC, ++j) {
     const int nt = min(kC, len - t0);
-    load_rest(sm, chunk_record(p, cbase + j, h), v0, outp, !unit.transition);  // in flight during step 1
+    auto& rs = sm.rest[j & 1];
+    // The next chunk's rest into the other buffer, whose last reads (step 3) were before the
+    // previous chunk's final barrier; waited for at this chunk's end.
+    if (t0 + kC < len)
+      load_rest<BV>(sm.rest[(j + 1) & 1], chunk_record(p, cbase + j + 1, h), v0, outp, !unit.transition);
 
     // 1. Partial X^T = S W^T and Y^T = S Qe^T over this warp's channels, [16 value rows x 64
     //    tokens] as 8 token tiles. A = the state tile, its channels 2t, 2t+1 as k-slots t, t+4;
@@ -190,8 +201,7 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
         if (outp) sm.xch[warp][slot][1][lane] = make_float4(y[jt][0], y[jt][1], y[jt][2], y[jt][3]);
       }
     }
-    cp_async_wait_all();
-    __syncthreads();  // partials and the rest of the record in; every read of Qe and w done
+    __syncthreads();  // partials in; every read of Qe and w done
     KDA_TC_MARK(kPrepPhases);
 
     // 2. The next chunk's Qe, w on their way. Own token tiles: the value tile's partials summed
@@ -213,7 +223,7 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
           }
         }
       }
-      float* u0 = &sm.U[8 * jt + 2 * t4][vr];  // x[jt] = X^T[vr][t], [vr][t+1], [vr+8][t], [vr+8][t+1]
+      float* u0 = &rs.U[8 * jt + 2 * t4][vr];  // x[jt] = X^T[vr][t], [vr][t+1], [vr+8][t], [vr+8][t+1]
       float* u1 = u0 + G::kLdU;
       const bool zu = unit.transition;  // u = 0 (not loaded)
       u0[0] = tf32_round((zu ? 0.f : u0[0]) - x[jt][0]);
@@ -229,25 +239,25 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
     //    S <- S diag(EL) + U^T Kd on the warp's state tiles.
 #pragma unroll
     for (int js = 0; js < G::kSN; ++js) {
-      const float2 el = *reinterpret_cast<const float2*>(&sm.EL[cs + 8 * js]);
+      const float2 el = *reinterpret_cast<const float2*>(&rs.EL[cs + 8 * js]);
       s[js][0] *= el.x; s[js][1] *= el.y; s[js][2] *= el.x; s[js][3] *= el.y;
     }
 #pragma unroll
     for (int ks = 0; ks < 8; ++ks) {
-      const float* ur = &sm.U[8 * ks + t4][vt * 16 + g];
+      const float* ur = &rs.U[8 * ks + t4][vt * 16 + g];
       const uint32_t a[4] = {__float_as_uint(ur[0]), __float_as_uint(ur[8]), __float_as_uint(ur[4 * G::kLdU]),
                              __float_as_uint(ur[4 * G::kLdU + 8])};
       if (outp) {
 #pragma unroll
         for (int jt = ks; jt < 8; ++jt) {
           if (jt / G::kTN != q) continue;
-          const __half* ar = &sm.Aqk[8 * jt + g][8 * ks + t4];
+          const __half* ar = &rs.Aqk[8 * jt + g][8 * ks + t4];
           mma_tf32(y[jt], a, tf32_of(ar[0]), tf32_of(ar[4]));
         }
       }
 #pragma unroll
       for (int js = 0; js < G::kSN; ++js) {
-        const __half* kr = &sm.Kd[8 * ks + t4][cw0 + 8 * js + g];
+        const __half* kr = &rs.Kd[8 * ks + t4][cw0 + 8 * js + g];
         mma_tf32(s[js], a, tf32_of(kr[0]), tf32_of(kr[4 * kLdR]));
       }
     }
@@ -262,8 +272,8 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
     const int tend = t0 + nt;
     if (ckpt && tend % kCheckpointEvery == 0)
       store_state_tiles(ckpt + (int64_t)(tend / kCheckpointEvery - 1) * p.inter_ss, vr, cs, s);
-    cp_async_wait_all();  // the next chunk's Qe, w (this thread's copies)
-    __syncthreads();      // U, Kd, A_qk, EL free for the next chunk; its Qe, w visible
+    cp_async_wait_all();  // the next chunk's record (this thread's copies)
+    __syncthreads();      // this chunk's rest buffer free for the one after; the next chunk's record visible
     KDA_TC_MARK(kPrepPhases + 2);
   }
   // Final state (the initial one, or zeros, for an empty sequence).
