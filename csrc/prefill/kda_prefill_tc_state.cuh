@@ -9,10 +9,10 @@
 // value tile split the channels. A held tile is also, with the contraction index permuted, the A
 // fragment of S W^T and S Qe^T, so those products read only W and Qe from shared memory. Each
 // warp's products over its channels are partial sums; the value tile's warps hand each other the
-// partials of the token tiles the other completes (U, then O). The whole next chunk's record is
-// copied in (cp.async) while this chunk runs: Kd, u, A_qk and EL, double-buffered, from the
-// chunk's start, and Qe, w once this chunk's products with S have read theirs. One CTA per SM
-// either way (over 128 registers a thread), so the second buffer costs no occupancy.
+// partials of the token tiles the other completes (U, then O). The record is double-buffered: the
+// next chunk's is copied in (cp.async) from the start of this one, so its loads have a whole chunk
+// step to arrive. One CTA per SM either way (over 128 registers a thread), so the second buffer
+// costs no occupancy.
 #pragma once
 
 #include "kda_prefill_tc_common.cuh"
@@ -43,14 +43,14 @@ struct StateTiling {
 template <int BV>
 struct alignas(128) StateSmem {
   using G = StateTiling<BV>;
-  __half Qe[kC][kLdR];
-  __half W[kC][kLdR];  // w = T beta Ke
-  struct Rest {  // double-buffered: chunk j's in rest[j % 2]
+  struct Record {  // chunk j's in rec[j % 2]
+    __half Qe[kC][kLdR];
+    __half W[kC][kLdR];  // w = T beta Ke
     __half Kd[kC][kLdR];
     float U[kC][G::kLdU];  // u (this CTA's value rows), then U = u - w S^T as TF32
     __half Aqk[kC][kLdA];
     float EL[kK];
-  } rest[2];
+  } rec[2];
   float4 xch[kWarp][G::kSlots > 0 ? G::kSlots : 1][2][32];  // partial (w S^T, Qe S^T) tiles, per lane
 };
 
@@ -59,19 +59,13 @@ __device__ __forceinline__ void copy_half_rows_async(__half* dst, int ld, const 
   copy_rows_async(reinterpret_cast<float*>(dst), ld / 2, rec + field, cols / 2, kC, cols / 2);
 }
 
-// w and, for a CTA that writes outputs, Qe of a chunk (the operands of the products with the
-// undecayed state).
+// A chunk's record into one buffer: w, Kd, EL, this CTA's columns of u (none for transition rows,
+// whose u is 0) and, for a CTA that writes outputs, Qe and A_qk.
 template <int BV>
-__device__ __forceinline__ void load_qe_w(StateSmem<BV>& sm, const float* rec, bool outp) {
-  if (outp) copy_half_rows_async(&sm.Qe[0][0], kLdR, rec, kRecQe, kK);
-  copy_half_rows_async(&sm.W[0][0], kLdR, rec, kRecW, kK);
-}
-
-// The rest: Kd, EL, this CTA's columns of u (none for transition rows, whose u is 0) and A_qk
-// (only for outputs).
-template <int BV>
-__device__ __forceinline__ void load_rest(typename StateSmem<BV>::Rest& r, const float* rec, int v0, bool outp,
-                                          bool with_u) {
+__device__ __forceinline__ void load_record(typename StateSmem<BV>::Record& r, const float* rec, int v0, bool outp,
+                                            bool with_u) {
+  if (outp) copy_half_rows_async(&r.Qe[0][0], kLdR, rec, kRecQe, kK);
+  copy_half_rows_async(&r.W[0][0], kLdR, rec, kRecW, kK);
   copy_half_rows_async(&r.Kd[0][0], kLdR, rec, kRecKd, kK);
   if (with_u) copy_rows_async(&r.U[0][0], StateTiling<BV>::kLdU, rec + kRecU + v0, kK, kC, BV);
   if (outp) copy_half_rows_async(&r.Aqk[0][0], kLdA, rec, kRecAqk, kC);
@@ -148,21 +142,18 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
 #pragma unroll
     for (int j = 0; j < G::kSN; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
   }
-  if (len > 0) {
-    load_qe_w(sm, chunk_record(p, cbase, h), outp);
-    load_rest<BV>(sm.rest[0], chunk_record(p, cbase, h), v0, outp, !unit.transition);
-  }
+  if (len > 0) load_record<BV>(sm.rec[0], chunk_record(p, cbase, h), v0, outp, !unit.transition);
   cp_async_wait_all();
   __syncthreads();
 
   KDA_TC_PROFILE_BEGIN();
   for (int t0 = 0, j = 0; t0 < len; t0 += kC, ++j) {
     const int nt = min(kC, len - t0);
-    auto& rs = sm.rest[j & 1];
-    // The next chunk's rest into the other buffer, whose last reads (step 3) were before the
+    auto& rs = sm.rec[j & 1];
+    // The next chunk's record into the other buffer, whose last reads (step 3) were before the
     // previous chunk's final barrier; waited for at this chunk's end.
     if (t0 + kC < len)
-      load_rest<BV>(sm.rest[(j + 1) & 1], chunk_record(p, cbase + j + 1, h), v0, outp, !unit.transition);
+      load_record<BV>(sm.rec[(j + 1) & 1], chunk_record(p, cbase + j + 1, h), v0, outp, !unit.transition);
 
     // 1. Partial X^T = S W^T and Y^T = S Qe^T over this warp's channels, [16 value rows x 64
     //    tokens] as 8 token tiles. A = the state tile, its channels 2t, 2t+1 as k-slots t, t+4;
@@ -178,13 +169,13 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
       const int c = cs + 8 * js;
 #pragma unroll
       for (int jt = 0; jt < 8; ++jt) {
-        const float2 bw = __half22float2(*reinterpret_cast<const __half2*>(&sm.W[8 * jt + g][c]));
+        const float2 bw = __half22float2(*reinterpret_cast<const __half2*>(&rs.W[8 * jt + g][c]));
         mma_tf32(x[jt], a, __float_as_uint(bw.x), __float_as_uint(bw.y));
       }
       if (outp) {
 #pragma unroll
         for (int jt = 0; jt < 8; ++jt) {
-          const float2 bq = __half22float2(*reinterpret_cast<const __half2*>(&sm.Qe[8 * jt + g][c]));
+          const float2 bq = __half22float2(*reinterpret_cast<const __half2*>(&rs.Qe[8 * jt + g][c]));
           mma_tf32(y[jt], a, __float_as_uint(bq.x), __float_as_uint(bq.y));
         }
       }
@@ -201,12 +192,11 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
         if (outp) sm.xch[warp][slot][1][lane] = make_float4(y[jt][0], y[jt][1], y[jt][2], y[jt][3]);
       }
     }
-    __syncthreads();  // partials in; every read of Qe and w done
+    __syncthreads();  // partials in
     KDA_TC_MARK(kPrepPhases);
 
-    // 2. The next chunk's Qe, w on their way. Own token tiles: the value tile's partials summed
-    //    (in warp order), then U = u - X in place of u, rounded to TF32 for its two products.
-    if (t0 + kC < len) load_qe_w(sm, chunk_record(p, cbase + j + 1, h), outp);
+    // 2. Own token tiles: the value tile's partials summed (in warp order), then U = u - X in
+    //    place of u, rounded to TF32 for its two products.
 #pragma unroll
     for (int jt = 0; jt < 8; ++jt) {
       if (jt / G::kTN != q) continue;
@@ -273,7 +263,7 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
     if (ckpt && tend % kCheckpointEvery == 0)
       store_state_tiles(ckpt + (int64_t)(tend / kCheckpointEvery - 1) * p.inter_ss, vr, cs, s);
     cp_async_wait_all();  // the next chunk's record (this thread's copies)
-    __syncthreads();      // this chunk's rest buffer free for the one after; the next chunk's record visible
+    __syncthreads();      // this chunk's buffer free for the one after; the next chunk's record visible
     KDA_TC_MARK(kPrepPhases + 2);
   }
   // Final state (the initial one, or zeros, for an empty sequence).
