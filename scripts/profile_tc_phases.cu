@@ -39,9 +39,9 @@ const char* kPhaseNames[] = {
     "prepare 4a+5. T diagonal blocks, record out (Qe, Kd, A_qk)",
     "prepare 4b+6a. T off-diagonal blocks, beta v, beta Ke",
     "prepare 6b. u and w out",
-    "state 1. record in, partial S W^T, S Qe^T",
-    "state 2. partials exchanged, U = u - w S^T",
-    "state 3. O += U^T A_qk^T, S update, output",
+    "state 1. w S^T, Qe S^T, U = u - w S^T",
+    "state 2. S update (128 rows: and A_qk U)",
+    "state 3. (A_qk U,) output, next record in",
 };
 static_assert(sizeof(kPhaseNames) / sizeof(kPhaseNames[0]) == kda::tc::kPhases, "a name per phase");
 

@@ -6,13 +6,13 @@
 //   U = u - w S^T;  O = Qe S^T + A_qk U;  S <- S diag(EL) + U^T Kd
 // The fp32 state stays in registers, as the accumulator fragments of the update: warp (vt, q)
 // holds value rows vt*16 .. vt*16+15 and channels q*kCW .. q*kCW+kCW-1, where the kNCW warps of a
-// value tile split the channels. A held tile is also, with the contraction index permuted, the A
-// fragment of S W^T and S Qe^T, so those products read only W and Qe from shared memory. Each
-// warp's products over its channels are partial sums; the value tile's warps hand each other the
-// partials of the token tiles the other completes (U, then O). The record is double-buffered: the
-// next chunk's is copied in (cp.async) from the start of this one, so its loads have a whole chunk
-// step to arrive. One CTA per SM either way (over 128 registers a thread), so the second buffer
-// costs no occupancy.
+// value tile split the channels. With 128 rows (kNCW = 1) a warp's tiles are the A fragments of
+// w S^T and Qe S^T for its rows over all channels, and everything else it reads of U is its own
+// rows: one barrier per chunk. With fewer rows the state also goes to shared memory as TF32
+// after each update, and the products with it are computed token-major, per unit of 16 tokens x
+// 16 value rows over all 128 channels, so no partial sums cross warps: two barriers per chunk (U
+// complete; S and the next record in). The record is double-buffered: the next chunk's is copied
+// in (cp.async) from the start of this one, so its loads have a whole chunk step to arrive.
 #pragma once
 
 #include "kda_prefill_tc_common.cuh"
@@ -27,6 +27,9 @@ namespace tc {
 // word).
 constexpr int kLdR = kK + 8;
 constexpr int kLdA = kC + 8;
+// The state's row pitch (floats) in shared memory: rows 8 banks apart, so that step 1's 8-byte B
+// loads (each half-warp: 4 rows x 4 channel pairs) hit distinct banks.
+constexpr int kLdS = kK + 8;
 
 template <int BV>
 struct StateTiling {
@@ -34,10 +37,9 @@ struct StateTiling {
   static constexpr int kNCW = kWarp / kVT;      // warps per value tile
   static constexpr int kCW = kK / kNCW;         // channels of the state a warp holds
   static constexpr int kSN = kCW / 8;           // its 8-channel state tiles
-  static constexpr int kTN = kC / 8 / kNCW;     // 8-token tiles of U and O a warp completes
-  static constexpr int kSlots = kC / 8 - kTN;   // partial tiles it hands to its value tile's other warps
+  static constexpr int kUnits = BV / 32;        // steps 1 and 3: (16 tokens x 16 rows) units per warp
   static constexpr int kLdU = BV + 8;           // U rows 8 banks apart, like kLdR
-  static_assert(kVT * kNCW == kWarp && kTN >= 1, "BV = 128, 64 or 32");
+  static_assert(kVT * kNCW == kWarp && kUnits * kWarp * 256 == kC * BV, "BV = 128, 64 or 32");
 };
 
 template <int BV>
@@ -51,7 +53,7 @@ struct alignas(128) StateSmem {
     __half Aqk[kC][kLdA];
     float EL[kK];
   } rec[2];
-  float4 xch[kWarp][G::kSlots > 0 ? G::kSlots : 1][2][32];  // partial (w S^T, Qe S^T) tiles, per lane
+  float S[G::kNCW > 1 ? BV : 1][kLdS];  // the state as TF32, step 1's B operand (kNCW > 1)
 };
 
 // An fp16 [64 x cols] record field into shared rows of pitch ld (copied as 4-byte pairs).
@@ -91,6 +93,21 @@ __device__ __forceinline__ void store_state_tiles(StateT* rows, int vr, int c0, 
   for (int j = 0; j < SN; ++j) {
     StateIO<StateT>::store2(rows + vr * kK + c0 + 8 * j, s[j][0], s[j][1]);
     StateIO<StateT>::store2(rows + (vr + 8) * kK + c0 + 8 * j, s[j][2], s[j][3]);
+  }
+}
+
+// The token tile (of 16) of unit ui of a warp in the state pass's token-major steps: warp w takes
+// tiles w % 4 and 3 - w % 4 of value-row tiles w / 4 + 2 ui, so that with two units each warp's
+// output product (A_qk U, longer for later tiles) costs the same.
+__device__ __forceinline__ int unit_tokens_tile(int ui, int warp) { return ui % 2 ? 3 - warp % 4 : warp % 4; }
+
+// A warp's state tiles into the shared state (pitch kLdS), TF32-rounded: step 1's B operand.
+template <int SN>
+__device__ __forceinline__ void store_state_smem(float (*S)[kLdS], int vr, int c0, const float (&s)[SN][4]) {
+#pragma unroll
+  for (int j = 0; j < SN; ++j) {
+    *reinterpret_cast<float2*>(&S[vr][c0 + 8 * j]) = make_float2(tf32_round(s[j][0]), tf32_round(s[j][1]));
+    *reinterpret_cast<float2*>(&S[vr + 8][c0 + 8 * j]) = make_float2(tf32_round(s[j][2]), tf32_round(s[j][3]));
   }
 }
 
@@ -143,6 +160,7 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
     for (int j = 0; j < G::kSN; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
   }
   if (len > 0) load_record<BV>(sm.rec[0], chunk_record(p, cbase, h), v0, outp, !unit.transition);
+  if constexpr (G::kNCW > 1) store_state_smem<G::kSN>(sm.S, vr, cs, s);
   cp_async_wait_all();
   __syncthreads();
 
@@ -155,109 +173,184 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
     if (t0 + kC < len)
       load_record<BV>(sm.rec[(j + 1) & 1], chunk_record(p, cbase + j + 1, h), v0, outp, !unit.transition);
 
-    // 1. Partial X^T = S W^T and Y^T = S Qe^T over this warp's channels, [16 value rows x 64
-    //    tokens] as 8 token tiles. A = the state tile, its channels 2t, 2t+1 as k-slots t, t+4;
-    //    B = 2 adjacent channels of W / Qe (fp16 pairs from the prepare pass).
-    float x[8][4], y[8][4];
+    if constexpr (G::kNCW == 1) {
+      // A warp holds all 128 channels of its 16 value rows: X^T = S W^T and Y^T = S Qe^T,
+      // [16 rows x 64 tokens] as 8 token tiles, are whole, and U's rows it writes are the only
+      // ones its update and output read, so the chunk needs no barrier until its end.
+      // A = the state tile, its channels 2t, 2t+1 as k-slots t, t+4; B = 2 adjacent channels of
+      // W / Qe (fp16 pairs from the prepare pass).
+      float x[8][4], y[8][4];
 #pragma unroll
-    for (int jt = 0; jt < 8; ++jt)
+      for (int jt = 0; jt < 8; ++jt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) x[jt][e] = y[jt][e] = 0.f;
+        for (int e = 0; e < 4; ++e) x[jt][e] = y[jt][e] = 0.f;
 #pragma unroll
-    for (int js = 0; js < G::kSN; ++js) {
-      const uint32_t a[4] = {to_tf32(s[js][0]), to_tf32(s[js][2]), to_tf32(s[js][1]), to_tf32(s[js][3])};
-      const int c = cs + 8 * js;
-#pragma unroll
-      for (int jt = 0; jt < 8; ++jt) {
-        const float2 bw = __half22float2(*reinterpret_cast<const __half2*>(&rs.W[8 * jt + g][c]));
-        mma_tf32(x[jt], a, __float_as_uint(bw.x), __float_as_uint(bw.y));
-      }
-      if (outp) {
+      for (int js = 0; js < G::kSN; ++js) {
+        const uint32_t a[4] = {to_tf32(s[js][0]), to_tf32(s[js][2]), to_tf32(s[js][1]), to_tf32(s[js][3])};
+        const int c = cs + 8 * js;
 #pragma unroll
         for (int jt = 0; jt < 8; ++jt) {
-          const float2 bq = __half22float2(*reinterpret_cast<const __half2*>(&rs.Qe[8 * jt + g][c]));
-          mma_tf32(y[jt], a, __float_as_uint(bq.x), __float_as_uint(bq.y));
+          const float2 bw = __half22float2(*reinterpret_cast<const __half2*>(&rs.W[8 * jt + g][c]));
+          mma_tf32(x[jt], a, __float_as_uint(bw.x), __float_as_uint(bw.y));
         }
-      }
-    }
-    // Token tile jt is completed by warp jt / kTN of the value tile; the others hand it their
-    // partials, in slots that skip their own tiles.
-    if constexpr (G::kNCW > 1) {
+        if (outp) {
 #pragma unroll
-      for (int jt = 0; jt < 8; ++jt) {
-        const int owner = jt / G::kTN;
-        if (owner == q) continue;
-        const int slot = owner < q ? jt : jt - G::kTN;
-        sm.xch[warp][slot][0][lane] = make_float4(x[jt][0], x[jt][1], x[jt][2], x[jt][3]);
-        if (outp) sm.xch[warp][slot][1][lane] = make_float4(y[jt][0], y[jt][1], y[jt][2], y[jt][3]);
-      }
-    }
-    __syncthreads();  // partials in
-    KDA_TC_MARK(kPrepPhases);
-
-    // 2. Own token tiles: the value tile's partials summed (in warp order), then U = u - X in
-    //    place of u, rounded to TF32 for its two products.
-#pragma unroll
-    for (int jt = 0; jt < 8; ++jt) {
-      if (jt / G::kTN != q) continue;
-      if constexpr (G::kNCW > 1) {
-#pragma unroll
-        for (int q2 = 0; q2 < G::kNCW; ++q2) {
-          if (q2 == q) continue;
-          const int slot = q < q2 ? jt : jt - G::kTN;
-          const float4 px = sm.xch[vt * G::kNCW + q2][slot][0][lane];
-          x[jt][0] += px.x; x[jt][1] += px.y; x[jt][2] += px.z; x[jt][3] += px.w;
-          if (outp) {
-            const float4 py = sm.xch[vt * G::kNCW + q2][slot][1][lane];
-            y[jt][0] += py.x; y[jt][1] += py.y; y[jt][2] += py.z; y[jt][3] += py.w;
+          for (int jt = 0; jt < 8; ++jt) {
+            const float2 bq = __half22float2(*reinterpret_cast<const __half2*>(&rs.Qe[8 * jt + g][c]));
+            mma_tf32(y[jt], a, __float_as_uint(bq.x), __float_as_uint(bq.y));
           }
         }
       }
-      float* u0 = &rs.U[8 * jt + 2 * t4][vr];  // x[jt] = X^T[vr][t], [vr][t+1], [vr+8][t], [vr+8][t+1]
-      float* u1 = u0 + G::kLdU;
+      // U = u - X in place of u, rounded to TF32 for its two products.
       const bool zu = unit.transition;  // u = 0 (not loaded)
-      u0[0] = tf32_round((zu ? 0.f : u0[0]) - x[jt][0]);
-      u1[0] = tf32_round((zu ? 0.f : u1[0]) - x[jt][1]);
-      u0[8] = tf32_round((zu ? 0.f : u0[8]) - x[jt][2]);
-      u1[8] = tf32_round((zu ? 0.f : u1[8]) - x[jt][3]);
-    }
-    __syncthreads();  // U complete
-    KDA_TC_MARK(kPrepPhases + 1);
-
-    // 3. With A = U^T [16 value rows x 8 tokens] per token step ks: O^T += U^T A_qk^T on the own
-    //    token tiles (A_qk is 0 above the diagonal: tiles jt >= ks only), and the state update
-    //    S <- S diag(EL) + U^T Kd on the warp's state tiles.
 #pragma unroll
-    for (int js = 0; js < G::kSN; ++js) {
-      const float2 el = *reinterpret_cast<const float2*>(&rs.EL[cs + 8 * js]);
-      s[js][0] *= el.x; s[js][1] *= el.y; s[js][2] *= el.x; s[js][3] *= el.y;
-    }
-#pragma unroll
-    for (int ks = 0; ks < 8; ++ks) {
-      const float* ur = &rs.U[8 * ks + t4][vt * 16 + g];
-      const uint32_t a[4] = {__float_as_uint(ur[0]), __float_as_uint(ur[8]), __float_as_uint(ur[4 * G::kLdU]),
-                             __float_as_uint(ur[4 * G::kLdU + 8])};
-      if (outp) {
-#pragma unroll
-        for (int jt = ks; jt < 8; ++jt) {
-          if (jt / G::kTN != q) continue;
-          const __half* ar = &rs.Aqk[8 * jt + g][8 * ks + t4];
-          mma_tf32(y[jt], a, tf32_of(ar[0]), tf32_of(ar[4]));
-        }
+      for (int jt = 0; jt < 8; ++jt) {
+        float* u0 = &rs.U[8 * jt + 2 * t4][vr];  // x[jt] = X^T[vr][t], [vr][t+1], [vr+8][t], [vr+8][t+1]
+        float* u1 = u0 + G::kLdU;
+        u0[0] = tf32_round((zu ? 0.f : u0[0]) - x[jt][0]);
+        u1[0] = tf32_round((zu ? 0.f : u1[0]) - x[jt][1]);
+        u0[8] = tf32_round((zu ? 0.f : u0[8]) - x[jt][2]);
+        u1[8] = tf32_round((zu ? 0.f : u1[8]) - x[jt][3]);
       }
+      __syncwarp();
+      KDA_TC_MARK(kPrepPhases);  // thread 0 only: no barrier here
+
+      // With A = U^T [16 value rows x 8 tokens] per token step ks: O^T += U^T A_qk^T (A_qk is 0
+      // above the diagonal: tiles jt >= ks only) and S <- S diag(EL) + U^T Kd.
 #pragma unroll
       for (int js = 0; js < G::kSN; ++js) {
-        const __half* kr = &rs.Kd[8 * ks + t4][cw0 + 8 * js + g];
-        mma_tf32(s[js], a, tf32_of(kr[0]), tf32_of(kr[4 * kLdR]));
+        const float2 el = *reinterpret_cast<const float2*>(&rs.EL[cs + 8 * js]);
+        s[js][0] *= el.x; s[js][1] *= el.y; s[js][2] *= el.x; s[js][3] *= el.y;
       }
-    }
 #pragma unroll
-    for (int jt = 0; jt < 8; ++jt) {
-      if (!outp || jt / G::kTN != q) continue;
-      const int t = 8 * jt + 2 * t4;  // y[jt] = O^T[vr][t], [vr][t+1], [vr+8][t], [vr+8][t+1]
-      __nv_bfloat16* o = tv.o + (int64_t)(t0 + t) * p.o_st + vr;
-      if (t < nt) { o[0] = __float2bfloat16(y[jt][0]); o[8] = __float2bfloat16(y[jt][2]); }
-      if (t + 1 < nt) { o[p.o_st] = __float2bfloat16(y[jt][1]); o[p.o_st + 8] = __float2bfloat16(y[jt][3]); }
+      for (int ks = 0; ks < 8; ++ks) {
+        const float* ur = &rs.U[8 * ks + t4][vt * 16 + g];
+        const uint32_t a[4] = {__float_as_uint(ur[0]), __float_as_uint(ur[8]), __float_as_uint(ur[4 * G::kLdU]),
+                               __float_as_uint(ur[4 * G::kLdU + 8])};
+        if (outp) {
+#pragma unroll
+          for (int jt = ks; jt < 8; ++jt) {
+            const __half* ar = &rs.Aqk[8 * jt + g][8 * ks + t4];
+            mma_tf32(y[jt], a, tf32_of(ar[0]), tf32_of(ar[4]));
+          }
+        }
+#pragma unroll
+        for (int js = 0; js < G::kSN; ++js) {
+          const __half* kr = &rs.Kd[8 * ks + t4][cw0 + 8 * js + g];
+          mma_tf32(s[js], a, tf32_of(kr[0]), tf32_of(kr[4 * kLdR]));
+        }
+      }
+      KDA_TC_MARK(kPrepPhases + 1);
+#pragma unroll
+      for (int jt = 0; jt < 8; ++jt) {
+        if (!outp) continue;
+        const int t = 8 * jt + 2 * t4;  // y[jt] = O^T[vr][t], [vr][t+1], [vr+8][t], [vr+8][t+1]
+        __nv_bfloat16* o = tv.o + (int64_t)(t0 + t) * p.o_st + vr;
+        if (t < nt) { o[0] = __float2bfloat16(y[jt][0]); o[8] = __float2bfloat16(y[jt][2]); }
+        if (t + 1 < nt) { o[p.o_st] = __float2bfloat16(y[jt][1]); o[p.o_st + 8] = __float2bfloat16(y[jt][3]); }
+      }
+    } else {
+      // 1. X = w S^T and Y = Qe S^T in token-major form, [64 tokens x BV value rows] as units of
+      //    16 tokens (tt) x 16 rows (rt), whole products over the 128 channels, so no partial sums
+      //    cross warps: A = w / Qe (fp16 pairs: channels 2t, 2t+1 as k-slots t, t+4), B = S from
+      //    shared memory (TF32 bits, the same pairing as one 8-byte load). Then U = u - X in place
+      //    of u, rounded to TF32 for its two products; Y stays in registers for step 3.
+      float y[G::kUnits][2][4];
+#pragma unroll
+      for (int ui = 0; ui < G::kUnits; ++ui) {
+        const int tt = unit_tokens_tile(ui, warp), rt = warp / 4 + 2 * ui;
+        float x[2][4] = {};
+#pragma unroll
+        for (int nn = 0; nn < 2; ++nn)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) y[ui][nn][e] = 0.f;
+        const int m0 = tt * 16 + g;  // tokens m0, m0 + 8 of this lane's A and accumulator rows
+#pragma unroll 4
+        for (int k0 = 0; k0 < kK; k0 += 8) {
+          const int c = k0 + 2 * t4;
+          const float2 w0 = __half22float2(*reinterpret_cast<const __half2*>(&rs.W[m0][c]));
+          const float2 w1 = __half22float2(*reinterpret_cast<const __half2*>(&rs.W[m0 + 8][c]));
+          const uint32_t aw[4] = {__float_as_uint(w0.x), __float_as_uint(w1.x), __float_as_uint(w0.y),
+                                  __float_as_uint(w1.y)};
+          uint32_t aq[4] = {0u, 0u, 0u, 0u};
+          if (outp) {
+            const float2 q0 = __half22float2(*reinterpret_cast<const __half2*>(&rs.Qe[m0][c]));
+            const float2 q1 = __half22float2(*reinterpret_cast<const __half2*>(&rs.Qe[m0 + 8][c]));
+            aq[0] = __float_as_uint(q0.x); aq[1] = __float_as_uint(q1.x);
+            aq[2] = __float_as_uint(q0.y); aq[3] = __float_as_uint(q1.y);
+          }
+#pragma unroll
+          for (int nn = 0; nn < 2; ++nn) {
+            const float2 b = *reinterpret_cast<const float2*>(&sm.S[rt * 16 + nn * 8 + g][c]);
+            mma_tf32(x[nn], aw, __float_as_uint(b.x), __float_as_uint(b.y));
+            if (outp) mma_tf32(y[ui][nn], aq, __float_as_uint(b.x), __float_as_uint(b.y));
+          }
+        }
+        // x[nn] = X[m0][r], X[m0][r+1], X[m0+8][r], X[m0+8][r+1] with r = rt*16 + nn*8 + 2 t4
+        const bool zu = unit.transition;  // u = 0 (not loaded)
+#pragma unroll
+        for (int nn = 0; nn < 2; ++nn) {
+          float* u0 = &rs.U[m0][rt * 16 + nn * 8 + 2 * t4];
+          float* u1 = u0 + 8 * G::kLdU;
+          const float2 a = zu ? make_float2(0.f, 0.f) : *reinterpret_cast<const float2*>(u0);
+          const float2 b = zu ? make_float2(0.f, 0.f) : *reinterpret_cast<const float2*>(u1);
+          *reinterpret_cast<float2*>(u0) = make_float2(tf32_round(a.x - x[nn][0]), tf32_round(a.y - x[nn][1]));
+          *reinterpret_cast<float2*>(u1) = make_float2(tf32_round(b.x - x[nn][2]), tf32_round(b.y - x[nn][3]));
+        }
+      }
+      __syncthreads();  // U complete; every read of S done
+      KDA_TC_MARK(kPrepPhases);
+
+      // 2. S <- S diag(EL) + U^T Kd on the warp's state tiles, with A = U^T [16 value rows x 8
+      //    tokens] per token step ks; then S to shared memory (TF32) for the next chunk's step 1.
+#pragma unroll
+      for (int js = 0; js < G::kSN; ++js) {
+        const float2 el = *reinterpret_cast<const float2*>(&rs.EL[cs + 8 * js]);
+        s[js][0] *= el.x; s[js][1] *= el.y; s[js][2] *= el.x; s[js][3] *= el.y;
+      }
+#pragma unroll
+      for (int ks = 0; ks < 8; ++ks) {
+        const float* ur = &rs.U[8 * ks + t4][vt * 16 + g];
+        const uint32_t a[4] = {__float_as_uint(ur[0]), __float_as_uint(ur[8]), __float_as_uint(ur[4 * G::kLdU]),
+                               __float_as_uint(ur[4 * G::kLdU + 8])};
+#pragma unroll
+        for (int js = 0; js < G::kSN; ++js) {
+          const __half* kr = &rs.Kd[8 * ks + t4][cw0 + 8 * js + g];
+          mma_tf32(s[js], a, tf32_of(kr[0]), tf32_of(kr[4 * kLdR]));
+        }
+      }
+      store_state_smem<G::kSN>(sm.S, vr, cs, s);
+      KDA_TC_MARK(kPrepPhases + 1);  // thread 0 only: no barrier here
+
+      // 3. O += A_qk U on the units' tokens (A_qk is 0 above the diagonal: token steps up to the
+      //    unit's last token only), A = A_qk, B = U [tokens x value rows]; O out as bf16.
+      if (outp) {
+#pragma unroll
+        for (int ui = 0; ui < G::kUnits; ++ui) {
+          const int tt = unit_tokens_tile(ui, warp), rt = warp / 4 + 2 * ui;
+          const int m0 = tt * 16 + g;
+          for (int k0 = 0; k0 < 16 * (tt + 1); k0 += 8) {
+            const __half* ar = &rs.Aqk[m0][k0 + t4];
+            const uint32_t a[4] = {tf32_of(ar[0]), tf32_of(ar[8 * kLdA]), tf32_of(ar[4]), tf32_of(ar[8 * kLdA + 4])};
+#pragma unroll
+            for (int nn = 0; nn < 2; ++nn) {
+              const float* br = &rs.U[k0 + t4][rt * 16 + nn * 8 + g];
+              mma_tf32(y[ui][nn], a, __float_as_uint(br[0]), __float_as_uint(br[4 * G::kLdU]));
+            }
+          }
+          // y[ui][nn] = O[m0][r], O[m0][r+1], O[m0+8][r], O[m0+8][r+1] with r = rt*16 + nn*8 + 2 t4
+#pragma unroll
+          for (int nn = 0; nn < 2; ++nn) {
+            const int r = rt * 16 + nn * 8 + 2 * t4;
+            __nv_bfloat16* o = tv.o + (int64_t)(t0 + m0) * p.o_st + r;
+            if (m0 < nt) { o[0] = __float2bfloat16(y[ui][nn][0]); o[1] = __float2bfloat16(y[ui][nn][1]); }
+            if (m0 + 8 < nt) {
+              o[8 * p.o_st] = __float2bfloat16(y[ui][nn][2]);
+              o[8 * p.o_st + 1] = __float2bfloat16(y[ui][nn][3]);
+            }
+          }
+        }
+      }
     }
     const int tend = t0 + nt;
     if (ckpt && tend % kCheckpointEvery == 0)
