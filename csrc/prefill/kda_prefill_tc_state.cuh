@@ -96,6 +96,33 @@ __device__ __forceinline__ void store_state_tiles(StateT* rows, int vr, int c0, 
   }
 }
 
+// The update's pieces: the decay S <- S diag(EL) of a warp's state tiles (s[j]'s channels cs + 8j
+// and + 1); the A fragment of U^T [16 value rows from r0 x 8 tokens from 8 ks]; and S += U^T Kd for
+// token step ks on the tiles of channels cw0 + 8j.
+template <int SN>
+__device__ __forceinline__ void decay_state(float (&s)[SN][4], const float* EL, int cs) {
+#pragma unroll
+  for (int j = 0; j < SN; ++j) {
+    const float2 el = *reinterpret_cast<const float2*>(&EL[cs + 8 * j]);
+    s[j][0] *= el.x; s[j][1] *= el.y; s[j][2] *= el.x; s[j][3] *= el.y;
+  }
+}
+template <int LdU>
+__device__ __forceinline__ void ut_fragment(const float (*U)[LdU], int ks, int r0, int g, int t4, uint32_t (&a)[4]) {
+  const float* ur = &U[8 * ks + t4][r0 + g];
+  a[0] = __float_as_uint(ur[0]); a[1] = __float_as_uint(ur[8]);
+  a[2] = __float_as_uint(ur[4 * LdU]); a[3] = __float_as_uint(ur[4 * LdU + 8]);
+}
+template <int SN>
+__device__ __forceinline__ void kd_update(float (&s)[SN][4], const uint32_t (&a)[4], const __half (*Kd)[kLdR], int ks,
+                                          int cw0, int g, int t4) {
+#pragma unroll
+  for (int j = 0; j < SN; ++j) {
+    const __half* kr = &Kd[8 * ks + t4][cw0 + 8 * j + g];
+    mma_tf32(s[j], a, tf32_of(kr[0]), tf32_of(kr[4 * kLdR]));
+  }
+}
+
 // The token tile (of 16) of unit ui of a warp in the state pass's token-major steps: warp w takes
 // tiles w % 4 and 3 - w % 4 of value-row tiles w / 4 + 2 ui, so that with two units each warp's
 // output product (A_qk U, longer for later tiles) costs the same.
@@ -217,16 +244,11 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
 
       // With A = U^T [16 value rows x 8 tokens] per token step ks: O^T += U^T A_qk^T (A_qk is 0
       // above the diagonal: tiles jt >= ks only) and S <- S diag(EL) + U^T Kd.
-#pragma unroll
-      for (int js = 0; js < G::kSN; ++js) {
-        const float2 el = *reinterpret_cast<const float2*>(&rs.EL[cs + 8 * js]);
-        s[js][0] *= el.x; s[js][1] *= el.y; s[js][2] *= el.x; s[js][3] *= el.y;
-      }
+      decay_state(s, rs.EL, cs);
 #pragma unroll
       for (int ks = 0; ks < 8; ++ks) {
-        const float* ur = &rs.U[8 * ks + t4][vt * 16 + g];
-        const uint32_t a[4] = {__float_as_uint(ur[0]), __float_as_uint(ur[8]), __float_as_uint(ur[4 * G::kLdU]),
-                               __float_as_uint(ur[4 * G::kLdU + 8])};
+        uint32_t a[4];
+        ut_fragment(rs.U, ks, vt * 16, g, t4, a);
         if (outp) {
 #pragma unroll
           for (int jt = ks; jt < 8; ++jt) {
@@ -234,11 +256,7 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
             mma_tf32(y[jt], a, tf32_of(ar[0]), tf32_of(ar[4]));
           }
         }
-#pragma unroll
-        for (int js = 0; js < G::kSN; ++js) {
-          const __half* kr = &rs.Kd[8 * ks + t4][cw0 + 8 * js + g];
-          mma_tf32(s[js], a, tf32_of(kr[0]), tf32_of(kr[4 * kLdR]));
-        }
+        kd_update(s, a, rs.Kd, ks, cw0, g, t4);
       }
       KDA_TC_MARK(kPrepPhases + 1);
 #pragma unroll
@@ -303,21 +321,12 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
 
       // 2. S <- S diag(EL) + U^T Kd on the warp's state tiles, with A = U^T [16 value rows x 8
       //    tokens] per token step ks; then S to shared memory (TF32) for the next chunk's step 1.
-#pragma unroll
-      for (int js = 0; js < G::kSN; ++js) {
-        const float2 el = *reinterpret_cast<const float2*>(&rs.EL[cs + 8 * js]);
-        s[js][0] *= el.x; s[js][1] *= el.y; s[js][2] *= el.x; s[js][3] *= el.y;
-      }
+      decay_state(s, rs.EL, cs);
 #pragma unroll
       for (int ks = 0; ks < 8; ++ks) {
-        const float* ur = &rs.U[8 * ks + t4][vt * 16 + g];
-        const uint32_t a[4] = {__float_as_uint(ur[0]), __float_as_uint(ur[8]), __float_as_uint(ur[4 * G::kLdU]),
-                               __float_as_uint(ur[4 * G::kLdU + 8])};
-#pragma unroll
-        for (int js = 0; js < G::kSN; ++js) {
-          const __half* kr = &rs.Kd[8 * ks + t4][cw0 + 8 * js + g];
-          mma_tf32(s[js], a, tf32_of(kr[0]), tf32_of(kr[4 * kLdR]));
-        }
+        uint32_t a[4];
+        ut_fragment(rs.U, ks, vt * 16, g, t4, a);
+        kd_update(s, a, rs.Kd, ks, cw0, g, t4);
       }
       store_state_smem<G::kSN>(sm.S, vr, cs, s);
       KDA_TC_MARK(kPrepPhases + 1);  // thread 0 only: no barrier here
