@@ -56,9 +56,10 @@ struct alignas(128) StateSmem {
   float S[G::kNCW > 1 ? BV : 1][kLdS];  // the state as TF32, step 1's B operand (kNCW > 1)
 };
 
-// An fp16 [64 x cols] record field into shared rows of pitch ld (copied as 4-byte pairs).
-__device__ __forceinline__ void copy_half_rows_async(__half* dst, int ld, const float* rec, int field, int cols) {
-  copy_rows_async(reinterpret_cast<float*>(dst), ld / 2, rec + field, cols / 2, kC, cols / 2);
+// An fp16 [64 x kCols] record field (unpadded) into shared rows of pitch kLd, as 4-byte pairs.
+template <int kCols, int kLd>
+__device__ __forceinline__ void copy_half_rows_async(__half* dst, const float* src) {
+  copy_tile_async<kC, kCols / 2, kLd / 2, kCols / 2>(reinterpret_cast<float*>(dst), src);
 }
 
 // A chunk's record into one buffer: w, Kd, EL, this CTA's columns of u (none for transition rows,
@@ -66,12 +67,12 @@ __device__ __forceinline__ void copy_half_rows_async(__half* dst, int ld, const 
 template <int BV>
 __device__ __forceinline__ void load_record(typename StateSmem<BV>::Record& r, const float* rec, int v0, bool outp,
                                             bool with_u) {
-  if (outp) copy_half_rows_async(&r.Qe[0][0], kLdR, rec, kRecQe, kK);
-  copy_half_rows_async(&r.W[0][0], kLdR, rec, kRecW, kK);
-  copy_half_rows_async(&r.Kd[0][0], kLdR, rec, kRecKd, kK);
-  if (with_u) copy_rows_async(&r.U[0][0], StateTiling<BV>::kLdU, rec + kRecU + v0, kK, kC, BV);
-  if (outp) copy_half_rows_async(&r.Aqk[0][0], kLdA, rec, kRecAqk, kC);
-  copy_rows_async(&r.EL[0], kK, rec + kRecEL, kK, 1, kK);
+  if (outp) copy_half_rows_async<kK, kLdR>(&r.Qe[0][0], rec + kRecQe);
+  copy_half_rows_async<kK, kLdR>(&r.W[0][0], rec + kRecW);
+  copy_half_rows_async<kK, kLdR>(&r.Kd[0][0], rec + kRecKd);
+  if (with_u) copy_tile_async<kC, BV, StateTiling<BV>::kLdU, kK>(&r.U[0][0], rec + kRecU + v0);
+  if (outp) copy_half_rows_async<kC, kLdA>(&r.Aqk[0][0], rec + kRecAqk);
+  copy_tile_async<1, kK, kK, kK>(&r.EL[0], rec + kRecEL);
 }
 
 // An fp16 operand as the TF32 bits of the same value (exact: fp16's mantissa is TF32's).
