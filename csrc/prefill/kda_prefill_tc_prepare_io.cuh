@@ -58,7 +58,10 @@ __device__ __forceinline__ float decay_of_gate(float x, float a, float lower_bou
   constexpr float kLog2e = 1.4426950408889634f;
   float log2_decay;
   if constexpr (kBounded) {
-    const float sig = 1.f / (1.f + exp2f(-a * x * kLog2e));  // 2^(+inf) = inf gives 0: the limit
+    // sigmoid(a x) from MUFU ex2 and the approximate reciprocal: 1 / (1 + 2^(-a x log2 e)) as an
+    // IEEE division was a range test, a branch around a slow path and a Newton step per decay. A
+    // denominator of inf (or past 2^126) gives 0, the limit; 2^t below 2^-126 only meets 1 + it.
+    const float sig = __fdividef(1.f, 1.f + ex2_ftz(-a * x * kLog2e));
     log2_decay = lower_bound * kLog2e * sig;
   } else {
     const float t = x * kLog2e;
