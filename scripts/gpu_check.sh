@@ -15,7 +15,7 @@
 # long-context prefill benchmark (extra arguments in LONG_ARGS, e.g. "--heads 8 --max-tokens 131072") and
 # the 128K-token split tests. profile: the tensor-core prefill's cycles per phase
 # (scripts/profile_tc_phases.cu) at H96 1x8192, H32 1x32768 and H8 1x131072 (unsplit), for this
-# tree (also with KDA_SERVING_TC_DIAG=exact) and the trees in PROFILE_TREES.
+# tree (also with KDA_SERVING_TC_DIAG=exact and with the bounded gate) and the trees in PROFILE_TREES.
 # Set KDA_SERVING_COMMIT to name the commit in the JSON when the tree has no .git.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -72,6 +72,8 @@ if has profile; then
   for shape in "1 8192 96" "1 32768 32" "1 131072 8"; do
     echo "### . KDA_SERVING_TC_DIAG=exact $shape" >>"$OUT/profile-tc.log"
     KDA_SERVING_TC_DIAG=exact "$OUT/.profile_tc_0" $shape >>"$OUT/profile-tc.log" 2>&1 || rc=1
+    echo "### . KDA_SERVING_PROFILE_GATE=bounded $shape" >>"$OUT/profile-tc.log"
+    KDA_SERVING_PROFILE_GATE=bounded "$OUT/.profile_tc_0" $shape >>"$OUT/profile-tc.log" 2>&1 || rc=1
     n=0
     for t in $trees; do
       echo "### $t $shape" >>"$OUT/profile-tc.log"

@@ -7,7 +7,8 @@
 //   nvcc -std=c++17 -O3 -arch=sm_90a -Icsrc scripts/profile_tc_phases.cu -o /tmp/profile_tc
 //   /tmp/profile_tc [N sequences] [tokens each] [heads] [state rows 128|64|32]   # default 1 8192 96,
 //   rows as the launcher picks; KDA_SERVING_TC_DIAG=exact as for the extension. The Kimi gate on
-//   logits uniform in [-3, 1] keeps every diagonal block on the tensor-core path.
+//   logits uniform in [-3, 1] keeps every diagonal block on the tensor-core path;
+//   KDA_SERVING_PROFILE_GATE=bounded runs the bounded gate (lower bound -5) instead.
 #define KDA_TC_PHASE_CYCLES
 #include "../csrc/prefill/kda_prefill_tc_launch.cu"
 
@@ -111,7 +112,9 @@ int main(int argc, char** argv) {
   p.N = N;
   p.H = H;
   p.scale = 1.f / std::sqrt((float)K);
-  p.has_lower_bound = false;
+  const char* gate = std::getenv("KDA_SERVING_PROFILE_GATE");
+  p.has_lower_bound = gate != nullptr && std::string(gate) == "bounded";
+  p.lower_bound = -5.f;
   // As the binding reads it: KDA_SERVING_TC_DIAG=exact puts every diagonal block on its exact path.
   const char* diag = std::getenv("KDA_SERVING_TC_DIAG");
   p.tc_diag_exact = diag != nullptr && std::string(diag) == "exact";
@@ -161,9 +164,9 @@ int main(int argc, char** argv) {
   const long long chunks_per_seq = (L + kda::tc::kC - 1) / kda::tc::kC;
   const long long prep_ctas = chunks_per_seq * N * H;  // CTAs with a chunk to prepare
   const long long state_ctas = (long long)(K / rows) * H * N;
-  std::printf("%s, %d SMs, clock %.2f GHz; N=%d L=%d H=%d: prepare %lld CTAs %.3f ms, state %lld CTAs (%d rows) "
-              "%.3f ms, total %.3f ms\n", prop.name, sms, clock_khz * 1e-6, N, L, H, prep_ctas, ms_prep, state_ctas,
-              rows, ms_state, ms_prep + ms_state);
+  std::printf("%s, %d SMs, clock %.2f GHz; N=%d L=%d H=%d %s gate: prepare %lld CTAs %.3f ms, state %lld CTAs "
+              "(%d rows) %.3f ms, total %.3f ms\n", prop.name, sms, clock_khz * 1e-6, N, L, H,
+              p.has_lower_bound ? "bounded" : "kimi", prep_ctas, ms_prep, state_ctas, rows, ms_state, ms_prep + ms_state);
   std::printf("cycles per chunk per CTA (thread 0 of each CTA, between block-wide barriers):\n");
   for (int pass = 0; pass < 2; ++pass) {
     const int lo = pass ? kda::tc::kPrepPhases : 0, hi = pass ? kda::tc::kPhases : kda::tc::kPrepPhases;
