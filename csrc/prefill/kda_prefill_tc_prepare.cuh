@@ -160,9 +160,10 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
     //    One warp per token, 4 channels per lane. (a) The raw values, loaded one item ahead (with
     //    unaligned rows the 2-byte loads wait there), are unpacked; the 16 squared norms of the
     //    warp's 8 tokens are reduced together (one reduce-scatter, RowReduce, instead of 16
-    //    dependent 5-shuffle sums) and q, k go to shared memory normalised. (b) Gates and beta one
-    //    token at a time in a loop that is not unrolled (unrolled, this pass was once half of the
-    //    kernel's machine code, docs/kernels.md). Each lane reads back only what it wrote.
+    //    dependent 5-shuffle sums) and q, k go to shared memory normalised, beta through its
+    //    sigmoid. (b) Gates one token at a time in a loop that is not unrolled (unrolled, this pass
+    //    was once half of the kernel's machine code, docs/kernels.md). Each lane reads back only
+    //    what it wrote.
     {
       float qv[kPer][4], kv[kPer][4], gv[kPer][4], bv[kPer];
       unpack_chunk_inputs(raw, qv, kv, gv, bv);
@@ -172,6 +173,13 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
         part[m] = qv[m][0] * qv[m][0] + qv[m][1] * qv[m][1] + qv[m][2] * qv[m][2] + qv[m][3] * qv[m][3];
         part[kPer + m] = kv[m][0] * kv[m][0] + kv[m][1] * kv[m][1] + kv[m][2] * kv[m][2] + kv[m][3] * kv[m][3];
       }
+      // Lane m < kPer: beta of token warp + kPrepWarp m (0 past the end), one sigmoid per warp
+      // instead of one per token in lane 0.
+      float braw = bv[0];
+#pragma unroll
+      for (int m = 1; m < kPer; ++m) braw = lane == m ? bv[m] : braw;
+      const int bi = warp + kPrepWarp * lane;
+      const float bsig = bi < nt ? sigmoid_fast(braw) : 0.f;
       const int row = row_of_lane<2 * kPer>(lane);  // the norm this lane completes
       const float inv = rsqrtf(RowReduce<2 * kPer, 16>::run(part, lane) + 1e-6f) * (row < kPer ? p.scale : 1.f);
       // The previous item's last reads of the shared arrays (6b) are done before these writes; a
@@ -187,8 +195,8 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
         *reinterpret_cast<float4*>(&sm.Kq[i][c4]) =
             make_float4(kv[m][0] * rk, kv[m][1] * rk, kv[m][2] * rk, kv[m][3] * rk);
         *reinterpret_cast<float4*>(&sm.r1.al[i][c4]) = make_float4(gv[m][0], gv[m][1], gv[m][2], gv[m][3]);
-        if (lane == 0) sm.beta[i] = bv[m];
       }
+      if (lane < kPer) sm.beta[bi] = bsig;
       KDA_TC_MARK(0);  // the profile build's thread 0 only: no barrier at these two marks
       if (next < items) {
         int s1;
@@ -213,7 +221,6 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
                              decay_of_gate<kB>(g4.w + dtb4[3], a_h, p.lower_bound));
           }
           *reinterpret_cast<float4*>(&sm.r1.al[i][c4]) = a4;
-          if (lane == 0) sm.beta[i] = i < nt ? sigmoid_stable(sm.beta[i]) : 0.f;
         }
       };
       if (p.has_lower_bound) decays(std::true_type{});

@@ -48,6 +48,15 @@ __device__ __forceinline__ float ex2_ftz(float x) {
 #endif
 }
 
+// sigmoid(z) = 1 / (1 + 2^(-z log2 e)) from MUFU ex2 and the approximate reciprocal (about 1e-7
+// relative error), straight-line: as an IEEE division it was a range test, a branch around a slow
+// path and a Newton step. A denominator of inf (or past 2^126) gives 0, the limit; 2^t below
+// 2^-126 only meets 1 + it.
+__device__ __forceinline__ float sigmoid_fast(float z) {
+  constexpr float kLog2e = 1.4426950408889634f;
+  return __fdividef(1.f, 1.f + ex2_ftz(-z * kLog2e));
+}
+
 // The decay a_t = exp(gate) of one channel, from the MUFU ex2 / lg2 approximations (about 1e-6
 // relative error on a_t) instead of expf / log1pf, which took a third of the inputs phase's
 // instructions. Kimi gate: exp(-a softplus(x)) = 2^(-a log2(1 + 2^(x log2 e))), softplus(x) = x
@@ -58,11 +67,7 @@ __device__ __forceinline__ float decay_of_gate(float x, float a, float lower_bou
   constexpr float kLog2e = 1.4426950408889634f;
   float log2_decay;
   if constexpr (kBounded) {
-    // sigmoid(a x) from MUFU ex2 and the approximate reciprocal: 1 / (1 + 2^(-a x log2 e)) as an
-    // IEEE division was a range test, a branch around a slow path and a Newton step per decay. A
-    // denominator of inf (or past 2^126) gives 0, the limit; 2^t below 2^-126 only meets 1 + it.
-    const float sig = __fdividef(1.f, 1.f + ex2_ftz(-a * x * kLog2e));
-    log2_decay = lower_bound * kLog2e * sig;
+    log2_decay = lower_bound * kLog2e * sigmoid_fast(a * x);
   } else {
     const float t = x * kLog2e;
     const float sp2 = x > 15.f ? t : __log2f(1.f + ex2_ftz(t));  // softplus(x) log2 e
