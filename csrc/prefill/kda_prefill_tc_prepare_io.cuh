@@ -73,7 +73,9 @@ __device__ __forceinline__ float decay_of_gate(float x, float a, float lower_bou
     const float sp2 = x > 15.f ? t : __log2f(1.f + ex2_ftz(t));  // softplus(x) log2 e
     log2_decay = -a * sp2;
   }
-  return exp2f(log2_decay);
+  // A decay below 2^-126 comes out 0 instead of subnormal (exp2f's range test and two multiplies):
+  // the state it meets is wiped to within 1e-38 either way.
+  return ex2_ftz(log2_decay);
 }
 
 // Rows of `base` (row stride st elements) start `bytes`-aligned at every token.
