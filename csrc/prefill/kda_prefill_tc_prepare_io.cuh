@@ -48,12 +48,13 @@ __device__ __forceinline__ float ex2_ftz(float x) {
 #endif
 }
 
+constexpr float kLog2e = 1.4426950408889634f;  // e^x = 2^(x kLog2e): the MUFU forms below
+
 // sigmoid(z) = 1 / (1 + 2^(-z log2 e)) from MUFU ex2 and the approximate reciprocal (about 1e-7
 // relative error), straight-line: as an IEEE division it was a range test, a branch around a slow
 // path and a Newton step. A denominator of inf (or past 2^126) gives 0, the limit; 2^t below
 // 2^-126 only meets 1 + it.
 __device__ __forceinline__ float sigmoid_fast(float z) {
-  constexpr float kLog2e = 1.4426950408889634f;
   return __fdividef(1.f, 1.f + ex2_ftz(-z * kLog2e));
 }
 
@@ -64,7 +65,6 @@ __device__ __forceinline__ float sigmoid_fast(float z) {
 // gate is a template parameter so that the caller's loop has no per-element test of it.
 template <bool kBounded>
 __device__ __forceinline__ float decay_of_gate(float x, float a, float lower_bound) {
-  constexpr float kLog2e = 1.4426950408889634f;
   float log2_decay;
   if constexpr (kBounded) {
     log2_decay = lower_bound * kLog2e * sigmoid_fast(a * x);
