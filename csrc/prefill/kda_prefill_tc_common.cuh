@@ -173,6 +173,46 @@ __device__ __forceinline__ void mma_tf32(float (&d)[4], const uint32_t (&a)[4], 
 #endif
 }
 
+// One m16n8k16 fp16 tensor-core product d += a b with fp32 accumulation (PTX ISA layouts): a holds
+// fp16 pairs A[g][2t..2t+1], A[g+8][2t..2t+1], A[g][2t+8..2t+9], A[g+8][2t+8..2t+9] (the lower
+// column in the low half); b = B[2t..2t+1][g], B[2t+8..2t+9][g]; d as mma_tf32's. fp16 carries
+// TF32's 10-bit mantissa, so a product of fp16 operands is as exact as one of TF32 operands, at
+// twice the depth per instruction and half the operand bytes; its range is what needs care
+// (row_scale).
+__device__ __forceinline__ void mma_f16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#ifdef KDA_SIMT_EMULATOR
+  emu::mma_m16n8k16_f16(d, a, b0, b1);
+#else
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
+}
+
+// Two floats as one fp16 pair (round to nearest even), as a 32-bit word (a in the low half).
+__device__ __forceinline__ unsigned half2_bits(float a, float b) {
+  const __half2 h = __floats2half2_rn(a, b);
+  return *reinterpret_cast<const unsigned*>(&h);
+}
+
+// A power of two 2^e that brings the largest magnitude m of a row of fp32 values into
+// [2^14, 2^15), so that the row, times it, is an fp16 operand: no value overflows (fp16 ends
+// below 2^16) and every value above m 2^-28 stays a normal fp16 number, as precise as TF32.
+// e = 14 - floor(log2 m), clamped to 126 (m zero or below 2^-112: the row is at most 2^14 times
+// it, still finite); the scale and its inverse are exact, so unscaling a product loses nothing.
+struct RowScale {
+  float scale = 1.f, inv = 1.f;
+  RowScale() = default;
+  __device__ __forceinline__ explicit RowScale(float m) {
+    const int E = (int)((__float_as_uint(m) >> 23) & 0xffu) - 127;  // floor(log2 m) for a normal m
+    const int e = min(14 - E, 126);                                  // >= -113: m below 2^128
+    scale = __uint_as_float((uint32_t)(127 + e) << 23);
+    inv = __uint_as_float((uint32_t)(127 - e) << 23);
+  }
+};
+
 // Asynchronous 16-byte global -> shared copies (cp.async); the emulator copies at once.
 __device__ __forceinline__ void cp_async16(float* dst, const float* src) {
 #ifdef KDA_SIMT_EMULATOR

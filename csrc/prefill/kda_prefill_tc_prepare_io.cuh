@@ -181,12 +181,6 @@ __device__ __forceinline__ void issue_v_loads(const KdaPrefillParams& p, const T
     raw[m] = i0 + kVStride * m < nt ? ld_raw8(vp, vec) : make_uint4(0u, 0u, 0u, 0u);
 }
 
-// Two floats as one fp16 pair (round to nearest even), as a 32-bit word.
-__device__ __forceinline__ unsigned half2_bits(float a, float b) {
-  const __half2 h = __floats2half2_rn(a, b);
-  return *reinterpret_cast<const unsigned*>(&h);
-}
-
 // A [64 x cols] shared fp32 array (row pitch ld) to an fp16 record field, 8 values per 16-byte
 // store, coalesced; with `scale` ([kNB x cols], row = the token's block) times scale first.
 __device__ __forceinline__ void store_rows_half(__half* dst, const float* src, int ld, int cols,

@@ -27,9 +27,6 @@ namespace tc {
 // word).
 constexpr int kLdR = kK + 8;
 constexpr int kLdA = kC + 8;
-// The state's row pitch (floats) in shared memory: rows 8 banks apart, so that step 1's 8-byte B
-// loads (each half-warp: 4 rows x 4 channel pairs) hit distinct banks.
-constexpr int kLdS = kK + 8;
 
 template <int BV>
 struct StateTiling {
@@ -53,7 +50,11 @@ struct alignas(128) StateSmem {
     __half Aqk[kC][kLdA];
     float EL[kK];
   } rec[2];
-  float S[G::kNCW > 1 ? BV : 1][kLdS];  // the state as TF32, step 1's B operand (kNCW > 1)
+  // kNCW > 1: the state as step 1's fp16 B operand (rows of pitch kLdR, like W's: a B fragment's
+  // 8 rows x 4 channel pairs hit distinct banks); row r's channels of warp slice q are times
+  // 1 / Sinv[q][r] (row_scales).
+  __half S[G::kNCW > 1 ? BV : 1][kLdR];
+  float Sinv[G::kNCW][G::kNCW > 1 ? BV : 1];
 };
 
 // An fp16 [64 x kCols] record field (unpadded) into shared rows of pitch kLd, as 4-byte pairs.
@@ -129,13 +130,40 @@ __device__ __forceinline__ void kd_update(float (&s)[SN][4], const uint32_t (&a)
 // output product (A_qk U, longer for later tiles) costs the same.
 __device__ __forceinline__ int unit_tokens_tile(int ui, int warp) { return ui % 2 ? 3 - warp % 4 : warp % 4; }
 
-// A warp's state tiles into the shared state (pitch kLdS), TF32-rounded: step 1's B operand.
+// The powers of two (RowScale) for a warp's two state rows vr, vr + 8 over the channels its
+// tiles hold: the four lanes of a row (t4 = 0..3) hold them all.
 template <int SN>
-__device__ __forceinline__ void store_state_smem(float (*S)[kLdS], int vr, int c0, const float (&s)[SN][4]) {
+__device__ __forceinline__ void row_scales(const float (&s)[SN][4], RowScale& r0, RowScale& r1) {
+  float m0 = 0.f, m1 = 0.f;
 #pragma unroll
   for (int j = 0; j < SN; ++j) {
-    *reinterpret_cast<float2*>(&S[vr][c0 + 8 * j]) = make_float2(tf32_round(s[j][0]), tf32_round(s[j][1]));
-    *reinterpret_cast<float2*>(&S[vr + 8][c0 + 8 * j]) = make_float2(tf32_round(s[j][2]), tf32_round(s[j][3]));
+    m0 = fmaxf(m0, fmaxf(fabsf(s[j][0]), fabsf(s[j][1])));
+    m1 = fmaxf(m1, fmaxf(fabsf(s[j][2]), fabsf(s[j][3])));
+  }
+#pragma unroll
+  for (int o = 1; o < 4; o <<= 1) {
+    m0 = fmaxf(m0, __shfl_xor_sync(0xffffffffu, m0, o));
+    m1 = fmaxf(m1, __shfl_xor_sync(0xffffffffu, m1, o));
+  }
+  r0 = RowScale(m0);
+  r1 = RowScale(m1);
+}
+
+// A warp's state tiles (channels c0 + 8j, + 1) into the shared fp16 state, each row times its
+// own power of two over the warp's channels, whose inverse goes to sinv[row] (this warp's slice).
+template <int SN>
+__device__ __forceinline__ void store_state_half(__half (*S)[kLdR], float* sinv, int vr, int c0, int t4,
+                                                 const float (&s)[SN][4]) {
+  RowScale r0, r1;
+  row_scales(s, r0, r1);
+#pragma unroll
+  for (int j = 0; j < SN; ++j) {
+    *reinterpret_cast<uint32_t*>(&S[vr][c0 + 8 * j]) = half2_bits(s[j][0] * r0.scale, s[j][1] * r0.scale);
+    *reinterpret_cast<uint32_t*>(&S[vr + 8][c0 + 8 * j]) = half2_bits(s[j][2] * r1.scale, s[j][3] * r1.scale);
+  }
+  if (t4 == 0) {
+    sinv[vr] = r0.inv;
+    sinv[vr + 8] = r1.inv;
   }
 }
 
@@ -188,7 +216,7 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
     for (int j = 0; j < G::kSN; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
   }
   if (len > 0) load_record<BV>(sm.rec[0], chunk_record(p, cbase, h), v0, outp, !unit.transition);
-  if constexpr (G::kNCW > 1) store_state_smem<G::kSN>(sm.S, vr, cs, s);
+  if constexpr (G::kNCW > 1) store_state_half<G::kSN>(sm.S, sm.Sinv[q], vr, cs, t4, s);
   cp_async_wait_all();
   __syncthreads();
 
@@ -205,40 +233,48 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
       // A warp holds all 128 channels of its 16 value rows: X^T = S W^T and Y^T = S Qe^T,
       // [16 rows x 64 tokens] as 8 token tiles, are whole, and U's rows it writes are the only
       // ones its update and output read, so the chunk needs no barrier until its end.
-      // A = the state tile, its channels 2t, 2t+1 as k-slots t, t+4; B = 2 adjacent channels of
-      // W / Qe (fp16 pairs from the prepare pass).
+      // On fp16 tensor cores (m16n8k16): A = the state tiles 2kk, 2kk + 1 (channels 16kk .. 16kk
+      // + 15 in order) times a power of two per value row (RowScale; the four lanes of a row hold
+      // its 128 channels), B = W / Qe as stored (fp16 pairs of adjacent channels); the products
+      // are scaled back exactly. Half the TF32 form's instructions, with no conversion of B.
+      RowScale r0, r1;
+      row_scales(s, r0, r1);
       float x[8][4], y[8][4];
 #pragma unroll
       for (int jt = 0; jt < 8; ++jt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) x[jt][e] = y[jt][e] = 0.f;
 #pragma unroll
-      for (int js = 0; js < G::kSN; ++js) {
-        const uint32_t a[4] = {to_tf32(s[js][0]), to_tf32(s[js][2]), to_tf32(s[js][1]), to_tf32(s[js][3])};
-        const int c = cs + 8 * js;
+      for (int kk = 0; kk < G::kSN / 2; ++kk) {
+        const float(&s0)[4] = s[2 * kk];
+        const float(&s1)[4] = s[2 * kk + 1];
+        const uint32_t a[4] = {half2_bits(s0[0] * r0.scale, s0[1] * r0.scale), half2_bits(s0[2] * r1.scale, s0[3] * r1.scale),
+                               half2_bits(s1[0] * r0.scale, s1[1] * r0.scale), half2_bits(s1[2] * r1.scale, s1[3] * r1.scale)};
+        const int c = 16 * kk + 2 * t4;
 #pragma unroll
         for (int jt = 0; jt < 8; ++jt) {
-          const float2 bw = __half22float2(*reinterpret_cast<const __half2*>(&rs.W[8 * jt + g][c]));
-          mma_tf32(x[jt], a, __float_as_uint(bw.x), __float_as_uint(bw.y));
+          const __half* w = &rs.W[8 * jt + g][c];
+          mma_f16(x[jt], a, *reinterpret_cast<const uint32_t*>(w), *reinterpret_cast<const uint32_t*>(w + 8));
         }
         if (outp) {
 #pragma unroll
           for (int jt = 0; jt < 8; ++jt) {
-            const float2 bq = __half22float2(*reinterpret_cast<const __half2*>(&rs.Qe[8 * jt + g][c]));
-            mma_tf32(y[jt], a, __float_as_uint(bq.x), __float_as_uint(bq.y));
+            const __half* qe = &rs.Qe[8 * jt + g][c];
+            mma_f16(y[jt], a, *reinterpret_cast<const uint32_t*>(qe), *reinterpret_cast<const uint32_t*>(qe + 8));
           }
         }
       }
-      // U = u - X in place of u, rounded to TF32 for its two products.
+      // U = u - X in place of u, rounded to TF32 for its two products; Y unscaled for step 2's sums.
       const bool zu = unit.transition;  // u = 0 (not loaded)
 #pragma unroll
       for (int jt = 0; jt < 8; ++jt) {
         float* u0 = &rs.U[8 * jt + 2 * t4][vr];  // x[jt] = X^T[vr][t], [vr][t+1], [vr+8][t], [vr+8][t+1]
         float* u1 = u0 + G::kLdU;
-        u0[0] = tf32_round((zu ? 0.f : u0[0]) - x[jt][0]);
-        u1[0] = tf32_round((zu ? 0.f : u1[0]) - x[jt][1]);
-        u0[8] = tf32_round((zu ? 0.f : u0[8]) - x[jt][2]);
-        u1[8] = tf32_round((zu ? 0.f : u1[8]) - x[jt][3]);
+        u0[0] = tf32_round((zu ? 0.f : u0[0]) - x[jt][0] * r0.inv);
+        u1[0] = tf32_round((zu ? 0.f : u1[0]) - x[jt][1] * r0.inv);
+        u0[8] = tf32_round((zu ? 0.f : u0[8]) - x[jt][2] * r1.inv);
+        u1[8] = tf32_round((zu ? 0.f : u1[8]) - x[jt][3] * r1.inv);
+        y[jt][0] *= r0.inv; y[jt][1] *= r0.inv; y[jt][2] *= r1.inv; y[jt][3] *= r1.inv;
       }
       __syncwarp();
       KDA_TC_MARK(kPrepPhases);  // thread 0 only: no barrier here
@@ -271,9 +307,10 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
     } else {
       // 1. X = w S^T and Y = Qe S^T in token-major form, [64 tokens x BV value rows] as units of
       //    16 tokens (tt) x 16 rows (rt), whole products over the 128 channels, so no partial sums
-      //    cross warps: A = w / Qe (fp16 pairs: channels 2t, 2t+1 as k-slots t, t+4), B = S from
-      //    shared memory (TF32 bits, the same pairing as one 8-byte load). Then U = u - X in place
-      //    of u, rounded to TF32 for its two products; Y stays in registers for step 3.
+      //    cross warps, on fp16 tensor cores (m16n8k16): A = w / Qe as stored, B = the shared fp16
+      //    state. Each warp slice q of the channels carries its own row scales, so its partial
+      //    products are scaled back (Sinv) and summed in fp32. Then U = u - X in place of u,
+      //    rounded to TF32 for its two products; Y stays in registers for step 3.
       float y[G::kUnits][2][4];
 #pragma unroll
       for (int ui = 0; ui < G::kUnits; ++ui) {
@@ -284,25 +321,38 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
 #pragma unroll
           for (int e = 0; e < 4; ++e) y[ui][nn][e] = 0.f;
         const int m0 = tt * 16 + g;  // tokens m0, m0 + 8 of this lane's A and accumulator rows
-#pragma unroll 4
-        for (int k0 = 0; k0 < kK; k0 += 8) {
-          const int c = k0 + 2 * t4;
-          const float2 w0 = __half22float2(*reinterpret_cast<const __half2*>(&rs.W[m0][c]));
-          const float2 w1 = __half22float2(*reinterpret_cast<const __half2*>(&rs.W[m0 + 8][c]));
-          const uint32_t aw[4] = {__float_as_uint(w0.x), __float_as_uint(w1.x), __float_as_uint(w0.y),
-                                  __float_as_uint(w1.y)};
-          uint32_t aq[4] = {0u, 0u, 0u, 0u};
-          if (outp) {
-            const float2 q0 = __half22float2(*reinterpret_cast<const __half2*>(&rs.Qe[m0][c]));
-            const float2 q1 = __half22float2(*reinterpret_cast<const __half2*>(&rs.Qe[m0 + 8][c]));
-            aq[0] = __float_as_uint(q0.x); aq[1] = __float_as_uint(q1.x);
-            aq[2] = __float_as_uint(q0.y); aq[3] = __float_as_uint(q1.y);
+#pragma unroll
+        for (int qs = 0; qs < G::kNCW; ++qs) {
+          float xs[2][4] = {}, ys[2][4] = {};
+#pragma unroll
+          for (int k0 = qs * G::kCW; k0 < (qs + 1) * G::kCW; k0 += 16) {
+            const int c = k0 + 2 * t4;
+            const uint32_t aw[4] = {*reinterpret_cast<const uint32_t*>(&rs.W[m0][c]),
+                                    *reinterpret_cast<const uint32_t*>(&rs.W[m0 + 8][c]),
+                                    *reinterpret_cast<const uint32_t*>(&rs.W[m0][c + 8]),
+                                    *reinterpret_cast<const uint32_t*>(&rs.W[m0 + 8][c + 8])};
+            uint32_t aq[4] = {0u, 0u, 0u, 0u};
+            if (outp) {
+              aq[0] = *reinterpret_cast<const uint32_t*>(&rs.Qe[m0][c]);
+              aq[1] = *reinterpret_cast<const uint32_t*>(&rs.Qe[m0 + 8][c]);
+              aq[2] = *reinterpret_cast<const uint32_t*>(&rs.Qe[m0][c + 8]);
+              aq[3] = *reinterpret_cast<const uint32_t*>(&rs.Qe[m0 + 8][c + 8]);
+            }
+#pragma unroll
+            for (int nn = 0; nn < 2; ++nn) {
+              const __half* sb = &sm.S[rt * 16 + nn * 8 + g][c];
+              const uint32_t b0 = *reinterpret_cast<const uint32_t*>(sb), b1 = *reinterpret_cast<const uint32_t*>(sb + 8);
+              mma_f16(xs[nn], aw, b0, b1);
+              if (outp) mma_f16(ys[nn], aq, b0, b1);
+            }
           }
 #pragma unroll
-          for (int nn = 0; nn < 2; ++nn) {
-            const float2 b = *reinterpret_cast<const float2*>(&sm.S[rt * 16 + nn * 8 + g][c]);
-            mma_tf32(x[nn], aw, __float_as_uint(b.x), __float_as_uint(b.y));
-            if (outp) mma_tf32(y[ui][nn], aq, __float_as_uint(b.x), __float_as_uint(b.y));
+          for (int nn = 0; nn < 2; ++nn) {  // columns r, r + 1 = value rows, r = rt*16 + nn*8 + 2 t4
+            const float2 iv = *reinterpret_cast<const float2*>(&sm.Sinv[qs][rt * 16 + nn * 8 + 2 * t4]);
+            x[nn][0] += xs[nn][0] * iv.x; x[nn][1] += xs[nn][1] * iv.y;
+            x[nn][2] += xs[nn][2] * iv.x; x[nn][3] += xs[nn][3] * iv.y;
+            y[ui][nn][0] += ys[nn][0] * iv.x; y[ui][nn][1] += ys[nn][1] * iv.y;
+            y[ui][nn][2] += ys[nn][2] * iv.x; y[ui][nn][3] += ys[nn][3] * iv.y;
           }
         }
         // x[nn] = X[m0][r], X[m0][r+1], X[m0+8][r], X[m0+8][r+1] with r = rt*16 + nn*8 + 2 t4
@@ -329,7 +379,7 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
         ut_fragment(rs.U, ks, vt * 16, g, t4, a);
         kd_update(s, a, rs.Kd, ks, cw0, g, t4);
       }
-      store_state_smem<G::kSN>(sm.S, vr, cs, s);
+      store_state_half<G::kSN>(sm.S, sm.Sinv[q], vr, cs, t4, s);
       KDA_TC_MARK(kPrepPhases + 1);  // thread 0 only: no barrier here
 
       // 3. O += A_qk U on the units' tokens (A_qk is 0 above the diagonal: token steps up to the

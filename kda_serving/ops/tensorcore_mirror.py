@@ -23,7 +23,9 @@ Per 64-token chunk, in 4 blocks of 16 tokens, with a_t = exp(g_t) <= 1 the per-t
   in fp32, the rest from TF32 products); the WY
   factors u = T (beta v) and w = T (beta Ke) on tensor cores (the kernel's prepare pass, for all
   chunks at once), then U = u - w S^T (its serial state pass);
-* the state stays fp32 and is rounded to TF32 only as a tensor-core operand;
+* the state stays fp32; it is a tensor-core operand only in w S^T and Qe S^T, as fp16
+  (``_fp16_rows``: each value row times a power of two that fits its largest entry; fp16's
+  mantissa is TF32's);
 * the workspace record's Qe, Kd, w and A_qk are fp16 (``_fp16``; fp16 values are exact TF32
   operands), u fp32.
 
@@ -56,6 +58,18 @@ def _tf32(x: torch.Tensor) -> torch.Tensor:
 def _fp16(x: torch.Tensor) -> torch.Tensor:
     """Round fp32 to fp16 and back (nearest even), as the prepare pass stores record fields."""
     return x.float().half().float()
+
+
+def _fp16_rows(S: torch.Tensor) -> torch.Tensor:
+    """The state [H, V, K] as the state pass's fp16 operand: each value row times the power of
+    two that brings its largest magnitude into [2^14, 2^15) (the kernel's RowScale; at most 2^126),
+    rounded to fp16, and scaled back, which is exact. (With 64 or 32 value rows per CTA the kernel
+    scales each warp's quarter or half of a row on its own: the same rounding up to the scale.)"""
+    m = S.abs().amax(dim=-1, keepdim=True)
+    _, e2 = torch.frexp(m)  # m = f 2^e2 with f in [0.5, 1): floor(log2 m) = e2 - 1
+    e = torch.clamp(15 - e2, max=126)
+    one = torch.ones_like(m)
+    return (S * torch.ldexp(one, e)).half().float() * torch.ldexp(one, -e)
 
 
 def _chunk(S, q, k, v, g, beta):
@@ -112,7 +126,7 @@ def _chunk(S, q, k, v, g, beta):
     Akk = Akk.masked_fill(~causal.tril(-1), 0.0) * beta.t()[:, :, None]
 
     T = _blocked_inverse(Akk)
-    S_op = _tf32(S)
+    S_op = _fp16_rows(S)
     T_op = _tf32(T)
     u = T_op @ _tf32(beta.t()[:, :, None] * v.permute(1, 0, 2))       # [H, C, V]
     w = T_op @ _tf32(beta.t()[:, :, None] * Ke.permute(1, 0, 2))      # [H, C, K]

@@ -4,7 +4,7 @@
 // product), then the next runnable fiber runs. Blocks run one after another. The order in
 // which runnable fibers are resumed is forward, reverse or pseudo-random (set_order), so a
 // missing barrier shows up as results that differ between orders. An mma.sync product gathers
-// the warp's fragments by their PTX layouts (mma_m16n8k8_tf32).
+// the warp's fragments by their PTX layouts (mma_m16n8k8_tf32, mma_m16n8k16_f16).
 //
 // What it checks: indexing, the algorithm, barrier placement (by comparing schedules),
 // rounding (tf32 conversions are applied where the code asks). What it cannot: timing,
@@ -28,6 +28,7 @@
 #include <vector>
 
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
 
 #define KDA_SIMT_EMULATOR 1
@@ -60,12 +61,14 @@ struct Fiber {
   bool done = false;
 };
 
+constexpr int kFragValues = 16;  // a, b, c of the largest product (m16n8k16: 8 + 4 + 4)
+
 struct Block {
   int threads = 0;
   std::vector<Fiber> fibers;
   std::vector<int> arrived;      // per barrier: 0 = the block, 1 + w = warp w
   std::vector<uint32_t> shfl;    // one 32-bit slot per thread
-  std::vector<float> frag;       // one mma.sync fragment set (a, b, c: 10 values) per thread
+  std::vector<float> frag;       // one mma.sync fragment set (a, b, c: up to 16 values) per thread
   ucontext_t sched_ctx;
   jmp_buf sched;
   int current = 0;
@@ -128,7 +131,7 @@ void launch(Idx grid, int threads, F&& fn) {
         blk.fibers.resize(threads);
         blk.arrived.assign(1 + threads / 32, 0);
         blk.shfl.assign(threads, 0);
-        blk.frag.assign((size_t)threads * 10, 0.f);
+        blk.frag.assign((size_t)threads * kFragValues, 0.f);
         g_blk = &blk;
         g_block = Idx{x, y, z};
         if (g_on_block_start) g_on_block_start();
@@ -211,7 +214,7 @@ inline void mma_m16n8k8_tf32(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
     return f;
   };
   const int warp = g_thread.x / 32, lane = g_thread.x % 32;
-  float* mine = &g_blk->frag[(size_t)(warp * 32 + lane) * 10];
+  float* mine = &g_blk->frag[(size_t)(warp * 32 + lane) * kFragValues];
   for (int i = 0; i < 4; ++i) mine[i] = tf32(a[i]);
   mine[4] = tf32(b0);
   mine[5] = tf32(b1);
@@ -219,7 +222,7 @@ inline void mma_m16n8k8_tf32(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
   warp_barrier();
   float A[16][8], B[8][8], C[16][8];
   for (int l = 0; l < 32; ++l) {
-    const float* f = &g_blk->frag[(size_t)(warp * 32 + l) * 10];
+    const float* f = &g_blk->frag[(size_t)(warp * 32 + l) * kFragValues];
     const int g = l / 4, t = l % 4;
     A[g][t] = f[0]; A[g + 8][t] = f[1]; A[g][t + 4] = f[2]; A[g + 8][t + 4] = f[3];
     B[t][g] = f[4]; B[t + 4][g] = f[5];
@@ -231,6 +234,40 @@ inline void mma_m16n8k8_tf32(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
   for (int i = 0; i < 4; ++i) {
     float acc = C[rows[i]][cols[i]];
     for (int k = 0; k < 8; ++k) acc += A[rows[i]][k] * B[k][cols[i]];
+    d[i] = acc;
+  }
+}
+
+// mma.sync.m16n8k16 with fp16 operands and fp32 accumulation: a[i] and b[i] hold two fp16 values
+// each, the lower column (a) or row (b) in the low half: a = A[g][2t..2t+1], A[g+8][2t..2t+1],
+// A[g][2t+8..2t+9], A[g+8][2t+8..2t+9]; b = B[2t..2t+1][g], B[2t+8..2t+9][g]. Every product of
+// two fp16 values is exact in fp32, so the sum in fp32 is the tensor cores' up to the order.
+inline void mma_m16n8k16_f16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  auto lo = [](uint32_t bits) { return __half2float(__ushort_as_half((unsigned short)(bits & 0xffffu))); };
+  auto hi = [](uint32_t bits) { return __half2float(__ushort_as_half((unsigned short)(bits >> 16))); };
+  const int warp = g_thread.x / 32, lane = g_thread.x % 32;
+  float* mine = &g_blk->frag[(size_t)(warp * 32 + lane) * kFragValues];
+  for (int i = 0; i < 4; ++i) { mine[2 * i] = lo(a[i]); mine[2 * i + 1] = hi(a[i]); }
+  mine[8] = lo(b0); mine[9] = hi(b0); mine[10] = lo(b1); mine[11] = hi(b1);
+  for (int i = 0; i < 4; ++i) mine[12 + i] = d[i];
+  warp_barrier();
+  float A[16][16], B[16][8], C[16][8];
+  for (int l = 0; l < 32; ++l) {
+    const float* f = &g_blk->frag[(size_t)(warp * 32 + l) * kFragValues];
+    const int g = l / 4, t = l % 4;
+    for (int e = 0; e < 2; ++e) {
+      A[g][2 * t + e] = f[e]; A[g + 8][2 * t + e] = f[2 + e];
+      A[g][2 * t + 8 + e] = f[4 + e]; A[g + 8][2 * t + 8 + e] = f[6 + e];
+      B[2 * t + e][g] = f[8 + e]; B[2 * t + 8 + e][g] = f[10 + e];
+    }
+    C[g][2 * t] = f[12]; C[g][2 * t + 1] = f[13]; C[g + 8][2 * t] = f[14]; C[g + 8][2 * t + 1] = f[15];
+  }
+  warp_barrier();
+  const int g = lane / 4, t = lane % 4;
+  const int rows[4] = {g, g, g + 8, g + 8}, cols[4] = {2 * t, 2 * t + 1, 2 * t, 2 * t + 1};
+  for (int i = 0; i < 4; ++i) {
+    float acc = C[rows[i]][cols[i]];
+    for (int k = 0; k < 16; ++k) acc += A[rows[i]][k] * B[k][cols[i]];
     d[i] = acc;
   }
 }

@@ -474,6 +474,38 @@ def test_tensor_core_prefill_long_slow_decay(lib):
     check_prefill(*res, None, tol_state=2e-3)
 
 
+@pytest.mark.parametrize("bv", [128, 64, 32])
+def test_tensor_core_prefill_value_row_magnitudes(lib, bv):
+    """Value rows of very different magnitudes: v's column and the initial state's row r scaled
+    together by 1e-30 .. 1e30 (row 7 by 0). Each row of the state evolves on its own, so each row's
+    output and state, divided by its factor, must match fp64 as an unscaled row does. The
+    state's products may take it as fp16 times a power of two per row: one scale for all rows
+    would flush the small rows to zero or overflow on the large ones."""
+    lens, H = [70, 130], 2
+    q, k, v, g, beta, A_log, dt = inputs(sum(lens), H)
+    f = torch.tensor([10.0 ** e for e in (-30, -6, 0, 4, 30)], dtype=torch.float64)[torch.arange(D) % 5]
+    f[7] = 0.0
+    v = (v.double() * f).bfloat16()
+    cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
+    pool, slots, has, init = pool_for(lens, H, torch.float32, null=0)
+    rows = f.view(1, D, 1)
+    for n in range(len(lens)):
+        pool[slots[n]] = (pool[slots[n]].double() * rows).float()
+        init[n] *= rows
+    before = pool.clone()
+    out = torch.full(v.shape, float("nan")).bfloat16()
+    emulated.prefill(lib, "prefill_tc", bv, q, k, v, g, beta, A_log, dt, cu, pool, slots, has, out=out)
+    ro, rs = naive_kda(q, k, v, g, beta, A_log, dt, cu_seqlens=cu, initial_state=init)
+    sc = torch.where(f > 0, f, torch.ones_like(f))
+    assert (out[..., 7] == 0).all()
+    assert rel_rms(out.double() / sc, ro.double() / sc) <= TOL
+    for n in range(len(lens)):
+        st = pool[slots[n]].double()
+        assert (st[:, 7] == 0).all()
+        assert rel_rms(st / sc.view(1, D, 1), rs[n].double() / sc.view(1, D, 1)) <= TOL, n
+    assert torch.equal(pool[0], before[0]) and torch.equal(pool[len(lens) + 1:], before[len(lens) + 1:])
+
+
 @pytest.mark.parametrize("lb", [None, -5.0, -10.0])
 def test_tensor_core_prefill_mixed_diagonal_paths(lib, lb):
     """Moderate gates (a 16-token block's diagonal on tensor cores) with spikes that make a few

@@ -145,6 +145,42 @@ def test_tc_adversarial_and_long(lower_bound):
                          lower_bound)
 
 
+@pytest.mark.parametrize("H", [2, 24, 48])  # two sequences: 32, 64, 128 value rows per state CTA on 132 SMs
+def test_tc_value_row_magnitudes(H):
+    """Tensor-core kernel, value rows of very different magnitudes: v's column and the initial
+    state's row r scaled together by 1e-30 .. 1e30 (row 7 by 0). The rows of the state evolve
+    independently, so each row's output and final state, divided by its factor, must match fp64;
+    the state's products may take it as fp16 times a power of two per row, and one scale for all
+    rows would flush the small rows or overflow on the large ones."""
+    torch.manual_seed(13)
+    lens = [70, 130]
+    cu, pool, slots, has_init, init = setup_pool(lens, H, torch.float32, n_null=0)
+    has_init[:] = True
+    q, k, v, g, beta, A_log, dt_bias = make_inputs(int(cu[-1]), H, center=None)
+    f = torch.tensor([10.0 ** e for e in (-30, -6, 0, 4, 30)], dtype=torch.float64, device=DEV)[
+        torch.arange(D, device=DEV) % 5]
+    f[7] = 0.0
+    v = (v.double() * f).bfloat16()
+    for n in range(len(lens)):
+        init[n] = (torch.randn(H, D, D, device=DEV, dtype=torch.float64) * 0.3 * f.view(1, D, 1)).float()
+        pool[slots[n]] = init[n]
+    before = pool.clone()
+    out = torch.full(v.shape, float("nan"), dtype=torch.bfloat16, device=DEV)
+    _ext.prefill_tc(q, k, v, g, beta, A_log, dt_bias, cu, pool, slots, has_init, lower_bound=None, out=out)
+    sync()
+    o_ref, s_ref = run_naive(q, k, v, g, beta, A_log, dt_bias, cu, init, None)
+    sc = torch.where(f > 0, f, torch.ones_like(f)).cpu()
+    out = out.cpu()
+    assert (out[..., 7] == 0).all()
+    assert rel_rms(out.double() / sc, o_ref.double() / sc) <= TOL
+    for n in range(len(lens)):
+        st = pool[slots[n]].double().cpu()
+        assert (st[:, 7] == 0).all()
+        assert rel_rms(st / sc.view(1, D, 1), s_ref[n].double() / sc.view(1, D, 1)) <= TOL, n
+    untouched = [s for s in range(pool.shape[0]) if s not in set(slots.tolist())]
+    assert all(torch.equal(pool[s], before[s]) for s in untouched)
+
+
 @pytest.mark.parametrize("lower_bound", [None, -5.0, -10.0])
 def test_tc_diagonal_block_paths(lower_bound, monkeypatch):
     """Tensor-core kernel, both paths of a diagonal block in one call: moderate gates (tensor
