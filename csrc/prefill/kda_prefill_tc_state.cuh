@@ -76,6 +76,11 @@ __device__ __forceinline__ void load_record(typename StateSmem<BV>::Record& r, c
   copy_tile_async<1, kK, kK, kK>(&r.EL[0], rec + kRecEL);
 }
 
+// Two fp16 values as one 32-bit operand word, lo in the low half.
+__device__ __forceinline__ uint32_t half_pair(__half lo, __half hi) {
+  return (uint32_t)__half_as_ushort(lo) | ((uint32_t)__half_as_ushort(hi) << 16);
+}
+
 // An fp16 operand as the TF32 bits of the same value (exact: fp16's mantissa is TF32's).
 __device__ __forceinline__ uint32_t tf32_of(__half x) { return __float_as_uint(__half2float(x)); }
 
@@ -264,36 +269,81 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
           }
         }
       }
-      // U = u - X in place of u, rounded to TF32 for its two products; Y unscaled for step 2's sums.
+      // U = u - X in fp32, kept in X's registers: the lane's U^T[vr][t], [vr][t+1], [vr+8][t],
+      // [vr+8][t+1], t = 8 jt + 2 t4, which for jt = 2kk, 2kk + 1 are the m16n8k16 A fragment of
+      // U^T over tokens 16kk .. 16kk + 15 as they stand, so U never goes to shared memory.
       const bool zu = unit.transition;  // u = 0 (not loaded)
 #pragma unroll
       for (int jt = 0; jt < 8; ++jt) {
-        float* u0 = &rs.U[8 * jt + 2 * t4][vr];  // x[jt] = X^T[vr][t], [vr][t+1], [vr+8][t], [vr+8][t+1]
-        float* u1 = u0 + G::kLdU;
-        u0[0] = tf32_round((zu ? 0.f : u0[0]) - x[jt][0] * r0.inv);
-        u1[0] = tf32_round((zu ? 0.f : u1[0]) - x[jt][1] * r0.inv);
-        u0[8] = tf32_round((zu ? 0.f : u0[8]) - x[jt][2] * r1.inv);
-        u1[8] = tf32_round((zu ? 0.f : u1[8]) - x[jt][3] * r1.inv);
-        y[jt][0] *= r0.inv; y[jt][1] *= r0.inv; y[jt][2] *= r1.inv; y[jt][3] *= r1.inv;
+        const float* u0 = &rs.U[8 * jt + 2 * t4][vr];  // x[jt] = X^T[vr][t], [vr][t+1], [vr+8][t], [vr+8][t+1]
+        const float* u1 = u0 + G::kLdU;
+        x[jt][0] = (zu ? 0.f : u0[0]) - x[jt][0] * r0.inv;
+        x[jt][1] = (zu ? 0.f : u1[0]) - x[jt][1] * r0.inv;
+        x[jt][2] = (zu ? 0.f : u0[8]) - x[jt][2] * r1.inv;
+        x[jt][3] = (zu ? 0.f : u1[8]) - x[jt][3] * r1.inv;
       }
-      __syncwarp();
       KDA_TC_MARK(kPrepPhases);  // thread 0 only: no barrier here
 
-      // With A = U^T [16 value rows x 8 tokens] per token step ks: O^T += U^T A_qk^T (A_qk is 0
-      // above the diagonal: tiles jt >= ks only) and S <- S diag(EL) + U^T Kd.
+      // 2. O^T += U^T A_qk^T (A_qk is 0 above the diagonal: token tiles jt >= 2kk only) and
+      //    S <- S diag(EL) + U^T Kd on fp16 tensor cores, B = A_qk / Kd as stored. One power of two
+      //    per value row scales U (the fp16 operand) and the accumulators it adds to, S and Y
+      //    (exact both ways): RowScale of the row's largest |U|, |S EL| or |Y|, so nothing
+      //    overflows, and a U entry that it leaves subnormal in fp16 is below 2^-24 of what it is
+      //    added to.
       decay_state(s, rs.EL, cs);
+      float m0 = 0.f, m1 = 0.f;
 #pragma unroll
-      for (int ks = 0; ks < 8; ++ks) {
-        uint32_t a[4];
-        ut_fragment(rs.U, ks, vt * 16, g, t4, a);
+      for (int jt = 0; jt < 8; ++jt) {
+        m0 = fmaxf(fmaxf(m0, fmaxf(fabsf(x[jt][0]), fabsf(x[jt][1]))), fmaxf(fabsf(y[jt][0] * r0.inv), fabsf(y[jt][1] * r0.inv)));
+        m1 = fmaxf(fmaxf(m1, fmaxf(fabsf(x[jt][2]), fabsf(x[jt][3]))), fmaxf(fabsf(y[jt][2] * r1.inv), fabsf(y[jt][3] * r1.inv)));
+      }
+#pragma unroll
+      for (int j = 0; j < G::kSN; ++j) {
+        m0 = fmaxf(m0, fmaxf(fabsf(s[j][0]), fabsf(s[j][1])));
+        m1 = fmaxf(m1, fmaxf(fabsf(s[j][2]), fabsf(s[j][3])));
+      }
+#pragma unroll
+      for (int o = 1; o < 4; o <<= 1) {
+        m0 = fmaxf(m0, __shfl_xor_sync(0xffffffffu, m0, o));
+        m1 = fmaxf(m1, __shfl_xor_sync(0xffffffffu, m1, o));
+      }
+      const RowScale q0(m0), q1(m1);
+      // Y from step 1's scale (r) to this one (q) in one multiply: r.inv q.scale is a power of two.
+      const float y0 = r0.inv * q0.scale, y1 = r1.inv * q1.scale;
+#pragma unroll
+      for (int jt = 0; jt < 8; ++jt) {
+        y[jt][0] *= y0; y[jt][1] *= y0; y[jt][2] *= y1; y[jt][3] *= y1;
+      }
+#pragma unroll
+      for (int j = 0; j < G::kSN; ++j) {
+        s[j][0] *= q0.scale; s[j][1] *= q0.scale; s[j][2] *= q1.scale; s[j][3] *= q1.scale;
+      }
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {
+        const float(&u0)[4] = x[2 * kk];
+        const float(&u1)[4] = x[2 * kk + 1];
+        const uint32_t a[4] = {half2_bits(u0[0] * q0.scale, u0[1] * q0.scale), half2_bits(u0[2] * q1.scale, u0[3] * q1.scale),
+                               half2_bits(u1[0] * q0.scale, u1[1] * q0.scale), half2_bits(u1[2] * q1.scale, u1[3] * q1.scale)};
         if (outp) {
 #pragma unroll
-          for (int jt = ks; jt < 8; ++jt) {
-            const __half* ar = &rs.Aqk[8 * jt + g][8 * ks + t4];
-            mma_tf32(y[jt], a, tf32_of(ar[0]), tf32_of(ar[4]));
+          for (int jt = 2 * kk; jt < 8; ++jt) {
+            const __half* ar = &rs.Aqk[8 * jt + g][16 * kk + 2 * t4];
+            mma_f16(y[jt], a, *reinterpret_cast<const uint32_t*>(ar), *reinterpret_cast<const uint32_t*>(ar + 8));
           }
         }
-        kd_update(s, a, rs.Kd, ks, cw0, g, t4);
+#pragma unroll
+        for (int j = 0; j < G::kSN; ++j) {  // B = Kd[16kk + k][8j + n]: two tokens' entries per word
+          const __half* kr = &rs.Kd[16 * kk + 2 * t4][8 * j + g];
+          mma_f16(s[j], a, half_pair(kr[0], kr[kLdR]), half_pair(kr[8 * kLdR], kr[9 * kLdR]));
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < G::kSN; ++j) {
+        s[j][0] *= q0.inv; s[j][1] *= q0.inv; s[j][2] *= q1.inv; s[j][3] *= q1.inv;
+      }
+#pragma unroll
+      for (int jt = 0; jt < 8; ++jt) {
+        y[jt][0] *= q0.inv; y[jt][1] *= q0.inv; y[jt][2] *= q1.inv; y[jt][3] *= q1.inv;
       }
       KDA_TC_MARK(kPrepPhases + 1);
 #pragma unroll

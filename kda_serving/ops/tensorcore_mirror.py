@@ -24,8 +24,10 @@ Per 64-token chunk, in 4 blocks of 16 tokens, with a_t = exp(g_t) <= 1 the per-t
   factors u = T (beta v) and w = T (beta Ke) on tensor cores (the kernel's prepare pass, for all
   chunks at once), then U = u - w S^T (its serial state pass);
 * the state stays fp32; it is a tensor-core operand only in w S^T and Qe S^T, as fp16
-  (``_fp16_rows``: each value row times a power of two that fits its largest entry; fp16's
-  mantissa is TF32's);
+  (``_fp16_scaled``: each value row times a power of two that fits its largest entry; fp16's
+  mantissa is TF32's); U = u - w S^T enters A_qk U and U^T Kd as fp16 under a power of two per
+  value row that fits U and the sums it joins (S diag(EL), Qe S^T), as the kernel's 128-row CTAs
+  do (64- and 32-row CTAs take U as TF32 and scale each warp's slice of a state row on its own);
 * the workspace record's Qe, Kd, w and A_qk are fp16 (``_fp16``; fp16 values are exact TF32
   operands), u fp32.
 
@@ -60,16 +62,14 @@ def _fp16(x: torch.Tensor) -> torch.Tensor:
     return x.float().half().float()
 
 
-def _fp16_rows(S: torch.Tensor) -> torch.Tensor:
-    """The state [H, V, K] as the state pass's fp16 operand: each value row times the power of
-    two that brings its largest magnitude into [2^14, 2^15) (the kernel's RowScale; at most 2^126),
-    rounded to fp16, and scaled back, which is exact. (With 64 or 32 value rows per CTA the kernel
-    scales each warp's quarter or half of a row on its own: the same rounding up to the scale.)"""
-    m = S.abs().amax(dim=-1, keepdim=True)
+def _fp16_scaled(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """x as an fp16 tensor-core operand under the kernel's RowScale: times the power of two that
+    brings m (x's rows' largest magnitude, or more; broadcast against x) into [2^14, 2^15), at
+    most 2^126, rounded to fp16, and scaled back, which is exact."""
     _, e2 = torch.frexp(m)  # m = f 2^e2 with f in [0.5, 1): floor(log2 m) = e2 - 1
     e = torch.clamp(15 - e2, max=126)
     one = torch.ones_like(m)
-    return (S * torch.ldexp(one, e)).half().float() * torch.ldexp(one, -e)
+    return (x * torch.ldexp(one, e)).half().float() * torch.ldexp(one, -e)
 
 
 def _chunk(S, q, k, v, g, beta):
@@ -126,14 +126,18 @@ def _chunk(S, q, k, v, g, beta):
     Akk = Akk.masked_fill(~causal.tril(-1), 0.0) * beta.t()[:, :, None]
 
     T = _blocked_inverse(Akk)
-    S_op = _fp16_rows(S)
+    S_op = _fp16_scaled(S, S.abs().amax(dim=-1, keepdim=True))    # [H, V, K], a scale per value row
     T_op = _tf32(T)
     u = T_op @ _tf32(beta.t()[:, :, None] * v.permute(1, 0, 2))       # [H, C, V]
     w = T_op @ _tf32(beta.t()[:, :, None] * Ke.permute(1, 0, 2))      # [H, C, K]
     U = u - torch.einsum("hck,hvk->hcv", _fp16(w), S_op)
-    U_op = _tf32(U)
-    O = torch.einsum("chk,hvk->hcv", Qe, S_op) + _fp16(Aqk) @ U_op
-    S_next = S * EL[:, None, :] + torch.einsum("hcv,chk->hvk", U_op, Kd)
+    Y = torch.einsum("chk,hvk->hcv", Qe, S_op)
+    S_dec = S * EL[:, None, :]
+    # U's scale per value row also fits the sums it is added to (S EL and Y), as 128-row CTAs do.
+    m = torch.maximum(torch.maximum(U.abs().amax(dim=1), Y.abs().amax(dim=1)), S_dec.abs().amax(dim=-1))
+    U_op = _fp16_scaled(U, m[:, None, :])
+    O = Y + _fp16(Aqk) @ U_op
+    S_next = S_dec + torch.einsum("hcv,chk->hvk", U_op, Kd)
     return O.permute(1, 0, 2), S_next
 
 
