@@ -135,6 +135,12 @@ __device__ __forceinline__ void kd_update(float (&s)[SN][4], const uint32_t (&a)
 // output product (A_qk U, longer for later tiles) costs the same.
 __device__ __forceinline__ int unit_tokens_tile(int ui, int warp) { return ui % 2 ? 3 - warp % 4 : warp % 4; }
 
+// The largest of m over the four lanes of a row (t4 = 0..3).
+__device__ __forceinline__ float quad_max(float m) {
+  m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
+  return fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+}
+
 // The powers of two (RowScale) for a warp's two state rows vr, vr + 8 over the channels its
 // tiles hold: the four lanes of a row (t4 = 0..3) hold them all.
 template <int SN>
@@ -145,13 +151,8 @@ __device__ __forceinline__ void row_scales(const float (&s)[SN][4], RowScale& r0
     m0 = fmaxf(m0, fmaxf(fabsf(s[j][0]), fabsf(s[j][1])));
     m1 = fmaxf(m1, fmaxf(fabsf(s[j][2]), fabsf(s[j][3])));
   }
-#pragma unroll
-  for (int o = 1; o < 4; o <<= 1) {
-    m0 = fmaxf(m0, __shfl_xor_sync(0xffffffffu, m0, o));
-    m1 = fmaxf(m1, __shfl_xor_sync(0xffffffffu, m1, o));
-  }
-  r0 = RowScale(m0);
-  r1 = RowScale(m1);
+  r0 = RowScale(quad_max(m0));
+  r1 = RowScale(quad_max(m1));
 }
 
 // A warp's state tiles (channels c0 + 8j, + 1) into the shared fp16 state, each row times its
@@ -302,12 +303,7 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
         m0 = fmaxf(m0, fmaxf(fabsf(s[j][0]), fabsf(s[j][1])));
         m1 = fmaxf(m1, fmaxf(fabsf(s[j][2]), fabsf(s[j][3])));
       }
-#pragma unroll
-      for (int o = 1; o < 4; o <<= 1) {
-        m0 = fmaxf(m0, __shfl_xor_sync(0xffffffffu, m0, o));
-        m1 = fmaxf(m1, __shfl_xor_sync(0xffffffffu, m1, o));
-      }
-      const RowScale q0(m0), q1(m1);
+      const RowScale q0(quad_max(m0)), q1(quad_max(m1));
       // Y from step 1's scale (r) to this one (q) in one multiply: r.inv q.scale is a power of two.
       const float y0 = r0.inv * q0.scale, y1 = r1.inv * q1.scale;
 #pragma unroll
