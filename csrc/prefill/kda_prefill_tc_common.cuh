@@ -191,6 +191,28 @@ __device__ __forceinline__ void mma_f16(float (&d)[4], const uint32_t (&a)[4], u
 #endif
 }
 
+// Four 8 x 8 fp16 matrices from shared memory in one instruction (ldmatrix .x4): lane L gives the
+// address of row L % 8 of matrix L / 8 (rows 16-byte aligned); r[i] of lane (g, t) is matrix i's
+// [g][2t..2t+1], or with kTrans [2t..2t+1][g], i.e. m16n8k16 fragments straight from row-major
+// tiles. One 128-byte shared-memory wavefront per matrix, where 2-byte loads of a transposed
+// operand took four half-used ones per fragment.
+template <bool kTrans>
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const __half* row) {
+#ifdef KDA_SIMT_EMULATOR
+  emu::ldmatrix_x4(r, row, kTrans);
+#else
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(row));
+  if constexpr (kTrans)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+  else
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+#endif
+}
+
 // Two floats as one fp16 pair (round to nearest even), as a 32-bit word (a in the low half).
 __device__ __forceinline__ unsigned half2_bits(float a, float b) {
   const __half2 h = __floats2half2_rn(a, b);

@@ -76,9 +76,13 @@ __device__ __forceinline__ void load_record(typename StateSmem<BV>::Record& r, c
   copy_tile_async<1, kK, kK, kK>(&r.EL[0], rec + kRecEL);
 }
 
-// Two fp16 values as one 32-bit operand word, lo in the low half.
-__device__ __forceinline__ uint32_t half_pair(__half lo, __half hi) {
-  return (uint32_t)__half_as_ushort(lo) | ((uint32_t)__half_as_ushort(hi) << 16);
+// Lane L's row for ldsm_x4 of the m16n8k16 B fragments of two 8-wide n tiles n0, n0 + 8 over
+// k0 .. k0 + 15, from a row-major fp16 array of pitch kLd: by rows n (B^T stored, as W, Qe and
+// A_qk are: r = b0, b1 of tile n0, then of tile n0 + 8), or by rows k with kTrans (as Kd is).
+template <int kLd, bool kTrans>
+__device__ __forceinline__ const __half* b_rows(const __half* a, int n0, int k0, int lane) {
+  const int m = lane / 8, r = lane % 8;
+  return kTrans ? a + (k0 + 8 * (m % 2) + r) * kLd + n0 + 8 * (m / 2) : a + (n0 + 8 * (m / 2) + r) * kLd + k0 + 8 * (m % 2);
 }
 
 // An fp16 operand as the TF32 bits of the same value (exact: fp16's mantissa is TF32's).
@@ -256,17 +260,16 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
         const float(&s1)[4] = s[2 * kk + 1];
         const uint32_t a[4] = {half2_bits(s0[0] * r0.scale, s0[1] * r0.scale), half2_bits(s0[2] * r1.scale, s0[3] * r1.scale),
                                half2_bits(s1[0] * r0.scale, s1[1] * r0.scale), half2_bits(s1[2] * r1.scale, s1[3] * r1.scale)};
-        const int c = 16 * kk + 2 * t4;
 #pragma unroll
-        for (int jt = 0; jt < 8; ++jt) {
-          const __half* w = &rs.W[8 * jt + g][c];
-          mma_f16(x[jt], a, *reinterpret_cast<const uint32_t*>(w), *reinterpret_cast<const uint32_t*>(w + 8));
-        }
-        if (outp) {
-#pragma unroll
-          for (int jt = 0; jt < 8; ++jt) {
-            const __half* qe = &rs.Qe[8 * jt + g][c];
-            mma_f16(y[jt], a, *reinterpret_cast<const uint32_t*>(qe), *reinterpret_cast<const uint32_t*>(qe + 8));
+        for (int jt = 0; jt < 8; jt += 2) {  // B fragments of token tiles jt, jt + 1: one ldmatrix
+          uint32_t b[4];
+          ldsm_x4<false>(b, b_rows<kLdR, false>(&rs.W[0][0], 8 * jt, 16 * kk, lane));
+          mma_f16(x[jt], a, b[0], b[1]);
+          mma_f16(x[jt + 1], a, b[2], b[3]);
+          if (outp) {
+            ldsm_x4<false>(b, b_rows<kLdR, false>(&rs.Qe[0][0], 8 * jt, 16 * kk, lane));
+            mma_f16(y[jt], a, b[0], b[1]);
+            mma_f16(y[jt + 1], a, b[2], b[3]);
           }
         }
       }
@@ -320,17 +323,20 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
         const float(&u1)[4] = x[2 * kk + 1];
         const uint32_t a[4] = {half2_bits(u0[0] * q0.scale, u0[1] * q0.scale), half2_bits(u0[2] * q1.scale, u0[3] * q1.scale),
                                half2_bits(u1[0] * q0.scale, u1[1] * q0.scale), half2_bits(u1[2] * q1.scale, u1[3] * q1.scale)};
+        uint32_t b[4];
         if (outp) {
 #pragma unroll
-          for (int jt = 2 * kk; jt < 8; ++jt) {
-            const __half* ar = &rs.Aqk[8 * jt + g][16 * kk + 2 * t4];
-            mma_f16(y[jt], a, *reinterpret_cast<const uint32_t*>(ar), *reinterpret_cast<const uint32_t*>(ar + 8));
+          for (int jt = 2 * kk; jt < 8; jt += 2) {
+            ldsm_x4<false>(b, b_rows<kLdA, false>(&rs.Aqk[0][0], 8 * jt, 16 * kk, lane));
+            mma_f16(y[jt], a, b[0], b[1]);
+            mma_f16(y[jt + 1], a, b[2], b[3]);
           }
         }
 #pragma unroll
-        for (int j = 0; j < G::kSN; ++j) {  // B = Kd[16kk + k][8j + n]: two tokens' entries per word
-          const __half* kr = &rs.Kd[16 * kk + 2 * t4][8 * j + g];
-          mma_f16(s[j], a, half_pair(kr[0], kr[kLdR]), half_pair(kr[8 * kLdR], kr[9 * kLdR]));
+        for (int j = 0; j < G::kSN; j += 2) {  // B = Kd[16kk + k][8j + n], transposed as it loads
+          ldsm_x4<true>(b, b_rows<kLdR, true>(&rs.Kd[0][0], 8 * j, 16 * kk, lane));
+          mma_f16(s[j], a, b[0], b[1]);
+          mma_f16(s[j + 1], a, b[2], b[3]);
         }
       }
 #pragma unroll
@@ -372,24 +378,20 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
           float xs[2][4] = {}, ys[2][4] = {};
 #pragma unroll
           for (int k0 = qs * G::kCW; k0 < (qs + 1) * G::kCW; k0 += 16) {
-            const int c = k0 + 2 * t4;
-            const uint32_t aw[4] = {*reinterpret_cast<const uint32_t*>(&rs.W[m0][c]),
-                                    *reinterpret_cast<const uint32_t*>(&rs.W[m0 + 8][c]),
-                                    *reinterpret_cast<const uint32_t*>(&rs.W[m0][c + 8]),
-                                    *reinterpret_cast<const uint32_t*>(&rs.W[m0 + 8][c + 8])};
-            uint32_t aq[4] = {0u, 0u, 0u, 0u};
+            // A = w / Qe rows m0, m0 + 8 (tokens) over k0 .. k0 + 15: the B-fragment rows of
+            // "two n tiles" are the A fragment's a0, a2, a1, a3.
+            uint32_t aw[4], aq[4] = {0u, 0u, 0u, 0u}, b[4];
+            ldsm_x4<false>(b, b_rows<kLdR, false>(&rs.W[0][0], tt * 16, k0, lane));
+            aw[0] = b[0]; aw[2] = b[1]; aw[1] = b[2]; aw[3] = b[3];
             if (outp) {
-              aq[0] = *reinterpret_cast<const uint32_t*>(&rs.Qe[m0][c]);
-              aq[1] = *reinterpret_cast<const uint32_t*>(&rs.Qe[m0 + 8][c]);
-              aq[2] = *reinterpret_cast<const uint32_t*>(&rs.Qe[m0][c + 8]);
-              aq[3] = *reinterpret_cast<const uint32_t*>(&rs.Qe[m0 + 8][c + 8]);
+              ldsm_x4<false>(b, b_rows<kLdR, false>(&rs.Qe[0][0], tt * 16, k0, lane));
+              aq[0] = b[0]; aq[2] = b[1]; aq[1] = b[2]; aq[3] = b[3];
             }
+            ldsm_x4<false>(b, b_rows<kLdR, false>(&sm.S[0][0], rt * 16, k0, lane));  // value rows nn = 0, 1
 #pragma unroll
             for (int nn = 0; nn < 2; ++nn) {
-              const __half* sb = &sm.S[rt * 16 + nn * 8 + g][c];
-              const uint32_t b0 = *reinterpret_cast<const uint32_t*>(sb), b1 = *reinterpret_cast<const uint32_t*>(sb + 8);
-              mma_f16(xs[nn], aw, b0, b1);
-              if (outp) mma_f16(ys[nn], aq, b0, b1);
+              mma_f16(xs[nn], aw, b[2 * nn], b[2 * nn + 1]);
+              if (outp) mma_f16(ys[nn], aq, b[2 * nn], b[2 * nn + 1]);
             }
           }
 #pragma unroll

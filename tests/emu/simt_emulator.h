@@ -69,6 +69,7 @@ struct Block {
   std::vector<int> arrived;      // per barrier: 0 = the block, 1 + w = warp w
   std::vector<uint32_t> shfl;    // one 32-bit slot per thread
   std::vector<float> frag;       // one mma.sync fragment set (a, b, c: up to 16 values) per thread
+  std::vector<const void*> rows;  // one ldmatrix row address per thread
   ucontext_t sched_ctx;
   jmp_buf sched;
   int current = 0;
@@ -131,6 +132,7 @@ void launch(Idx grid, int threads, F&& fn) {
         blk.fibers.resize(threads);
         blk.arrived.assign(1 + threads / 32, 0);
         blk.shfl.assign(threads, 0);
+        blk.rows.assign(threads, nullptr);
         blk.frag.assign((size_t)threads * kFragValues, 0.f);
         g_blk = &blk;
         g_block = Idx{x, y, z};
@@ -270,6 +272,23 @@ inline void mma_m16n8k16_f16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
     for (int k = 0; k < 16; ++k) acc += A[rows[i]][k] * B[k][cols[i]];
     d[i] = acc;
   }
+}
+
+// ldmatrix.sync.aligned.m8n8.x4(.trans).shared.b16: lane L gives the address of row L % 8 of
+// matrix L / 8 (eight 16-bit values, 16-byte aligned); r[i] of lane (g, t) is matrix i's
+// [g][2t], [g][2t+1] (low half first), or with trans [2t][g], [2t+1][g].
+inline void ldmatrix_x4(uint32_t (&r)[4], const void* row, bool trans) {
+  const int warp = g_thread.x / 32, lane = g_thread.x % 32;
+  if (reinterpret_cast<uintptr_t>(row) % 16 != 0) fail("ldmatrix: a row address is not 16-byte aligned");
+  g_blk->rows[warp * 32 + lane] = row;
+  warp_barrier();
+  const int g = lane / 4, t = lane % 4;
+  auto at = [&](int m, int rr, int c) {
+    return (uint32_t) static_cast<const uint16_t*>(g_blk->rows[warp * 32 + 8 * m + rr])[c];
+  };
+  for (int m = 0; m < 4; ++m)
+    r[m] = trans ? at(m, 2 * t, g) | at(m, 2 * t + 1, g) << 16 : at(m, g, 2 * t) | at(m, g, 2 * t + 1) << 16;
+  warp_barrier();
 }
 
 // The warp's predicates as a bit mask (lane L in bit L), as __ballot_sync with a full mask.
