@@ -307,11 +307,13 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
         m1 = fmaxf(m1, fmaxf(fabsf(s[j][2]), fabsf(s[j][3])));
       }
       const RowScale q0(quad_max(m0)), q1(quad_max(m1));
-      // Y from step 1's scale (r) to this one (q) in one multiply: r.inv q.scale is a power of two.
-      const float y0 = r0.inv * q0.scale, y1 = r1.inv * q1.scale;
+      // Y from step 1's scale (r) to this one (q): unscaled first, then scaled, each exact and
+      // finite. One multiply by r.inv q.scale could overflow (a large state, then a row of zeros:
+      // 2^5 2^126), and 0 x inf is NaN.
 #pragma unroll
       for (int jt = 0; jt < 8; ++jt) {
-        y[jt][0] *= y0; y[jt][1] *= y0; y[jt][2] *= y1; y[jt][3] *= y1;
+        y[jt][0] = y[jt][0] * r0.inv * q0.scale; y[jt][1] = y[jt][1] * r0.inv * q0.scale;
+        y[jt][2] = y[jt][2] * r1.inv * q1.scale; y[jt][3] = y[jt][3] * r1.inv * q1.scale;
       }
 #pragma unroll
       for (int j = 0; j < G::kSN; ++j) {

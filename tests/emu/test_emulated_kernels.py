@@ -506,6 +506,35 @@ def test_tensor_core_prefill_value_row_magnitudes(lib, bv):
     assert torch.equal(pool[0], before[0]) and torch.equal(pool[len(lens) + 1:], before[len(lens) + 1:])
 
 
+@pytest.mark.parametrize("bv", [128, 32])
+def test_tensor_core_prefill_large_state_then_silent_chunk(lib, bv):
+    """A large state (entries near 1e6) followed by a chunk that wipes it: every channel's decay
+    underflows to 0 (gates of +30 with A_log = log 16) and v is 0, so U, the decayed state and the
+    chunk's outputs are all exactly 0 while the state entering the chunk is large. The per-row
+    scales of the state pass then span the whole exponent range (2^-6 for the state, 2^126 for a
+    row of zeros); moving an accumulator between them in one multiply overflowed to inf and made
+    0 x inf = NaN."""
+    T, H = 128, 1
+    q, k, v, g, beta, A_log, dt = inputs(T, H)
+    g[:64] = -30.0  # no decay: the state stays large
+    g[64:] = 30.0
+    v[64:] = 0.0
+    A_log = torch.full((H,), math.log(16.0))
+    inp = (q, k, v, g.bfloat16(), beta, A_log, dt)
+    cu = torch.tensor([0, T], dtype=torch.int32)
+    pool, slots, has, init = pool_for([T], H, torch.float32, null=0)
+    has[:] = True
+    init[0] = torch.randn(H, D, D, dtype=torch.float64) * 1e6
+    pool[slots[0]] = init[0].float()
+    init[0] = pool[slots[0]].double()
+    before = pool.clone()
+    out = torch.full(v.shape, float("nan")).bfloat16()
+    emulated.prefill(lib, "prefill_tc", bv, *inp, cu, pool, slots, has, out=out)
+    assert not out.isnan().any() and not pool.isnan().any()
+    assert (out[64:] == 0).all() and (pool[slots[0]] == 0).all()
+    check_prefill(inp, cu, pool, before, slots, init, out, None)
+
+
 @pytest.mark.parametrize("lb", [None, -5.0, -10.0])
 def test_tensor_core_prefill_mixed_diagonal_paths(lib, lb):
     """Moderate gates (a 16-token block's diagonal on tensor cores) with spikes that make a few

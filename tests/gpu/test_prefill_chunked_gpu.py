@@ -181,6 +181,38 @@ def test_tc_value_row_magnitudes(H):
     assert all(torch.equal(pool[s], before[s]) for s in untouched)
 
 
+@pytest.mark.parametrize("H", [2, 48])  # two sequences: 32 and 128 value rows per state CTA on 132 SMs
+def test_tc_large_state_then_silent_chunk(H):
+    """Tensor-core kernel: a large state (entries near 1e6, gates that keep it) followed by a chunk
+    whose decays underflow to 0 in every channel and whose v is 0, so that chunk's outputs and
+    the final state are exactly 0: the state pass's per-row scales span the exponent range there
+    (a row of zeros takes 2^126), and no product may become inf or NaN."""
+    torch.manual_seed(14)
+    lens = [128, 128]
+    cu, pool, slots, has_init, init = setup_pool(lens, H, torch.float32, n_null=0)
+    has_init[:] = True
+    q, k, v, g, beta, A_log, dt_bias = make_inputs(int(cu[-1]), H)
+    for n in range(len(lens)):
+        a = int(cu[n])
+        g[a:a + 64] = -30.0
+        g[a + 64:a + 128] = 30.0
+        v[a + 64:a + 128] = 0.0
+        init[n] = torch.randn(H, D, D, device=DEV) * 1e6
+        pool[slots[n]] = init[n]
+    dt_bias = dt_bias.clamp(-1.0, 1.0)
+    out = torch.full(v.shape, float("nan"), dtype=torch.bfloat16, device=DEV)
+    _ext.prefill_tc(q, k, v, g, beta, A_log, dt_bias, cu, pool, slots, has_init, lower_bound=None, out=out)
+    sync()
+    assert not out.isnan().any() and not pool.isnan().any()
+    for n in range(len(lens)):
+        a = int(cu[n])
+        assert (out[a + 64:a + 128] == 0).all() and (pool[slots[n]] == 0).all()
+    o_ref, _ = run_naive(q, k, v, g, beta, A_log, dt_bias, cu, init, None)
+    for n in range(len(lens)):
+        a = int(cu[n])
+        assert rel_rms(out[a:a + 64].cpu(), o_ref[a:a + 64]) <= TOL
+
+
 @pytest.mark.parametrize("lower_bound", [None, -5.0, -10.0])
 def test_tc_diagonal_block_paths(lower_bound, monkeypatch):
     """Tensor-core kernel, both paths of a diagonal block in one call: moderate gates (tensor
