@@ -178,7 +178,7 @@ __device__ __forceinline__ void mma_tf32(float (&d)[4], const uint32_t (&a)[4], 
 // column in the low half); b = B[2t..2t+1][g], B[2t+8..2t+9][g]; d as mma_tf32's. fp16 carries
 // TF32's 10-bit mantissa, so a product of fp16 operands is as exact as one of TF32 operands, at
 // twice the depth per instruction and half the operand bytes; its range is what needs care
-// (row_scale).
+// (RowScale below).
 __device__ __forceinline__ void mma_f16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
 #ifdef KDA_SIMT_EMULATOR
   emu::mma_m16n8k16_f16(d, a, b0, b1);

@@ -1,18 +1,22 @@
 // Tensor-core chunked prefill, pass 2 of 2: the serial part. One CTA per (sequence, head, block
 // of BV = 128, 64 or 32 value rows), 8 warps; the launcher picks BV. Per 64-token chunk it reads
-// the record the prepare pass wrote (kda_prefill_tc_prepare.cuh; Qe, w, Kd, A_qk in fp16, which
-// convert exactly to TF32 operands) and computes, on TF32 tensor cores (mma.sync m16n8k8) with
-// fp32 accumulation,
+// the record the prepare pass wrote (kda_prefill_tc_prepare.cuh; Qe, w, Kd, A_qk in fp16) and
+// computes, with fp32 accumulation,
 //   U = u - w S^T;  O = Qe S^T + A_qk U;  S <- S diag(EL) + U^T Kd
+// w S^T and Qe S^T on fp16 tensor cores (mma.sync m16n8k16), the state times a power of two per
+// value row (RowScale; fp16 has TF32's mantissa, so only the range needs the scale); with 128 rows
+// A_qk U and U^T Kd the same way, U under one scale per row that also fits the sums it joins;
+// with fewer rows those two on TF32 ones (m16n8k8). fp16 operands come from ldmatrix.
 // The fp32 state stays in registers, as the accumulator fragments of the update: warp (vt, q)
 // holds value rows vt*16 .. vt*16+15 and channels q*kCW .. q*kCW+kCW-1, where the kNCW warps of a
 // value tile split the channels. With 128 rows (kNCW = 1) a warp's tiles are the A fragments of
-// w S^T and Qe S^T for its rows over all channels, and everything else it reads of U is its own
-// rows: one barrier per chunk. With fewer rows the state also goes to shared memory as TF32
-// after each update, and the products with it are computed token-major, per unit of 16 tokens x
-// 16 value rows over all 128 channels, so no partial sums cross warps: two barriers per chunk (U
-// complete; S and the next record in). The record is double-buffered: the next chunk's is copied
-// in (cp.async) from the start of this one, so its loads have a whole chunk step to arrive.
+// w S^T and Qe S^T for its rows over all channels, and U's A fragments stay in the registers that
+// computed it: one barrier per chunk. With fewer rows the state also goes to shared memory as
+// fp16 (scaled per row and warp slice) after each update, and the products with it are computed
+// token-major, per unit of 16 tokens x 16 value rows over all 128 channels, so no partial sums
+// cross warps: two barriers per chunk (U complete; S and the next record in). The record is
+// double-buffered: the next chunk's is copied in (cp.async) from the start of this one, so its
+// loads have a whole chunk step to arrive.
 #pragma once
 
 #include "kda_prefill_tc_common.cuh"
