@@ -3,10 +3,11 @@
 // the record the prepare pass wrote (kda_prefill_tc_prepare.cuh; Qe, w, Kd, A_qk in fp16) and
 // computes, with fp32 accumulation,
 //   U = u - w S^T;  O = Qe S^T + A_qk U;  S <- S diag(EL) + U^T Kd
-// w S^T and Qe S^T on fp16 tensor cores (mma.sync m16n8k16), the state times a power of two per
-// value row (RowScale; fp16 has TF32's mantissa, so only the range needs the scale); with 128 rows
-// A_qk U and U^T Kd the same way, U under one scale per row that also fits the sums it joins;
-// with fewer rows those two on TF32 ones (m16n8k8). fp16 operands come from ldmatrix.
+// all four on fp16 tensor cores (mma.sync m16n8k16; fp16 has TF32's mantissa, so only the range
+// needs care): the state times a power of two per value row (RowScale), and U per value row too,
+// with 128 rows under one scale that also fits the sums it joins, with fewer rows per (16-token
+// tile, value row), each tile's partial product scaled back on its own. Operands come from
+// ldmatrix.
 // The fp32 state stays in registers, as the accumulator fragments of the update: warp (vt, q)
 // holds value rows vt*16 .. vt*16+15 and channels q*kCW .. q*kCW+kCW-1, where the kNCW warps of a
 // value tile split the channels. With 128 rows (kNCW = 1) a warp's tiles are the A fragments of
@@ -39,7 +40,8 @@ struct StateTiling {
   static constexpr int kCW = kK / kNCW;         // channels of the state a warp holds
   static constexpr int kSN = kCW / 8;           // its 8-channel state tiles
   static constexpr int kUnits = BV / 32;        // steps 1 and 3: (16 tokens x 16 rows) units per warp
-  static constexpr int kLdU = BV + 8;           // U rows 8 banks apart, like kLdR
+  static constexpr int kLdU = BV + 8;           // u rows 8 banks apart, like kLdR
+  static constexpr int kLdUh = BV + 8;          // fp16 U rows: 16-byte aligned, ldmatrix rows on distinct banks
   static_assert(kVT * kNCW == kWarp && kUnits * kWarp * 256 == kC * BV, "BV = 128, 64 or 32");
 };
 
@@ -50,7 +52,7 @@ struct alignas(128) StateSmem {
     __half Qe[kC][kLdR];
     __half W[kC][kLdR];  // w = T beta Ke
     __half Kd[kC][kLdR];
-    float U[kC][G::kLdU];  // u (this CTA's value rows), then U = u - w S^T as TF32
+    float U[kC][G::kLdU];  // u (this CTA's value rows)
     __half Aqk[kC][kLdA];
     float EL[kK];
   } rec[2];
@@ -59,6 +61,10 @@ struct alignas(128) StateSmem {
   // 1 / Sinv[q][r] (row_scales).
   __half S[G::kNCW > 1 ? BV : 1][kLdR];
   float Sinv[G::kNCW][G::kNCW > 1 ? BV : 1];
+  // kNCW > 1: U = u - w S^T as fp16 [tokens][value rows], each (16-token tile, row) times
+  // 1 / Uinv[tile][row]: the A operand of U^T Kd and the B operand of A_qk U.
+  __half Uh[G::kNCW > 1 ? kC : 1][G::kLdUh];
+  float Uinv[kNB][G::kNCW > 1 ? BV : 1];
 };
 
 // An fp16 [64 x kCols] record field (unpadded) into shared rows of pitch kLd, as 4-byte pairs.
@@ -89,11 +95,8 @@ __device__ __forceinline__ const __half* b_rows(const __half* a, int n0, int k0,
   return kTrans ? a + (k0 + 8 * (m % 2) + r) * kLd + n0 + 8 * (m / 2) : a + (n0 + 8 * (m / 2) + r) * kLd + k0 + 8 * (m % 2);
 }
 
-// An fp16 operand as the TF32 bits of the same value (exact: fp16's mantissa is TF32's).
-__device__ __forceinline__ uint32_t tf32_of(__half x) { return __float_as_uint(__half2float(x)); }
-
 // A warp's state tiles from / to state rows (row pitch 128): s[j] = S[vr][c], S[vr][c+1],
-// S[vr+8][c], S[vr+8][c+1] with c = c0 + 8j (the accumulator layout of mma_tf32).
+// S[vr+8][c], S[vr+8][c+1] with c = c0 + 8j (the accumulator layout of mma_f16).
 template <int SN, typename StateT>
 __device__ __forceinline__ void load_state_tiles(const StateT* rows, int vr, int c0, float (&s)[SN][4]) {
 #pragma unroll
@@ -111,30 +114,13 @@ __device__ __forceinline__ void store_state_tiles(StateT* rows, int vr, int c0, 
   }
 }
 
-// The update's pieces: the decay S <- S diag(EL) of a warp's state tiles (s[j]'s channels cs + 8j
-// and + 1); the A fragment of U^T [16 value rows from r0 x 8 tokens from 8 ks]; and S += U^T Kd for
-// token step ks on the tiles of channels cw0 + 8j.
+// The decay S <- S diag(EL) of a warp's state tiles (s[j]'s channels cs + 8j and + 1).
 template <int SN>
 __device__ __forceinline__ void decay_state(float (&s)[SN][4], const float* EL, int cs) {
 #pragma unroll
   for (int j = 0; j < SN; ++j) {
     const float2 el = *reinterpret_cast<const float2*>(&EL[cs + 8 * j]);
     s[j][0] *= el.x; s[j][1] *= el.y; s[j][2] *= el.x; s[j][3] *= el.y;
-  }
-}
-template <int LdU>
-__device__ __forceinline__ void ut_fragment(const float (*U)[LdU], int ks, int r0, int g, int t4, uint32_t (&a)[4]) {
-  const float* ur = &U[8 * ks + t4][r0 + g];
-  a[0] = __float_as_uint(ur[0]); a[1] = __float_as_uint(ur[8]);
-  a[2] = __float_as_uint(ur[4 * LdU]); a[3] = __float_as_uint(ur[4 * LdU + 8]);
-}
-template <int SN>
-__device__ __forceinline__ void kd_update(float (&s)[SN][4], const uint32_t (&a)[4], const __half (*Kd)[kLdR], int ks,
-                                          int cw0, int g, int t4) {
-#pragma unroll
-  for (int j = 0; j < SN; ++j) {
-    const __half* kr = &Kd[8 * ks + t4][cw0 + 8 * j + g];
-    mma_tf32(s[j], a, tf32_of(kr[0]), tf32_of(kr[4 * kLdR]));
   }
 }
 
@@ -147,6 +133,13 @@ __device__ __forceinline__ int unit_tokens_tile(int ui, int warp) { return ui % 
 __device__ __forceinline__ float quad_max(float m) {
   m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
   return fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+}
+
+// The largest of m over the eight lanes of a t4 (g = 0..7): a column of an accumulator tile.
+__device__ __forceinline__ float column_max(float m) {
+  m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 4));
+  m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 8));
+  return fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 16));
 }
 
 // The powers of two (RowScale) for a warp's two state rows vr, vr + 8 over the channels its
@@ -367,8 +360,8 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
       //    16 tokens (tt) x 16 rows (rt), whole products over the 128 channels, so no partial sums
       //    cross warps, on fp16 tensor cores (m16n8k16): A = w / Qe as stored, B = the shared fp16
       //    state. Each warp slice q of the channels carries its own row scales, so its partial
-      //    products are scaled back (Sinv) and summed in fp32. Then U = u - X in place of u,
-      //    rounded to TF32 for its two products; Y stays in registers for step 3.
+      //    products are scaled back (Sinv) and summed in fp32. Then U = u - X to shared memory as
+      //    fp16 (below); Y stays in registers for step 3.
       float y[G::kUnits][2][4];
 #pragma unroll
       for (int ui = 0; ui < G::kUnits; ++ui) {
@@ -409,47 +402,73 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
             y[ui][nn][2] += ys[nn][2] * iv.x; y[ui][nn][3] += ys[nn][3] * iv.y;
           }
         }
-        // x[nn] = X[m0][r], X[m0][r+1], X[m0+8][r], X[m0+8][r+1] with r = rt*16 + nn*8 + 2 t4
+        // x[nn] = X[m0][r], X[m0][r+1], X[m0+8][r], X[m0+8][r+1] with r = rt*16 + nn*8 + 2 t4.
+        // U = u - X to the fp16 copy Uh, each value row's 16 tokens of this unit times their own
+        // power of two (RowScale; the 8 lanes of a t4 hold them), whose inverse goes to
+        // Uinv[tt][r]: steps 2 and 3 contract over tokens one 16-token tile at a time, so each
+        // tile's partial product is scaled back on its own.
         const bool zu = unit.transition;  // u = 0 (not loaded)
 #pragma unroll
         for (int nn = 0; nn < 2; ++nn) {
-          float* u0 = &rs.U[m0][rt * 16 + nn * 8 + 2 * t4];
-          float* u1 = u0 + 8 * G::kLdU;
-          const float2 a = zu ? make_float2(0.f, 0.f) : *reinterpret_cast<const float2*>(u0);
-          const float2 b = zu ? make_float2(0.f, 0.f) : *reinterpret_cast<const float2*>(u1);
-          *reinterpret_cast<float2*>(u0) = make_float2(tf32_round(a.x - x[nn][0]), tf32_round(a.y - x[nn][1]));
-          *reinterpret_cast<float2*>(u1) = make_float2(tf32_round(b.x - x[nn][2]), tf32_round(b.y - x[nn][3]));
+          const int r = rt * 16 + nn * 8 + 2 * t4;
+          const float2 a = zu ? make_float2(0.f, 0.f) : *reinterpret_cast<const float2*>(&rs.U[m0][r]);
+          const float2 b = zu ? make_float2(0.f, 0.f) : *reinterpret_cast<const float2*>(&rs.U[m0 + 8][r]);
+          const float u00 = a.x - x[nn][0], u01 = a.y - x[nn][1], u10 = b.x - x[nn][2], u11 = b.y - x[nn][3];
+          const RowScale c0(column_max(fmaxf(fabsf(u00), fabsf(u10)))), c1(column_max(fmaxf(fabsf(u01), fabsf(u11))));
+          *reinterpret_cast<uint32_t*>(&sm.Uh[m0][r]) = half2_bits(u00 * c0.scale, u01 * c1.scale);
+          *reinterpret_cast<uint32_t*>(&sm.Uh[m0 + 8][r]) = half2_bits(u10 * c0.scale, u11 * c1.scale);
+          if (g == 0) *reinterpret_cast<float2*>(&sm.Uinv[tt][r]) = make_float2(c0.inv, c1.inv);
         }
       }
       __syncthreads();  // U complete; every read of S done
       KDA_TC_MARK(kPrepPhases);
 
-      // 2. S <- S diag(EL) + U^T Kd on the warp's state tiles, with A = U^T [16 value rows x 8
-      //    tokens] per token step ks; then S to shared memory (TF32) for the next chunk's step 1.
+      // 2. S <- S diag(EL) + U^T Kd on the warp's state tiles on fp16 tensor cores, one 16-token
+      //    tile kk at a time: A = U^T (Uh transposed as it loads), B = Kd; each tile's product
+      //    times its rows' Uinv into the state. Then S to shared memory for the next chunk's step 1.
       decay_state(s, rs.EL, cs);
+#pragma unroll 1
+      for (int kk = 0; kk < kNB; ++kk) {
+        uint32_t a[4], b[4];
+        ldsm_x4<true>(b, b_rows<G::kLdUh, true>(&sm.Uh[0][0], vt * 16, 16 * kk, lane));
+        a[0] = b[0]; a[1] = b[2]; a[2] = b[1]; a[3] = b[3];
+        const float i0 = sm.Uinv[kk][vr], i1 = sm.Uinv[kk][vr + 8];
 #pragma unroll
-      for (int ks = 0; ks < 8; ++ks) {
-        uint32_t a[4];
-        ut_fragment(rs.U, ks, vt * 16, g, t4, a);
-        kd_update(s, a, rs.Kd, ks, cw0, g, t4);
+        for (int j = 0; j < G::kSN; j += 2) {  // two state tiles at a time: few live partials
+          ldsm_x4<true>(b, b_rows<kLdR, true>(&rs.Kd[0][0], cw0 + 8 * j, 16 * kk, lane));
+          float t[2][4] = {};
+          mma_f16(t[0], a, b[0], b[1]);
+          mma_f16(t[1], a, b[2], b[3]);
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            s[j + h][0] += t[h][0] * i0; s[j + h][1] += t[h][1] * i0;
+            s[j + h][2] += t[h][2] * i1; s[j + h][3] += t[h][3] * i1;
+          }
+        }
       }
       store_state_half<G::kSN>(sm.S, sm.Sinv[q], vr, cs, t4, s);
       KDA_TC_MARK(kPrepPhases + 1);  // thread 0 only: no barrier here
 
-      // 3. O += A_qk U on the units' tokens (A_qk is 0 above the diagonal: token steps up to the
-      //    unit's last token only), A = A_qk, B = U [tokens x value rows]; O out as bf16.
+      // 3. O += A_qk U on the units' tokens on fp16 tensor cores, one 16-token tile kk <= tt at a
+      //    time (A_qk is 0 above the diagonal): A = A_qk, B = U (Uh transposed as it loads); each
+      //    tile's product times its columns' Uinv into the output. O out as bf16.
       if (outp) {
 #pragma unroll
         for (int ui = 0; ui < G::kUnits; ++ui) {
           const int tt = unit_tokens_tile(ui, warp), rt = warp / 4 + 2 * ui;
           const int m0 = tt * 16 + g;
-          for (int k0 = 0; k0 < 16 * (tt + 1); k0 += 8) {
-            const __half* ar = &rs.Aqk[m0][k0 + t4];
-            const uint32_t a[4] = {tf32_of(ar[0]), tf32_of(ar[8 * kLdA]), tf32_of(ar[4]), tf32_of(ar[8 * kLdA + 4])};
+          for (int kk = 0; kk <= tt; ++kk) {
+            uint32_t a[4], b[4];
+            ldsm_x4<false>(b, b_rows<kLdA, false>(&rs.Aqk[0][0], tt * 16, 16 * kk, lane));
+            a[0] = b[0]; a[1] = b[2]; a[2] = b[1]; a[3] = b[3];
+            ldsm_x4<true>(b, b_rows<G::kLdUh, true>(&sm.Uh[0][0], rt * 16, 16 * kk, lane));
 #pragma unroll
             for (int nn = 0; nn < 2; ++nn) {
-              const float* br = &rs.U[k0 + t4][rt * 16 + nn * 8 + g];
-              mma_tf32(y[ui][nn], a, __float_as_uint(br[0]), __float_as_uint(br[4 * G::kLdU]));
+              float t[4] = {};
+              mma_f16(t, a, b[2 * nn], b[2 * nn + 1]);
+              const float2 iv = *reinterpret_cast<const float2*>(&sm.Uinv[kk][rt * 16 + nn * 8 + 2 * t4]);
+              y[ui][nn][0] += t[0] * iv.x; y[ui][nn][1] += t[1] * iv.y;
+              y[ui][nn][2] += t[2] * iv.x; y[ui][nn][3] += t[3] * iv.y;
             }
           }
           // y[ui][nn] = O[m0][r], O[m0][r+1], O[m0+8][r], O[m0+8][r+1] with r = rt*16 + nn*8 + 2 t4

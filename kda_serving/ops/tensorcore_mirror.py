@@ -27,7 +27,8 @@ Per 64-token chunk, in 4 blocks of 16 tokens, with a_t = exp(g_t) <= 1 the per-t
   (``_fp16_scaled``: each value row times a power of two that fits its largest entry; fp16's
   mantissa is TF32's); U = u - w S^T enters A_qk U and U^T Kd as fp16 under a power of two per
   value row that fits U and the sums it joins (S diag(EL), Qe S^T), as the kernel's 128-row CTAs
-  do (64- and 32-row CTAs take U as TF32 and scale each warp's slice of a state row on its own);
+  do (64- and 32-row CTAs scale U per 16-token tile and value row, and each warp's slice of a
+  state row on its own: the same rounding up to where the scales fall);
 * the workspace record's Qe, Kd, w and A_qk are fp16 (``_fp16``; fp16 values are exact TF32
   operands), u fp32.
 
