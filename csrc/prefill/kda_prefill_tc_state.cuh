@@ -92,7 +92,8 @@ __device__ __forceinline__ void load_record(typename StateSmem<BV>::Record& r, c
 template <int kLd, bool kTrans>
 __device__ __forceinline__ const __half* b_rows(const __half* a, int n0, int k0, int lane) {
   const int m = lane / 8, r = lane % 8;
-  return kTrans ? a + (k0 + 8 * (m % 2) + r) * kLd + n0 + 8 * (m / 2) : a + (n0 + 8 * (m / 2) + r) * kLd + k0 + 8 * (m % 2);
+  return kTrans ? a + (k0 + 8 * (m % 2) + r) * kLd + n0 + 8 * (m / 2)
+                : a + (n0 + 8 * (m / 2) + r) * kLd + k0 + 8 * (m % 2);
 }
 
 // A warp's state tiles from / to state rows (row pitch 128): s[j] = S[vr][c], S[vr][c+1],
@@ -255,8 +256,10 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
       for (int kk = 0; kk < G::kSN / 2; ++kk) {
         const float(&s0)[4] = s[2 * kk];
         const float(&s1)[4] = s[2 * kk + 1];
-        const uint32_t a[4] = {half2_bits(s0[0] * r0.scale, s0[1] * r0.scale), half2_bits(s0[2] * r1.scale, s0[3] * r1.scale),
-                               half2_bits(s1[0] * r0.scale, s1[1] * r0.scale), half2_bits(s1[2] * r1.scale, s1[3] * r1.scale)};
+        const uint32_t a[4] = {half2_bits(s0[0] * r0.scale, s0[1] * r0.scale),
+                               half2_bits(s0[2] * r1.scale, s0[3] * r1.scale),
+                               half2_bits(s1[0] * r0.scale, s1[1] * r0.scale),
+                               half2_bits(s1[2] * r1.scale, s1[3] * r1.scale)};
 #pragma unroll
         for (int jt = 0; jt < 8; jt += 2) {  // B fragments of token tiles jt, jt + 1: one ldmatrix
           uint32_t b[4];
@@ -295,8 +298,10 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
       float m0 = 0.f, m1 = 0.f;
 #pragma unroll
       for (int jt = 0; jt < 8; ++jt) {
-        m0 = fmaxf(fmaxf(m0, fmaxf(fabsf(x[jt][0]), fabsf(x[jt][1]))), fmaxf(fabsf(y[jt][0] * r0.inv), fabsf(y[jt][1] * r0.inv)));
-        m1 = fmaxf(fmaxf(m1, fmaxf(fabsf(x[jt][2]), fabsf(x[jt][3]))), fmaxf(fabsf(y[jt][2] * r1.inv), fabsf(y[jt][3] * r1.inv)));
+        m0 = fmaxf(fmaxf(m0, fmaxf(fabsf(x[jt][0]), fabsf(x[jt][1]))),
+                   fmaxf(fabsf(y[jt][0] * r0.inv), fabsf(y[jt][1] * r0.inv)));
+        m1 = fmaxf(fmaxf(m1, fmaxf(fabsf(x[jt][2]), fabsf(x[jt][3]))),
+                   fmaxf(fabsf(y[jt][2] * r1.inv), fabsf(y[jt][3] * r1.inv)));
       }
 #pragma unroll
       for (int j = 0; j < G::kSN; ++j) {
@@ -320,8 +325,10 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
       for (int kk = 0; kk < 4; ++kk) {
         const float(&u0)[4] = x[2 * kk];
         const float(&u1)[4] = x[2 * kk + 1];
-        const uint32_t a[4] = {half2_bits(u0[0] * q0.scale, u0[1] * q0.scale), half2_bits(u0[2] * q1.scale, u0[3] * q1.scale),
-                               half2_bits(u1[0] * q0.scale, u1[1] * q0.scale), half2_bits(u1[2] * q1.scale, u1[3] * q1.scale)};
+        const uint32_t a[4] = {half2_bits(u0[0] * q0.scale, u0[1] * q0.scale),
+                               half2_bits(u0[2] * q1.scale, u0[3] * q1.scale),
+                               half2_bits(u1[0] * q0.scale, u1[1] * q0.scale),
+                               half2_bits(u1[2] * q1.scale, u1[3] * q1.scale)};
         uint32_t b[4];
         if (outp) {
 #pragma unroll
