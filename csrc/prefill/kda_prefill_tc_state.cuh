@@ -96,6 +96,16 @@ __device__ __forceinline__ const __half* b_rows(const __half* a, int n0, int k0,
                 : a + (n0 + 8 * (m / 2) + r) * kLd + k0 + 8 * (m % 2);
 }
 
+// The m16n8k16 A fragment of rows m0 .. m0 + 15 over k0 .. k0 + 15 from a fp16 array of pitch
+// kLd stored by rows m (or, kTrans, by rows k): b_rows' two n tiles are the A fragment's rows
+// m0 and m0 + 8, so its registers come out as a0, a2, a1, a3.
+template <int kLd, bool kTrans>
+__device__ __forceinline__ void ldsm_a(uint32_t (&a)[4], const __half* base, int m0, int k0, int lane) {
+  uint32_t b[4];
+  ldsm_x4<kTrans>(b, b_rows<kLd, kTrans>(base, m0, k0, lane));
+  a[0] = b[0]; a[1] = b[2]; a[2] = b[1]; a[3] = b[3];
+}
+
 // A warp's state tiles from / to state rows (row pitch 128): s[j] = S[vr][c], S[vr][c+1],
 // S[vr+8][c], S[vr+8][c+1] with c = c0 + 8j (the accumulator layout of mma_f16).
 template <int SN, typename StateT>
@@ -143,18 +153,45 @@ __device__ __forceinline__ float column_max(float m) {
   return fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 16));
 }
 
+// The lane's largest magnitudes of accumulator tiles t[j] (rows g and g + 8: entries 0, 1 and
+// 2, 3) folded into m0, m1.
+template <int N>
+__device__ __forceinline__ void tile_row_max(const float (&t)[N][4], float& m0, float& m1) {
+#pragma unroll
+  for (int j = 0; j < N; ++j) {
+    m0 = fmaxf(m0, fmaxf(fabsf(t[j][0]), fabsf(t[j][1])));
+    m1 = fmaxf(m1, fmaxf(fabsf(t[j][2]), fabsf(t[j][3])));
+  }
+}
+
+// Accumulator tiles t[j] times f0 (row g) and f1 (row g + 8).
+template <int N>
+__device__ __forceinline__ void scale_tiles(float (&t)[N][4], float f0, float f1) {
+#pragma unroll
+  for (int j = 0; j < N; ++j) {
+    t[j][0] *= f0; t[j][1] *= f0; t[j][2] *= f1; t[j][3] *= f1;
+  }
+}
+
 // The powers of two (RowScale) for a warp's two state rows vr, vr + 8 over the channels its
 // tiles hold: the four lanes of a row (t4 = 0..3) hold them all.
 template <int SN>
 __device__ __forceinline__ void row_scales(const float (&s)[SN][4], RowScale& r0, RowScale& r1) {
   float m0 = 0.f, m1 = 0.f;
-#pragma unroll
-  for (int j = 0; j < SN; ++j) {
-    m0 = fmaxf(m0, fmaxf(fabsf(s[j][0]), fabsf(s[j][1])));
-    m1 = fmaxf(m1, fmaxf(fabsf(s[j][2]), fabsf(s[j][3])));
-  }
+  tile_row_max(s, m0, m1);
   r0 = RowScale(quad_max(m0));
   r1 = RowScale(quad_max(m1));
+}
+
+// Two accumulator tiles t0, t1 (rows g, g + 8; columns 2t4, 2t4 + 1 of 8-column tiles k and
+// k + 1) as the m16n8k16 fp16 A fragment over those 16 columns, row g times c0.scale and row
+// g + 8 times c1.scale.
+__device__ __forceinline__ void a_of_tiles(const float (&t0)[4], const float (&t1)[4], const RowScale& c0,
+                                           const RowScale& c1, uint32_t (&a)[4]) {
+  a[0] = half2_bits(t0[0] * c0.scale, t0[1] * c0.scale);
+  a[1] = half2_bits(t0[2] * c1.scale, t0[3] * c1.scale);
+  a[2] = half2_bits(t1[0] * c0.scale, t1[1] * c0.scale);
+  a[3] = half2_bits(t1[2] * c1.scale, t1[3] * c1.scale);
 }
 
 // A warp's state tiles (channels c0 + 8j, + 1) into the shared fp16 state, each row times its
@@ -254,12 +291,8 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
         for (int e = 0; e < 4; ++e) x[jt][e] = y[jt][e] = 0.f;
 #pragma unroll
       for (int kk = 0; kk < G::kSN / 2; ++kk) {
-        const float(&s0)[4] = s[2 * kk];
-        const float(&s1)[4] = s[2 * kk + 1];
-        const uint32_t a[4] = {half2_bits(s0[0] * r0.scale, s0[1] * r0.scale),
-                               half2_bits(s0[2] * r1.scale, s0[3] * r1.scale),
-                               half2_bits(s1[0] * r0.scale, s1[1] * r0.scale),
-                               half2_bits(s1[2] * r1.scale, s1[3] * r1.scale)};
+        uint32_t a[4];
+        a_of_tiles(s[2 * kk], s[2 * kk + 1], r0, r1, a);
 #pragma unroll
         for (int jt = 0; jt < 8; jt += 2) {  // B fragments of token tiles jt, jt + 1: one ldmatrix
           uint32_t b[4];
@@ -295,41 +328,21 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
       //    overflows, and a U entry that it leaves subnormal in fp16 is below 2^-24 of what it is
       //    added to.
       decay_state(s, rs.EL, cs);
-      float m0 = 0.f, m1 = 0.f;
-#pragma unroll
-      for (int jt = 0; jt < 8; ++jt) {
-        m0 = fmaxf(fmaxf(m0, fmaxf(fabsf(x[jt][0]), fabsf(x[jt][1]))),
-                   fmaxf(fabsf(y[jt][0] * r0.inv), fabsf(y[jt][1] * r0.inv)));
-        m1 = fmaxf(fmaxf(m1, fmaxf(fabsf(x[jt][2]), fabsf(x[jt][3]))),
-                   fmaxf(fabsf(y[jt][2] * r1.inv), fabsf(y[jt][3] * r1.inv)));
-      }
-#pragma unroll
-      for (int j = 0; j < G::kSN; ++j) {
-        m0 = fmaxf(m0, fmaxf(fabsf(s[j][0]), fabsf(s[j][1])));
-        m1 = fmaxf(m1, fmaxf(fabsf(s[j][2]), fabsf(s[j][3])));
-      }
-      const RowScale q0(quad_max(m0)), q1(quad_max(m1));
-      // Y from step 1's scale (r) to this one (q): unscaled first, then scaled, each exact and
+      // Y from step 1's scale (r) to this one (q): unscaled here, scaled below, each exact and
       // finite. One multiply by r.inv q.scale could overflow (a large state, then a row of zeros:
       // 2^5 2^126), and 0 x inf is NaN.
-#pragma unroll
-      for (int jt = 0; jt < 8; ++jt) {
-        y[jt][0] = y[jt][0] * r0.inv * q0.scale; y[jt][1] = y[jt][1] * r0.inv * q0.scale;
-        y[jt][2] = y[jt][2] * r1.inv * q1.scale; y[jt][3] = y[jt][3] * r1.inv * q1.scale;
-      }
-#pragma unroll
-      for (int j = 0; j < G::kSN; ++j) {
-        s[j][0] *= q0.scale; s[j][1] *= q0.scale; s[j][2] *= q1.scale; s[j][3] *= q1.scale;
-      }
+      scale_tiles(y, r0.inv, r1.inv);
+      float m0 = 0.f, m1 = 0.f;
+      tile_row_max(x, m0, m1);
+      tile_row_max(y, m0, m1);
+      tile_row_max(s, m0, m1);
+      const RowScale q0(quad_max(m0)), q1(quad_max(m1));
+      scale_tiles(y, q0.scale, q1.scale);
+      scale_tiles(s, q0.scale, q1.scale);
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk) {
-        const float(&u0)[4] = x[2 * kk];
-        const float(&u1)[4] = x[2 * kk + 1];
-        const uint32_t a[4] = {half2_bits(u0[0] * q0.scale, u0[1] * q0.scale),
-                               half2_bits(u0[2] * q1.scale, u0[3] * q1.scale),
-                               half2_bits(u1[0] * q0.scale, u1[1] * q0.scale),
-                               half2_bits(u1[2] * q1.scale, u1[3] * q1.scale)};
-        uint32_t b[4];
+        uint32_t a[4], b[4];
+        a_of_tiles(x[2 * kk], x[2 * kk + 1], q0, q1, a);
         if (outp) {
 #pragma unroll
           for (int jt = 2 * kk; jt < 8; jt += 2) {
@@ -345,14 +358,8 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
           mma_f16(s[j + 1], a, b[2], b[3]);
         }
       }
-#pragma unroll
-      for (int j = 0; j < G::kSN; ++j) {
-        s[j][0] *= q0.inv; s[j][1] *= q0.inv; s[j][2] *= q1.inv; s[j][3] *= q1.inv;
-      }
-#pragma unroll
-      for (int jt = 0; jt < 8; ++jt) {
-        y[jt][0] *= q0.inv; y[jt][1] *= q0.inv; y[jt][2] *= q1.inv; y[jt][3] *= q1.inv;
-      }
+      scale_tiles(s, q0.inv, q1.inv);
+      scale_tiles(y, q0.inv, q1.inv);
       KDA_TC_MARK(kPrepPhases + 1);
 #pragma unroll
       for (int jt = 0; jt < 8; ++jt) {
@@ -384,15 +391,10 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
           float xs[2][4] = {}, ys[2][4] = {};
 #pragma unroll
           for (int k0 = qs * G::kCW; k0 < (qs + 1) * G::kCW; k0 += 16) {
-            // A = w / Qe rows m0, m0 + 8 (tokens) over k0 .. k0 + 15: the B-fragment rows of
-            // "two n tiles" are the A fragment's a0, a2, a1, a3.
+            // A = w / Qe, tokens tt*16 .. tt*16 + 15 over channels k0 .. k0 + 15.
             uint32_t aw[4], aq[4] = {0u, 0u, 0u, 0u}, b[4];
-            ldsm_x4<false>(b, b_rows<kLdR, false>(&rs.W[0][0], tt * 16, k0, lane));
-            aw[0] = b[0]; aw[2] = b[1]; aw[1] = b[2]; aw[3] = b[3];
-            if (outp) {
-              ldsm_x4<false>(b, b_rows<kLdR, false>(&rs.Qe[0][0], tt * 16, k0, lane));
-              aq[0] = b[0]; aq[2] = b[1]; aq[1] = b[2]; aq[3] = b[3];
-            }
+            ldsm_a<kLdR, false>(aw, &rs.W[0][0], tt * 16, k0, lane);
+            if (outp) ldsm_a<kLdR, false>(aq, &rs.Qe[0][0], tt * 16, k0, lane);
             ldsm_x4<false>(b, b_rows<kLdR, false>(&sm.S[0][0], rt * 16, k0, lane));  // value rows nn = 0, 1
 #pragma unroll
             for (int nn = 0; nn < 2; ++nn) {
@@ -437,8 +439,7 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
 #pragma unroll 1
       for (int kk = 0; kk < kNB; ++kk) {
         uint32_t a[4], b[4];
-        ldsm_x4<true>(b, b_rows<G::kLdUh, true>(&sm.Uh[0][0], vt * 16, 16 * kk, lane));
-        a[0] = b[0]; a[1] = b[2]; a[2] = b[1]; a[3] = b[3];
+        ldsm_a<G::kLdUh, true>(a, &sm.Uh[0][0], vt * 16, 16 * kk, lane);
         const float i0 = sm.Uinv[kk][vr], i1 = sm.Uinv[kk][vr + 8];
 #pragma unroll
         for (int j = 0; j < G::kSN; j += 2) {  // two state tiles at a time: few live partials
@@ -466,8 +467,7 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
           const int m0 = tt * 16 + g;
           for (int kk = 0; kk <= tt; ++kk) {
             uint32_t a[4], b[4];
-            ldsm_x4<false>(b, b_rows<kLdA, false>(&rs.Aqk[0][0], tt * 16, 16 * kk, lane));
-            a[0] = b[0]; a[1] = b[2]; a[2] = b[1]; a[3] = b[3];
+            ldsm_a<kLdA, false>(a, &rs.Aqk[0][0], tt * 16, 16 * kk, lane);
             ldsm_x4<true>(b, b_rows<G::kLdUh, true>(&sm.Uh[0][0], rt * 16, 16 * kk, lane));
 #pragma unroll
             for (int nn = 0; nn < 2; ++nn) {

@@ -205,6 +205,20 @@ T shfl_from(T v, int src_lane) {
   return r;
 }
 
+// A lane's four outputs of a gathered m16n8kK product, D = C + A B, in the accumulator layout
+// (g = lane / 4, t = lane % 4): D[g][2t], D[g][2t+1], D[g+8][2t], D[g+8][2t+1].
+template <int K>
+inline void mma_lane_outputs(const float (&A)[16][K], const float (&B)[K][8], const float (&C)[16][8], int lane,
+                             float (&d)[4]) {
+  const int g = lane / 4, t = lane % 4;
+  const int rows[4] = {g, g, g + 8, g + 8}, cols[4] = {2 * t, 2 * t + 1, 2 * t, 2 * t + 1};
+  for (int i = 0; i < 4; ++i) {
+    float acc = C[rows[i]][cols[i]];
+    for (int k = 0; k < K; ++k) acc += A[rows[i]][k] * B[k][cols[i]];
+    d[i] = acc;
+  }
+}
+
 // mma.sync.m16n8k8 with TF32 operands and fp32 accumulation, as the tensor cores take their
 // fragments (PTX ISA layouts; g = lane / 4, t = lane % 4): every lane posts its a, b and c, then
 // computes its own four outputs from the warp's. The low 13 bits of a TF32 operand are ignored.
@@ -231,13 +245,7 @@ inline void mma_m16n8k8_tf32(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
     C[g][2 * t] = f[6]; C[g][2 * t + 1] = f[7]; C[g + 8][2 * t] = f[8]; C[g + 8][2 * t + 1] = f[9];
   }
   warp_barrier();
-  const int g = lane / 4, t = lane % 4;
-  const int rows[4] = {g, g, g + 8, g + 8}, cols[4] = {2 * t, 2 * t + 1, 2 * t, 2 * t + 1};
-  for (int i = 0; i < 4; ++i) {
-    float acc = C[rows[i]][cols[i]];
-    for (int k = 0; k < 8; ++k) acc += A[rows[i]][k] * B[k][cols[i]];
-    d[i] = acc;
-  }
+  mma_lane_outputs(A, B, C, lane, d);
 }
 
 // mma.sync.m16n8k16 with fp16 operands and fp32 accumulation: a[i] and b[i] hold two fp16 values
@@ -265,13 +273,7 @@ inline void mma_m16n8k16_f16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
     C[g][2 * t] = f[12]; C[g][2 * t + 1] = f[13]; C[g + 8][2 * t] = f[14]; C[g + 8][2 * t + 1] = f[15];
   }
   warp_barrier();
-  const int g = lane / 4, t = lane % 4;
-  const int rows[4] = {g, g, g + 8, g + 8}, cols[4] = {2 * t, 2 * t + 1, 2 * t, 2 * t + 1};
-  for (int i = 0; i < 4; ++i) {
-    float acc = C[rows[i]][cols[i]];
-    for (int k = 0; k < 16; ++k) acc += A[rows[i]][k] * B[k][cols[i]];
-    d[i] = acc;
-  }
+  mma_lane_outputs(A, B, C, lane, d);
 }
 
 // ldmatrix.sync.aligned.m8n8.x4(.trans).shared.b16: lane L gives the address of row L % 8 of
