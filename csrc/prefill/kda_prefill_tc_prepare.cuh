@@ -359,75 +359,88 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
     KDA_TC_MARK(5);
 
     // 3b. Blocks below the diagonal (I > J) and the diagonal blocks 3a left, on tensor cores
-    //     (mma.sync m16n8k8, TF32): job (I, J), A = Qr_I / Kq_I [16 tokens x 8 channels] per
-    //     k-step, B = (Kb_J scaled by prod_{J<M<I} Ptot_M / (s_I s_J); on the diagonal by nothing,
-    //     s_I^2 = 1 / Ptot_I being in the operands)^T, 8-token tiles of J. A_kk rows are stored
-    //     times beta; on the diagonal only the causal part (A_qk: j <= i, A_kk: j < i). A_qk's
-    //     blocks above the diagonal are zeroed.
+    //     (mma.sync m16n8k8, TF32): A = Qr_I / Kq_I [16 tokens x 8 channels] per k-step, B =
+    //     (Kb_J scaled by prod_{J<M<I} Ptot_M / (s_I s_J); on the diagonal by nothing, s_I^2 =
+    //     1 / Ptot_I being in the operands)^T, 8-token tiles of J. A_kk rows are stored times
+    //     beta; on the diagonal only the causal part (A_qk: j <= i, A_kk: j < i). A_qk's blocks
+    //     above the diagonal are zeroed.
     {
-      constexpr int kOff = kNB * (kNB - 1) / 2;  // 6 jobs below the diagonal, then kNB diagonal ones
-      // Unit = one 8-token tile (nt) of an off-diagonal job (2 kOff units), then a diagonal job
-      // with both tiles: 16 units, one per warp of 16, where whole jobs left 6 warps idle.
-      auto product = [&](auto ntc, int I, int J, int job, int nt0) {
-        constexpr int kNT = decltype(ntc)::value;
-        const bool diag = I == J;
-        float accq[kNT][4] = {}, acck[kNT][4] = {};
+      constexpr int kOff = kNB * (kNB - 1) / 2;  // 6 blocks below the diagonal
+      // Unit = row block I against kNJ consecutive column blocks J0, J0 + 1 (2 or 4 tiles of 8
+      // tokens), so that one load of I's A fragments feeds 4 or 8 products: 3b is bound by
+      // shared-memory bandwidth, and with one unit per tile (16 warps) the A fragments were
+      // loaded 16 times per k-step where 6 units load them 6 times. Units (I, J0, kNJ): (3,0,2)
+      // (3,2,2) (2,0,2) (1,0,2) (2,2,1) (0,0,1), 20 tiles; warp w runs on scheduler w % 4, so
+      // units 4 and 5 (2 tiles) share a scheduler with units 0 and 1 (4 tiles each).
+      constexpr unsigned kUnitI = 0x021233u, kUnitJ0 = 0x020020u;  // 4 bits per unit, unit 0 lowest
+      constexpr int kUnits = 6;
+      auto product = [&](auto njc, int I, int J0) {
+        constexpr int kNJ = decltype(njc)::value;
+        float accq[kNJ][2][4] = {}, acck[kNJ][2][4] = {};
+        bool live[kNJ];  // the diagonal block only where 3a did not compute it (same in every lane)
+#pragma unroll
+        for (int jb = 0; jb < kNJ; ++jb) live[jb] = J0 + jb < I || (diag_tc >> I & 1u);
 #pragma unroll 2
         for (int kk = 0; kk < kK; kk += 8) {
           const int c0 = kk + t4;  // this lane's channels c0, c0 + 4 of the k-step
-          // Kb_J (k Rloc s_J) times 1 / s_J first, back to a value <= 1, then times
-          // prod_{J<M<I} Ptot_M / s_I <= 1: a B operand that underflows then carried a term
-          // below 2^-66 (A <= 2^60), where one product of both scales could have underflowed alone.
-          float j0 = 1.f, j1 = 1.f, m0 = 1.f, m1 = 1.f;
-          if (!diag) {
-            j0 = sm.isc[J][c0];
-            j1 = sm.isc[J][c0 + 4];
-            m0 = sm.mid[job][c0];
-            m1 = sm.mid[job][c0 + 4];
-          }
           const float* qr = &sm.Qr[I * kBlk + g][c0];
           const float* kq = &sm.Kq[I * kBlk + g][c0];
           const uint32_t aq[4] = {to_tf32(qr[0]), to_tf32(qr[8 * kLdK]), to_tf32(qr[4]), to_tf32(qr[8 * kLdK + 4])};
           const uint32_t ak[4] = {to_tf32(kq[0]), to_tf32(kq[8 * kLdK]), to_tf32(kq[4]), to_tf32(kq[8 * kLdK + 4])};
 #pragma unroll
-          for (int t = 0; t < kNT; ++t) {
-            const float* kb = &sm.Kb[J * kBlk + 8 * (nt0 + t) + g][c0];
-            const uint32_t b0 = to_tf32(kb[0] * j0 * m0), b1 = to_tf32(kb[4] * j1 * m1);
-            mma_tf32(accq[t], aq, b0, b1);
-            mma_tf32(acck[t], ak, b0, b1);
+          for (int jb = 0; jb < kNJ; ++jb) {
+            const int J = J0 + jb;
+            if (!live[jb]) continue;
+            // Kb_J (k Rloc s_J) times 1 / s_J first, back to a value <= 1, then times
+            // prod_{J<M<I} Ptot_M / s_I <= 1: a B operand that underflows then carried a term
+            // below 2^-66 (A <= 2^60), where one product of both scales could have underflowed alone.
+            float j0 = 1.f, j1 = 1.f, m0 = 1.f, m1 = 1.f;
+            if (J < I) {
+              const int job = I * (I - 1) / 2 + J;
+              j0 = sm.isc[J][c0];
+              j1 = sm.isc[J][c0 + 4];
+              m0 = sm.mid[job][c0];
+              m1 = sm.mid[job][c0 + 4];
+            }
+#pragma unroll
+            for (int t = 0; t < 2; ++t) {
+              const float* kb = &sm.Kb[J * kBlk + 8 * t + g][c0];
+              const uint32_t b0 = to_tf32(kb[0] * j0 * m0), b1 = to_tf32(kb[4] * j1 * m1);
+              mma_tf32(accq[jb][t], aq, b0, b1);
+              mma_tf32(acck[jb][t], ak, b0, b1);
+            }
           }
         }
         const float b_lo = sm.beta[I * kBlk + g], b_hi = sm.beta[I * kBlk + g + 8];
 #pragma unroll
-        for (int t = 0; t < kNT; ++t) {
-          const int nt = nt0 + t, r = I * kBlk + g, c = J * kBlk + 8 * nt + 2 * t4;
-          float q4[4] = {accq[t][0], accq[t][1], accq[t][2], accq[t][3]};
-          float k4[4] = {acck[t][0] * b_lo, acck[t][1] * b_lo, acck[t][2] * b_hi, acck[t][3] * b_hi};
-          if (diag) {  // local row g / g + 8, local column 8 nt + 2 t4 + e
+        for (int jb = 0; jb < kNJ; ++jb) {
+          const int J = J0 + jb;
+          if (!live[jb]) continue;
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              const int lr = g + (e >= 2 ? 8 : 0), lc = 8 * nt + 2 * t4 + (e & 1);
-              if (lc > lr) q4[e] = 0.f;
-              if (lc == lr) q4[e] = sm.dqk[I * kBlk + lr];
-              if (lc >= lr) k4[e] = 0.f;
+          for (int t = 0; t < 2; ++t) {
+            const int r = I * kBlk + g, c = J * kBlk + 8 * t + 2 * t4;
+            float q4[4] = {accq[jb][t][0], accq[jb][t][1], accq[jb][t][2], accq[jb][t][3]};
+            float k4[4] = {acck[jb][t][0] * b_lo, acck[jb][t][1] * b_lo, acck[jb][t][2] * b_hi, acck[jb][t][3] * b_hi};
+            if (J == I) {  // local row g / g + 8, local column 8 t + 2 t4 + e
+#pragma unroll
+              for (int e = 0; e < 4; ++e) {
+                const int lr = g + (e >= 2 ? 8 : 0), lc = 8 * t + 2 * t4 + (e & 1);
+                if (lc > lr) q4[e] = 0.f;
+                if (lc == lr) q4[e] = sm.dqk[I * kBlk + lr];
+                if (lc >= lr) k4[e] = 0.f;
+              }
             }
+            *reinterpret_cast<float2*>(&sm.Aqk[r][c]) = make_float2(q4[0], q4[1]);
+            *reinterpret_cast<float2*>(&sm.Aqk[r + 8][c]) = make_float2(q4[2], q4[3]);
+            *reinterpret_cast<float2*>(&sm.Akk[r][c]) = make_float2(k4[0], k4[1]);
+            *reinterpret_cast<float2*>(&sm.Akk[r + 8][c]) = make_float2(k4[2], k4[3]);
           }
-          *reinterpret_cast<float2*>(&sm.Aqk[r][c]) = make_float2(q4[0], q4[1]);
-          *reinterpret_cast<float2*>(&sm.Aqk[r + 8][c]) = make_float2(q4[2], q4[3]);
-          *reinterpret_cast<float2*>(&sm.Akk[r][c]) = make_float2(k4[0], k4[1]);
-          *reinterpret_cast<float2*>(&sm.Akk[r + 8][c]) = make_float2(k4[2], k4[3]);
         }
       };
-      for (int unit = warp; unit < 2 * kOff + kNB; unit += kPrepWarp) {
-        if (unit < 2 * kOff) {
-          const int job = unit / 2;
-          int I, J;
-          off_diag_block(job, I, J);
-          product(std::integral_constant<int, 1>{}, I, J, job, unit % 2);
-        } else {
-          const int I = unit - 2 * kOff;
-          if (diag_tc >> I & 1u) product(std::integral_constant<int, 2>{}, I, I, 0, 0);  // else 3a computed it
-        }
+      for (int unit = warp; unit < kUnits; unit += kPrepWarp) {
+        const int I = kUnitI >> 4 * unit & 15u, J0 = kUnitJ0 >> 4 * unit & 15u;
+        if (unit < 4) product(std::integral_constant<int, 2>{}, I, J0);
+        else product(std::integral_constant<int, 1>{}, I, J0);
       }
       // A_qk's blocks above the diagonal go to the record as zeros (the state pass multiplies the
       // whole matrix), 4 per store; A_kk's are never read (4a and 4b take its blocks on and below
