@@ -61,6 +61,8 @@ struct alignas(128) PrepSmem {
 // (16 tokens of at least e^-5) always qualifies.
 constexpr float kDiagTcMin = 0x1p-120f;
 
+constexpr unsigned kPrepStaggerNs = 3800;  // the prepare CTAs' start offset step (see the kernel)
+
 // s = Ptot^-1/2 for a channel of a block on the diagonal fast path, else 1; and 1 / s = Ptot s.
 // 2b and 2c each take them from Ptot (no barrier between them to share one).
 __device__ __forceinline__ float diag_scale(float ptot, bool fast) { return fast ? rsqrtf(ptot) : 1.f; }
@@ -142,6 +144,14 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
     item_tokens(cslot, h, n, tv0, s0);
     issue_chunk_loads(p, tv0, h, s0, min(kC, tv0.len - s0), warp, c4, vec, raw);
   }
+#ifndef KDA_SIMT_EMULATOR
+  // CTAs that start together stay in step (every item costs the same), so every SM would store
+  // its record (88 KB per item, in phases 5 and 6b) at the same moments and compute meanwhile
+  // with the memory system idle. A quarter of an item's time (about 15 us on an H100) times
+  // blockIdx % 4 spreads the stores over the item; only where each CTA has several items to
+  // amortise it.
+  if (items >= 4 * stride) __nanosleep(kPrepStaggerNs * (blockIdx.x % 4));
+#endif
 
   KDA_TC_PROFILE_BEGIN();
   while (item < items) {
