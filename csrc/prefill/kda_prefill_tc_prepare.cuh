@@ -378,6 +378,7 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
     __syncthreads();
     KDA_TC_MARK(5);
 
+    float* rec = chunk_record(p, cslot, h);
     // 3b. Blocks below the diagonal (I > J) and the diagonal blocks 3a left, on tensor cores
     //     (mma.sync m16n8k8, TF32): A = Qr_I / Kq_I [16 tokens x 8 channels] per k-step, B =
     //     (Kb_J scaled by prod_{J<M<I} Ptot_M / (s_I s_J); on the diagonal by nothing, s_I^2 =
@@ -462,6 +463,15 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
         if (unit < 4) product(std::integral_constant<int, 2>{}, I, J0);
         else product(std::integral_constant<int, 1>{}, I, J0);
       }
+      // The record's Qe = Qr pre and Kd = Kb post (scaled as they are stored), final since 2c, by
+      // the warps without a unit, beside the products: in phase 5 they were 32 of the 40 KB that
+      // every warp stored there, with the SMs' record stores (88 KB an item) crowded into phases 5
+      // and 6b. The barrier after 3b orders these reads of Qr before phase 6a overwrites it.
+      if (warp >= kUnits) {
+        constexpr int kFirst = kUnits * 32, kStorers = kPrepThr - kFirst;
+        store_rows_half(rec_half(rec, kRecQe), &sm.Qr[0][0], kLdK, kK, &sm.pre[0][0], tid - kFirst, kStorers);
+        store_rows_half(rec_half(rec, kRecKd), &sm.Kb[0][0], kLdK, kK, &sm.post[0][0], tid - kFirst, kStorers);
+      }
       // A_qk's blocks above the diagonal go to the record as zeros (the state pass multiplies the
       // whole matrix), 4 per store; A_kk's are never read (4a and 4b take its blocks on and below
       // the diagonal), so they are left as they are.
@@ -510,14 +520,10 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
       }
     }
 #endif
-    // 5. The record's Qe = Qr pre, Kd = Kb post (scaled as they are stored), A_qk (fp16) and EL,
-    // final since 3b: out now, while threads 0..63 solve (the rest start on it at once), so that
-    // the stores drain during 4a and 4b instead of queueing ahead of u and w in phase 6; the
-    // barrier below orders these reads of Qr before phase 6a overwrites it.
-    float* rec = chunk_record(p, cslot, h);
-    store_rows_half(rec_half(rec, kRecQe), &sm.Qr[0][0], kLdK, kK, &sm.pre[0][0]);
-    store_rows_half(rec_half(rec, kRecKd), &sm.Kb[0][0], kLdK, kK, &sm.post[0][0]);
-    store_rows_half(rec_half(rec, kRecAqk), &sm.Aqk[0][0], kLdC, kC);
+    // 5. The record's A_qk (fp16) and EL, final since 3b: out now, while threads 0..63 solve (the
+    // rest start on it at once), so that the stores drain during 4a and 4b instead of queueing
+    // ahead of u and w in phase 6.
+    store_rows_half(rec_half(rec, kRecAqk), &sm.Aqk[0][0], kLdC, kC, nullptr, tid, kPrepThr);
     if (tid < kK) rec[kRecEL + tid] = sm.EL[tid];
     __syncthreads();
     KDA_TC_MARK(7);

@@ -182,12 +182,13 @@ __device__ __forceinline__ void issue_v_loads(const KdaPrefillParams& p, const T
 }
 
 // A [64 x cols] shared fp32 array (row pitch ld) to an fp16 record field, 8 values per 16-byte
-// store, coalesced; with `scale` ([kNB x cols], row = the token's block) times scale first.
-__device__ __forceinline__ void store_rows_half(__half* dst, const float* src, int ld, int cols,
-                                                const float* scale = nullptr) {
+// store, coalesced, by threads `thread` of `threads`; with `scale` ([kNB x cols], row = the
+// token's block) times scale first.
+__device__ __forceinline__ void store_rows_half(__half* dst, const float* src, int ld, int cols, const float* scale,
+                                                int thread, int threads) {
   const int per_row = cols / 8;
-#pragma unroll 2
-  for (int idx = threadIdx.x; idx < kC * per_row; idx += kPrepThr) {
+#pragma unroll 1
+  for (int idx = thread; idx < kC * per_row; idx += threads) {
     const int i = idx / per_row, c = idx % per_row * 8;
     float4 a = *reinterpret_cast<const float4*>(src + i * ld + c);
     float4 b = *reinterpret_cast<const float4*>(src + i * ld + c + 4);
