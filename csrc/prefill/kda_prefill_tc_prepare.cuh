@@ -52,6 +52,7 @@ struct alignas(128) PrepSmem {
   float EL[kK];
   float beta[kC];
   float dqk[kC];  // q_i . k_i (scale in q) in fp32: A_qk's diagonal entries on the fast path
+  PrepItem items[2];  // item j of the CTA's walk in items[j % 2] (the lookup lane writes j + 2 in 3b)
 };
 
 // Diagonal blocks whose decay over the block is at least this in every channel run on tensor
@@ -127,22 +128,22 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
   const int grp = tid / kK;         // which kBPG blocks of the chunk it walks
   const int c4 = lane * 4;          // first of the 4 channels of this lane in the per-token passes
   const bool vec = kAligned || qkg_rows_aligned(p);
-  // The item at chunk slot cslot, head h of sequence n (as next_prep_item found it): its tokens
-  // and first token t0.
+  // The CTA's items, looked up by one lane (kLookup) two items ahead into shared memory: item j
+  // in sm.items[j % 2], item j + 2 found in phase 3b of item j (after the reads of item j's entry,
+  // while that lane's warp has no product to run), so no other warp waits for a lookup.
   const ItemDiv div(p.H);
-  auto item_tokens = [&](int64_t cslot, int h, int n, TokenView& tv, int& t0) {
-    tv = prefill_tokens(p, n, h, 0);
-    t0 = (int)(cslot - chunk_base(p, n, base_tok)) * kC;
-  };
+  constexpr int kLookup = (kPrepWarp - 1) * 32;  // lane 0 of the last warp, which has no 3b unit
+  if (tid == kLookup) {
+    sm.items[0] = find_prep_item(p, div, blockIdx.x, stride, items, base_tok);
+    sm.items[1] = find_prep_item(p, div, sm.items[0].item + stride, stride, items, base_tok);
+  }
+  __syncthreads();
   RawChunkInputs<kPer> raw;
-  int n, h;
-  int64_t cslot;
-  int64_t item = next_prep_item(p, div, blockIdx.x, stride, items, base_tok, n, cslot, h);
-  if (item < items) {
-    int s0;
-    TokenView tv0;
-    item_tokens(cslot, h, n, tv0, s0);
-    issue_chunk_loads(p, tv0, h, s0, min(kC, tv0.len - s0), warp, c4, vec, raw);
+  {
+    const PrepItem e = sm.items[0];
+    if (e.item < items)
+      issue_chunk_loads(p, prefill_tokens_at(p, e.bos, e.len, e.h, 0), e.h, e.t0, min(kC, e.len - e.t0), warp, c4,
+                        vec, raw);
   }
 #ifndef KDA_SIMT_EMULATOR
   // CTAs that start together stay in step (every item costs the same), so every SM would store
@@ -154,14 +155,13 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
 #endif
 
   KDA_TC_PROFILE_BEGIN();
-  while (item < items) {
-    int t0;
-    TokenView tv;
-    item_tokens(cslot, h, n, tv, t0);
+  for (int it = 0;; ++it) {
+    const PrepItem cur = sm.items[it & 1];
+    if (cur.item >= items) break;
+    const int64_t cslot = cur.cslot;
+    const int h = cur.h, t0 = cur.t0;
+    const TokenView tv = prefill_tokens_at(p, cur.bos, cur.len, h, 0);
     const int nt = min(kC, tv.len - t0);
-    int n_next, h_next;
-    int64_t cslot_next;
-    const int64_t next = next_prep_item(p, div, item + stride, stride, items, base_tok, n_next, cslot_next, h_next);
     const float a_h = expf(raw.A_log);
     const float dtb4[4] = {raw.dt_bias.x, raw.dt_bias.y, raw.dt_bias.z, raw.dt_bias.w};
 
@@ -208,12 +208,10 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
       }
       if (lane < kPer) sm.beta[bi] = bsig;
       KDA_TC_MARK(0);  // the profile build's thread 0 only: no barrier at these two marks
-      if (next < items) {
-        int s1;
-        TokenView tv1;
-        item_tokens(cslot_next, h_next, n_next, tv1, s1);
-        issue_chunk_loads(p, tv1, h_next, s1, min(kC, tv1.len - s1), warp, c4, vec, raw);
-      }
+      const PrepItem& e = sm.items[(it + 1) & 1];
+      if (e.item < items)
+        issue_chunk_loads(p, prefill_tokens_at(p, e.bos, e.len, e.h, 0), e.h, e.t0, min(kC, e.len - e.t0), warp,
+                          c4, vec, raw);
       KDA_TC_MARK(1);
       // The gate's form and a token's liveness are the same in every lane: tested per token, not
       // per element.
@@ -467,6 +465,8 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
       // the warps without a unit, beside the products: in phase 5 they were 32 of the 40 KB that
       // every warp stored there, with the SMs' record stores (88 KB an item) crowded into phases 5
       // and 6b. The barrier after 3b orders these reads of Qr before phase 6a overwrites it.
+      if (tid == kLookup)  // item it + 2, into the entry of item it (read by every thread before 1a's barrier)
+        sm.items[it & 1] = find_prep_item(p, div, sm.items[(it + 1) & 1].item + stride, stride, items, base_tok);
       if (warp >= kUnits) {
         constexpr int kFirst = kUnits * 32, kStorers = kPrepThr - kFirst;
         store_rows_half(rec_half(rec, kRecQe), &sm.Qr[0][0], kLdK, kK, &sm.pre[0][0], tid - kFirst, kStorers);
@@ -636,10 +636,6 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
       }
     }
     KDA_TC_MARK(9);  // (the barrier before the next item's writes sits in its phase 1)
-    item = next;
-    n = n_next;
-    cslot = cslot_next;
-    h = h_next;
   }
   KDA_TC_PROFILE_END();
 }

@@ -167,6 +167,31 @@ __device__ __forceinline__ int64_t next_prep_item(const KdaPrefillParams& p, con
   return items;
 }
 
+// A prepare work item as find_prep_item wrote it to shared memory: item (`items` when the CTA has
+// none left), its chunk slot and head, its sequence's first token (from cu_seqlens[0]) and length,
+// and the chunk's first token in the sequence.
+struct PrepItem {
+  int64_t item, cslot, bos;
+  int h, len, t0;
+};
+
+// next_prep_item from `from`, with what the item's loads and stores need: one lane's global-memory
+// lookups (dependent loads, and a binary search over the sequences), done while its warp has
+// nothing else to wait for.
+__device__ __forceinline__ PrepItem find_prep_item(const KdaPrefillParams& p, const ItemDiv& div, int64_t from,
+                                                   int64_t stride, int64_t items, int64_t base_tok) {
+  PrepItem e{};
+  int n = 0;
+  e.item = next_prep_item(p, div, from, stride, items, base_tok, n, e.cslot, e.h);
+  if (e.item < items) {
+    const int64_t b = load_index(p.cu_seqlens, p.cu_seqlens_64, n);
+    e.bos = b - base_tok;
+    e.len = (int)(load_index(p.cu_seqlens, p.cu_seqlens_64, n + 1) - b);
+    e.t0 = (int)(e.cslot - chunk_base(p, n, base_tok)) * kC;
+  }
+  return e;
+}
+
 // Phase 6a's v: thread tid takes value rows r8 .. r8+7 (r8 = tid % 16 * 8) of the kVPer tokens
 // tid / 16 + kVStride m.
 constexpr int kVStride = kPrepThr / 16, kVPer = kC / kVStride;

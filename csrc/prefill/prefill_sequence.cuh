@@ -8,13 +8,11 @@
 
 namespace kda {
 
-// q, k, g, beta of sequence n at its first token; v and o at value row v0. Rows are counted
-// from cu_seqlens[0].
-__device__ __forceinline__ TokenView prefill_tokens(const KdaPrefillParams& p, int n, int h, int v0) {
+// q, k, g, beta of the sequence whose first token is row bos (counted from cu_seqlens[0]) and
+// which has len tokens; v and o at value row v0.
+__device__ __forceinline__ TokenView prefill_tokens_at(const KdaPrefillParams& p, int64_t bos, int len, int h,
+                                                       int v0) {
   auto bf = [](const void* x) { return static_cast<const __nv_bfloat16*>(x); };
-  const int64_t base = load_index(p.cu_seqlens, p.cu_seqlens_64, 0);
-  const int64_t bos = load_index(p.cu_seqlens, p.cu_seqlens_64, n) - base;
-  const int64_t eos = load_index(p.cu_seqlens, p.cu_seqlens_64, n + 1) - base;
   TokenView tv;
   tv.q = bf(p.q) + bos * p.q_st + h * p.q_sh;
   tv.k = bf(p.k) + bos * p.k_st + h * p.k_sh;
@@ -24,8 +22,16 @@ __device__ __forceinline__ TokenView prefill_tokens(const KdaPrefillParams& p, i
   tv.sq = p.q_st; tv.sk = p.k_st; tv.sg = p.g_st; tv.sv = p.v_st; tv.sb = p.beta_st;
   tv.o = static_cast<__nv_bfloat16*>(p.o) + bos * p.o_st + h * p.o_sh + v0;
   tv.so = p.o_st;
-  tv.len = (int)(eos - bos);
+  tv.len = len;
   return tv;
+}
+
+// The same for sequence n, from cu_seqlens.
+__device__ __forceinline__ TokenView prefill_tokens(const KdaPrefillParams& p, int n, int h, int v0) {
+  const int64_t base = load_index(p.cu_seqlens, p.cu_seqlens_64, 0);
+  const int64_t bos = load_index(p.cu_seqlens, p.cu_seqlens_64, n) - base;
+  const int64_t eos = load_index(p.cu_seqlens, p.cu_seqlens_64, n + 1) - base;
+  return prefill_tokens_at(p, bos, (int)(eos - bos), h, v0);
 }
 
 // A null slot (<= 0): zero output, no state access; true when the CTA is done.
