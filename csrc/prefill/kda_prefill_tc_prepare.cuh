@@ -52,6 +52,7 @@ struct alignas(128) PrepSmem {
   float EL[kK];
   float beta[kC];
   float dqk[kC];  // q_i . k_i (scale in q) in fp32: A_qk's diagonal entries on the fast path
+  uint4 vq[kC][kK / 8];  // the item's v as loaded (bf16), for 6a (issue_v_copies)
   PrepItem items[2];  // item j of the CTA's walk in items[j % 2] (the lookup lane writes j + 2 in 3b)
 };
 
@@ -212,6 +213,7 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
       if (e.item < items)
         issue_chunk_loads(p, prefill_tokens_at(p, e.bos, e.len, e.h, 0), e.h, e.t0, min(kC, e.len - e.t0), warp,
                           c4, vec, raw);
+      issue_v_copies(p, tv, t0, nt, tid / 16, tid % 16 * 8, kAligned || rows_aligned(tv.v, p.v_st, 16), sm.vq);
       KDA_TC_MARK(1);
       // The gate's form and a token's liveness are the same in every lane: tested per token, not
       // per element.
@@ -485,12 +487,6 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
     __syncthreads();
     KDA_TC_MARK(6);
 
-    // v's loads (this chunk's, for phase 6a) in flight during 4a, 5 and 4b: issued after 5 they
-    // were still in flight when 6a, which most warps start at once, needed them.
-    const int vi0 = tid / 16, vr8 = tid % 16 * 8;  // tokens vi0 + kVStride m, value rows vr8 .. vr8+7
-    uint4 vraw[kVPer];
-    issue_v_loads(p, tv, t0, nt, vi0, vr8, kAligned || rows_aligned(tv.v, p.v_st, 16), vraw);
-
     // 4a. T's diagonal blocks by forward substitution (thread = block, column; A_kk's rows carry
     //     beta already). T's blocks above the diagonal are zero and never read (4b and 6b take its
     //     blocks on and below the diagonal), so they are not written. T is only ever a tensor-core
@@ -579,12 +575,15 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
     //     after their 4b); 6b. the WY factors u = T (beta v), w = T (beta Ke) run on tensor cores
     //     (mma.sync m16n8k8; warp = two 16-token blocks x kCols columns of both), stored from the
     //     accumulators (u fp32, 8 rows x 32 bytes per store; w fp16).
+    const int vi0 = tid / 16, vr8 = tid % 16 * 8;  // tokens vi0 + kVStride m, value rows vr8 .. vr8+7
+    cp_async_wait_all();  // this thread's v copies (issue_v_copies, same mapping)
 #pragma unroll
     for (int m = 0; m < kVPer; ++m) {
       const int i = vi0 + kVStride * m;
       const float b = sm.beta[i];
       float vv[8];
-      const unsigned vw[4] = {vraw[m].x, vraw[m].y, vraw[m].z, vraw[m].w};
+      const uint4 vr = sm.vq[i][vr8 / 8];
+      const unsigned vw[4] = {vr.x, vr.y, vr.z, vr.w};
       unpack_bf16(vw, vv);
 #pragma unroll
       for (int e = 0; e < 8; e += 4) {

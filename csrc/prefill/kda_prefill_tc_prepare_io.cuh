@@ -196,14 +196,22 @@ __device__ __forceinline__ PrepItem find_prep_item(const KdaPrefillParams& p, co
 // tid / 16 + kVStride m.
 constexpr int kVStride = kPrepThr / 16, kVPer = kC / kVStride;
 
-// Phase 6a's v, issued early: value rows r8 .. r8+7 of tokens t0 + i0 + kVStride m, zero past the
-// end; vec: 16-byte loads (rows 16-byte aligned).
-__device__ __forceinline__ void issue_v_loads(const KdaPrefillParams& p, const TokenView& tv, int t0, int nt, int i0,
-                                              int r8, bool vec, uint4 (&raw)[kVPer]) {
+// Phase 6a's v into shared memory (dst[token][8-value group], raw bf16), issued at the item's
+// start: value rows r8 .. r8+7 of tokens t0 + i0 + kVStride m, zero past the end; each thread
+// copies only the groups it reads in 6a, so no barrier orders them, only its own wait
+// (cp_async_wait_all). vec: 16-byte asynchronous copies (rows 16-byte aligned); else 2-byte loads,
+// which wait here. Held in registers from 4a on (before), the loads were still in flight when 6a
+// needed them.
+__device__ __forceinline__ void issue_v_copies(const KdaPrefillParams& p, const TokenView& tv, int t0, int nt, int i0,
+                                               int r8, bool vec, uint4 (*dst)[kK / 8]) {
   const __nv_bfloat16* vp = tv.v + (int64_t)(t0 + i0) * p.v_st + r8;
 #pragma unroll
-  for (int m = 0; m < kVPer; ++m, vp += kVStride * p.v_st)
-    raw[m] = i0 + kVStride * m < nt ? ld_raw8(vp, vec) : make_uint4(0u, 0u, 0u, 0u);
+  for (int m = 0; m < kVPer; ++m, vp += kVStride * p.v_st) {
+    uint4* d = &dst[i0 + kVStride * m][r8 / 8];
+    if (i0 + kVStride * m >= nt) *d = make_uint4(0u, 0u, 0u, 0u);
+    else if (vec) cp_async16(reinterpret_cast<float*>(d), reinterpret_cast<const float*>(vp));
+    else *d = ld_raw8(vp, false);
+  }
 }
 
 // A [64 x cols] shared fp32 array (row pitch ld) to an fp16 record field, 8 values per 16-byte
