@@ -63,8 +63,6 @@ struct alignas(128) PrepSmem {
 // (16 tokens of at least e^-5) always qualifies.
 constexpr float kDiagTcMin = 0x1p-120f;
 
-constexpr unsigned kPrepStaggerNs = 3800;  // the prepare CTAs' start offset step (see the kernel)
-
 // s = Ptot^-1/2 for a channel of a block on the diagonal fast path, else 1; and 1 / s = Ptot s.
 // 2b and 2c each take them from Ptot (no barrier between them to share one).
 __device__ __forceinline__ float diag_scale(float ptot, bool fast) { return fast ? rsqrtf(ptot) : 1.f; }
@@ -129,11 +127,14 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
   const int grp = tid / kK;         // which kBPG blocks of the chunk it walks
   const int c4 = lane * 4;          // first of the 4 channels of this lane in the per-token passes
   const bool vec = kAligned || qkg_rows_aligned(p);
+  // Phase 3b's warps 0 .. kStoreWarps - 1 run only off-diagonal units, about half the work of a
+  // diagonal one: they also store the record's Qe and Kd there (3b).
+  constexpr int kStoreWarps = kPrepWarp - kNB;
   // The CTA's items, looked up by one lane (kLookup) two items ahead into shared memory: item j
   // in sm.items[j % 2], item j + 2 found in phase 3b of item j (after the reads of item j's entry,
-  // while that lane's warp has no product to run), so no other warp waits for a lookup.
+  // in a warp with time to spare there), so no other warp waits for a lookup.
   const ItemDiv div(p.H);
-  constexpr int kLookup = (kPrepWarp - 1) * 32;  // lane 0 of the last warp, which has no 3b unit
+  constexpr int kLookup = (kStoreWarps - 1) * 32;
   if (tid == kLookup) {
     sm.items[0] = find_prep_item(p, div, blockIdx.x, stride, items, base_tok);
     sm.items[1] = find_prep_item(p, div, sm.items[0].item + stride, stride, items, base_tok);
@@ -146,14 +147,6 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
       issue_chunk_loads(p, prefill_tokens_at(p, e.bos, e.len, e.h, 0), e.h, e.t0, min(kC, e.len - e.t0), warp, c4,
                         vec, raw);
   }
-#ifndef KDA_SIMT_EMULATOR
-  // CTAs that start together stay in step (every item costs the same), so every SM would store
-  // its record (88 KB per item, in phases 5 and 6b) at the same moments and compute meanwhile
-  // with the memory system idle. A quarter of an item's time (about 15 us on an H100) times
-  // blockIdx % 4 spreads the stores over the item; only where each CTA has several items to
-  // amortise it.
-  if (items >= 4 * stride) __nanosleep(kPrepStaggerNs * (blockIdx.x % 4));
-#endif
 
   KDA_TC_PROFILE_BEGIN();
   for (int it = 0;; ++it) {
@@ -380,99 +373,85 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
 
     float* rec = chunk_record(p, cslot, h);
     // 3b. Blocks below the diagonal (I > J) and the diagonal blocks 3a left, on tensor cores
-    //     (mma.sync m16n8k8, TF32): A = Qr_I / Kq_I [16 tokens x 8 channels] per k-step, B =
-    //     (Kb_J scaled by prod_{J<M<I} Ptot_M / (s_I s_J); on the diagonal by nothing, s_I^2 =
-    //     1 / Ptot_I being in the operands)^T, 8-token tiles of J. A_kk rows are stored times
-    //     beta; on the diagonal only the causal part (A_qk: j <= i, A_kk: j < i). A_qk's blocks
-    //     above the diagonal are zeroed.
+    //     (mma.sync m16n8k8, TF32): job (I, J), A = Qr_I / Kq_I [16 tokens x 8 channels] per
+    //     k-step, B = (Kb_J scaled by prod_{J<M<I} Ptot_M / (s_I s_J); on the diagonal by nothing,
+    //     s_I^2 = 1 / Ptot_I being in the operands)^T, 8-token tiles of J. A_kk rows are stored
+    //     times beta; on the diagonal only the causal part (A_qk: j <= i, A_kk: j < i). A_qk's
+    //     blocks above the diagonal are zeroed.
     {
-      constexpr int kOff = kNB * (kNB - 1) / 2;  // 6 blocks below the diagonal
-      // Unit = row block I against kNJ consecutive column blocks J0, J0 + 1 (2 or 4 tiles of 8
-      // tokens), so that one load of I's A fragments feeds 4 or 8 products: 3b is bound by
-      // shared-memory bandwidth, and with one unit per tile (16 warps) the A fragments were
-      // loaded 16 times per k-step where 6 units load them 6 times. Units (I, J0, kNJ): (3,0,2)
-      // (3,2,2) (2,0,2) (1,0,2) (2,2,1) (0,0,1), 20 tiles; warp w runs on scheduler w % 4, so
-      // units 4 and 5 (2 tiles) share a scheduler with units 0 and 1 (4 tiles each).
-      constexpr unsigned kUnitI = 0x021233u, kUnitJ0 = 0x020020u;  // 4 bits per unit, unit 0 lowest
-      constexpr int kUnits = 6;
-      auto product = [&](auto njc, int I, int J0) {
-        constexpr int kNJ = decltype(njc)::value;
-        float accq[kNJ][2][4] = {}, acck[kNJ][2][4] = {};
-        bool live[kNJ];  // the diagonal block only where 3a did not compute it (same in every lane)
-#pragma unroll
-        for (int jb = 0; jb < kNJ; ++jb) live[jb] = J0 + jb < I || (diag_tc >> I & 1u);
+      constexpr int kOff = kNB * (kNB - 1) / 2;  // 6 jobs below the diagonal, then kNB diagonal ones
+      // Unit = one 8-token tile (nt) of an off-diagonal job (2 kOff units), then a diagonal job
+      // with both tiles: 16 units, one per warp of 16, where whole jobs left 6 warps idle.
+      auto product = [&](auto ntc, int I, int J, int job, int nt0) {
+        constexpr int kNT = decltype(ntc)::value;
+        const bool diag = I == J;
+        float accq[kNT][4] = {}, acck[kNT][4] = {};
 #pragma unroll 2
         for (int kk = 0; kk < kK; kk += 8) {
           const int c0 = kk + t4;  // this lane's channels c0, c0 + 4 of the k-step
+          // Kb_J (k Rloc s_J) times 1 / s_J first, back to a value <= 1, then times
+          // prod_{J<M<I} Ptot_M / s_I <= 1: a B operand that underflows then carried a term
+          // below 2^-66 (A <= 2^60), where one product of both scales could have underflowed alone.
+          float j0 = 1.f, j1 = 1.f, m0 = 1.f, m1 = 1.f;
+          if (!diag) {
+            j0 = sm.isc[J][c0];
+            j1 = sm.isc[J][c0 + 4];
+            m0 = sm.mid[job][c0];
+            m1 = sm.mid[job][c0 + 4];
+          }
           const float* qr = &sm.Qr[I * kBlk + g][c0];
           const float* kq = &sm.Kq[I * kBlk + g][c0];
           const uint32_t aq[4] = {to_tf32(qr[0]), to_tf32(qr[8 * kLdK]), to_tf32(qr[4]), to_tf32(qr[8 * kLdK + 4])};
           const uint32_t ak[4] = {to_tf32(kq[0]), to_tf32(kq[8 * kLdK]), to_tf32(kq[4]), to_tf32(kq[8 * kLdK + 4])};
 #pragma unroll
-          for (int jb = 0; jb < kNJ; ++jb) {
-            const int J = J0 + jb;
-            if (!live[jb]) continue;
-            // Kb_J (k Rloc s_J) times 1 / s_J first, back to a value <= 1, then times
-            // prod_{J<M<I} Ptot_M / s_I <= 1: a B operand that underflows then carried a term
-            // below 2^-66 (A <= 2^60), where one product of both scales could have underflowed alone.
-            float j0 = 1.f, j1 = 1.f, m0 = 1.f, m1 = 1.f;
-            if (J < I) {
-              const int job = I * (I - 1) / 2 + J;
-              j0 = sm.isc[J][c0];
-              j1 = sm.isc[J][c0 + 4];
-              m0 = sm.mid[job][c0];
-              m1 = sm.mid[job][c0 + 4];
-            }
-#pragma unroll
-            for (int t = 0; t < 2; ++t) {
-              const float* kb = &sm.Kb[J * kBlk + 8 * t + g][c0];
-              const uint32_t b0 = to_tf32(kb[0] * j0 * m0), b1 = to_tf32(kb[4] * j1 * m1);
-              mma_tf32(accq[jb][t], aq, b0, b1);
-              mma_tf32(acck[jb][t], ak, b0, b1);
-            }
+          for (int t = 0; t < kNT; ++t) {
+            const float* kb = &sm.Kb[J * kBlk + 8 * (nt0 + t) + g][c0];
+            const uint32_t b0 = to_tf32(kb[0] * j0 * m0), b1 = to_tf32(kb[4] * j1 * m1);
+            mma_tf32(accq[t], aq, b0, b1);
+            mma_tf32(acck[t], ak, b0, b1);
           }
         }
         const float b_lo = sm.beta[I * kBlk + g], b_hi = sm.beta[I * kBlk + g + 8];
 #pragma unroll
-        for (int jb = 0; jb < kNJ; ++jb) {
-          const int J = J0 + jb;
-          if (!live[jb]) continue;
+        for (int t = 0; t < kNT; ++t) {
+          const int nt = nt0 + t, r = I * kBlk + g, c = J * kBlk + 8 * nt + 2 * t4;
+          float q4[4] = {accq[t][0], accq[t][1], accq[t][2], accq[t][3]};
+          float k4[4] = {acck[t][0] * b_lo, acck[t][1] * b_lo, acck[t][2] * b_hi, acck[t][3] * b_hi};
+          if (diag) {  // local row g / g + 8, local column 8 nt + 2 t4 + e
 #pragma unroll
-          for (int t = 0; t < 2; ++t) {
-            const int r = I * kBlk + g, c = J * kBlk + 8 * t + 2 * t4;
-            float q4[4] = {accq[jb][t][0], accq[jb][t][1], accq[jb][t][2], accq[jb][t][3]};
-            float k4[4] = {acck[jb][t][0] * b_lo, acck[jb][t][1] * b_lo, acck[jb][t][2] * b_hi, acck[jb][t][3] * b_hi};
-            if (J == I) {  // local row g / g + 8, local column 8 t + 2 t4 + e
-#pragma unroll
-              for (int e = 0; e < 4; ++e) {
-                const int lr = g + (e >= 2 ? 8 : 0), lc = 8 * t + 2 * t4 + (e & 1);
-                if (lc > lr) q4[e] = 0.f;
-                if (lc == lr) q4[e] = sm.dqk[I * kBlk + lr];
-                if (lc >= lr) k4[e] = 0.f;
-              }
+            for (int e = 0; e < 4; ++e) {
+              const int lr = g + (e >= 2 ? 8 : 0), lc = 8 * nt + 2 * t4 + (e & 1);
+              if (lc > lr) q4[e] = 0.f;
+              if (lc == lr) q4[e] = sm.dqk[I * kBlk + lr];
+              if (lc >= lr) k4[e] = 0.f;
             }
-            *reinterpret_cast<float2*>(&sm.Aqk[r][c]) = make_float2(q4[0], q4[1]);
-            *reinterpret_cast<float2*>(&sm.Aqk[r + 8][c]) = make_float2(q4[2], q4[3]);
-            *reinterpret_cast<float2*>(&sm.Akk[r][c]) = make_float2(k4[0], k4[1]);
-            *reinterpret_cast<float2*>(&sm.Akk[r + 8][c]) = make_float2(k4[2], k4[3]);
           }
+          *reinterpret_cast<float2*>(&sm.Aqk[r][c]) = make_float2(q4[0], q4[1]);
+          *reinterpret_cast<float2*>(&sm.Aqk[r + 8][c]) = make_float2(q4[2], q4[3]);
+          *reinterpret_cast<float2*>(&sm.Akk[r][c]) = make_float2(k4[0], k4[1]);
+          *reinterpret_cast<float2*>(&sm.Akk[r + 8][c]) = make_float2(k4[2], k4[3]);
         }
       };
-      for (int unit = warp; unit < kUnits; unit += kPrepWarp) {
-        const int I = kUnitI >> 4 * unit & 15u, J0 = kUnitJ0 >> 4 * unit & 15u;
-        if (unit < 4) product(std::integral_constant<int, 2>{}, I, J0);
-        else product(std::integral_constant<int, 1>{}, I, J0);
+      for (int unit = warp; unit < 2 * kOff + kNB; unit += kPrepWarp) {
+        if (unit < 2 * kOff) {
+          const int job = unit / 2;
+          int I, J;
+          off_diag_block(job, I, J);
+          product(std::integral_constant<int, 1>{}, I, J, job, unit % 2);
+        } else {
+          const int I = unit - 2 * kOff;
+          if (diag_tc >> I & 1u) product(std::integral_constant<int, 2>{}, I, I, 0, 0);  // else 3a computed it
+        }
       }
-      // The record's Qe = Qr pre and Kd = Kb post (scaled as they are stored), final since 2c, by
-      // the warps without a unit, beside the products: in phase 5 they were 32 of the 40 KB that
-      // every warp stored there, with the SMs' record stores (88 KB an item) crowded into phases 5
-      // and 6b. The barrier after 3b orders these reads of Qr before phase 6a overwrites it.
       if (tid == kLookup)  // item it + 2, into the entry of item it (read by every thread before 1a's barrier)
         sm.items[it & 1] = find_prep_item(p, div, sm.items[(it + 1) & 1].item + stride, stride, items, base_tok);
-      if (warp >= kUnits) {
-        constexpr int kFirst = kUnits * 32, kStorers = kPrepThr - kFirst;
-        store_rows_half(rec_half(rec, kRecQe), &sm.Qr[0][0], kLdK, kK, &sm.pre[0][0], tid - kFirst, kStorers);
-        store_rows_half(rec_half(rec, kRecKd), &sm.Kb[0][0], kLdK, kK, &sm.post[0][0], tid - kFirst, kStorers);
+      // The record's Qe = Qr pre and Kd = Kb post (scaled as they are stored), final since 2c, by
+      // the warps of off-diagonal units once their product is done: in phase 5 they were 32 of
+      // the 40 KB that every warp stored there while threads 0..63 solved. The barrier after 3b
+      // orders these reads of Qr and Kb before phase 6a overwrites them.
+      if (warp < kStoreWarps) {
+        store_rows_half(rec_half(rec, kRecQe), &sm.Qr[0][0], kLdK, kK, &sm.pre[0][0], tid, kStoreWarps * 32);
+        store_rows_half(rec_half(rec, kRecKd), &sm.Kb[0][0], kLdK, kK, &sm.post[0][0], tid, kStoreWarps * 32);
       }
       // A_qk's blocks above the diagonal go to the record as zeros (the state pass multiplies the
       // whole matrix), 4 per store; A_kk's are never read (4a and 4b take its blocks on and below

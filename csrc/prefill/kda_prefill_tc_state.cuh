@@ -212,16 +212,11 @@ __device__ __forceinline__ void store_state_half(__half (*S)[kLdR], float* sinv,
   }
 }
 
-// Chains of at least this many chunks start staggered (the kernel): the offset, under 3 us, is
-// then small against the chain.
-constexpr int kStaggerChunks = 64;
-
 }  // namespace tc
 
 // grid = (V / BV, H, N), tc::kThr threads, dynamic smem sizeof(tc::StateSmem<BV>); runs after
 // kda_prefill_tc_prepare_kernel on the same stream. kSplit (a split call, p.tc_units): grid.z counts
 // units from p.tc_unit_first and grid.x covers the transition rows too (2 V / BV; tc_units.cuh).
-
 template <int BV, typename StateT, bool kSplit>
 __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const KdaPrefillParams p) {
   using namespace tc;
@@ -265,11 +260,6 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
 #pragma unroll
     for (int j = 0; j < G::kSN; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
   }
-#ifndef KDA_SIMT_EMULATOR
-  // Long chains start a quarter of a chunk step apart (CTA index % 4), so that the CTAs' record
-  // reads, a chunk ahead, and output stores do not all fall on the same moments of every step.
-  if (len >= kStaggerChunks * kC) __nanosleep((300u + 6u * BV) * ((blockIdx.x + gridDim.x * blockIdx.y) % 4));
-#endif
   if (len > 0) load_record<BV>(sm.rec[0], chunk_record(p, cbase, h), v0, outp, !unit.transition);
   if constexpr (G::kNCW > 1) store_state_half<G::kSN>(sm.S, sm.Sinv[q], vr, cs, t4, s);
   cp_async_wait_all();
