@@ -8,10 +8,18 @@
 //   /tmp/profile_tc [N sequences] [tokens each] [heads] [state rows 128|64|32]   # default 1 8192 96,
 //   rows as the launcher picks; KDA_SERVING_TC_DIAG=exact as for the extension. The Kimi gate on
 //   logits uniform in [-3, 1] keeps every diagonal block on the tensor-core path;
-//   KDA_SERVING_PROFILE_GATE=bounded runs the bounded gate (lower bound -5) instead.
+//   KDA_SERVING_PROFILE_GATE=bounded runs the bounded gate (lower bound -5) instead;
+//   KDA_SERVING_PROFILE_REPS=R times R runs (after one warm-up) and prints the medians.
+// The marks cost registers: the phase build of the prepare kernel spills where the extension's
+// does not (112 bytes at cf6dba3, 32 at 64fc08a), so its wall times are not the extension's and
+// an A/B of two trees can differ from one of the extensions. -DKDA_TC_TIMING_ONLY builds the
+// kernels as the extension does (no marks) and prints only the wall times: time A/Bs with it.
+#ifndef KDA_TC_TIMING_ONLY
 #define KDA_TC_PHASE_CYCLES
+#endif
 #include "../csrc/prefill/kda_prefill_tc_launch.cu"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -143,21 +151,38 @@ int main(int argc, char** argv) {
   CHECK(kda::launch_kda_prefill_tc_prepare(p, 0));  // warm-up
   CHECK(launch_state());
   CHECK(cudaDeviceSynchronize());
+#ifdef KDA_TC_PHASE_CYCLES
   const unsigned long long zeros[kda::tc::kPhases] = {};
   CHECK(cudaMemcpyToSymbol(kda::tc::kda_tc_phase_cycles, zeros, sizeof(zeros)));
+#endif
+  const char* reps_env = std::getenv("KDA_SERVING_PROFILE_REPS");
+  const int reps = reps_env ? std::max(1, std::atoi(reps_env)) : 1;
   cudaEvent_t ev[3];
   for (auto& e : ev) CHECK(cudaEventCreate(&e));
-  CHECK(cudaEventRecord(ev[0]));
-  CHECK(kda::launch_kda_prefill_tc_prepare(p, 0));
-  CHECK(cudaEventRecord(ev[1]));
-  CHECK(launch_state());
-  CHECK(cudaEventRecord(ev[2]));
-  CHECK(cudaEventSynchronize(ev[2]));
-  float ms_prep = 0.f, ms_state = 0.f;
-  CHECK(cudaEventElapsedTime(&ms_prep, ev[0], ev[1]));
-  CHECK(cudaEventElapsedTime(&ms_state, ev[1], ev[2]));
+  std::vector<float> t_prep, t_state;
+  for (int r = 0; r < reps; ++r) {
+    CHECK(cudaEventRecord(ev[0]));
+    CHECK(kda::launch_kda_prefill_tc_prepare(p, 0));
+    CHECK(cudaEventRecord(ev[1]));
+    CHECK(launch_state());
+    CHECK(cudaEventRecord(ev[2]));
+    CHECK(cudaEventSynchronize(ev[2]));
+    float a = 0.f, b = 0.f;
+    CHECK(cudaEventElapsedTime(&a, ev[0], ev[1]));
+    CHECK(cudaEventElapsedTime(&b, ev[1], ev[2]));
+    t_prep.push_back(a);
+    t_state.push_back(b);
+  }
+  auto median = [](std::vector<float> v) {
+    std::sort(v.begin(), v.end());
+    return v[v.size() / 2];
+  };
+  const float ms_prep = median(t_prep), ms_state = median(t_state);
+#ifdef KDA_TC_PHASE_CYCLES
   unsigned long long cyc[kda::tc::kPhases];
   CHECK(cudaMemcpyFromSymbol(cyc, kda::tc::kda_tc_phase_cycles, sizeof(cyc)));
+  for (auto& c : cyc) c /= reps;
+#endif
 
   cudaDeviceProp prop;
   CHECK(cudaGetDeviceProperties(&prop, dev));
@@ -167,6 +192,7 @@ int main(int argc, char** argv) {
   std::printf("%s, %d SMs, clock %.2f GHz; N=%d L=%d H=%d %s gate: prepare %lld CTAs %.3f ms, state %lld CTAs "
               "(%d rows) %.3f ms, total %.3f ms\n", prop.name, sms, clock_khz * 1e-6, N, L, H,
               p.has_lower_bound ? "bounded" : "kimi", prep_ctas, ms_prep, state_ctas, rows, ms_state, ms_prep + ms_state);
+#ifdef KDA_TC_PHASE_CYCLES
   std::printf("cycles per chunk per CTA (thread 0 of each CTA, between block-wide barriers):\n");
   for (int pass = 0; pass < 2; ++pass) {
     const int lo = pass ? kda::tc::kPrepPhases : 0, hi = pass ? kda::tc::kPhases : kda::tc::kPrepPhases;
@@ -177,5 +203,6 @@ int main(int argc, char** argv) {
       std::printf("  %-48s %10.0f  %5.1f%%\n", kPhaseNames[i], (double)cyc[i] / chunks, 100.0 * cyc[i] / total);
     std::printf("  %-48s %10.0f\n", pass ? "state total" : "prepare total", (double)total / chunks);
   }
+#endif
   return 0;
 }
