@@ -125,11 +125,12 @@ def test_prefill_strided_inputs_and_int64_offsets(lib, kind, bv, shift):
     check_prefill(*res, None)
 
 
-@pytest.mark.parametrize("bv", [64, 32])
+@pytest.mark.parametrize("bv", [128, 64, 32])
 def test_tensor_core_prefill_many_sequences(lib, bv):
     """Many short sequences: the prepare pass finds each chunk's sequence by a binary search over
     cu_seqlens (and skips the slots between sequences); empty, one-token and 64-multiple lengths,
-    null slots, both gates' worth of random decays."""
+    null slots, both gates' worth of random decays. With 128 rows the emulated GPU has one SM, so
+    one prepare CTA walks every item through its two-entry lookup ring (find_prep_item)."""
     torch.manual_seed(21)
     lens = [int(x) for x in torch.randint(0, 140, (30,))] + [0, 1, 64, 128, 0]
     res = run_prefill(lib, "prefill_tc", bv, lens, 1, torch.float32, None, null=3)
