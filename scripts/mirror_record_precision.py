@@ -1,8 +1,8 @@
 """How the tensor-core prefill's record precision moves its error against the fp64 gold, on the CPU.
 
 Runs the torch mirror of the kernel (kda_serving/ops/tensorcore_mirror.py) with the record fields
-Qe, Kd, w, A_qk rounded to TF32, fp16 (what the kernel stores) or bf16, and u kept fp32 or rounded
-to bf16, over the cases of tests/ops/test_tensorcore_mirror.py plus v scaled by 1000; prints the
+Qe, Kd, w, A_qk rounded to TF32, fp16 (what the kernel stores) or bf16, and u kept fp32, rounded
+to bf16 or to fp16 under a power of two per 16-token tile and value row, over the cases of tests/ops/test_tensorcore_mirror.py plus v scaled by 1000; prints the
 worst relative RMS error of outputs and final states per variant and the largest magnitude of each
 field, and writes them as JSON (--out). The numbers quoted in docs/kernels.md come from this script.
 
@@ -28,10 +28,21 @@ from tests.conftest import rel_rms  # noqa: E402
 from tests.ops.helpers import kda_inputs  # noqa: E402
 
 FIELDS = ("Qe", "Kd", "w", "Aqk")  # the order the mirror rounds them in
+
+
+def fp16_tiles(u: torch.Tensor) -> torch.Tensor:
+    """u [H, 64 tokens, V] as fp16 under a power of two per 16-token tile and value row (the
+    mirror's RowScale rounding), as the state pass scales its fp16 U at 64 and 32 rows."""
+    H, C, V = u.shape
+    x = u.reshape(H, C // 16, 16, V)
+    return tensorcore_mirror._fp16_scaled(x, x.abs().amax(dim=2, keepdim=True)).reshape(H, C, V)
+
+
 ROUND = {"tf32": tensorcore_mirror._tf32, "fp16": lambda x: x.float().half().float(),
-         "bf16": lambda x: x.float().bfloat16().float(), "fp32": lambda x: x}
+         "bf16": lambda x: x.float().bfloat16().float(), "fp32": lambda x: x, "fp16 tiles": fp16_tiles}
 VARIANTS = {"fields tf32, u fp32": ("tf32", "fp32"), "fields fp16, u fp32 (the kernel)": ("fp16", "fp32"),
-            "fields fp16, u bf16": ("fp16", "bf16"), "fields bf16, u fp32": ("bf16", "fp32")}
+            "fields fp16, u bf16": ("fp16", "bf16"), "fields bf16, u fp32": ("bf16", "fp32"),
+            "fields fp16, u fp16 per tile and row": ("fp16", "fp16 tiles")}
 
 
 def patched_mirror():
