@@ -30,30 +30,24 @@ from tests.ops.helpers import kda_inputs  # noqa: E402
 FIELDS = ("Qe", "Kd", "w", "Aqk")  # the order the mirror rounds them in
 
 
-def fp16_tiles(u: torch.Tensor) -> torch.Tensor:
-    """u [H, 64 tokens, V] as fp16 under a power of two per 16-token tile and value row (the
-    mirror's RowScale rounding), as the state pass scales its fp16 U at 64 and 32 rows."""
-    H, C, V = u.shape
-    x = u.reshape(H, C // 16, 16, V)
-    return tensorcore_mirror._fp16_scaled(x, x.abs().amax(dim=2, keepdim=True)).reshape(H, C, V)
-
-
 ROUND = {"tf32": tensorcore_mirror._tf32, "fp16": lambda x: x.float().half().float(),
-         "bf16": lambda x: x.float().bfloat16().float(), "fp32": lambda x: x, "fp16 tiles": fp16_tiles}
-VARIANTS = {"fields tf32, u fp32": ("tf32", "fp32"), "fields fp16, u fp32 (the kernel)": ("fp16", "fp32"),
+         "bf16": lambda x: x.float().bfloat16().float(), "fp32": lambda x: x,
+         "fp16 tiles": tensorcore_mirror._u_record}
+VARIANTS = {"fields tf32, u fp32": ("tf32", "fp32"), "fields fp16, u fp32": ("fp16", "fp32"),
             "fields fp16, u bf16": ("fp16", "bf16"), "fields bf16, u fp32": ("bf16", "fp32"),
-            "fields fp16, u fp16 per tile and row": ("fp16", "fp16 tiles")}
+            "fields fp16, u fp16 per tile and row (the kernel)": ("fp16", "fp16 tiles")}
 
 
 def patched_mirror():
-    """The mirror's source with its record-field rounding (_fp16) and u routed through hooks."""
+    """The mirror's source with its record-field rounding (_fp16, _u_record) routed through hooks."""
     src = Path(tensorcore_mirror.__file__).read_text()
-    u_line = "    u = T_op @ _tf32(beta.t()[:, :, None] * v.permute(1, 0, 2))       # [H, C, V]\n"
+    u_line = "    u = _u_record(T_op @ _tf32(beta.t()[:, :, None] * v.permute(1, 0, 2)))  # [H, C, V]\n"
     assert src.count("_fp16(") == 5 and u_line in src, "tensorcore_mirror.py changed: update this script"
     src = src.replace("def _fp16(", "def _fp16_unused(")
     for name in FIELDS:  # the call sites, in source order
         src = src.replace("_fp16(", f"_F_{name}(", 1)
-    src = src.replace(u_line, u_line + "    u = _U(u)\n").replace("from .gates import", "from kda_serving.ops.gates import")
+    src = src.replace(u_line, u_line.replace("_u_record(", "_U("))
+    src = src.replace("from .gates import", "from kda_serving.ops.gates import")
     ns = {"__name__": "mirror_record_precision_patched"}
     exec(compile(src, "tensorcore_mirror (patched)", "exec"), ns)
     return ns

@@ -36,14 +36,17 @@ constexpr int kLdC = kC + 4;    // [64 x 64] arrays: A_qk, A_kk, T
 // A_qk, which the state pass only multiplies on tensor cores, are stored as fp16: its 10-bit
 // mantissa is TF32's, so they enter the TF32 products exactly as TF32-rounded fp32 would, at half
 // the bytes (the torch mirror measured the same error against fp64 with fp16 fields as with TF32
-// ones; they are bounded, Qe, A_qk by the attention scale and Kd, w by about 1). u scales with v and
-// stays fp32, as EL.
-constexpr int kRecQe = 0;                      // fp16 [64 x 128] q decayed to the chunk start
-constexpr int kRecKd = kRecQe + kC * kK / 2;   // fp16 [64 x 128] k decayed to the chunk end
-constexpr int kRecW = kRecKd + kC * kK / 2;    // fp16 [64 x 128] w = T beta Ke
-constexpr int kRecU = kRecW + kC * kK / 2;     // fp32 [64 x 128 value rows] u = T beta v
-constexpr int kRecAqk = kRecU + kC * kK;       // fp16 [64 x 64] A_qk
-constexpr int kRecEL = kRecAqk + kC * kC / 2;  // fp32 [128] the chunk's total decay per channel
+// ones; they are bounded, Qe, A_qk by the attention scale and Kd, w by about 1). u scales with v:
+// fp16 times a power of two per 16-token tile and value row (RowScale of the tile's largest |u| in
+// that row), the inverse in Uinv; the mirror measured 6.2e-4 worst output error against 5.8e-4
+// with an fp32 u (scripts/mirror_record_precision.py). EL stays fp32.
+constexpr int kRecQe = 0;                        // fp16 [64 x 128] q decayed to the chunk start
+constexpr int kRecKd = kRecQe + kC * kK / 2;     // fp16 [64 x 128] k decayed to the chunk end
+constexpr int kRecW = kRecKd + kC * kK / 2;      // fp16 [64 x 128] w = T beta Ke
+constexpr int kRecU = kRecW + kC * kK / 2;       // fp16 [64 x 128 value rows] u = T beta v, scaled
+constexpr int kRecUinv = kRecU + kC * kK / 2;    // fp32 [4 token tiles x 128 value rows] u's inverse scales
+constexpr int kRecAqk = kRecUinv + kNB * kK;     // fp16 [64 x 64] A_qk
+constexpr int kRecEL = kRecAqk + kC * kC / 2;    // fp32 [128] the chunk's total decay per channel
 static_assert(kRecEL + kK == kTcRecordFloats, "kda_prefill.h's record size");
 
 __device__ __forceinline__ __half* rec_half(float* rec, int field) { return reinterpret_cast<__half*>(rec + field); }
@@ -234,6 +237,13 @@ struct RowScale {
     inv = __uint_as_float((uint32_t)(127 - e) << 23);
   }
 };
+
+// The largest of m over the eight lanes of a t4 (g = 0..7): a column of an accumulator tile.
+__device__ __forceinline__ float column_max(float m) {
+  m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 4));
+  m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 8));
+  return fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 16));
+}
 
 // Asynchronous 16-byte global -> shared copies (cp.async); the emulator copies at once.
 __device__ __forceinline__ void cp_async16(float* dst, const float* src) {

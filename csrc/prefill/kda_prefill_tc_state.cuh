@@ -40,7 +40,7 @@ struct StateTiling {
   static constexpr int kCW = kK / kNCW;         // channels of the state a warp holds
   static constexpr int kSN = kCW / 8;           // its 8-channel state tiles
   static constexpr int kUnits = BV / 32;        // steps 1 and 3: (16 tokens x 16 rows) units per warp
-  static constexpr int kLdU = BV + 8;           // u rows 8 banks apart, like kLdR
+  static constexpr int kLdU = BV + 8;           // fp16 u rows: 16-byte aligned, 4 banks apart
   static constexpr int kLdUh = BV + 8;          // fp16 U rows: 16-byte aligned, ldmatrix rows on distinct banks
   static_assert(kVT * kNCW == kWarp && kUnits * kWarp * 256 == kC * BV, "BV = 128, 64 or 32");
 };
@@ -52,7 +52,8 @@ struct alignas(128) StateSmem {
     __half Qe[kC][kLdR];
     __half W[kC][kLdR];  // w = T beta Ke
     __half Kd[kC][kLdR];
-    float U[kC][G::kLdU];  // u (this CTA's value rows)
+    __half U[kC][G::kLdU];  // u (this CTA's value rows), times 1 / Uinv[token tile][row]
+    float Uinv[kNB][BV];
     __half Aqk[kC][kLdA];
     float EL[kK];
   } rec[2];
@@ -67,10 +68,11 @@ struct alignas(128) StateSmem {
   float Uinv[kNB][G::kNCW > 1 ? BV : 1];
 };
 
-// An fp16 [64 x kCols] record field (unpadded) into shared rows of pitch kLd, as 4-byte pairs.
-template <int kCols, int kLd>
+// kCols columns of an fp16 [64 x kSrcCols] record field into shared rows of pitch kLd, as 4-byte
+// pairs (all of it by default).
+template <int kCols, int kLd, int kSrcCols = kCols>
 __device__ __forceinline__ void copy_half_rows_async(__half* dst, const float* src) {
-  copy_tile_async<kC, kCols / 2, kLd / 2, kCols / 2>(reinterpret_cast<float*>(dst), src);
+  copy_tile_async<kC, kCols / 2, kLd / 2, kSrcCols / 2>(reinterpret_cast<float*>(dst), src);
 }
 
 // A chunk's record into one buffer: w, Kd, EL, this CTA's columns of u (none for transition rows,
@@ -81,7 +83,10 @@ __device__ __forceinline__ void load_record(typename StateSmem<BV>::Record& r, c
   if (outp) copy_half_rows_async<kK, kLdR>(&r.Qe[0][0], rec + kRecQe);
   copy_half_rows_async<kK, kLdR>(&r.W[0][0], rec + kRecW);
   copy_half_rows_async<kK, kLdR>(&r.Kd[0][0], rec + kRecKd);
-  if (with_u) copy_tile_async<kC, BV, StateTiling<BV>::kLdU, kK>(&r.U[0][0], rec + kRecU + v0);
+  if (with_u) {
+    copy_half_rows_async<BV, StateTiling<BV>::kLdU, kK>(&r.U[0][0], rec + kRecU + v0 / 2);
+    copy_tile_async<kNB, BV, BV, kK>(&r.Uinv[0][0], rec + kRecUinv + v0);
+  }
   if (outp) copy_half_rows_async<kC, kLdA>(&r.Aqk[0][0], rec + kRecAqk);
   copy_tile_async<1, kK, kK, kK>(&r.EL[0], rec + kRecEL);
 }
@@ -144,13 +149,6 @@ __device__ __forceinline__ int unit_tokens_tile(int ui, int warp) { return ui % 
 __device__ __forceinline__ float quad_max(float m) {
   m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
   return fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
-}
-
-// The largest of m over the eight lanes of a t4 (g = 0..7): a column of an accumulator tile.
-__device__ __forceinline__ float column_max(float m) {
-  m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 4));
-  m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 8));
-  return fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 16));
 }
 
 // The lane's largest magnitudes of accumulator tiles t[j] (rows g and g + 8: entries 0, 1 and
@@ -312,12 +310,13 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
       const bool zu = unit.transition;  // u = 0 (not loaded)
 #pragma unroll
       for (int jt = 0; jt < 8; ++jt) {
-        const float* u0 = &rs.U[8 * jt + 2 * t4][vr];  // x[jt] = X^T[vr][t], [vr][t+1], [vr+8][t], [vr+8][t+1]
-        const float* u1 = u0 + G::kLdU;
-        x[jt][0] = (zu ? 0.f : u0[0]) - x[jt][0] * r0.inv;
-        x[jt][1] = (zu ? 0.f : u1[0]) - x[jt][1] * r0.inv;
-        x[jt][2] = (zu ? 0.f : u0[8]) - x[jt][2] * r1.inv;
-        x[jt][3] = (zu ? 0.f : u1[8]) - x[jt][3] * r1.inv;
+        const __half* u0 = &rs.U[8 * jt + 2 * t4][vr];  // x[jt] = X^T[vr][t], [vr][t+1], [vr+8][t], [vr+8][t+1]
+        const __half* u1 = u0 + G::kLdU;
+        const float i0 = rs.Uinv[jt / 2][vr], i1 = rs.Uinv[jt / 2][vr + 8];  // tokens t, t + 1: tile jt / 2
+        x[jt][0] = (zu ? 0.f : __half2float(u0[0]) * i0) - x[jt][0] * r0.inv;
+        x[jt][1] = (zu ? 0.f : __half2float(u1[0]) * i0) - x[jt][1] * r0.inv;
+        x[jt][2] = (zu ? 0.f : __half2float(u0[8]) * i1) - x[jt][2] * r1.inv;
+        x[jt][3] = (zu ? 0.f : __half2float(u1[8]) * i1) - x[jt][3] * r1.inv;
       }
       KDA_TC_MARK(kPrepPhases);  // thread 0 only: no barrier here
 
@@ -420,8 +419,14 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
 #pragma unroll
         for (int nn = 0; nn < 2; ++nn) {
           const int r = rt * 16 + nn * 8 + 2 * t4;
-          const float2 a = zu ? make_float2(0.f, 0.f) : *reinterpret_cast<const float2*>(&rs.U[m0][r]);
-          const float2 b = zu ? make_float2(0.f, 0.f) : *reinterpret_cast<const float2*>(&rs.U[m0 + 8][r]);
+          float2 a = make_float2(0.f, 0.f), b = a;
+          if (!zu) {  // tokens m0, m0 + 8 of token tile tt, value rows r, r + 1
+            const float2 iv = *reinterpret_cast<const float2*>(&rs.Uinv[tt][r]);
+            a = __half22float2(*reinterpret_cast<const __half2*>(&rs.U[m0][r]));
+            b = __half22float2(*reinterpret_cast<const __half2*>(&rs.U[m0 + 8][r]));
+            a = make_float2(a.x * iv.x, a.y * iv.y);
+            b = make_float2(b.x * iv.x, b.y * iv.y);
+          }
           const float u00 = a.x - x[nn][0], u01 = a.y - x[nn][1], u10 = b.x - x[nn][2], u11 = b.y - x[nn][3];
           const RowScale c0(column_max(fmaxf(fabsf(u00), fabsf(u10)))), c1(column_max(fmaxf(fabsf(u01), fabsf(u11))));
           *reinterpret_cast<uint32_t*>(&sm.Uh[m0][r]) = half2_bits(u00 * c0.scale, u01 * c1.scale);
