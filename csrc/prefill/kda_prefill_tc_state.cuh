@@ -40,7 +40,7 @@ struct StateTiling {
   static constexpr int kCW = kK / kNCW;         // channels of the state a warp holds
   static constexpr int kSN = kCW / 8;           // its 8-channel state tiles
   static constexpr int kUnits = BV / 32;        // steps 1 and 3: (16 tokens x 16 rows) units per warp
-  static constexpr int kLdU = BV + 8;           // fp16 u rows: 16-byte aligned, 4 banks apart
+  static constexpr int kLdU = BV + 8;           // fp16 u rows, 16-byte aligned
   static constexpr int kLdUh = BV + 8;          // fp16 U rows: 16-byte aligned, ldmatrix rows on distinct banks
   static_assert(kVT * kNCW == kWarp && kUnits * kWarp * 256 == kC * BV, "BV = 128, 64 or 32");
 };
@@ -53,7 +53,7 @@ struct alignas(128) StateSmem {
     __half W[kC][kLdR];  // w = T beta Ke
     __half Kd[kC][kLdR];
     __half U[kC][G::kLdU];  // u (this CTA's value rows), times 1 / Uinv[token tile][row]
-    float Uinv[kNB][BV];
+    float Uinv[kNB][BV];  // the record's u scales (kRecUinv), not the outer Uinv of U = u - w S^T
     __half Aqk[kC][kLdA];
     float EL[kK];
   } rec[2];
