@@ -245,6 +245,28 @@ __device__ __forceinline__ float column_max(float m) {
   return fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 16));
 }
 
+// An accumulator tile t (rows g, g + 8; columns 2t4, 2t4 + 1) as fp16 pairs, each column times its
+// own power of two over the tile's 16 rows (RowScale of column_max; the whole warp takes part):
+// lo = row g, hi = row g + 8, inv = the two columns' inverse scales. u in the record and U in the
+// state pass's Uh are stored this way, per 16-token tile and value row.
+struct ColumnHalves {
+  unsigned lo, hi;
+  float2 inv;
+  __device__ __forceinline__ explicit ColumnHalves(const float (&t)[4]) {
+    const RowScale c0(column_max(fmaxf(fabsf(t[0]), fabsf(t[2])))), c1(column_max(fmaxf(fabsf(t[1]), fabsf(t[3]))));
+    lo = half2_bits(t[0] * c0.scale, t[1] * c1.scale);
+    hi = half2_bits(t[2] * c0.scale, t[3] * c1.scale);
+    inv = make_float2(c0.inv, c1.inv);
+  }
+};
+
+// d += t with column 2t4 times iv.x and column 2t4 + 1 times iv.y (accumulator layout): a
+// product over fp16 operands scaled per column, scaled back as it is added.
+__device__ __forceinline__ void add_column_scaled(float (&d)[4], const float (&t)[4], float2 iv) {
+  d[0] += t[0] * iv.x; d[1] += t[1] * iv.y;
+  d[2] += t[2] * iv.x; d[3] += t[3] * iv.y;
+}
+
 // Asynchronous 16-byte global -> shared copies (cp.async); the emulator copies at once.
 __device__ __forceinline__ void cp_async16(float* dst, const float* src) {
 #ifdef KDA_SIMT_EMULATOR

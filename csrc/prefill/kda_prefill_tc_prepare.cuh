@@ -141,12 +141,12 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
   }
   __syncthreads();
   RawChunkInputs<kPer> raw;
-  {
-    const PrepItem e = sm.items[0];
+  auto issue_item_loads = [&](const PrepItem& e) {  // item e's q, k, g, beta (none when e is past the end)
     if (e.item < items)
       issue_chunk_loads(p, prefill_tokens_at(p, e.bos, e.len, e.h, 0), e.h, e.t0, min(kC, e.len - e.t0), warp, c4,
                         vec, raw);
-  }
+  };
+  issue_item_loads(sm.items[0]);
 
   KDA_TC_PROFILE_BEGIN();
   for (int it = 0;; ++it) {
@@ -202,10 +202,7 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
       }
       if (lane < kPer) sm.beta[bi] = bsig;
       KDA_TC_MARK(0);  // the profile build's thread 0 only: no barrier at these two marks
-      const PrepItem& e = sm.items[(it + 1) & 1];
-      if (e.item < items)
-        issue_chunk_loads(p, prefill_tokens_at(p, e.bos, e.len, e.h, 0), e.h, e.t0, min(kC, e.len - e.t0), warp,
-                          c4, vec, raw);
+      issue_item_loads(sm.items[(it + 1) & 1]);
       issue_v_copies(p, tv, t0, nt, tid / 16, tid % 16 * 8, kAligned || rows_aligned(tv.v, p.v_st, 16), sm.vq);
       KDA_TC_MARK(1);
       // The gate's form and a token's liveness are the same in every lane: tested per token, not
@@ -610,11 +607,10 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
       for (int j = 0; j < kNJ; ++j) {
         // u's value rows (columns) c, c + 1 over the tile's 16 tokens, held by the 8 lanes of t4:
         // each times its own power of two (RowScale), so any magnitude of v stays in fp16's range.
-        const RowScale c0(column_max(fmaxf(fabsf(acc[0][j][0]), fabsf(acc[0][j][2])))),
-            c1(column_max(fmaxf(fabsf(acc[0][j][1]), fabsf(acc[0][j][3]))));
-        du[4 * j] = half2_bits(acc[0][j][0] * c0.scale, acc[0][j][1] * c1.scale);
-        du[4 * kK + 4 * j] = half2_bits(acc[0][j][2] * c0.scale, acc[0][j][3] * c1.scale);
-        if (g == 0) *reinterpret_cast<float2*>(dui + 8 * j) = make_float2(c0.inv, c1.inv);
+        const ColumnHalves uh(acc[0][j]);
+        du[4 * j] = uh.lo;
+        du[4 * kK + 4 * j] = uh.hi;
+        if (g == 0) *reinterpret_cast<float2*>(dui + 8 * j) = uh.inv;
         dw[4 * j] = half2_bits(acc[1][j][0], acc[1][j][1]);
         dw[4 * kK + 4 * j] = half2_bits(acc[1][j][2], acc[1][j][3]);
       }

@@ -40,8 +40,7 @@ struct StateTiling {
   static constexpr int kCW = kK / kNCW;         // channels of the state a warp holds
   static constexpr int kSN = kCW / 8;           // its 8-channel state tiles
   static constexpr int kUnits = BV / 32;        // steps 1 and 3: (16 tokens x 16 rows) units per warp
-  static constexpr int kLdU = BV + 8;           // fp16 u rows, 16-byte aligned
-  static constexpr int kLdUh = BV + 8;          // fp16 U rows: 16-byte aligned, ldmatrix rows on distinct banks
+  static constexpr int kLdU = BV + 8;           // fp16 u and U rows: 16-byte aligned, ldmatrix rows on distinct banks
   static_assert(kVT * kNCW == kWarp && kUnits * kWarp * 256 == kC * BV, "BV = 128, 64 or 32");
 };
 
@@ -64,7 +63,7 @@ struct alignas(128) StateSmem {
   float Sinv[G::kNCW][G::kNCW > 1 ? BV : 1];
   // kNCW > 1: U = u - w S^T as fp16 [tokens][value rows], each (16-token tile, row) times
   // 1 / Uinv[tile][row]: the A operand of U^T Kd and the B operand of A_qk U.
-  __half Uh[G::kNCW > 1 ? kC : 1][G::kLdUh];
+  __half Uh[G::kNCW > 1 ? kC : 1][G::kLdU];
   float Uinv[kNB][G::kNCW > 1 ? BV : 1];
 };
 
@@ -404,10 +403,8 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
 #pragma unroll
           for (int nn = 0; nn < 2; ++nn) {  // columns r, r + 1 = value rows, r = rt*16 + nn*8 + 2 t4
             const float2 iv = *reinterpret_cast<const float2*>(&sm.Sinv[qs][rt * 16 + nn * 8 + 2 * t4]);
-            x[nn][0] += xs[nn][0] * iv.x; x[nn][1] += xs[nn][1] * iv.y;
-            x[nn][2] += xs[nn][2] * iv.x; x[nn][3] += xs[nn][3] * iv.y;
-            y[ui][nn][0] += ys[nn][0] * iv.x; y[ui][nn][1] += ys[nn][1] * iv.y;
-            y[ui][nn][2] += ys[nn][2] * iv.x; y[ui][nn][3] += ys[nn][3] * iv.y;
+            add_column_scaled(x[nn], xs[nn], iv);
+            add_column_scaled(y[ui][nn], ys[nn], iv);
           }
         }
         // x[nn] = X[m0][r], X[m0][r+1], X[m0+8][r], X[m0+8][r+1] with r = rt*16 + nn*8 + 2 t4.
@@ -427,11 +424,11 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
             a = make_float2(a.x * iv.x, a.y * iv.y);
             b = make_float2(b.x * iv.x, b.y * iv.y);
           }
-          const float u00 = a.x - x[nn][0], u01 = a.y - x[nn][1], u10 = b.x - x[nn][2], u11 = b.y - x[nn][3];
-          const RowScale c0(column_max(fmaxf(fabsf(u00), fabsf(u10)))), c1(column_max(fmaxf(fabsf(u01), fabsf(u11))));
-          *reinterpret_cast<uint32_t*>(&sm.Uh[m0][r]) = half2_bits(u00 * c0.scale, u01 * c1.scale);
-          *reinterpret_cast<uint32_t*>(&sm.Uh[m0 + 8][r]) = half2_bits(u10 * c0.scale, u11 * c1.scale);
-          if (g == 0) *reinterpret_cast<float2*>(&sm.Uinv[tt][r]) = make_float2(c0.inv, c1.inv);
+          const float u[4] = {a.x - x[nn][0], a.y - x[nn][1], b.x - x[nn][2], b.y - x[nn][3]};
+          const ColumnHalves uh(u);
+          *reinterpret_cast<uint32_t*>(&sm.Uh[m0][r]) = uh.lo;
+          *reinterpret_cast<uint32_t*>(&sm.Uh[m0 + 8][r]) = uh.hi;
+          if (g == 0) *reinterpret_cast<float2*>(&sm.Uinv[tt][r]) = uh.inv;
         }
       }
       __syncthreads();  // U complete; every read of S done
@@ -444,7 +441,7 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
 #pragma unroll 1
       for (int kk = 0; kk < kNB; ++kk) {
         uint32_t a[4], b[4];
-        ldsm_a<G::kLdUh, true>(a, &sm.Uh[0][0], vt * 16, 16 * kk, lane);
+        ldsm_a<G::kLdU, true>(a, &sm.Uh[0][0], vt * 16, 16 * kk, lane);
         const float i0 = sm.Uinv[kk][vr], i1 = sm.Uinv[kk][vr + 8];
 #pragma unroll
         for (int j = 0; j < G::kSN; j += 2) {  // two state tiles at a time: few live partials
@@ -473,14 +470,13 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
           for (int kk = 0; kk <= tt; ++kk) {
             uint32_t a[4], b[4];
             ldsm_a<kLdA, false>(a, &rs.Aqk[0][0], tt * 16, 16 * kk, lane);
-            ldsm_x4<true>(b, b_rows<G::kLdUh, true>(&sm.Uh[0][0], rt * 16, 16 * kk, lane));
+            ldsm_x4<true>(b, b_rows<G::kLdU, true>(&sm.Uh[0][0], rt * 16, 16 * kk, lane));
 #pragma unroll
             for (int nn = 0; nn < 2; ++nn) {
               float t[4] = {};
               mma_f16(t, a, b[2 * nn], b[2 * nn + 1]);
               const float2 iv = *reinterpret_cast<const float2*>(&sm.Uinv[kk][rt * 16 + nn * 8 + 2 * t4]);
-              y[ui][nn][0] += t[0] * iv.x; y[ui][nn][1] += t[1] * iv.y;
-              y[ui][nn][2] += t[2] * iv.x; y[ui][nn][3] += t[3] * iv.y;
+              add_column_scaled(y[ui][nn], t, iv);
             }
           }
           // y[ui][nn] = O[m0][r], O[m0][r+1], O[m0+8][r], O[m0+8][r+1] with r = rt*16 + nn*8 + 2 t4
