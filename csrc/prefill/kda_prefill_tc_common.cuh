@@ -216,6 +216,40 @@ __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const __half* row) {
 #endif
 }
 
+// ldmatrix on fp32 data: an 8 x 8 matrix of 16-bit values is an 8 x 4 one of 32-bit words, so
+// lane (g, t) receives word t of row g, which is where the m16n8k8 TF32 fragments want them: x4 a
+// [16 x 8] A fragment (matrices: rows 0-7 / 8-15 x words 0-3, then words 4-7), x2 an [8 x 8] B
+// fragment stored n-major (words 0-3, 4-7). One instruction instead of four / two 4-byte loads.
+// Rows are given as shared-memory window addresses in bytes (smem_addr), one register where a
+// generic pointer takes two; the emulator keeps the pointer.
+#ifdef KDA_SIMT_EMULATOR
+using SmemAddr = uintptr_t;
+__device__ __forceinline__ SmemAddr smem_addr(const void* p) { return reinterpret_cast<uintptr_t>(p); }
+#else
+using SmemAddr = unsigned;
+__device__ __forceinline__ SmemAddr smem_addr(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+#endif
+__device__ __forceinline__ void ldsm_words_x4(uint32_t (&r)[4], SmemAddr row) {
+#ifdef KDA_SIMT_EMULATOR
+  emu::ldmatrix_x4(r, reinterpret_cast<const void*>(row), false);
+#else
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(row));
+#endif
+}
+template <int kN>
+__device__ __forceinline__ void ldsm_words_x2(uint32_t (&r)[kN], SmemAddr row) {  // r[0], r[1]
+  static_assert(kN >= 2);
+#ifdef KDA_SIMT_EMULATOR
+  emu::ldmatrix_x2(r, reinterpret_cast<const void*>(row));
+#else
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(row));
+#endif
+}
+
 // Two floats as one fp16 pair (round to nearest even), as a 32-bit word (a in the low half).
 __device__ __forceinline__ unsigned half2_bits(float a, float b) {
   const __half2 h = __floats2half2_rn(a, b);

@@ -48,7 +48,8 @@ struct alignas(128) PrepSmem {
   float pre[kNB][kK];
   float post[kNB][kK];
   float isc[kNB][kK];  // 1 / s: Ptot^1/2 for a block on the diagonal fast path, else 1
-  float mid[kNB * (kNB - 1) / 2][kK];  // 3b's job (I, J < I): prod_{J<M<I} Ptot_M / s_I
+  // 3b's job (I, J < I), per channel: (1 / s_J, prod_{J<M<I} Ptot_M / s_I), one 8-byte load.
+  float2 jm[kNB * (kNB - 1) / 2][kK];
   float EL[kK];
   float beta[kC];
   float dqk[kC];  // q_i . k_i (scale in q) in fp32: A_qk's diagonal entries on the fast path
@@ -82,7 +83,7 @@ __device__ __forceinline__ unsigned diag_tc_mask(const float (&Ptot)[kNB][kK], i
 }
 
 // 3b's off-diagonal job -> block (I, J < I): (1,0) (2,0) (2,1) (3,0) (3,1) (3,2), the order of 2b's
-// multiplier table sm.mid.
+// multiplier table sm.jm.
 __device__ __forceinline__ void off_diag_block(int job, int& I, int& J) {
   I = 1;
   J = job;
@@ -336,7 +337,7 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
         for (int J = 0; J < I; ++J, ++job) {
           float m = sm.isc[I][ch];
           for (int M = J + 1; M < I; ++M) m *= sm.Ptot[M][ch];
-          sm.mid[job][ch] = m;
+          sm.jm[job][ch] = make_float2(sm.isc[J][ch], m);
         }
     }
     // 2c. Block-local decayed operands, in place, times the block's s: Kb = k Rloc s (backward
@@ -383,27 +384,37 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
         constexpr int kNT = decltype(ntc)::value;
         const bool diag = I == J;
         float accq[kNT][4] = {}, acck[kNT][4] = {};
+        // ldmatrix rows of this lane: A (x4) row 16 I + L % 16, words 4 (L / 16) on; B row
+        // 16 J + 8 (nt0 + L / 16) + L % 8, words 4 (L / 8 % 2) on (x2 reads lanes 0..15 only).
+        const int ar = I * kBlk + lane % 16, aw = lane / 16 * 4;
+        const SmemAddr qrow = smem_addr(&sm.Qr[ar][aw]), krow = smem_addr(&sm.Kq[ar][aw]);
+        const SmemAddr brow = smem_addr(&sm.Kb[J * kBlk + 8 * (nt0 + lane / 16) + lane % 8][lane / 8 % 2 * 4]);
 #pragma unroll 2
         for (int kk = 0; kk < kK; kk += 8) {
           const int c0 = kk + t4;  // this lane's channels c0, c0 + 4 of the k-step
           // Kb_J (k Rloc s_J) times 1 / s_J first, back to a value <= 1, then times
           // prod_{J<M<I} Ptot_M / s_I <= 1: a B operand that underflows then carried a term
           // below 2^-66 (A <= 2^60), where one product of both scales could have underflowed alone.
-          float j0 = 1.f, j1 = 1.f, m0 = 1.f, m1 = 1.f;
+          float2 f0 = make_float2(1.f, 1.f), f1 = f0;
           if (!diag) {
-            j0 = sm.isc[J][c0];
-            j1 = sm.isc[J][c0 + 4];
-            m0 = sm.mid[job][c0];
-            m1 = sm.mid[job][c0 + 4];
+            f0 = sm.jm[job][c0];
+            f1 = sm.jm[job][c0 + 4];
           }
-          const float* qr = &sm.Qr[I * kBlk + g][c0];
-          const float* kq = &sm.Kq[I * kBlk + g][c0];
-          const uint32_t aq[4] = {to_tf32(qr[0]), to_tf32(qr[8 * kLdK]), to_tf32(qr[4]), to_tf32(qr[8 * kLdK + 4])};
-          const uint32_t ak[4] = {to_tf32(kq[0]), to_tf32(kq[8 * kLdK]), to_tf32(kq[4]), to_tf32(kq[8 * kLdK + 4])};
+          uint32_t aq[4], ak[4];
+          ldsm_words_x4(aq, qrow + 4 * kk);
+          ldsm_words_x4(ak, krow + 4 * kk);
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            aq[e] = to_tf32(__uint_as_float(aq[e]));
+            ak[e] = to_tf32(__uint_as_float(ak[e]));
+          }
+          uint32_t kb[2 * kNT];  // tile t's (c0, c0 + 4) in kb[2 t], kb[2 t + 1]
+          if constexpr (kNT == 1) ldsm_words_x2(kb, brow + 4 * kk);
+          else ldsm_words_x4(kb, brow + 4 * kk);
 #pragma unroll
           for (int t = 0; t < kNT; ++t) {
-            const float* kb = &sm.Kb[J * kBlk + 8 * (nt0 + t) + g][c0];
-            const uint32_t b0 = to_tf32(kb[0] * j0 * m0), b1 = to_tf32(kb[4] * j1 * m1);
+            const uint32_t b0 = to_tf32(__uint_as_float(kb[2 * t]) * f0.x * f0.y);
+            const uint32_t b1 = to_tf32(__uint_as_float(kb[2 * t + 1]) * f1.x * f1.y);
             mma_tf32(accq[t], aq, b0, b1);
             mma_tf32(acck[t], ak, b0, b1);
           }

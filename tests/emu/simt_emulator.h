@@ -293,6 +293,21 @@ inline void ldmatrix_x4(uint32_t (&r)[4], const void* row, bool trans) {
   warp_barrier();
 }
 
+// ldmatrix .x2 (no trans): lanes 0..15 give the rows of matrices 0 and 1 (the other lanes'
+// addresses are ignored, as on the GPU); r[i] of lane (g, t) is matrix i's [g][2t], [g][2t+1].
+inline void ldmatrix_x2(uint32_t* r, const void* row) {
+  const int warp = g_thread.x / 32, lane = g_thread.x % 32;
+  if (lane < 16 && reinterpret_cast<uintptr_t>(row) % 16 != 0) fail("ldmatrix: a row address is not 16-byte aligned");
+  g_blk->rows[warp * 32 + lane] = row;
+  warp_barrier();
+  const int g = lane / 4, t = lane % 4;
+  for (int m = 0; m < 2; ++m) {
+    const uint16_t* rp = static_cast<const uint16_t*>(g_blk->rows[warp * 32 + 8 * m + g]);
+    r[m] = (uint32_t)rp[2 * t] | (uint32_t)rp[2 * t + 1] << 16;
+  }
+  warp_barrier();
+}
+
 // The warp's predicates as a bit mask (lane L in bit L), as __ballot_sync with a full mask.
 inline uint32_t ballot(bool pred) {
   const int warp = g_thread.x / 32, lane = g_thread.x % 32;
