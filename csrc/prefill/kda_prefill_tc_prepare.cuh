@@ -520,9 +520,13 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
       float(*Xw)[kLdC] = &sm.r1.tu.X[J * kBlk];
       for (int I = J + 1; I < kNB; ++I) {
         float acc[2][4] = {};
+        // A fragments by ldmatrix: rows 16 I + L % 16, words 4 (L / 16) on.
+        const int ar = I * kBlk + lane % 16, aw = lane / 16 * 4;
         for (int ks = J * kBlk; ks < I * kBlk; ks += 8) {
-          const float* ar = &sm.Akk[I * kBlk + g][ks + t4];
-          const uint32_t a[4] = {to_tf32(ar[0]), to_tf32(ar[8 * kLdC]), to_tf32(ar[4]), to_tf32(ar[8 * kLdC + 4])};
+          uint32_t a[4];
+          ldsm_words_x4(a, smem_addr(&sm.Akk[ar][ks + aw]));
+#pragma unroll
+          for (int e = 0; e < 4; ++e) a[e] = to_tf32(__uint_as_float(a[e]));
 #pragma unroll
           for (int nt = 0; nt < 2; ++nt) {
             const float* br = &sm.r1.tu.T[ks + t4][J * kBlk + 8 * nt + g];
@@ -538,9 +542,8 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
         float tij[2][4] = {};
 #pragma unroll
         for (int ks = 0; ks < kBlk; ks += 8) {
-          const float* ar = &sm.r1.tu.T[I * kBlk + g][I * kBlk + ks + t4];
-          const uint32_t a[4] = {__float_as_uint(ar[0]), __float_as_uint(ar[8 * kLdC]), __float_as_uint(ar[4]),
-                                 __float_as_uint(ar[8 * kLdC + 4])};
+          uint32_t a[4];
+          ldsm_words_x4(a, smem_addr(&sm.r1.tu.T[ar][I * kBlk + ks + aw]));
 #pragma unroll
           for (int nt = 0; nt < 2; ++nt)
             mma_tf32(tij[nt], a, to_tf32(Xw[ks + t4][8 * nt + g]), to_tf32(Xw[ks + t4 + 4][8 * nt + g]));
@@ -595,11 +598,12 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
     for (int side = 0; side < 2; ++side) {
       const int tm = side == 0 ? pair : kNB - 1 - pair;
       float acc[2][kNJ][4] = {};  // [0]: u, [1]: w
+      // T's A fragments by ldmatrix (rows 16 tm + L % 16, words 4 (L / 16) on), TF32 bits as stored.
+      const SmemAddr trow = smem_addr(&sm.r1.tu.T[tm * 16 + lane % 16][lane / 16 * 4]);
 #pragma unroll 2
       for (int ks = 0; ks < 2 * (tm + 1); ++ks) {
-        const float* tr = &sm.r1.tu.T[tm * 16 + g][8 * ks + t4];
-        const uint32_t a[4] = {__float_as_uint(tr[0]), __float_as_uint(tr[8 * kLdC]), __float_as_uint(tr[4]),
-                               __float_as_uint(tr[8 * kLdC + 4])};
+        uint32_t a[4];
+        ldsm_words_x4(a, trow + 32 * ks);
 #pragma unroll
         for (int out = 0; out < 2; ++out) {
           const float* B = out == 0 ? &sm.Qr[0][0] : &sm.Kb[0][0];
