@@ -31,9 +31,10 @@ __device__ __forceinline__ void st_any(void* p, int64_t i, float v, bool is_bf16
 __device__ __forceinline__ float conv_act(float y, bool silu) {
   // x * sigmoid(x) with a non-positive exponent, from the MUFU ex2 and an approximate division
   // (a few ulp of fp32; every caller rounds the result to bf16): the accurate expf and IEEE
-  // division took most of the eight-channel conv prefill kernel's instructions.
+  // division took most of the eight-channel conv prefill kernel's instructions. e^-|y| below
+  // 2^-126 (|y| > 87) is 0 rather than subnormal: y e r is then 0 instead of below 1e-36.
   if (!silu) return y;
-  const float e = exp2f(-fabsf(y) * 1.4426950408889634f);  // e^-|y| in (0, 1]
+  const float e = ex2_ftz(-fabsf(y) * 1.4426950408889634f);  // e^-|y| in [0, 1]
   const float r = __fdividef(1.f, 1.f + e);
   return y >= 0.f ? y * r : y * e * r;
 }
@@ -159,6 +160,31 @@ struct ConvTaps8 {
         win[j][c] = j < p.W - 2 ? win[(j + 1) % (kConvMaxWidth - 1)][c] : (j == p.W - 2 ? xt[c] : win[j][c]);
   }
 };
+
+// ConvTaps8::step for a width kW and activation known at compile time (the conv prefill's
+// kernel): the same sum in the same order, so the same bits, without step's selects on the
+// runtime width (about 70 of its instructions per token) or a branch per channel on silu.
+template <int kW, bool kSilu>
+__device__ __forceinline__ void conv_step8(const ConvTaps8& taps, float (&win)[kConvMaxWidth - 1][kConvVec],
+                                           const float (&xt)[kConvVec], float (&out)[kConvVec]) {
+  static_assert(kW >= 1 && kW <= kConvMaxWidth, "conv width 1..4");
+#pragma unroll
+  for (int c = 0; c < kConvVec; ++c) {
+    float acc = taps.b[c];
+#pragma unroll
+    for (int j = 0; j < kW - 1; ++j) acc += taps.wh[j][c] * win[j][c];
+    acc += taps.wx[c] * xt[c];
+    out[c] = conv_act(acc, kSilu);
+  }
+#pragma unroll
+  for (int j = 0; j + 1 < kW - 1; ++j)
+#pragma unroll
+    for (int c = 0; c < kConvVec; ++c) win[j][c] = win[j + 1][c];
+  if constexpr (kW > 1) {
+#pragma unroll
+    for (int c = 0; c < kConvVec; ++c) win[kW - 2][c] = xt[c];
+  }
+}
 
 // The W-1 history rows of the window starting at row off, eight channels from base
 // (= slot * pool_ss + d0); rows past W-2 are zero.

@@ -124,4 +124,17 @@ template <> struct StateIO<__nv_bfloat16> {
   }
 };
 
+// 2^x from MUFU.EX2 alone, a result below 2^-126 flushed to 0 (exp2f adds a test and two
+// multiplies to return it subnormal): for callers where such a result only meets 1 + it, or is
+// rounded into a bf16 output next to values above 2^-126 anyway.
+__device__ __forceinline__ float ex2_ftz(float x) {
+#ifdef KDA_SIMT_EMULATOR
+  return exp2f(x);
+#else
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#endif
+}
+
 }  // namespace kda

@@ -103,17 +103,18 @@ __global__ void __launch_bounds__(kConvThreads) conv1d_prefill_out_kernel(const 
 constexpr int kConvVecTokensPerCta = 64;
 
 // The window before token t of the sequence starting at bos, eight channels from d0: its inputs
-// where they exist, else history rows [0, W-1) of pool[slot] (zeros without initial state).
+// where they exist, else history rows [0, kW-1) of pool[slot] (zeros without initial state).
+template <int kW>
 __device__ __forceinline__ void conv_prefill_window8(const Conv1dParams& p, const __nv_bfloat16* x, int d0,
                                                      int64_t t, int64_t bos, bool init, int slot,
                                                      float (&win)[kConvMaxWidth - 1][kConvVec]) {
 #pragma unroll
   for (int j = 0; j < kConvMaxWidth - 1; ++j) {
-    const int64_t src = t - (p.W - 1) + j;
-    if (j < p.W - 1 && src >= bos) {
+    const int64_t src = t - (kW - 1) + j;
+    if (j < kW - 1 && src >= bos) {
       ld8(x, src * p.x_st + d0, true, win[j]);
-    } else if (j < p.W - 1 && init) {
-      ld8(p.pool, (int64_t)slot * p.pool_ss + ((p.W - 1) + (src - bos)) * p.pool_sr + d0, p.pool_bf16, win[j]);
+    } else if (j < kW - 1 && init) {
+      ld8(p.pool, (int64_t)slot * p.pool_ss + ((kW - 1) + (src - bos)) * p.pool_sr + d0, p.pool_bf16, win[j]);
     } else {
 #pragma unroll
       for (int c = 0; c < kConvVec; ++c) win[j][c] = 0.f;
@@ -121,10 +122,13 @@ __device__ __forceinline__ void conv_prefill_window8(const Conv1dParams& p, cons
   }
 }
 
-// Outputs, eight channels per thread (conv_vec8_ok). grid = (ceil(D / 1024), ceil(Ttot / 64)).
-// The W-1 inputs before each token stay in registers, so a token costs one 16-byte load and
-// one 16-byte store (the one-channel kernel above re-reads W two-byte inputs per token); the
-// taps are summed in the same order, so both give the same bits.
+// Outputs, eight channels per thread (conv_vec8_ok), for width kW = p.W and activation kSilu =
+// p.silu (compile-time: the runtime width's selects and the per-channel branch on silu were
+// about a third of the loop's instructions). grid = (ceil(D / 1024), ceil(Ttot / 64)). The W-1
+// inputs before each token stay in registers, so a token costs one 16-byte load and one
+// 16-byte store (the one-channel kernel above re-reads W two-byte inputs per token); the taps
+// are summed in the same order, so both give the same bits.
+template <int kW, bool kSilu>
 __global__ void __launch_bounds__(kConvThreads) conv1d_prefill_out_vec_kernel(const Conv1dParams p) {
   const int d0 = (blockIdx.x * kConvThreads + threadIdx.x) * kConvVec;
   if (d0 >= p.D) return;
@@ -143,24 +147,27 @@ __global__ void __launch_bounds__(kConvThreads) conv1d_prefill_out_vec_kernel(co
   ConvSeqCursor seq(p, t_begin);
   int slot = p.slots[seq.n];
   float win[kConvMaxWidth - 1][kConvVec];  // inputs t-(W-1) .. t-1 of sequence seq.n, oldest first
-  conv_prefill_window8(p, x, d0, t_begin, seq.bos, slot > 0 && p.has_initial_state[seq.n], slot, win);
+  conv_prefill_window8<kW>(p, x, d0, t_begin, seq.bos, slot > 0 && p.has_initial_state[seq.n], slot, win);
   float xn[kConvVec];  // x[t + 1], loaded while token t is computed
   ld8(x, t_begin * p.x_st + d0, true, xn);
-  for (int64_t t = t_begin; t < t_end; ++t) {
+  // Row pointers stepped per token (64-bit index products per access were a fifth of the loop).
+  const __nv_bfloat16* xp = x + (t_begin + 1) * p.x_st + d0;
+  __nv_bfloat16* yp = y + t_begin * p.y_st + d0;
+  for (int64_t t = t_begin; t < t_end; ++t, xp += p.x_st, yp += p.y_st) {
     float xt[kConvVec], out[kConvVec];
 #pragma unroll
     for (int c = 0; c < kConvVec; ++c) xt[c] = xn[c];
-    if (t + 1 < t_end) ld8(x, (t + 1) * p.x_st + d0, true, xn);
+    if (t + 1 < t_end) ld8(xp, 0, true, xn);
     if (seq.advance(t)) {
       slot = p.slots[seq.n];
-      conv_prefill_window8(p, x, d0, t, seq.bos, slot > 0 && p.has_initial_state[seq.n], slot, win);
+      conv_prefill_window8<kW>(p, x, d0, t, seq.bos, slot > 0 && p.has_initial_state[seq.n], slot, win);
     }
     if (slot <= 0 || t >= seq.end_all) {  // null slot or padding row
-      st8(y, t * p.y_st + d0, true, zero);
+      st8(yp, 0, true, zero);
       continue;
     }
-    taps.step(p, win, xt, out);
-    st8(y, t * p.y_st + d0, true, out);
+    conv_step8<kW, kSilu>(taps, win, xt, out);
+    st8(yp, 0, true, out);
   }
 }
 

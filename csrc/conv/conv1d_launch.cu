@@ -1,4 +1,6 @@
 // Launch code for the causal conv1d kernels.
+#include <type_traits>
+
 #include "conv1d_kernel.cuh"
 
 namespace kda {
@@ -10,7 +12,19 @@ cudaError_t conv1d_prefill_launch(const Conv1dParams& p, cudaStream_t stream) {
     const int groups = p.D / kConvVec;
     const int64_t tiles = (p.total_tokens + kConvVecTokensPerCta - 1) / kConvVecTokensPerCta;
     const dim3 grid((groups + kConvThreads - 1) / kConvThreads, (unsigned)tiles);
-    conv1d_prefill_out_vec_kernel<<<grid, kConvThreads, 0, stream>>>(p);
+    auto launch = [&](auto w, auto silu) {
+      conv1d_prefill_out_vec_kernel<decltype(w)::value, decltype(silu)::value><<<grid, kConvThreads, 0, stream>>>(p);
+    };
+    auto with_width = [&](auto silu) {
+      switch (p.W) {  // 1..4, checked by the op
+        case 1: launch(std::integral_constant<int, 1>{}, silu); break;
+        case 2: launch(std::integral_constant<int, 2>{}, silu); break;
+        case 3: launch(std::integral_constant<int, 3>{}, silu); break;
+        default: launch(std::integral_constant<int, 4>{}, silu); break;
+      }
+    };
+    if (p.silu) with_width(std::true_type{});
+    else with_width(std::false_type{});
   } else if (p.total_tokens > 0) {
     const int64_t tiles = (p.total_tokens + kConvTokensPerCta - 1) / kConvTokensPerCta;
     conv1d_prefill_out_kernel<<<dim3(dblocks, (unsigned)tiles), kConvThreads, 0, stream>>>(p);

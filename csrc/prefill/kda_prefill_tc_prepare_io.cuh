@@ -36,18 +36,6 @@ __device__ __forceinline__ uint4 ld_raw8(const __nv_bfloat16* src, bool vec) {
   return make_uint4(lo.x, lo.y, hi.x, hi.y);
 }
 
-// 2^x from MUFU.EX2 alone, a result below 2^-126 flushed to 0 (exp2f adds a test and two
-// multiplies to return it subnormal): for softplus's 1 + 2^x, where 1 + it is 1 either way.
-__device__ __forceinline__ float ex2_ftz(float x) {
-#ifdef KDA_SIMT_EMULATOR
-  return exp2f(x);
-#else
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-#endif
-}
-
 constexpr float kLog2e = 1.4426950408889634f;  // e^x = 2^(x kLog2e): the MUFU forms below
 
 // sigmoid(z) = 1 / (1 + 2^(-z log2 e)) from MUFU ex2 and the approximate reciprocal (about 1e-7

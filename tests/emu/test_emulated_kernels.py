@@ -316,12 +316,13 @@ def test_conv_update_vs_reference(lib, spec, D, x_pad, pool_dtype):
     assert torch.equal(ours[untouched], pool0[untouched])
 
 
-@pytest.mark.parametrize("W", [2, 3, 4])
+@pytest.mark.parametrize("W,silu", [(1, True), (2, True), (3, True), (4, True), (3, False), (4, False)])
 @pytest.mark.parametrize("lens", [[0, 1, 3, 130, 7, 64, 0, 70], [200], []], ids=["varlen", "one", "none"])
-def test_conv_prefill_kernels_agree(lib, W, lens):
-    """The eight-channel prefill kernel (aligned rows) and the one-channel kernel (rows with an odd
-    stride) give the same bits: outputs, padding rows after the last sequence, null slots, and the
-    pool rows, over sequences that start and end inside 64-token tiles."""
+def test_conv_prefill_kernels_agree(lib, W, silu, lens):
+    """The eight-channel prefill kernel (aligned rows; built per width and activation) and the
+    one-channel kernel (rows with an odd stride) give the same bits: outputs, padding rows after
+    the last sequence, null slots, and the pool rows, over sequences that start and end inside
+    64-token tiles."""
     D, pad = 160, 5
     T, N = sum(lens), len(lens)
     cu = torch.tensor([0] + lens).cumsum(0).to(torch.int64)
@@ -333,7 +334,7 @@ def test_conv_prefill_kernels_agree(lib, W, lens):
     outs = []
     for xin in (x, torch.randn(T + pad, D + 4).bfloat16()[:, :D].copy_(x)):  # eight-channel; one-channel
         pool = pool0.clone()
-        y = emulated.conv_prefill(lib, xin, w, b, cu, pool, slots, has, out=torch.full_like(x, float("nan")))
+        y = emulated.conv_prefill(lib, xin, w, b, cu, pool, slots, has, out=torch.full_like(x, float("nan")), silu=silu)
         outs.append((y, pool))
     assert not outs[0][0].isnan().any() and (outs[0][0][T:] == 0).all()
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
