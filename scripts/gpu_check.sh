@@ -10,7 +10,7 @@
 # prefill (KDA_SERVING_PREFILL_KERNEL=chunked) runs in a process of its own, next to the other
 # kernels' process, so a fault in one (an illegal address leaves the CUDA context unusable) cannot
 # take the other's results with it. bench: prefill (all kernels), decode (and bench_copy.py: what a
-# plain copy of decode-sized traffic reaches), one layer (BENCHES picks some, e.g.
+# plain copy of decode-sized traffic reaches), the conv prefill, one layer (BENCHES picks some, e.g.
 # BENCHES="decode layer"). long: the
 # long-context prefill benchmark (extra arguments in LONG_ARGS, e.g. "--heads 8 --max-tokens 131072") and
 # the 128K-token split tests. profile: the tensor-core prefill's cycles per phase
@@ -52,10 +52,11 @@ if has tests; then
   for f in pytest-gpu pytest-gpu-optin; do echo "== $f"; grep -E "^(FAILED|ERROR)" "$OUT/$f.log" | head -20; tail -n 2 "$OUT/$f.log"; done
 fi
 if has bench; then
-  benches=" ${BENCHES:-prefill decode layer} "
+  benches=" ${BENCHES:-prefill decode conv layer} "
   [[ $benches == *" prefill "* ]] && TAIL=22 step bench_prefill python3 scripts/bench_prefill.py --kernels serial chunked --out "$OUT"
   [[ $benches == *" decode "* ]] && TAIL=22 step bench_decode python3 scripts/bench_decode.py --out "$OUT"
   [[ $benches == *" decode "* ]] && TAIL=8 step bench_copy python3 scripts/bench_copy.py --out "$OUT"
+  [[ $benches == *" conv "* ]] && TAIL=12 step bench_conv python3 scripts/bench_conv.py --out "$OUT"
   [[ $benches == *" layer "* ]] && TAIL=30 step bench_layer python3 scripts/bench_layer.py --profile --out "$OUT"
 fi
 if has profile; then

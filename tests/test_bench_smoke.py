@@ -20,7 +20,8 @@ META_KEYS = {"script", "device", "torch", "commit", "copy_bandwidth_gbps", "mode
 ROW_KEYS = {"case", "shape", "speedup_vs_fla", "hbm_floor_fraction"}
 TIME_KEYS = {"bench_prefill": {"ours_ms", "fla_ms", "floor_ms", "ours_extra_bytes_per_token"},
              "bench_decode": {"ours_us", "ours_fused_us", "fla_us", "ours_kda_us", "floor_us"},
-             "bench_layer": {"ours_ms", "fla_ms", "floor_ms", "projections_ms", "covers"}}
+             "bench_layer": {"ours_ms", "fla_ms", "floor_ms", "projections_ms", "covers"},
+             "bench_conv": {"ours_ms", "fla_ms", "floor_ms"}}
 
 
 @pytest.mark.parametrize("script", sorted(TIME_KEYS))
