@@ -149,6 +149,15 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
     return 2 * nbytes / (ms * 1e-3)
 
 
+def bandwidth_and_fla(device: torch.device) -> tuple[float, str | None]:
+    """The copy bandwidth of ``device`` and why fla cannot run there (None when it can), printed."""
+    from kda_serving.baselines import fla_ops
+    reason = fla_ops.unavailable_reason(device)
+    if reason:
+        print(f"fla skipped: {reason}")
+    return copy_bandwidth(device), reason
+
+
 def run_case_timed(run, *args, **kwargs) -> dict:
     """``run(*args, **kwargs)`` -> a result row; records the seconds the case took (set-up, checks
     and first-call compilation included) as ``bench_wall_s`` and prints a progress line, so a run

@@ -75,10 +75,7 @@ def main(argv=None):
     device = bc.pick_device(args.device)
     torch.manual_seed(0)
     cases, d, iters = ([(2, [5, 70, 0, 9])], 8, 3) if args.smoke else (CASES, D_HEAD, args.iters)
-    bandwidth = bc.copy_bandwidth(device)
-    fla_reason = fla_ops.unavailable_reason(device)
-    if fla_reason:
-        print(f"fla skipped: {fla_reason}")
+    bandwidth, fla_reason = bc.bandwidth_and_fla(device)
     rows = []
     with torch.inference_mode():
         for H, lens in cases:

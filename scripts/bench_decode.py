@@ -211,10 +211,7 @@ def main(argv=None):
         batches, heads, d, samples, min_reps = [1, 3], [2], 32, 2, 2
     else:
         batches, heads, d, samples, min_reps = args.batches, args.heads, D, args.samples, 8
-    bandwidth = bc.copy_bandwidth(device)
-    fla_reason = fla_ops.unavailable_reason(device)
-    if fla_reason:
-        print(f"fla skipped: {fla_reason}")
+    bandwidth, fla_reason = bc.bandwidth_and_fla(device)
     rows = []
     with torch.inference_mode():
         for H in heads:

@@ -121,10 +121,7 @@ def main(argv=None):
     warmup = 1 if args.smoke else 3
     device = bc.pick_device(args.device)
     torch.manual_seed(0)
-    bandwidth = bc.copy_bandwidth(device)
-    fla_reason = fla_ops.unavailable_reason(device)
-    if fla_reason:
-        print(f"fla skipped: {fla_reason}")
+    bandwidth, fla_reason = bc.bandwidth_and_fla(device)
     lb = GATES[args.gate]
     t_start = time.perf_counter()
 

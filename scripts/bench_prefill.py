@@ -198,10 +198,7 @@ def main(argv=None):
     cases = SMOKE_CASES if args.smoke else (LONG_CASES if args.long else CASES)
     cases = [(H, lens) for H, lens in cases if (args.heads is None or H in args.heads)
              and (args.max_tokens is None or sum(lens) <= args.max_tokens)]
-    bandwidth = bc.copy_bandwidth(device)
-    fla_reason = fla_ops.unavailable_reason(device)
-    if fla_reason:
-        print(f"fla skipped: {fla_reason}")
+    bandwidth, fla_reason = bc.bandwidth_and_fla(device)
     rows = []
     meta = bc.run_metadata("bench_prefill", device, argv, bandwidth)
     mode = "smoke" if args.smoke else ("long" if args.long else "default")
