@@ -124,6 +124,33 @@ template <> struct StateIO<__nv_bfloat16> {
   }
 };
 
+// Asynchronous 16-byte global -> shared copies (cp.async.cg: through L2 only), 16-byte aligned
+// both sides; the emulator copies at once. cp_async_wait<N> waits until at most the N newest
+// committed groups of this thread are in flight; cp_async_wait_all commits and waits for all.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+#ifdef KDA_SIMT_EMULATOR
+  *static_cast<uint4*>(dst) = *static_cast<const uint4*>(src);
+#else
+  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src) : "memory");
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#ifndef KDA_SIMT_EMULATOR
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#ifndef KDA_SIMT_EMULATOR
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+__device__ __forceinline__ void cp_async_wait_all() {
+  cp_async_commit();
+  cp_async_wait<0>();
+}
+
 // 2^x from MUFU.EX2 alone, a result below 2^-126 flushed to 0 (exp2f adds a test and two
 // multiplies to return it subnormal): for callers where such a result only meets 1 + it, or is
 // rounded into a bf16 output next to values above 2^-126 anyway.

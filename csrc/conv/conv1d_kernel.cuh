@@ -122,14 +122,22 @@ __device__ __forceinline__ void conv_prefill_window8(const Conv1dParams& p, cons
   }
 }
 
+// The eight-channel kernel's x rows in flight: two stages of kConvStage tokens, copied to shared
+// memory with cp.async; each thread copies and reads only its own 16 bytes per token, so no
+// barrier orders them, only its own waits. 2 x 8 x 128 x 16 B = 32 KB per CTA.
+constexpr int kConvStage = 8;
+
 // Outputs, eight channels per thread (conv_vec8_ok), for width kW = p.W and activation kSilu =
 // p.silu (compile-time: the runtime width's selects and the per-channel branch on silu were
 // about a third of the loop's instructions). grid = (ceil(D / 1024), ceil(Ttot / 64)). The W-1
 // inputs before each token stay in registers, so a token costs one 16-byte load and one
 // 16-byte store (the one-channel kernel above re-reads W two-byte inputs per token); the taps
-// are summed in the same order, so both give the same bits.
+// are summed in the same order, so both give the same bits. The loads run 8 to 16 tokens ahead
+// (two cp.async stages), where a register prefetch of one token left a thread one 16-byte load
+// in flight.
 template <int kW, bool kSilu>
 __global__ void __launch_bounds__(kConvThreads) conv1d_prefill_out_vec_kernel(const Conv1dParams p) {
+  __shared__ __align__(16) uint4 stage[2][kConvStage][kConvThreads];
   const int d0 = (blockIdx.x * kConvThreads + threadIdx.x) * kConvVec;
   if (d0 >= p.D) return;
   const int64_t t_begin = (int64_t)blockIdx.y * kConvVecTokensPerCta;
@@ -143,32 +151,47 @@ __global__ void __launch_bounds__(kConvThreads) conv1d_prefill_out_vec_kernel(co
     for (int64_t t = t_begin; t < t_end; ++t) st8(y, t * p.y_st + d0, true, zero);
     return;
   }
+  // Stage s <- x rows of tokens tb .. tb + kConvStage - 1 (those before t_end); one group each.
+  auto fill = [&](int s, int64_t tb) {
+    const __nv_bfloat16* src = x + tb * p.x_st + d0;
+#pragma unroll
+    for (int i = 0; i < kConvStage; ++i, src += p.x_st)
+      if (tb + i < t_end) cp_async16(&stage[s][i][threadIdx.x], src);
+    cp_async_commit();
+  };
+  fill(0, t_begin);
+  fill(1, t_begin + kConvStage);
   const ConvTaps8 taps(p, d0);
   ConvSeqCursor seq(p, t_begin);
   int slot = p.slots[seq.n];
   float win[kConvMaxWidth - 1][kConvVec];  // inputs t-(W-1) .. t-1 of sequence seq.n, oldest first
   conv_prefill_window8<kW>(p, x, d0, t_begin, seq.bos, slot > 0 && p.has_initial_state[seq.n], slot, win);
-  float xn[kConvVec];  // x[t + 1], loaded while token t is computed
-  ld8(x, t_begin * p.x_st + d0, true, xn);
-  // Row pointers stepped per token (64-bit index products per access were a fifth of the loop).
-  const __nv_bfloat16* xp = x + (t_begin + 1) * p.x_st + d0;
-  __nv_bfloat16* yp = y + t_begin * p.y_st + d0;
-  for (int64_t t = t_begin; t < t_end; ++t, xp += p.x_st, yp += p.y_st) {
-    float xt[kConvVec], out[kConvVec];
-#pragma unroll
-    for (int c = 0; c < kConvVec; ++c) xt[c] = xn[c];
-    if (t + 1 < t_end) ld8(xp, 0, true, xn);
-    if (seq.advance(t)) {
-      slot = p.slots[seq.n];
-      conv_prefill_window8<kW>(p, x, d0, t, seq.bos, slot > 0 && p.has_initial_state[seq.n], slot, win);
+  __nv_bfloat16* yp = y + t_begin * p.y_st + d0;  // stepped per token
+  for (int64_t tb = t_begin; tb < t_end; tb += kConvStage) {
+    const int s = (int)((tb - t_begin) / kConvStage) & 1;
+    cp_async_wait<1>();  // stage s is in (the other may still be in flight)
+#pragma unroll 2
+    for (int i = 0; i < kConvStage; ++i, yp += p.y_st) {
+      const int64_t t = tb + i;
+      if (t >= t_end) break;
+      float xt[kConvVec], out[kConvVec];
+      const uint4 raw = stage[s][i][threadIdx.x];
+      const unsigned w4[4] = {raw.x, raw.y, raw.z, raw.w};
+      unpack_bf16(w4, xt);
+      if (seq.advance(t)) {
+        slot = p.slots[seq.n];
+        conv_prefill_window8<kW>(p, x, d0, t, seq.bos, slot > 0 && p.has_initial_state[seq.n], slot, win);
+      }
+      if (slot <= 0 || t >= seq.end_all) {  // null slot or padding row
+        st8(yp, 0, true, zero);
+        continue;
+      }
+      conv_step8<kW, kSilu>(taps, win, xt, out);
+      st8(yp, 0, true, out);
     }
-    if (slot <= 0 || t >= seq.end_all) {  // null slot or padding row
-      st8(yp, 0, true, zero);
-      continue;
-    }
-    conv_step8<kW, kSilu>(taps, win, xt, out);
-    st8(yp, 0, true, out);
+    fill(s, tb + 2 * kConvStage);  // this thread has read its stage-s slots (same addresses, in order)
   }
+  cp_async_wait<0>();  // no copy may land after the CTA's shared memory is handed on
 }
 
 // State shift-in, launched after the output kernel so that every history read is done.

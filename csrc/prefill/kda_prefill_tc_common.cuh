@@ -301,22 +301,6 @@ __device__ __forceinline__ void add_column_scaled(float (&d)[4], const float (&t
   d[2] += t[2] * iv.x; d[3] += t[3] * iv.y;
 }
 
-// Asynchronous 16-byte global -> shared copies (cp.async); the emulator copies at once.
-__device__ __forceinline__ void cp_async16(float* dst, const float* src) {
-#ifdef KDA_SIMT_EMULATOR
-  dst[0] = src[0]; dst[1] = src[1]; dst[2] = src[2]; dst[3] = src[3];
-#else
-  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src) : "memory");
-#endif
-}
-
-__device__ __forceinline__ void cp_async_wait_all() {
-#ifndef KDA_SIMT_EMULATOR
-  asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
-#endif
-}
-
 // A [kRows x kCols] float tile (kCols a multiple of 4) from global rows of pitch kSrcLd into shared
 // rows of pitch kDstLd, 16 bytes a copy; all threads of the CTA take part. The shape is a template
 // argument so that each thread's copies sit at fixed offsets from two base pointers (immediate
