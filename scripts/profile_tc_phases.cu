@@ -26,14 +26,7 @@
 #include <string>
 #include <vector>
 
-#define CHECK(x)                                                                     \
-  do {                                                                               \
-    const cudaError_t e_ = (x);                                                      \
-    if (e_ != cudaSuccess) {                                                         \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
-      std::exit(1);                                                                  \
-    }                                                                                \
-  } while (0)
+#include "profile_common.h"
 
 namespace {
 
@@ -173,11 +166,7 @@ int main(int argc, char** argv) {
     t_prep.push_back(a);
     t_state.push_back(b);
   }
-  auto median = [](std::vector<float> v) {
-    std::sort(v.begin(), v.end());
-    return v[v.size() / 2];
-  };
-  const float ms_prep = median(t_prep), ms_state = median(t_state);
+  const float ms_prep = median_of(t_prep), ms_state = median_of(t_state);
 #ifdef KDA_TC_PHASE_CYCLES
   unsigned long long cyc[kda::tc::kPhases];
   CHECK(cudaMemcpyFromSymbol(cyc, kda::tc::kda_tc_phase_cycles, sizeof(cyc)));
