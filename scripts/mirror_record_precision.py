@@ -28,8 +28,6 @@ from tests.conftest import rel_rms  # noqa: E402
 from tests.ops.helpers import kda_inputs  # noqa: E402
 
 FIELDS = ("Qe", "Kd", "w", "Aqk")  # the order the mirror rounds them in
-
-
 ROUND = {"tf32": tensorcore_mirror._tf32, "fp16": lambda x: x.float().half().float(),
          "bf16": lambda x: x.float().bfloat16().float(), "fp32": lambda x: x,
          "fp16 tiles": tensorcore_mirror._u_record}

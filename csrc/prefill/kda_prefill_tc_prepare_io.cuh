@@ -197,7 +197,7 @@ __device__ __forceinline__ void issue_v_copies(const KdaPrefillParams& p, const 
   for (int m = 0; m < kVPer; ++m, vp += kVStride * p.v_st) {
     uint4* d = &dst[i0 + kVStride * m][r8 / 8];
     if (i0 + kVStride * m >= nt) *d = make_uint4(0u, 0u, 0u, 0u);
-    else if (vec) cp_async16(reinterpret_cast<float*>(d), reinterpret_cast<const float*>(vp));
+    else if (vec) cp_async16(d, vp);
     else *d = ld_raw8(vp, false);
   }
 }
