@@ -362,8 +362,8 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
 #pragma unroll
       for (int i = 0; i < kBlk; ++i) {
         P *= a[i];
-        sm.Qr[b * kBlk + i][ch] *= P;
-        sm.Kq[b * kBlk + i][ch] = kr[i] * P;
+        sm.Qr[b * kBlk + i][ch] = tf32_bump(sm.Qr[b * kBlk + i][ch] * P);  // 3b's A operands (tf32_bump)
+        sm.Kq[b * kBlk + i][ch] = tf32_bump(kr[i] * P);
       }
     }
     __syncthreads();
@@ -382,7 +382,7 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
       // with both tiles: 16 units, one per warp of 16, where whole jobs left 6 warps idle.
       auto product = [&](auto ntc, int I, int J, int job, int nt0) {
         constexpr int kNT = decltype(ntc)::value;
-        const bool diag = I == J;
+        constexpr bool diag = kNT == 2;  // a diagonal job takes both tiles, an off-diagonal unit one
         float accq[kNT][4] = {}, acck[kNT][4] = {};
         // ldmatrix rows of this lane: A (x4) row 16 I + L % 16, words 4 (L / 16) on; B row
         // 16 J + 8 (nt0 + L / 16) + L % 8, words 4 (L / 8 % 2) on (x2 reads lanes 0..15 only).
@@ -396,18 +396,13 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
           // prod_{J<M<I} Ptot_M / s_I <= 1: a B operand that underflows then carried a term
           // below 2^-66 (A <= 2^60), where one product of both scales could have underflowed alone.
           float2 f0 = make_float2(1.f, 1.f), f1 = f0;
-          if (!diag) {
+          if constexpr (!diag) {
             f0 = sm.jm[job][c0];
             f1 = sm.jm[job][c0 + 4];
           }
           uint32_t aq[4], ak[4];
-          ldsm_words_x4(aq, qrow + 4 * kk);
+          ldsm_words_x4(aq, qrow + 4 * kk);  // stored bumped (2c): operands as they are
           ldsm_words_x4(ak, krow + 4 * kk);
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            aq[e] = to_tf32(__uint_as_float(aq[e]));
-            ak[e] = to_tf32(__uint_as_float(ak[e]));
-          }
           uint32_t kb[2 * kNT];  // tile t's (c0, c0 + 4) in kb[2 t], kb[2 t + 1]
           if constexpr (kNT == 1) ldsm_words_x2(kb, brow + 4 * kk);
           else ldsm_words_x4(kb, brow + 4 * kk);
@@ -425,7 +420,7 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
           const int nt = nt0 + t, r = I * kBlk + g, c = J * kBlk + 8 * nt + 2 * t4;
           float q4[4] = {accq[t][0], accq[t][1], accq[t][2], accq[t][3]};
           float k4[4] = {acck[t][0] * b_lo, acck[t][1] * b_lo, acck[t][2] * b_hi, acck[t][3] * b_hi};
-          if (diag) {  // local row g / g + 8, local column 8 nt + 2 t4 + e
+          if constexpr (diag) {  // local row g / g + 8, local column 8 nt + 2 t4 + e
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
               const int lr = g + (e >= 2 ? 8 : 0), lc = 8 * nt + 2 * t4 + (e & 1);
@@ -458,7 +453,7 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
       // the 40 KB that every warp stored there while threads 0..63 solved. The barrier after 3b
       // orders these reads of Qr and Kb before phase 6a overwrites them.
       if (warp < kStoreWarps) {
-        store_rows_half(rec_half(rec, kRecQe), &sm.Qr[0][0], kLdK, kK, &sm.pre[0][0], tid, kStoreWarps * 32);
+        store_rows_half<true>(rec_half(rec, kRecQe), &sm.Qr[0][0], kLdK, kK, &sm.pre[0][0], tid, kStoreWarps * 32);
         store_rows_half(rec_half(rec, kRecKd), &sm.Kb[0][0], kLdK, kK, &sm.post[0][0], tid, kStoreWarps * 32);
       }
       // A_qk's blocks above the diagonal go to the record as zeros (the state pass multiplies the
@@ -577,9 +572,10 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
       unpack_bf16(vw, vv);
 #pragma unroll
       for (int e = 0; e < 8; e += 4) {
-        const float4 kq = *reinterpret_cast<const float4*>(&sm.Kq[i][vr8 + e]);
+        const float4 kq = *reinterpret_cast<const float4*>(&sm.Kq[i][vr8 + e]);  // bumped (2c)
         const float4 pr = *reinterpret_cast<const float4*>(&sm.pre[i / kBlk][vr8 + e]);
-        const float4 k = make_float4(kq.x * pr.x, kq.y * pr.y, kq.z * pr.z, kq.w * pr.w);
+        const float4 k = make_float4(tf32_unbump(kq.x) * pr.x, tf32_unbump(kq.y) * pr.y, tf32_unbump(kq.z) * pr.z,
+                                     tf32_unbump(kq.w) * pr.w);
         *reinterpret_cast<float4*>(wy_at(&sm.Qr[0][0], i, vr8 + e)) =
             make_float4(tf32_round(b * vv[e]), tf32_round(b * vv[e + 1]),
                         tf32_round(b * vv[e + 2]), tf32_round(b * vv[e + 3]));

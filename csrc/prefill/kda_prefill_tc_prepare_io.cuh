@@ -205,6 +205,7 @@ __device__ __forceinline__ void issue_v_copies(const KdaPrefillParams& p, const 
 // A [64 x cols] shared fp32 array (row pitch ld) to an fp16 record field, 8 values per 16-byte
 // store, coalesced, by threads `thread` of `threads`; with `scale` ([kNB x cols], row = the
 // token's block) times scale first.
+template <bool kUnbump = false>  // src holds tf32_bump'ed values
 __device__ __forceinline__ void store_rows_half(__half* dst, const float* src, int ld, int cols, const float* scale,
                                                 int thread, int threads) {
   const int per_row = cols / 8;
@@ -213,6 +214,10 @@ __device__ __forceinline__ void store_rows_half(__half* dst, const float* src, i
     const int i = idx / per_row, c = idx % per_row * 8;
     float4 a = *reinterpret_cast<const float4*>(src + i * ld + c);
     float4 b = *reinterpret_cast<const float4*>(src + i * ld + c + 4);
+    if constexpr (kUnbump) {
+      a = make_float4(tf32_unbump(a.x), tf32_unbump(a.y), tf32_unbump(a.z), tf32_unbump(a.w));
+      b = make_float4(tf32_unbump(b.x), tf32_unbump(b.y), tf32_unbump(b.z), tf32_unbump(b.w));
+    }
     if (scale) {
       const float4 sa = *reinterpret_cast<const float4*>(scale + i / kBlk * cols + c);
       const float4 sb = *reinterpret_cast<const float4*>(scale + i / kBlk * cols + c + 4);
