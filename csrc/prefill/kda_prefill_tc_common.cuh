@@ -36,17 +36,16 @@ constexpr int kLdC = kC + 4;    // [64 x 64] arrays: A_qk, A_kk, T
 // A_qk, which the state pass only multiplies on tensor cores, are stored as fp16: its 10-bit
 // mantissa is TF32's, so they enter the TF32 products exactly as TF32-rounded fp32 would, at half
 // the bytes (the torch mirror measured the same error against fp64 with fp16 fields as with TF32
-// ones; they are bounded, Qe, A_qk by the attention scale and Kd, w by about 1). u scales with v:
-// fp16 times a power of two per 16-token tile and value row (RowScale of the tile's largest |u| in
-// that row), the inverse in Uinv; the mirror measured 6.2e-4 worst output error against 5.8e-4
-// with an fp32 u (scripts/mirror_record_precision.py). EL stays fp32.
-constexpr int kRecQe = 0;                        // fp16 [64 x 128] q decayed to the chunk start
-constexpr int kRecKd = kRecQe + kC * kK / 2;     // fp16 [64 x 128] k decayed to the chunk end
-constexpr int kRecW = kRecKd + kC * kK / 2;      // fp16 [64 x 128] w = T beta Ke
-constexpr int kRecU = kRecW + kC * kK / 2;       // fp16 [64 x 128 value rows] u = T beta v, scaled
-constexpr int kRecUinv = kRecU + kC * kK / 2;    // fp32 [4 token tiles x 128 value rows] u's inverse scales
-constexpr int kRecAqk = kRecUinv + kNB * kK;     // fp16 [64 x 64] A_qk
-constexpr int kRecEL = kRecAqk + kC * kC / 2;    // fp32 [128] the chunk's total decay per channel
+// ones; they are bounded, Qe, A_qk by the attention scale and Kd, w by about 1). u scales with v and
+// stays fp32, as EL: fp16 under a power of two per 16-token tile and value row (0745975) made the
+// prepare pass's tail (the column maxima and scaling in 6b) slower by more than the state pass
+// gained from the smaller record (61086cc, H100; docs/kernels.md).
+constexpr int kRecQe = 0;                      // fp16 [64 x 128] q decayed to the chunk start
+constexpr int kRecKd = kRecQe + kC * kK / 2;   // fp16 [64 x 128] k decayed to the chunk end
+constexpr int kRecW = kRecKd + kC * kK / 2;    // fp16 [64 x 128] w = T beta Ke
+constexpr int kRecU = kRecW + kC * kK / 2;     // fp32 [64 x 128 value rows] u = T beta v
+constexpr int kRecAqk = kRecU + kC * kK;       // fp16 [64 x 64] A_qk
+constexpr int kRecEL = kRecAqk + kC * kC / 2;  // fp32 [128] the chunk's total decay per channel
 static_assert(kRecEL + kK == kTcRecordFloats, "kda_prefill.h's record size");
 
 __device__ __forceinline__ __half* rec_half(float* rec, int field) { return reinterpret_cast<__half*>(rec + field); }
@@ -286,8 +285,8 @@ __device__ __forceinline__ float column_max(float m) {
 
 // An accumulator tile t (rows g, g + 8; columns 2t4, 2t4 + 1) as fp16 pairs, each column times its
 // own power of two over the tile's 16 rows (RowScale of column_max; the whole warp takes part):
-// lo = row g, hi = row g + 8, inv = the two columns' inverse scales. u in the record and U in the
-// state pass's Uh are stored this way, per 16-token tile and value row.
+// lo = row g, hi = row g + 8, inv = the two columns' inverse scales. The state pass's U (Uh) is
+// stored this way, per 16-token tile and value row.
 struct ColumnHalves {
   unsigned lo, hi;
   float2 inv;

@@ -559,7 +559,7 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
     //     out), both TF32 and laid out for 6b's B fragments (wy_at), by every thread (warps 0..2
     //     after their 4b); 6b. the WY factors u = T (beta v), w = T (beta Ke) run on tensor cores
     //     (mma.sync m16n8k8; warp = two 16-token blocks x kCols columns of both), stored from the
-    //     accumulators (u fp16 under a power of two per 16-token tile and value row, Uinv; w fp16).
+    //     accumulators (u fp32, 8 rows x 32 bytes per store; w fp16).
     const int vi0 = tid / 16, vr8 = tid % 16 * 8;  // tokens vi0 + kVStride m, value rows vr8 .. vr8+7
     cp_async_wait_all();  // this thread's v copies (issue_v_copies, same mapping)
 #pragma unroll
@@ -611,17 +611,12 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
         }
       }
       const int at = (tm * 16 + g) * kK + n0 + 2 * t4;  // element of acc[.][0][0]
-      unsigned* du = reinterpret_cast<unsigned*>(rec_half(rec, kRecU) + at);  // u: fp16, scaled
+      float* du = rec + kRecU + at;  // u: fp32 (it enters fp32 math)
       unsigned* dw = reinterpret_cast<unsigned*>(rec_half(rec, kRecW) + at);  // w: fp16
-      float* dui = rec + kRecUinv + tm * kK + n0 + 2 * t4;  // u's inverse scales of token tile tm
 #pragma unroll
       for (int j = 0; j < kNJ; ++j) {
-        // u's value rows (columns) c, c + 1 over the tile's 16 tokens, held by the 8 lanes of t4:
-        // each times its own power of two (RowScale), so any magnitude of v stays in fp16's range.
-        const ColumnHalves uh(acc[0][j]);
-        du[4 * j] = uh.lo;
-        du[4 * kK + 4 * j] = uh.hi;
-        if (g == 0) *reinterpret_cast<float2*>(dui + 8 * j) = uh.inv;
+        *reinterpret_cast<float2*>(du + 8 * j) = make_float2(acc[0][j][0], acc[0][j][1]);
+        *reinterpret_cast<float2*>(du + 8 * kK + 8 * j) = make_float2(acc[0][j][2], acc[0][j][3]);
         dw[4 * j] = half2_bits(acc[1][j][0], acc[1][j][1]);
         dw[4 * kK + 4 * j] = half2_bits(acc[1][j][2], acc[1][j][3]);
       }

@@ -40,7 +40,8 @@ struct StateTiling {
   static constexpr int kCW = kK / kNCW;         // channels of the state a warp holds
   static constexpr int kSN = kCW / 8;           // its 8-channel state tiles
   static constexpr int kUnits = BV / 32;        // steps 1 and 3: (16 tokens x 16 rows) units per warp
-  static constexpr int kLdU = BV + 8;           // fp16 u and U rows: 16-byte aligned, ldmatrix rows on distinct banks
+  static constexpr int kLdU = BV + 8;           // u rows 8 banks apart, like kLdR
+  static constexpr int kLdUh = BV + 8;          // fp16 U rows: 16-byte aligned, ldmatrix rows on distinct banks
   static_assert(kVT * kNCW == kWarp && kUnits * kWarp * 256 == kC * BV, "BV = 128, 64 or 32");
 };
 
@@ -51,8 +52,7 @@ struct alignas(128) StateSmem {
     __half Qe[kC][kLdR];
     __half W[kC][kLdR];  // w = T beta Ke
     __half Kd[kC][kLdR];
-    __half U[kC][G::kLdU];  // u (this CTA's value rows), times 1 / Uinv[token tile][row]
-    float Uinv[kNB][BV];  // the record's u scales (kRecUinv), not the outer Uinv of U = u - w S^T
+    float U[kC][G::kLdU];  // u (this CTA's value rows)
     __half Aqk[kC][kLdA];
     float EL[kK];
   } rec[2];
@@ -63,15 +63,14 @@ struct alignas(128) StateSmem {
   float Sinv[G::kNCW][G::kNCW > 1 ? BV : 1];
   // kNCW > 1: U = u - w S^T as fp16 [tokens][value rows], each (16-token tile, row) times
   // 1 / Uinv[tile][row]: the A operand of U^T Kd and the B operand of A_qk U.
-  __half Uh[G::kNCW > 1 ? kC : 1][G::kLdU];
+  __half Uh[G::kNCW > 1 ? kC : 1][G::kLdUh];
   float Uinv[kNB][G::kNCW > 1 ? BV : 1];
 };
 
-// kCols columns of an fp16 [64 x kSrcCols] record field into shared rows of pitch kLd, as 4-byte
-// pairs (all of it by default).
-template <int kCols, int kLd, int kSrcCols = kCols>
+// An fp16 [64 x kCols] record field (unpadded) into shared rows of pitch kLd, as 4-byte pairs.
+template <int kCols, int kLd>
 __device__ __forceinline__ void copy_half_rows_async(__half* dst, const float* src) {
-  copy_tile_async<kC, kCols / 2, kLd / 2, kSrcCols / 2>(reinterpret_cast<float*>(dst), src);
+  copy_tile_async<kC, kCols / 2, kLd / 2, kCols / 2>(reinterpret_cast<float*>(dst), src);
 }
 
 // A chunk's record into one buffer: w, Kd, EL, this CTA's columns of u (none for transition rows,
@@ -82,10 +81,7 @@ __device__ __forceinline__ void load_record(typename StateSmem<BV>::Record& r, c
   if (outp) copy_half_rows_async<kK, kLdR>(&r.Qe[0][0], rec + kRecQe);
   copy_half_rows_async<kK, kLdR>(&r.W[0][0], rec + kRecW);
   copy_half_rows_async<kK, kLdR>(&r.Kd[0][0], rec + kRecKd);
-  if (with_u) {
-    copy_half_rows_async<BV, StateTiling<BV>::kLdU, kK>(&r.U[0][0], rec + kRecU + v0 / 2);
-    copy_tile_async<kNB, BV, BV, kK>(&r.Uinv[0][0], rec + kRecUinv + v0);
-  }
+  if (with_u) copy_tile_async<kC, BV, StateTiling<BV>::kLdU, kK>(&r.U[0][0], rec + kRecU + v0);
   if (outp) copy_half_rows_async<kC, kLdA>(&r.Aqk[0][0], rec + kRecAqk);
   copy_tile_async<1, kK, kK, kK>(&r.EL[0], rec + kRecEL);
 }
@@ -309,13 +305,12 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
       const bool zu = unit.transition;  // u = 0 (not loaded)
 #pragma unroll
       for (int jt = 0; jt < 8; ++jt) {
-        const __half* u0 = &rs.U[8 * jt + 2 * t4][vr];  // x[jt] = X^T[vr][t], [vr][t+1], [vr+8][t], [vr+8][t+1]
-        const __half* u1 = u0 + G::kLdU;
-        const float i0 = rs.Uinv[jt / 2][vr], i1 = rs.Uinv[jt / 2][vr + 8];  // tokens t, t + 1: tile jt / 2
-        x[jt][0] = (zu ? 0.f : __half2float(u0[0]) * i0) - x[jt][0] * r0.inv;
-        x[jt][1] = (zu ? 0.f : __half2float(u1[0]) * i0) - x[jt][1] * r0.inv;
-        x[jt][2] = (zu ? 0.f : __half2float(u0[8]) * i1) - x[jt][2] * r1.inv;
-        x[jt][3] = (zu ? 0.f : __half2float(u1[8]) * i1) - x[jt][3] * r1.inv;
+        const float* u0 = &rs.U[8 * jt + 2 * t4][vr];  // x[jt] = X^T[vr][t], [vr][t+1], [vr+8][t], [vr+8][t+1]
+        const float* u1 = u0 + G::kLdU;
+        x[jt][0] = (zu ? 0.f : u0[0]) - x[jt][0] * r0.inv;
+        x[jt][1] = (zu ? 0.f : u1[0]) - x[jt][1] * r0.inv;
+        x[jt][2] = (zu ? 0.f : u0[8]) - x[jt][2] * r1.inv;
+        x[jt][3] = (zu ? 0.f : u1[8]) - x[jt][3] * r1.inv;
       }
       KDA_TC_MARK(kPrepPhases);  // thread 0 only: no barrier here
 
@@ -416,14 +411,8 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
 #pragma unroll
         for (int nn = 0; nn < 2; ++nn) {
           const int r = rt * 16 + nn * 8 + 2 * t4;
-          float2 a = make_float2(0.f, 0.f), b = a;
-          if (!zu) {  // tokens m0, m0 + 8 of token tile tt, value rows r, r + 1
-            const float2 iv = *reinterpret_cast<const float2*>(&rs.Uinv[tt][r]);
-            a = __half22float2(*reinterpret_cast<const __half2*>(&rs.U[m0][r]));
-            b = __half22float2(*reinterpret_cast<const __half2*>(&rs.U[m0 + 8][r]));
-            a = make_float2(a.x * iv.x, a.y * iv.y);
-            b = make_float2(b.x * iv.x, b.y * iv.y);
-          }
+          const float2 a = zu ? make_float2(0.f, 0.f) : *reinterpret_cast<const float2*>(&rs.U[m0][r]);
+          const float2 b = zu ? make_float2(0.f, 0.f) : *reinterpret_cast<const float2*>(&rs.U[m0 + 8][r]);
           const float u[4] = {a.x - x[nn][0], a.y - x[nn][1], b.x - x[nn][2], b.y - x[nn][3]};
           const ColumnHalves uh(u);
           *reinterpret_cast<uint32_t*>(&sm.Uh[m0][r]) = uh.lo;
@@ -441,7 +430,7 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
 #pragma unroll 1
       for (int kk = 0; kk < kNB; ++kk) {
         uint32_t a[4], b[4];
-        ldsm_a<G::kLdU, true>(a, &sm.Uh[0][0], vt * 16, 16 * kk, lane);
+        ldsm_a<G::kLdUh, true>(a, &sm.Uh[0][0], vt * 16, 16 * kk, lane);
         const float i0 = sm.Uinv[kk][vr], i1 = sm.Uinv[kk][vr + 8];
 #pragma unroll
         for (int j = 0; j < G::kSN; j += 2) {  // two state tiles at a time: few live partials
@@ -470,7 +459,7 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
           for (int kk = 0; kk <= tt; ++kk) {
             uint32_t a[4], b[4];
             ldsm_a<kLdA, false>(a, &rs.Aqk[0][0], tt * 16, 16 * kk, lane);
-            ldsm_x4<true>(b, b_rows<G::kLdU, true>(&sm.Uh[0][0], rt * 16, 16 * kk, lane));
+            ldsm_x4<true>(b, b_rows<G::kLdUh, true>(&sm.Uh[0][0], rt * 16, 16 * kk, lane));
 #pragma unroll
             for (int nn = 0; nn < 2; ++nn) {
               float t[4] = {};

@@ -10,8 +10,7 @@ from kda_serving.ops import _ext
 
 
 def test_size_formula():
-    # fp16 Qe, Kd, w, u, A_qk; u's fp32 scales per 16-token tile and value row; fp32 EL
-    assert _ext.TC_RECORD_FLOATS == 4 * 64 * 128 // 2 + 4 * 128 + 64 * 64 // 2 + 128
+    assert _ext.TC_RECORD_FLOATS == 3 * 64 * 128 // 2 + 64 * 128 + 64 * 64 // 2 + 128  # fp16 Qe, Kd, w, A_qk
     # chunk slots: floor(T / 64) + N, whatever the split of T into N sequences
     assert _ext.tc_workspace_floats(8192, 1, 96) == (128 + 1) * 96 * _ext.TC_RECORD_FLOATS
     assert _ext.tc_workspace_floats(0, 3, 2) == 3 * 2 * _ext.TC_RECORD_FLOATS
