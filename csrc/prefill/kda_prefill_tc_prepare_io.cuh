@@ -202,30 +202,33 @@ __device__ __forceinline__ void issue_v_copies(const KdaPrefillParams& p, const 
   }
 }
 
-// A [64 x cols] shared fp32 array (row pitch ld) to an fp16 record field, 8 values per 16-byte
-// store, coalesced, by threads `thread` of `threads`; with `scale` ([kNB x cols], row = the
-// token's block) times scale first.
+// A [64 x cols] shared fp32 array (row pitch ld) to an fp16 record field, coalesced, by threads
+// `thread` of `threads`; with `scale` ([kNB x cols], row = the token's block) times scale first.
+// A thread takes 4 values at column c and 4 at c + cols / 2 (two 8-byte stores): the lanes of a
+// row then read consecutive 16-byte pieces, where 8 consecutive values per thread (one 16-byte
+// store) put the lanes 32 bytes apart and doubled the shared-memory wavefronts of these reads
+// (ncu at 61086cc).
 template <bool kUnbump = false>  // src holds tf32_bump'ed values
 __device__ __forceinline__ void store_rows_half(__half* dst, const float* src, int ld, int cols, const float* scale,
                                                 int thread, int threads) {
-  const int per_row = cols / 8;
+  const int per_row = cols / 8, half = cols / 2;
 #pragma unroll 1
   for (int idx = thread; idx < kC * per_row; idx += threads) {
-    const int i = idx / per_row, c = idx % per_row * 8;
+    const int i = idx / per_row, c = idx % per_row * 4;
     float4 a = *reinterpret_cast<const float4*>(src + i * ld + c);
-    float4 b = *reinterpret_cast<const float4*>(src + i * ld + c + 4);
+    float4 b = *reinterpret_cast<const float4*>(src + i * ld + c + half);
     if constexpr (kUnbump) {
       a = make_float4(tf32_unbump(a.x), tf32_unbump(a.y), tf32_unbump(a.z), tf32_unbump(a.w));
       b = make_float4(tf32_unbump(b.x), tf32_unbump(b.y), tf32_unbump(b.z), tf32_unbump(b.w));
     }
     if (scale) {
       const float4 sa = *reinterpret_cast<const float4*>(scale + i / kBlk * cols + c);
-      const float4 sb = *reinterpret_cast<const float4*>(scale + i / kBlk * cols + c + 4);
+      const float4 sb = *reinterpret_cast<const float4*>(scale + i / kBlk * cols + c + half);
       a = make_float4(a.x * sa.x, a.y * sa.y, a.z * sa.z, a.w * sa.w);
       b = make_float4(b.x * sb.x, b.y * sb.y, b.z * sb.z, b.w * sb.w);
     }
-    *reinterpret_cast<uint4*>(dst + i * cols + c) =
-        make_uint4(half2_bits(a.x, a.y), half2_bits(a.z, a.w), half2_bits(b.x, b.y), half2_bits(b.z, b.w));
+    *reinterpret_cast<uint2*>(dst + i * cols + c) = make_uint2(half2_bits(a.x, a.y), half2_bits(a.z, a.w));
+    *reinterpret_cast<uint2*>(dst + i * cols + c + half) = make_uint2(half2_bits(b.x, b.y), half2_bits(b.z, b.w));
   }
 }
 
