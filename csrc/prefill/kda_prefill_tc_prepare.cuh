@@ -503,6 +503,7 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
     // ahead of u and w in phase 6.
     store_rows_half(rec_half(rec, kRecAqk), &sm.Aqk[0][0], kLdC, kC, nullptr, tid, kPrepThr);
     if (tid < kK) rec[kRecEL + tid] = sm.EL[tid];
+    cp_async_wait_all();  // this thread's v copies (issued in 1b), for any thread's 6a after the barrier
     __syncthreads();
     KDA_TC_MARK(7);
 
@@ -560,26 +561,29 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
     //     after their 4b); 6b. the WY factors u = T (beta v), w = T (beta Ke) run on tensor cores
     //     (mma.sync m16n8k8; warp = two 16-token blocks x kCols columns of both), stored from the
     //     accumulators (u fp32, 8 rows x 32 bytes per store; w fp16).
-    const int vi0 = tid / 16, vr8 = tid % 16 * 8;  // tokens vi0 + kVStride m, value rows vr8 .. vr8+7
-    cp_async_wait_all();  // this thread's v copies (issue_v_copies, same mapping)
+    //     Thread = (tokens vi0 + kVStride m, value rows c4 .. c4+3 and c4+64 .. c4+67): a row's lanes
+    //     take consecutive 16-byte pieces of each array, where 8 consecutive rows per thread put them
+    //     32 bytes apart and doubled these accesses' wavefronts (ncu at 61086cc). The v copies of
+    //     every thread are in since the barrier after phase 5.
+    const int vi0 = tid / 16, c4 = tid % 16 * 4;
 #pragma unroll
     for (int m = 0; m < kVPer; ++m) {
       const int i = vi0 + kVStride * m;
       const float b = sm.beta[i];
-      float vv[8];
-      const uint4 vr = sm.vq[i][vr8 / 8];
-      const unsigned vw[4] = {vr.x, vr.y, vr.z, vr.w};
-      unpack_bf16(vw, vv);
+      const uint2* vrow = reinterpret_cast<const uint2*>(&sm.vq[i][0]);  // 4 bf16 values per uint2
 #pragma unroll
-      for (int e = 0; e < 8; e += 4) {
-        const float4 kq = *reinterpret_cast<const float4*>(&sm.Kq[i][vr8 + e]);  // bumped (2c)
-        const float4 pr = *reinterpret_cast<const float4*>(&sm.pre[i / kBlk][vr8 + e]);
+      for (int c = c4; c < kK; c += kK / 2) {
+        const uint2 vr = vrow[c / 4];
+        const unsigned vw[2] = {vr.x, vr.y};
+        float vv[4];
+        unpack_bf16(vw, vv);
+        const float4 kq = *reinterpret_cast<const float4*>(&sm.Kq[i][c]);  // bumped (2c)
+        const float4 pr = *reinterpret_cast<const float4*>(&sm.pre[i / kBlk][c]);
         const float4 k = make_float4(tf32_unbump(kq.x) * pr.x, tf32_unbump(kq.y) * pr.y, tf32_unbump(kq.z) * pr.z,
                                      tf32_unbump(kq.w) * pr.w);
-        *reinterpret_cast<float4*>(wy_at(&sm.Qr[0][0], i, vr8 + e)) =
-            make_float4(tf32_round(b * vv[e]), tf32_round(b * vv[e + 1]),
-                        tf32_round(b * vv[e + 2]), tf32_round(b * vv[e + 3]));
-        *reinterpret_cast<float4*>(wy_at(&sm.Kb[0][0], i, vr8 + e)) =
+        *reinterpret_cast<float4*>(wy_at(&sm.Qr[0][0], i, c)) =
+            make_float4(tf32_round(b * vv[0]), tf32_round(b * vv[1]), tf32_round(b * vv[2]), tf32_round(b * vv[3]));
+        *reinterpret_cast<float4*>(wy_at(&sm.Kb[0][0], i, c)) =
             make_float4(tf32_round(b * k.x), tf32_round(b * k.y), tf32_round(b * k.z), tf32_round(b * k.w));
       }
     }

@@ -180,15 +180,15 @@ __device__ __forceinline__ PrepItem find_prep_item(const KdaPrefillParams& p, co
   return e;
 }
 
-// Phase 6a's v: thread tid takes value rows r8 .. r8+7 (r8 = tid % 16 * 8) of the kVPer tokens
-// tid / 16 + kVStride m.
+// The v copies: thread tid copies value rows r8 .. r8+7 (r8 = tid % 16 * 8) of the kVPer tokens
+// tid / 16 + kVStride m (phase 6a reads them with another mapping, after a barrier).
 constexpr int kVStride = kPrepThr / 16, kVPer = kC / kVStride;
 
 // Phase 6a's v into shared memory (dst[token][8-value group], raw bf16), issued at the item's
-// start: value rows r8 .. r8+7 of tokens t0 + i0 + kVStride m, zero past the end; each thread
-// copies only the groups it reads in 6a, so no barrier orders them, only its own wait
-// (cp_async_wait_all). vec: 16-byte asynchronous copies (rows 16-byte aligned); else 2-byte loads,
-// which wait here. Held in registers from 4a on (before), the loads were still in flight when 6a
+// start: value rows r8 .. r8+7 of tokens t0 + i0 + kVStride m, zero past the end; every thread
+// waits for its own (cp_async_wait_all) before the barrier that ends phase 5, and 6a reads them
+// after it. vec: 16-byte asynchronous copies (rows 16-byte aligned); else 2-byte loads, which
+// wait here. Held in registers from 4a on (before), the loads were still in flight when 6a
 // needed them.
 __device__ __forceinline__ void issue_v_copies(const KdaPrefillParams& p, const TokenView& tv, int t0, int nt, int i0,
                                                int r8, bool vec, uint4 (*dst)[kK / 8]) {
