@@ -2,7 +2,7 @@
 # On a Hopper GPU machine: build the extension with every core, run the GPU tests and the
 # benchmarks, writing logs and benchmark JSON to OUTDIR.
 #
-#   scripts/gpu_check.sh OUTDIR [STAGE...]     stages: build tests bench long profile
+#   scripts/gpu_check.sh OUTDIR [STAGE...]     stages: build tests bench long profile tests-tc ab
 #                                              (default: the first four)
 #
 # build: the extension (skipped when a built kda_serving/_C*.so is present and KDA_SERVING_REBUILD
@@ -16,6 +16,12 @@
 # the 128K-token split tests. profile: the tensor-core prefill's cycles per phase
 # (scripts/profile_tc_phases.cu) at H96 1x8192, H32 1x32768 and H8 1x131072 (unsplit), for this
 # tree (also with KDA_SERVING_TC_DIAG=exact and with the bounded gate) and the trees in PROFILE_TREES.
+# tests-tc: only the GPU tests of the tensor-core prefill, the conv kernels and the split prefill
+# (about 260, three minutes on an H100). ab: the timing-only builds (-DKDA_TC_TIMING_ONLY) of
+# profile_tc_phases.cu and profile_conv.cu for this tree and each tree in AB_TREES (directories
+# with csrc/ and scripts/: mkdir -p T/scripts && git archive COMMIT csrc | tar -x -C T && cp
+# scripts/profile_* T/scripts/), built side by side and run interleaved, case by case, into
+# OUTDIR/ab.txt (medians of 7 runs per case).
 # Set KDA_SERVING_COMMIT to name the commit in the JSON when the tree has no .git.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -84,6 +90,39 @@ if has profile; then
   done
   grep -E "###|ms" "$OUT/profile-tc.log"
   rm -f "$OUT"/.profile_tc_*
+fi
+if has tests-tc; then
+  OMP_NUM_THREADS=$(nproc) timeout "${TESTS_TIMEOUT:-1200}" python3 -m pytest -q -ra -m gpu \
+    tests/gpu/test_prefill_chunked_gpu.py tests/gpu/test_kernels_gpu.py tests/gpu/test_split_prefill_gpu.py \
+    -k "test_tc_ or prefill_tc or conv_prefill or conv_update or tensor_core or varlen" >"$OUT/pytest-gpu-tc.log" 2>&1 || rc=1
+  grep -E "^(FAILED|ERROR)" "$OUT/pytest-gpu-tc.log" | head -20; tail -n 2 "$OUT/pytest-gpu-tc.log"
+fi
+if has ab; then
+  trees=". ${AB_TREES:-}"
+  n=0; pids=()
+  for t in $trees; do
+    nvcc -std=c++17 -O3 -arch=sm_90a -DKDA_TC_TIMING_ONLY -I"$t/csrc" "$t/scripts/profile_tc_phases.cu" \
+      -o "$OUT/.ab_tc_$n" >"$OUT/.ab_build_tc_$n.log" 2>&1 & pids+=($!)
+    nvcc -std=c++17 -O3 -arch=sm_90a -I"$t/csrc" "$t/scripts/profile_conv.cu" \
+      -o "$OUT/.ab_conv_$n" >"$OUT/.ab_build_conv_$n.log" 2>&1 & pids+=($!)
+    n=$((n + 1))
+  done
+  for p in "${pids[@]}"; do wait "$p" || rc=1; done
+  for c in "kimi 1 8192 96" "bounded 1 8192 96" "kimi 8 1024 96" "kimi 1 32768 32" "kimi 8 4096 32" conv; do
+    n=0
+    for t in $trees; do
+      echo "### $t $c" >>"$OUT/ab.txt"
+      if [[ $c == conv ]]; then
+        timeout 120 "$OUT/.ab_conv_$n" 1 16384 12288 >>"$OUT/ab.txt" 2>&1 || rc=1
+      else
+        set -- $c
+        KDA_SERVING_PROFILE_GATE=$1 KDA_SERVING_PROFILE_REPS=7 timeout 120 "$OUT/.ab_tc_$n" "${@:2}" >>"$OUT/ab.txt" 2>&1 || rc=1
+      fi
+      n=$((n + 1))
+    done
+  done
+  grep -E "###|total|floor" "$OUT/ab.txt"
+  rm -f "$OUT"/.ab_*
 fi
 if has long; then
   TAIL=40 step bench_prefill-long python3 scripts/bench_prefill.py --long --out "$OUT" ${LONG_ARGS:-}
