@@ -54,8 +54,7 @@ int main(int argc, char** argv) {
   const int64_t L = argc > 2 ? std::atoll(argv[2]) : 32768;
   const int D = argc > 3 ? std::atoi(argv[3]) : 12288;
   const int W = 4;
-  const char* reps_env = std::getenv("KDA_SERVING_PROFILE_REPS");
-  const int reps = reps_env ? std::max(1, std::atoi(reps_env)) : 20;
+  const int reps = profile_reps(20);
   const int64_t T = N * L;
 
   __nv_bfloat16 *x, *y, *w, *pool;

@@ -148,8 +148,7 @@ int main(int argc, char** argv) {
   const unsigned long long zeros[kda::tc::kPhases] = {};
   CHECK(cudaMemcpyToSymbol(kda::tc::kda_tc_phase_cycles, zeros, sizeof(zeros)));
 #endif
-  const char* reps_env = std::getenv("KDA_SERVING_PROFILE_REPS");
-  const int reps = reps_env ? std::max(1, std::atoi(reps_env)) : 1;
+  const int reps = profile_reps(1);
   cudaEvent_t ev[3];
   for (auto& e : ev) CHECK(cudaEventCreate(&e));
   std::vector<float> t_prep, t_state;

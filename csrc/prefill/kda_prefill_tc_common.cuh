@@ -165,7 +165,7 @@ __device__ __forceinline__ uint32_t to_tf32(float x) { return __float_as_uint(x)
 // An A operand read by many mma.sync (3b's Qr, Kq) is stored with to_tf32's bump already added, so
 // each ldmatrix word is an operand as it is; tf32_unbump gives back the exact fp32 value to the
 // other readers (integer add and subtract: the same bits either way).
-__device__ __forceinline__ float tf32_bump(float x) { return __uint_as_float(__float_as_uint(x) + 0x1000u); }
+__device__ __forceinline__ float tf32_bump(float x) { return __uint_as_float(to_tf32(x)); }
 __device__ __forceinline__ float tf32_unbump(float x) { return __uint_as_float(__float_as_uint(x) - 0x1000u); }
 
 __device__ __forceinline__ void mma_tf32(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
