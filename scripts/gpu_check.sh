@@ -72,7 +72,7 @@ if has profile; then
   trees=". ${PROFILE_TREES:-}"
   n=0
   for t in $trees; do
-    step "profile-build-$n" nvcc -std=c++20 -O3 -arch=sm_90a -I"$t/csrc" "$t/scripts/profile_tc_phases.cu" \
+    step "profile-build-$n" nvcc -std=c++20 -O3 -gencode arch=compute_90a,code=sm_90a -I"$t/csrc" "$t/scripts/profile_tc_phases.cu" \
       -o "$OUT/.profile_tc_$n"
     n=$((n + 1))
   done
@@ -101,9 +101,9 @@ if has ab; then
   trees=". ${AB_TREES:-}"
   n=0; pids=()
   for t in $trees; do
-    nvcc -std=c++17 -O3 -arch=sm_90a -DKDA_TC_TIMING_ONLY -I"$t/csrc" "$t/scripts/profile_tc_phases.cu" \
+    nvcc -std=c++17 -O3 -gencode arch=compute_90a,code=sm_90a -DKDA_TC_TIMING_ONLY -I"$t/csrc" "$t/scripts/profile_tc_phases.cu" \
       -o "$OUT/.ab_tc_$n" >"$OUT/.ab_build_tc_$n.log" 2>&1 & pids+=($!)
-    nvcc -std=c++17 -O3 -arch=sm_90a -I"$t/csrc" "$t/scripts/profile_conv.cu" \
+    nvcc -std=c++17 -O3 -gencode arch=compute_90a,code=sm_90a -I"$t/csrc" "$t/scripts/profile_conv.cu" \
       -o "$OUT/.ab_conv_$n" >"$OUT/.ab_build_conv_$n.log" 2>&1 & pids+=($!)
     n=$((n + 1))
   done

@@ -5,7 +5,7 @@
 // once, pool rows read and written), with the copy bandwidth measured in the same process by a
 // device-to-device copy of 1 GiB.
 //
-//   nvcc -std=c++17 -O3 -arch=sm_90a -Icsrc scripts/profile_conv.cu -o /tmp/profile_conv
+//   nvcc -std=c++17 -O3 -gencode arch=compute_90a,code=sm_90a -Icsrc scripts/profile_conv.cu -o /tmp/profile_conv
 //   /tmp/profile_conv [N sequences] [tokens each] [channels]   # default 4 32768 12288, the layer
 //   benchmark's shape (3 x 32 heads x 128); KDA_SERVING_PROFILE_REPS=R timed runs (default 20).
 #include "../csrc/conv/conv1d_launch.cu"

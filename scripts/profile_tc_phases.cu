@@ -4,7 +4,7 @@
 // each phase, as seen by thread 0 of every CTA (the prepare pass runs one chunk per CTA, the
 // state pass all chunks of a sequence per CTA).
 //
-//   nvcc -std=c++17 -O3 -arch=sm_90a -Icsrc scripts/profile_tc_phases.cu -o /tmp/profile_tc
+//   nvcc -std=c++17 -O3 -gencode arch=compute_90a,code=sm_90a -Icsrc scripts/profile_tc_phases.cu -o /tmp/profile_tc
 //   /tmp/profile_tc [N sequences] [tokens each] [heads] [state rows 128|64|32]   # default 1 8192 96,
 //   rows as the launcher picks; KDA_SERVING_TC_DIAG=exact as for the extension. The Kimi gate on
 //   logits uniform in [-3, 1] keeps every diagonal block on the tensor-core path;
