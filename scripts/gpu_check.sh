@@ -20,8 +20,9 @@
 # (about 260, three minutes on an H100). ab: the timing-only builds (-DKDA_TC_TIMING_ONLY) of
 # profile_tc_phases.cu and profile_conv.cu for this tree and each tree in AB_TREES (directories
 # with csrc/ and scripts/: mkdir -p T/scripts && git archive COMMIT csrc | tar -x -C T && cp
-# scripts/profile_* T/scripts/), built side by side and run interleaved, case by case, into
-# OUTDIR/ab.txt (medians of 7 runs per case).
+# scripts/profile_* T/scripts/) and of this tree with each define in AB_DEFINES (e.g.
+# AB_DEFINES="-DKDA_TC_WY_WGMMA=1", the prepare pass's opt-in wgmma phase 6b), built side by side
+# and run interleaved, case by case, into OUTDIR/ab.txt (medians of 7 runs per case).
 # Set KDA_SERVING_COMMIT to name the commit in the JSON when the tree has no .git.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -98,20 +99,26 @@ if has tests-tc; then
   grep -E "^(FAILED|ERROR)" "$OUT/pytest-gpu-tc.log" | head -20; tail -n 2 "$OUT/pytest-gpu-tc.log"
 fi
 if has ab; then
-  trees=". ${AB_TREES:-}"
+  # Variants: this tree, each tree in AB_TREES, and this tree built with each define in AB_DEFINES
+  # (e.g. AB_DEFINES="-DKDA_TC_WY_WGMMA=1"); "tree:define" each, named so in ab.txt.
+  variants=(".:")
+  for t in ${AB_TREES:-}; do variants+=("$t:"); done
+  for d in ${AB_DEFINES:-}; do variants+=(".:$d"); done
   n=0; pids=()
-  for t in $trees; do
-    nvcc -std=c++17 -O3 -gencode arch=compute_90a,code=sm_90a -DKDA_TC_TIMING_ONLY -I"$t/csrc" "$t/scripts/profile_tc_phases.cu" \
+  for v in "${variants[@]}"; do
+    t=${v%%:*} d=${v#*:}
+    nvcc -std=c++17 -O3 -gencode arch=compute_90a,code=sm_90a -DKDA_TC_TIMING_ONLY $d -I"$t/csrc" "$t/scripts/profile_tc_phases.cu" \
       -o "$OUT/.ab_tc_$n" >"$OUT/.ab_build_tc_$n.log" 2>&1 & pids+=($!)
-    nvcc -std=c++17 -O3 -gencode arch=compute_90a,code=sm_90a -I"$t/csrc" "$t/scripts/profile_conv.cu" \
+    nvcc -std=c++17 -O3 -gencode arch=compute_90a,code=sm_90a $d -I"$t/csrc" "$t/scripts/profile_conv.cu" \
       -o "$OUT/.ab_conv_$n" >"$OUT/.ab_build_conv_$n.log" 2>&1 & pids+=($!)
     n=$((n + 1))
   done
   for p in "${pids[@]}"; do wait "$p" || rc=1; done
+  for f in "$OUT"/.ab_build_*.log; do [[ -s $f ]] && { echo "build output ($f):"; tail -n 5 "$f"; }; done
   for c in "kimi 1 8192 96" "bounded 1 8192 96" "kimi 8 1024 96" "kimi 1 32768 32" "kimi 8 4096 32" conv; do
     n=0
-    for t in $trees; do
-      echo "### $t $c" >>"$OUT/ab.txt"
+    for v in "${variants[@]}"; do
+      echo "### ${v%:} $c" >>"$OUT/ab.txt"
       if [[ $c == conv ]]; then
         timeout 120 "$OUT/.ab_conv_$n" 1 16384 12288 >>"$OUT/ab.txt" 2>&1 || rc=1
       else

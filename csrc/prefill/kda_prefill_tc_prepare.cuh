@@ -27,14 +27,15 @@
 
 #include "kda_prefill_tc_common.cuh"
 #include "kda_prefill_tc_prepare_io.cuh"
+#include "kda_prefill_tc_wy.cuh"
 
 namespace kda {
 namespace tc {
 
 struct alignas(128) PrepSmem {
-  float Qr[kC][kLdK];  // q Ploc (stored as Qe = Qr pre), then beta v (wy_at's layout)
+  float Qr[kC][kLdK];  // q Ploc (stored as Qe = Qr pre), then beta v (6a, kda_prefill_tc_wy.cuh)
   float Kq[kC][kLdK];  // k Ploc
-  float Kb[kC][kLdK];  // k Rloc (stored as Kd = Kb post), then beta Ke = beta Kq pre (wy_at's layout)
+  float Kb[kC][kLdK];  // k Rloc (stored as Kd = Kb post), then beta Ke = beta Kq pre (6a)
   union {
     float al[kC][kK];  // a_t, until the decayed operands are built (2c)
     struct {
@@ -88,18 +89,6 @@ __device__ __forceinline__ void off_diag_block(int job, int& I, int& J) {
   I = 1;
   J = job;
   while (J >= I) { J -= I; ++I; }
-}
-
-// Phase 6a/6b's B operands (beta v, beta Ke: [64 tokens x 128 columns]) in the Qr / Kb areas with
-// row pitch kK and the columns' bits 3-4 XORed with the row's bits 0-1: a B-fragment load (rows
-// 8 ks + t4, columns n0 + 8 j + g) then hits banks 8 (j ^ t4) + g, all 32 distinct, where the
-// operand arrays' pitch kLdK (made for A fragments) would put two lanes on every bank. 4-column
-// groups stay contiguous, so 6a still stores float4s.
-__device__ __forceinline__ float* wy_at(float* area, int row, int col) {
-  return area + row * kK + (col ^ ((row & 3) << 3));
-}
-__device__ __forceinline__ const float* wy_at(const float* area, int row, int col) {
-  return area + row * kK + (col ^ ((row & 3) << 3));
 }
 
 }  // namespace tc
@@ -556,75 +545,13 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
       }
     }
 
-    // 6a. beta v goes to the Qr area (Qe is out) and beta Ke = beta Kq pre to the Kb area (Kd is
-    //     out), both TF32 and laid out for 6b's B fragments (wy_at), by every thread (warps 0..2
-    //     after their 4b); 6b. the WY factors u = T (beta v), w = T (beta Ke) run on tensor cores
-    //     (mma.sync m16n8k8; warp = two 16-token blocks x kCols columns of both), stored from the
-    //     accumulators (u fp32, 8 rows x 32 bytes per store; w fp16).
-    //     Thread = (tokens vi0 + kVStride m, value rows c4 .. c4+3 and c4+64 .. c4+67): a row's lanes
-    //     take consecutive 16-byte pieces of each array, where 8 consecutive rows per thread put them
-    //     32 bytes apart and doubled these accesses' wavefronts (ncu at 61086cc). The v copies of
-    //     every thread are in since the barrier after phase 5.
-    const int vi0 = tid / 16, c4 = tid % 16 * 4;
-#pragma unroll
-    for (int m = 0; m < kVPer; ++m) {
-      const int i = vi0 + kVStride * m;
-      const float b = sm.beta[i];
-      const uint2* vrow = reinterpret_cast<const uint2*>(&sm.vq[i][0]);  // 4 bf16 values per uint2
-#pragma unroll
-      for (int c = c4; c < kK; c += kK / 2) {
-        const uint2 vr = vrow[c / 4];
-        const unsigned vw[2] = {vr.x, vr.y};
-        float vv[4];
-        unpack_bf16(vw, vv);
-        const float4 kq = *reinterpret_cast<const float4*>(&sm.Kq[i][c]);  // bumped (2c)
-        const float4 pr = *reinterpret_cast<const float4*>(&sm.pre[i / kBlk][c]);
-        const float4 k = make_float4(tf32_unbump(kq.x) * pr.x, tf32_unbump(kq.y) * pr.y, tf32_unbump(kq.z) * pr.z,
-                                     tf32_unbump(kq.w) * pr.w);
-        *reinterpret_cast<float4*>(wy_at(&sm.Qr[0][0], i, c)) =
-            make_float4(tf32_round(b * vv[0]), tf32_round(b * vv[1]), tf32_round(b * vv[2]), tf32_round(b * vv[3]));
-        *reinterpret_cast<float4*>(wy_at(&sm.Kb[0][0], i, c)) =
-            make_float4(tf32_round(b * k.x), tf32_round(b * k.y), tf32_round(b * k.z), tf32_round(b * k.w));
-      }
-    }
+    // 6a, 6b. The WY factors u = T (beta v) and w = T (beta Ke) into the record
+    //     (kda_prefill_tc_wy.cuh): 6a writes beta v and beta Ke as B operands, every thread (warps
+    //     0..2 after their 4b), 6b multiplies them by T on tensor cores.
+    wy_stage(sm, tid);
     __syncthreads();
     KDA_TC_MARK(8);
-    // T is block lower triangular, so token block I of u and w sums over tokens 0 .. 16 I + 15
-    // only: 2 (I + 1) k-steps. A warp takes blocks I and kNB - 1 - I (10 k-steps in all, the same
-    // for every warp) over kCols columns of both u and w, each T fragment feeding both.
-    constexpr int kColGroups = kPrepWarp / 2, kCols = kK / kColGroups, kNJ = kCols / 8;
-    const int pair = warp / kColGroups, n0 = (warp % kColGroups) * kCols;
-#pragma unroll 1
-    for (int side = 0; side < 2; ++side) {
-      const int tm = side == 0 ? pair : kNB - 1 - pair;
-      float acc[2][kNJ][4] = {};  // [0]: u, [1]: w
-      // T's A fragments by ldmatrix (rows 16 tm + L % 16, words 4 (L / 16) on), TF32 bits as stored.
-      const SmemAddr trow = smem_addr(&sm.r1.tu.T[tm * 16 + lane % 16][lane / 16 * 4]);
-#pragma unroll 2
-      for (int ks = 0; ks < 2 * (tm + 1); ++ks) {
-        uint32_t a[4];
-        ldsm_words_x4(a, trow + 32 * ks);
-#pragma unroll
-        for (int out = 0; out < 2; ++out) {
-          const float* B = out == 0 ? &sm.Qr[0][0] : &sm.Kb[0][0];
-#pragma unroll
-          for (int j = 0; j < kNJ; ++j) {
-            const float* br = wy_at(B, 8 * ks + t4, n0 + 8 * j + g);  // row + 4: same swizzle
-            mma_tf32(acc[out][j], a, __float_as_uint(br[0]), __float_as_uint(br[4 * kK]));
-          }
-        }
-      }
-      const int at = (tm * 16 + g) * kK + n0 + 2 * t4;  // element of acc[.][0][0]
-      float* du = rec + kRecU + at;  // u: fp32 (it enters fp32 math)
-      unsigned* dw = reinterpret_cast<unsigned*>(rec_half(rec, kRecW) + at);  // w: fp16
-#pragma unroll
-      for (int j = 0; j < kNJ; ++j) {
-        *reinterpret_cast<float2*>(du + 8 * j) = make_float2(acc[0][j][0], acc[0][j][1]);
-        *reinterpret_cast<float2*>(du + 8 * kK + 8 * j) = make_float2(acc[0][j][2], acc[0][j][3]);
-        dw[4 * j] = half2_bits(acc[1][j][0], acc[1][j][1]);
-        dw[4 * kK + 4 * j] = half2_bits(acc[1][j][2], acc[1][j][3]);
-      }
-    }
+    wy_products(sm, rec, warp, lane);
     KDA_TC_MARK(9);  // (the barrier before the next item's writes sits in its phase 1)
   }
   KDA_TC_PROFILE_END();

@@ -1,10 +1,11 @@
 // A small SIMT emulator that runs the CUDA kernels of csrc/ on the CPU, for tests on machines
 // without a GPU. Every CUDA thread of a block is a fiber (ucontext) on one OS thread: a fiber
-// runs until it reaches a barrier (__syncthreads, __syncwarp, a warp shuffle or an mma.sync
+// runs until it reaches a barrier (__syncthreads, __syncwarp, a warp shuffle, an mma.sync or wgmma
 // product), then the next runnable fiber runs. Blocks run one after another. The order in
 // which runnable fibers are resumed is forward, reverse or pseudo-random (set_order), so a
 // missing barrier shows up as results that differ between orders. An mma.sync product gathers
-// the warp's fragments by their PTX layouts (mma_m16n8k8_tf32, mma_m16n8k16_f16).
+// the warp's fragments by their PTX layouts (mma_m16n8k8_tf32, mma_m16n8k16_f16), a wgmma product
+// the warpgroup's (wgmma_m64n64k8_tf32).
 //
 // What it checks: indexing, the algorithm, barrier placement (by comparing schedules),
 // rounding (tf32 conversions are applied where the code asks). What it cannot: timing,
@@ -66,7 +67,7 @@ constexpr int kFragValues = 16;  // a, b, c of the largest product (m16n8k16: 8 
 struct Block {
   int threads = 0;
   std::vector<Fiber> fibers;
-  std::vector<int> arrived;      // per barrier: 0 = the block, 1 + w = warp w
+  std::vector<int> arrived;      // per barrier: 0 = the block, 1 + w = warp w, then warpgroups
   std::vector<uint32_t> shfl;    // one 32-bit slot per thread
   std::vector<float> frag;       // one mma.sync fragment set (a, b, c: up to 16 values) per thread
   std::vector<const void*> rows;  // one ldmatrix row address per thread
@@ -130,7 +131,7 @@ void launch(Idx grid, int threads, F&& fn) {
         Block blk;
         blk.threads = threads;
         blk.fibers.resize(threads);
-        blk.arrived.assign(1 + threads / 32, 0);
+        blk.arrived.assign(1 + threads / 32 + (threads + 127) / 128, 0);
         blk.shfl.assign(threads, 0);
         blk.rows.assign(threads, nullptr);
         blk.frag.assign((size_t)threads * kFragValues, 0.f);
@@ -219,16 +220,18 @@ inline void mma_lane_outputs(const float (&A)[16][K], const float (&B)[K][8], co
   }
 }
 
+// A TF32 operand's value: the tensor cores ignore the low 13 bits.
+inline float tf32(uint32_t bits) {
+  bits &= ~0x1FFFu;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
 // mma.sync.m16n8k8 with TF32 operands and fp32 accumulation, as the tensor cores take their
 // fragments (PTX ISA layouts; g = lane / 4, t = lane % 4): every lane posts its a, b and c, then
 // computes its own four outputs from the warp's. The low 13 bits of a TF32 operand are ignored.
 inline void mma_m16n8k8_tf32(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  auto tf32 = [](uint32_t bits) {
-    bits &= ~0x1FFFu;
-    float f;
-    std::memcpy(&f, &bits, 4);
-    return f;
-  };
   const int warp = g_thread.x / 32, lane = g_thread.x % 32;
   float* mine = &g_blk->frag[(size_t)(warp * 32 + lane) * kFragValues];
   for (int i = 0; i < 4; ++i) mine[i] = tf32(a[i]);
@@ -274,6 +277,43 @@ inline void mma_m16n8k16_f16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
   }
   warp_barrier();
   mma_lane_outputs(A, B, C, lane, d);
+}
+
+// wgmma.mma_async.sync.aligned.m64n64k8.f32.tf32.tf32 with A from registers and B K-major in
+// shared memory without swizzle: element (k, n) of B at b + (n / 8) sbo + (k / 4) lbo + (n % 8) 16
+// + (k % 4) 4 bytes. Warp w of the warpgroup holds rows 16 w .. 16 w + 15 of A and D in the
+// m16n8k8 layouts (d[4 j + e]: the 8-column tile j). Every thread posts its A fragment; after the
+// warpgroup's barrier each computes its 32 outputs, D = D + A B, the products added in k order
+// (as mma_lane_outputs). B is read at once: the program must leave it unchanged until its wait.
+inline void wgmma_m64n64k8_tf32(float (&d)[32], const uint32_t (&a)[4], const void* b, int lbo, int sbo) {
+  Block& blk = *g_blk;
+  if (blk.threads % 128 != 0) fail("wgmma: the block is not a whole number of warpgroups");
+  const int tid = g_thread.x, wg = tid / 128, w = tid % 128 / 32, lane = tid % 32;
+  if (reinterpret_cast<uintptr_t>(b) % 16 != 0) fail("wgmma: B is not 16-byte aligned");
+  float* mine = &blk.frag[(size_t)tid * kFragValues];
+  for (int i = 0; i < 4; ++i) mine[i] = tf32(a[i]);
+  const int bar = 1 + blk.threads / 32 + wg;
+  barrier(bar, 128);
+  float A[64][8];
+  for (int l = 0; l < 128; ++l) {
+    const float* f = &blk.frag[(size_t)(wg * 128 + l) * kFragValues];
+    const int r = 16 * (l / 32) + l % 32 / 4, t = l % 4;
+    A[r][t] = f[0]; A[r + 8][t] = f[1]; A[r][t + 4] = f[2]; A[r + 8][t + 4] = f[3];
+  }
+  barrier(bar, 128);
+  auto B = [&](int k, int n) {
+    uint32_t bits;
+    std::memcpy(&bits, static_cast<const char*>(b) + (n / 8) * sbo + (k / 4) * lbo + (n % 8) * 16 + (k % 4) * 4, 4);
+    return tf32(bits);
+  };
+  const int g = lane / 4, t = lane % 4;
+  for (int j = 0; j < 8; ++j)
+    for (int e = 0; e < 4; ++e) {
+      const int r = 16 * w + g + (e >= 2 ? 8 : 0), c = 8 * j + 2 * t + (e & 1);
+      float acc = d[4 * j + e];
+      for (int k = 0; k < 8; ++k) acc += A[r][k] * B(k, c);
+      d[4 * j + e] = acc;
+    }
 }
 
 // ldmatrix.sync.aligned.m8n8.x4(.trans).shared.b16: lane L gives the address of row L % 8 of

@@ -193,6 +193,29 @@ def test_prefill_is_independent_of_the_thread_schedule(lib, kind, bv):
         assert torch.equal(out, results[0][0]) and torch.equal(pool, results[0][1])
 
 
+# The prepare pass's phase 6b on wgmma (kda_prefill_tc_wy.cuh, opt-in build -DKDA_TC_WY_WGMMA=1):
+# the same bits as the default mma.sync build, on mixed lengths and gates, both pools, several
+# items per CTA (bv 128), under a pass order and a greedy one (the warpgroup products' barriers).
+@pytest.mark.parametrize("bv,order", [(32, 0), (128, 3)])
+def test_tensor_core_prefill_wgmma_build_same_bits(lib, bv, order):
+    wg = emulated.build(("-DKDA_TC_WY_WGMMA=1",))
+    for lens, H, lb, pool_dtype, spike in (([0, 1, 17, 130, 9, 64, 200], 3, None, torch.float32, 1.0),
+                                           ([5, 129, 64, 3], 2, -5.0, torch.bfloat16, 1.0),
+                                           ([150, 70], 2, None, torch.float32, 30.0)):
+        inp = list(inputs(sum(lens), H))
+        inp[3] = (inp[3].float() * spike).bfloat16()
+        cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
+        pool0, slots, has, _ = pool_for(lens, H, pool_dtype)
+        results = []
+        for build in (lib, wg):
+            build.emu_set_order(order, 777)
+            pool = pool0.clone()
+            out = emulated.prefill(build, "prefill_tc", bv, *inp, cu, pool, slots, has, lower_bound=lb)
+            build.emu_set_order(0, 1)
+            results.append((out.view(torch.int16), pool.view(torch.int32 if pool_dtype == torch.float32 else torch.int16)))
+        assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1]), (lens, H)
+
+
 def decode_inputs(B, T, H):
     q, k, v = (torch.randn(B, T, H, D).bfloat16() for _ in range(3))
     g = (torch.rand(B, T, H, D) * 16 - 8).bfloat16()

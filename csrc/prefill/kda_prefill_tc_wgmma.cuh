@@ -1,0 +1,81 @@
+// Warpgroup tensor-core products (wgmma, sm_90a) for the prepare pass's WY factors (phase 6b):
+// D[64 x 64] += A[64 x 8] B[8 x 64] with TF32 operands, A from registers, B from shared memory.
+//
+// A: each warp of the warpgroup holds 16 rows (warp w: rows 16 w .. 16 w + 15) in mma_tf32's A
+// fragment layout (a = A[g][t], A[g+8][t], A[g][t+4], A[g+8][t+4], g = lane / 4, t = lane % 4).
+// D: per warp its 16 rows, d[4 j .. 4 j + 3] = D[g][8 j + 2t], D[g][8 j + 2t + 1], D[g+8][8 j + 2t],
+// D[g+8][8 j + 2t + 1] (mma_tf32's accumulator layout, eight 8-column tiles).
+// B: TF32 wgmma takes B only K-major: element (k, n) is at wy_core_index(n, k) from the operand's
+// base, in 8 x 4 core matrices of 128 contiguous bytes (8 columns n, 16 bytes of 4 consecutive k
+// each), no swizzle: core matrices adjacent in k kWyLbo bytes apart, in n kWySbo bytes apart.
+// A [128 columns x 64 tokens] operand takes 32 KB.
+#pragma once
+
+#include "kda_prefill_tc_common.cuh"
+
+namespace kda {
+namespace tc {
+
+constexpr int kWyLbo = 128;               // bytes between core matrices adjacent in k (tokens)
+constexpr int kWySbo = (kC / 4) * kWyLbo;  // bytes between core matrices adjacent in n (columns)
+
+__host__ __device__ constexpr int wy_core_index(int n, int k) {
+  return n / 8 * (kWySbo / 4) + k / 4 * (kWyLbo / 4) + n % 8 * 4 + k % 4;
+}
+
+// Generic-proxy shared-memory writes (st.shared) made visible to the wgmma reads that follow a
+// barrier: every writing thread fences before the barrier.
+__device__ __forceinline__ void fence_smem_for_wgmma() {
+#ifndef KDA_SIMT_EMULATOR
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+
+// Before the first product: orders this thread's writes of the A and D registers before the
+// asynchronous products read them.
+__device__ __forceinline__ void wgmma_fence() {
+#ifndef KDA_SIMT_EMULATOR
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+
+// Commits the products issued so far and waits for all of them: D is final after it.
+__device__ __forceinline__ void wgmma_commit_and_wait() {
+#ifndef KDA_SIMT_EMULATOR
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+#endif
+}
+
+// The shared-memory matrix descriptor of a K-major, unswizzled B at b (16-byte aligned): start
+// address, leading (k) and stride (n) byte offsets, each in 16-byte units.
+__device__ __forceinline__ uint64_t wy_descriptor(SmemAddr b) {
+  return (uint64_t)((b & 0x3FFFFu) >> 4) | (uint64_t)(kWyLbo >> 4) << 16 | (uint64_t)(kWySbo >> 4) << 32;
+}
+
+// d += A B, one k-step of 8 (see the top of the file); b = smem_addr of element (0, k0) of B.
+// All 128 threads of the warpgroup issue it together; d is final only after wgmma_commit_and_wait.
+__device__ __forceinline__ void wgmma_m64n64k8_tf32(float (&d)[32], const uint32_t (&a)[4], SmemAddr b) {
+#ifdef KDA_SIMT_EMULATOR
+  emu::wgmma_m64n64k8_tf32(d, a, reinterpret_cast<const void*>(b), kWyLbo, kWySbo);
+#else
+  const uint64_t desc = wy_descriptor(b);
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, 1, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k8.f32.tf32.tf32 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+      "{%32, %33, %34, %35}, %36, p, 1, 1;\n"
+      "}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
+#endif
+}
+
+}  // namespace tc
+}  // namespace kda
