@@ -22,7 +22,8 @@
 # with csrc/ and scripts/: mkdir -p T/scripts && git archive COMMIT csrc | tar -x -C T && cp
 # scripts/profile_* T/scripts/) and of this tree with each define in AB_DEFINES (e.g.
 # AB_DEFINES="-DKDA_TC_WY_WGMMA=1", the prepare pass's opt-in wgmma phase 6b), built side by side
-# and run interleaved, case by case, into OUTDIR/ab.txt (medians of 7 runs per case).
+# and run interleaved, case by case, into OUTDIR/ab.txt (medians of 7 runs per case) and
+# OUTDIR/ab.json (scripts/ab_json.py; a variant without a result is a row with "error").
 # Set KDA_SERVING_COMMIT to name the commit in the JSON when the tree has no .git.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -129,6 +130,7 @@ if has ab; then
     done
   done
   grep -E "###|total|floor" "$OUT/ab.txt"
+  python3 scripts/ab_json.py "$OUT/ab.txt" "$OUT/ab.json" --commit "${KDA_SERVING_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}" || rc=1
   rm -f "$OUT"/.ab_*
 fi
 if has long; then
