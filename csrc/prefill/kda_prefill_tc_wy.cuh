@@ -35,6 +35,21 @@ __device__ __forceinline__ const float* wy_at(const float* area, int row, int co
   return area + row * kK + (col ^ ((row & 3) << 3));
 }
 
+// One 8-column accumulator tile of u (fp32: it enters fp32 math) or w (fp16) into the record, from
+// mma_tf32's accumulator layout: t = (row g, columns 2 t4, 2 t4 + 1), (row g + 8, the same); at =
+// the record element of t[0]. Both builds store their products this way.
+__device__ __forceinline__ void store_wy_tile(float* rec, bool is_w, int at, const float* t) {
+  if (!is_w) {
+    float* du = rec + kRecU + at;
+    *reinterpret_cast<float2*>(du) = make_float2(t[0], t[1]);
+    *reinterpret_cast<float2*>(du + 8 * kK) = make_float2(t[2], t[3]);
+  } else {
+    unsigned* dw = reinterpret_cast<unsigned*>(rec_half(rec, kRecW) + at);
+    dw[0] = half2_bits(t[0], t[1]);
+    dw[4 * kK] = half2_bits(t[2], t[3]);
+  }
+}
+
 // 6a for mma.sync: thread = (tokens vi0 + kVStride m, value rows c4 .. c4+3 and c4+64 .. c4+67): a
 // row's lanes take consecutive 16-byte pieces of each array, where 8 consecutive rows per thread
 // put them 32 bytes apart and doubled these accesses' wavefronts (ncu at 61086cc). The v copies
@@ -68,7 +83,7 @@ __device__ __forceinline__ void wy_stage_mma(Smem& sm, int tid) {
 // 6b on mma.sync m16n8k8: T is block lower triangular, so token block I of u and w sums over
 // tokens 0 .. 16 I + 15 only: 2 (I + 1) k-steps. A warp takes blocks I and kNB - 1 - I (10 k-steps
 // in all, the same for every warp) over kCols columns of both u and w, each T fragment feeding
-// both. Stored from the accumulators (u fp32, 8 rows x 32 bytes per store; w fp16).
+// both. Stored from the accumulators (store_wy_tile; u: 8 rows x 32 bytes per store).
 template <class Smem>
 __device__ __forceinline__ void wy_products_mma(Smem& sm, float* rec, int warp, int lane) {
   const int g = lane / 4, t4 = lane % 4;
@@ -95,14 +110,10 @@ __device__ __forceinline__ void wy_products_mma(Smem& sm, float* rec, int warp, 
       }
     }
     const int at = (tm * 16 + g) * kK + n0 + 2 * t4;  // element of acc[.][0][0]
-    float* du = rec + kRecU + at;  // u: fp32 (it enters fp32 math)
-    unsigned* dw = reinterpret_cast<unsigned*>(rec_half(rec, kRecW) + at);  // w: fp16
 #pragma unroll
     for (int j = 0; j < kNJ; ++j) {
-      *reinterpret_cast<float2*>(du + 8 * j) = make_float2(acc[0][j][0], acc[0][j][1]);
-      *reinterpret_cast<float2*>(du + 8 * kK + 8 * j) = make_float2(acc[0][j][2], acc[0][j][3]);
-      dw[4 * j] = half2_bits(acc[1][j][0], acc[1][j][1]);
-      dw[4 * kK + 4 * j] = half2_bits(acc[1][j][2], acc[1][j][3]);
+      store_wy_tile(rec, false, at + 8 * j, acc[0][j]);
+      store_wy_tile(rec, true, at + 8 * j, acc[1][j]);
     }
   }
 }
@@ -140,7 +151,7 @@ __device__ __forceinline__ void wy_stage_wgmma(Smem& sm, int tid) {
 // block wr. T's A fragments by ldmatrix (rows 16 wr + L % 16, words 4 (L / 16) on), TF32 bits as
 // stored; the k-steps past a warp's block are zeros (T's blocks above the diagonal are never
 // written), two rounds of four k-steps (a product reads its A registers until the wait, and all
-// eight k-steps' fragments at once made the pass spill). Stored as the mma.sync build does.
+// eight k-steps' fragments at once made the pass spill).
 template <class Smem>
 __device__ __forceinline__ void wy_products_wgmma(Smem& sm, float* rec, int warp, int lane) {
   static_assert(kPrepWarp % 4 == 0 && 16 % kPrepWarp == 0, "whole warpgroups, 4 column blocks over them");
@@ -168,21 +179,8 @@ __device__ __forceinline__ void wy_products_wgmma(Smem& sm, float* rec, int warp
       wgmma_commit_and_wait();
     }
     const int at = (wr * kBlk + g) * kK + n0 + 2 * t4;  // element of acc[0]
-    if (!is_w) {
-      float* du = rec + kRecU + at;
 #pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        *reinterpret_cast<float2*>(du + 8 * j) = make_float2(acc[4 * j], acc[4 * j + 1]);
-        *reinterpret_cast<float2*>(du + 8 * kK + 8 * j) = make_float2(acc[4 * j + 2], acc[4 * j + 3]);
-      }
-    } else {
-      unsigned* dw = reinterpret_cast<unsigned*>(rec_half(rec, kRecW) + at);
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        dw[4 * j] = half2_bits(acc[4 * j], acc[4 * j + 1]);
-        dw[4 * kK + 4 * j] = half2_bits(acc[4 * j + 2], acc[4 * j + 3]);
-      }
-    }
+    for (int j = 0; j < 8; ++j) store_wy_tile(rec, is_w, at + 8 * j, &acc[4 * j]);
   }
 }
 
