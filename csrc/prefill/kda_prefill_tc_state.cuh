@@ -20,11 +20,24 @@
 // loads have a whole chunk step to arrive.
 #pragma once
 
+#include <type_traits>
+
 #include "kda_prefill_tc_common.cuh"
 #include "kda_prefill_tc_units.cuh"
+#include "kda_prefill_tc_wgmma.cuh"
+
+// KDA_TC_STATE_WGMMA=1: CTAs of 128 value rows run S W^T, S Qe^T and U^T A_qk^T as wgmma
+// m64n64k16 (fp16) per warpgroup, W, Qe and A_qk copied into wgmma's core-matrix layout
+// (f16_core_index); opt-in until timed.
+#ifndef KDA_TC_STATE_WGMMA
+#define KDA_TC_STATE_WGMMA 0
+#endif
 
 namespace kda {
 namespace tc {
+
+template <int BV>
+constexpr bool kStateWgmma = KDA_TC_STATE_WGMMA && BV == 128;
 
 // Row pitches (in fp16 elements) of the fp16 record arrays in shared memory: rows 4 banks apart,
 // so that the 4-byte loads of S W^T's B fragments (8 rows x 4 words per warp), the 2-byte loads of
@@ -73,16 +86,40 @@ __device__ __forceinline__ void copy_half_rows_async(__half* dst, const float* s
   copy_tile_async<kC, kCols / 2, kLd / 2, kCols / 2>(reinterpret_cast<float*>(dst), src);
 }
 
+// An fp16 [64 x kCols] record field into wgmma's core matrices (f16_core_index), one 16-byte piece
+// (8 values of a row) per copy.
+template <int kCols>
+__device__ __forceinline__ void copy_half_cores_async(__half* dst, const float* src) {
+  constexpr int kPerRow = kCols / 8, kPieces = kC * kPerRow;
+  static_assert(kPieces % kThr == 0, "whole rounds of copies");
+#pragma unroll
+  for (int i = 0; i < kPieces / kThr; ++i) {
+    const int piece = threadIdx.x + i * kThr, t = piece / kPerRow, j = piece % kPerRow;
+    cp_async16(dst + f16_core_index<kCols>(t, 8 * j), src + t * (kCols / 2) + 4 * j);
+  }
+}
+
 // A chunk's record into one buffer: w, Kd, EL, this CTA's columns of u (none for transition rows,
-// whose u is 0) and, for a CTA that writes outputs, Qe and A_qk.
+// whose u is 0) and, for a CTA that writes outputs, Qe and A_qk. W and Qe in rows of pitch kLdR,
+// or in wgmma's layout (kStateWgmma; the arrays are large enough for either).
 template <int BV>
 __device__ __forceinline__ void load_record(typename StateSmem<BV>::Record& r, const float* rec, int v0, bool outp,
                                             bool with_u) {
-  if (outp) copy_half_rows_async<kK, kLdR>(&r.Qe[0][0], rec + kRecQe);
-  copy_half_rows_async<kK, kLdR>(&r.W[0][0], rec + kRecW);
+  if constexpr (kStateWgmma<BV>) {
+    static_assert(sizeof(r.W) >= kC * kK * sizeof(__half) && sizeof(r.Aqk) >= kC * kC * sizeof(__half),
+                  "room for the core-matrix layout");
+    if (outp) copy_half_cores_async<kK>(&r.Qe[0][0], rec + kRecQe);
+    copy_half_cores_async<kK>(&r.W[0][0], rec + kRecW);
+  } else {
+    if (outp) copy_half_rows_async<kK, kLdR>(&r.Qe[0][0], rec + kRecQe);
+    copy_half_rows_async<kK, kLdR>(&r.W[0][0], rec + kRecW);
+  }
   copy_half_rows_async<kK, kLdR>(&r.Kd[0][0], rec + kRecKd);
   if (with_u) copy_tile_async<kC, BV, StateTiling<BV>::kLdU, kK>(&r.U[0][0], rec + kRecU + v0);
-  if (outp) copy_half_rows_async<kC, kLdA>(&r.Aqk[0][0], rec + kRecAqk);
+  if (outp) {
+    if constexpr (kStateWgmma<BV>) copy_half_cores_async<kC>(&r.Aqk[0][0], rec + kRecAqk);
+    else copy_half_rows_async<kC, kLdA>(&r.Aqk[0][0], rec + kRecAqk);
+  }
   copy_tile_async<1, kK, kK, kK>(&r.EL[0], rec + kRecEL);
 }
 
@@ -256,6 +293,7 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
   if (len > 0) load_record<BV>(sm.rec[0], chunk_record(p, cbase, h), v0, outp, !unit.transition);
   if constexpr (G::kNCW > 1) store_state_half<G::kSN>(sm.S, sm.Sinv[q], vr, cs, t4, s);
   cp_async_wait_all();
+  if constexpr (kStateWgmma<BV>) fence_smem_for_wgmma();  // this thread's copies, for the wgmma reads
   __syncthreads();
 
   KDA_TC_PROFILE_BEGIN();
@@ -282,20 +320,45 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
       for (int jt = 0; jt < 8; ++jt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) x[jt][e] = y[jt][e] = 0.f;
+      if constexpr (kStateWgmma<BV>) {
+        // The same products per warpgroup (warps 4 w' .. 4 w' + 3: value rows 64 w' ..), x and y
+        // as its accumulators, A from the same registers, in two rounds of four k-steps (a product
+        // reads its A registers until the wait).
+        const SmemAddr bw = smem_addr(&rs.W[0][0]), bq = smem_addr(&rs.Qe[0][0]);
+        auto products = [&](auto with_y) {
 #pragma unroll
-      for (int kk = 0; kk < G::kSN / 2; ++kk) {
-        uint32_t a[4];
-        a_of_tiles(s[2 * kk], s[2 * kk + 1], r0, r1, a);
+          for (int round = 0; round < 2; ++round) {
+            uint32_t a[4][4];
 #pragma unroll
-        for (int jt = 0; jt < 8; jt += 2) {  // B fragments of token tiles jt, jt + 1: one ldmatrix
-          uint32_t b[4];
-          ldsm_x4<false>(b, b_rows<kLdR, false>(&rs.W[0][0], 8 * jt, 16 * kk, lane));
-          mma_f16(x[jt], a, b[0], b[1]);
-          mma_f16(x[jt + 1], a, b[2], b[3]);
-          if (outp) {
-            ldsm_x4<false>(b, b_rows<kLdR, false>(&rs.Qe[0][0], 8 * jt, 16 * kk, lane));
-            mma_f16(y[jt], a, b[0], b[1]);
-            mma_f16(y[jt + 1], a, b[2], b[3]);
+            for (int i = 0; i < 4; ++i) a_of_tiles(s[8 * round + 2 * i], s[8 * round + 2 * i + 1], r0, r1, a[i]);
+            wgmma_fence();
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+              const int k0 = 16 * (4 * round + i);
+              wgmma_m64n64k16_f16<kK>(x, a[i], bw + 2 * f16_core_index<kK>(0, k0));
+              if constexpr (decltype(with_y)::value) wgmma_m64n64k16_f16<kK>(y, a[i], bq + 2 * f16_core_index<kK>(0, k0));
+            }
+            wgmma_commit_and_wait();
+          }
+        };
+        if (outp) products(std::true_type{});
+        else products(std::false_type{});
+      } else {
+#pragma unroll
+        for (int kk = 0; kk < G::kSN / 2; ++kk) {
+          uint32_t a[4];
+          a_of_tiles(s[2 * kk], s[2 * kk + 1], r0, r1, a);
+#pragma unroll
+          for (int jt = 0; jt < 8; jt += 2) {  // B fragments of token tiles jt, jt + 1: one ldmatrix
+            uint32_t b[4];
+            ldsm_x4<false>(b, b_rows<kLdR, false>(&rs.W[0][0], 8 * jt, 16 * kk, lane));
+            mma_f16(x[jt], a, b[0], b[1]);
+            mma_f16(x[jt + 1], a, b[2], b[3]);
+            if (outp) {
+              ldsm_x4<false>(b, b_rows<kLdR, false>(&rs.Qe[0][0], 8 * jt, 16 * kk, lane));
+              mma_f16(y[jt], a, b[0], b[1]);
+              mma_f16(y[jt + 1], a, b[2], b[3]);
+            }
           }
         }
       }
@@ -332,23 +395,49 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
       const RowScale q0(quad_max(m0)), q1(quad_max(m1));
       scale_tiles(y, q0.scale, q1.scale);
       scale_tiles(s, q0.scale, q1.scale);
+      if constexpr (kStateWgmma<BV>) {
+        // Y^T += U^T A_qk^T per warpgroup on wgmma (A_qk's zero blocks above the diagonal taken
+        // too), running while the warp's mma.sync products update the state from the same A
+        // registers.
+        uint32_t a[4][4];
 #pragma unroll
-      for (int kk = 0; kk < 4; ++kk) {
-        uint32_t a[4], b[4];
-        a_of_tiles(x[2 * kk], x[2 * kk + 1], q0, q1, a);
+        for (int kk = 0; kk < 4; ++kk) a_of_tiles(x[2 * kk], x[2 * kk + 1], q0, q1, a[kk]);
         if (outp) {
+          wgmma_fence();
+          const SmemAddr ba = smem_addr(&rs.Aqk[0][0]);
 #pragma unroll
-          for (int jt = 2 * kk; jt < 8; jt += 2) {
-            ldsm_x4<false>(b, b_rows<kLdA, false>(&rs.Aqk[0][0], 8 * jt, 16 * kk, lane));
-            mma_f16(y[jt], a, b[0], b[1]);
-            mma_f16(y[jt + 1], a, b[2], b[3]);
-          }
+          for (int kk = 0; kk < 4; ++kk) wgmma_m64n64k16_f16<kC>(y, a[kk], ba + 2 * f16_core_index<kC>(0, 16 * kk));
+          wgmma_commit();
         }
 #pragma unroll
-        for (int j = 0; j < G::kSN; j += 2) {  // B = Kd[16kk + k][8j + n], transposed as it loads
-          ldsm_x4<true>(b, b_rows<kLdR, true>(&rs.Kd[0][0], 8 * j, 16 * kk, lane));
-          mma_f16(s[j], a, b[0], b[1]);
-          mma_f16(s[j + 1], a, b[2], b[3]);
+        for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+          for (int j = 0; j < G::kSN; j += 2) {
+            uint32_t b[4];
+            ldsm_x4<true>(b, b_rows<kLdR, true>(&rs.Kd[0][0], 8 * j, 16 * kk, lane));
+            mma_f16(s[j], a[kk], b[0], b[1]);
+            mma_f16(s[j + 1], a[kk], b[2], b[3]);
+          }
+        if (outp) wgmma_wait_all();
+      } else {
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+          uint32_t a[4], b[4];
+          a_of_tiles(x[2 * kk], x[2 * kk + 1], q0, q1, a);
+          if (outp) {
+#pragma unroll
+            for (int jt = 2 * kk; jt < 8; jt += 2) {
+              ldsm_x4<false>(b, b_rows<kLdA, false>(&rs.Aqk[0][0], 8 * jt, 16 * kk, lane));
+              mma_f16(y[jt], a, b[0], b[1]);
+              mma_f16(y[jt + 1], a, b[2], b[3]);
+            }
+          }
+#pragma unroll
+          for (int j = 0; j < G::kSN; j += 2) {  // B = Kd[16kk + k][8j + n], transposed as it loads
+            ldsm_x4<true>(b, b_rows<kLdR, true>(&rs.Kd[0][0], 8 * j, 16 * kk, lane));
+            mma_f16(s[j], a, b[0], b[1]);
+            mma_f16(s[j + 1], a, b[2], b[3]);
+          }
         }
       }
       scale_tiles(s, q0.inv, q1.inv);
@@ -486,6 +575,7 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
     if (ckpt && tend % kCheckpointEvery == 0)
       store_state_tiles(ckpt + (int64_t)(tend / kCheckpointEvery - 1) * p.inter_ss, vr, cs, s);
     cp_async_wait_all();  // the next chunk's record (this thread's copies)
+    if constexpr (kStateWgmma<BV>) fence_smem_for_wgmma();
     __syncthreads();      // this chunk's buffer free for the one after; the next chunk's record visible
     KDA_TC_MARK(kPrepPhases + 2);
   }

@@ -1,14 +1,18 @@
-// Warpgroup tensor-core products (wgmma, sm_90a) for the prepare pass's WY factors (phase 6b):
-// D[64 x 64] += A[64 x 8] B[8 x 64] with TF32 operands, A from registers, B from shared memory.
+// Warpgroup tensor-core products (wgmma, sm_90a), A from registers and B from shared memory:
+//  - the prepare pass's WY factors (phase 6b, opt-in KDA_TC_WY_WGMMA): D[64 x 64] += A[64 x 8]
+//    B[8 x 64] with TF32 operands;
+//  - the state pass's X^T = S W^T, Y^T = S Qe^T and Y^T += U^T A_qk^T with 128 value rows
+//    (opt-in KDA_TC_STATE_WGMMA): D[64 x 64] += A[64 x 16] B[16 x 64] with fp16 operands.
 //
-// A: each warp of the warpgroup holds 16 rows (warp w: rows 16 w .. 16 w + 15) in mma_tf32's A
-// fragment layout (a = A[g][t], A[g+8][t], A[g][t+4], A[g+8][t+4], g = lane / 4, t = lane % 4).
+// A: each warp of the warpgroup holds 16 rows (warp w: rows 16 w .. 16 w + 15) in the mma.sync A
+// fragment layout of the same type (TF32: a = A[g][t], A[g+8][t], A[g][t+4], A[g+8][t+4]; fp16:
+// mma_f16's, two values per register), g = lane / 4, t = lane % 4.
 // D: per warp its 16 rows, d[4 j .. 4 j + 3] = D[g][8 j + 2t], D[g][8 j + 2t + 1], D[g+8][8 j + 2t],
-// D[g+8][8 j + 2t + 1] (mma_tf32's accumulator layout, eight 8-column tiles).
-// B: TF32 wgmma takes B only K-major: element (k, n) is at wy_core_index(n, k) from the operand's
-// base, in 8 x 4 core matrices of 128 contiguous bytes (8 columns n, 16 bytes of 4 consecutive k
-// each), no swizzle: core matrices adjacent in k kWyLbo bytes apart, in n kWySbo bytes apart.
-// A [128 columns x 64 tokens] operand takes 32 KB.
+// D[g+8][8 j + 2t + 1] (mma.sync's accumulator layout, eight 8-column tiles).
+// B: K-major core matrices of 8 columns n x 16 bytes of consecutive k, 128 contiguous bytes, no
+// swizzle; the core matrices adjacent in k are LBO bytes apart, those adjacent in n SBO bytes.
+// 6b's [128 columns x 64 tokens] TF32 operands: element (k, n) at wy_core_index(n, k) (32 KB
+// each). The state pass's fp16 operands: f16_core_index below.
 #pragma once
 
 #include "kda_prefill_tc_common.cuh"
@@ -21,6 +25,18 @@ constexpr int kWySbo = (kC / 4) * kWyLbo;  // bytes between core matrices adjace
 
 __host__ __device__ constexpr int wy_core_index(int n, int k) {
   return n / 8 * (kWySbo / 4) + k / 4 * (kWyLbo / 4) + n % 8 * 4 + k % 4;
+}
+
+// An fp16 [n rows x kCols k] B operand (n = token; k = channel for the state pass's W and Qe,
+// kCols = 128, or token j for its A_qk, kCols = 64) in K-major core matrices of 8 rows x 8 values:
+// adjacent in k 128 bytes apart, in n kCols / 8 x 128 bytes. Element (n, k) at
+// f16_core_index<kCols>(n, k), in fp16 elements.
+constexpr int kF16Lbo = 128;
+template <int kCols>
+constexpr int kF16Sbo = kCols / 8 * kF16Lbo;
+template <int kCols>
+__host__ __device__ constexpr int f16_core_index(int n, int k) {
+  return n / 8 * (kF16Sbo<kCols> / 2) + k / 8 * (kF16Lbo / 2) + n % 8 * 8 + k % 8;
 }
 
 // Generic-proxy shared-memory writes (st.shared) made visible to the wgmma reads that follow a
@@ -39,18 +55,28 @@ __device__ __forceinline__ void wgmma_fence() {
 #endif
 }
 
-// Commits the products issued so far and waits for all of them: D is final after it.
-__device__ __forceinline__ void wgmma_commit_and_wait() {
+// Commits the products issued so far (as one group), and waits for every committed group: D is
+// final after the wait.
+__device__ __forceinline__ void wgmma_commit() {
 #ifndef KDA_SIMT_EMULATOR
   asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wgmma_wait_all() {
+#ifndef KDA_SIMT_EMULATOR
   asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
 #endif
+}
+__device__ __forceinline__ void wgmma_commit_and_wait() {
+  wgmma_commit();
+  wgmma_wait_all();
 }
 
 // The shared-memory matrix descriptor of a K-major, unswizzled B at b (16-byte aligned): start
 // address, leading (k) and stride (n) byte offsets, each in 16-byte units.
-__device__ __forceinline__ uint64_t wy_descriptor(SmemAddr b) {
-  return (uint64_t)((b & 0x3FFFFu) >> 4) | (uint64_t)(kWyLbo >> 4) << 16 | (uint64_t)(kWySbo >> 4) << 32;
+template <int kLbo, int kSbo>
+__device__ __forceinline__ uint64_t kmajor_descriptor(SmemAddr b) {
+  return (uint64_t)((b & 0x3FFFFu) >> 4) | (uint64_t)(kLbo >> 4) << 16 | (uint64_t)(kSbo >> 4) << 32;
 }
 
 // d += A B, one k-step of 8 (see the top of the file); b = smem_addr of element (0, k0) of B.
@@ -59,7 +85,7 @@ __device__ __forceinline__ void wgmma_m64n64k8_tf32(float (&d)[32], const uint32
 #ifdef KDA_SIMT_EMULATOR
   emu::wgmma_m64n64k8_tf32(d, a, reinterpret_cast<const void*>(b), kWyLbo, kWySbo);
 #else
-  const uint64_t desc = wy_descriptor(b);
+  const uint64_t desc = kmajor_descriptor<kWyLbo, kWySbo>(b);
   asm volatile(
       "{\n"
       ".reg .pred p;\n"
@@ -73,6 +99,34 @@ __device__ __forceinline__ void wgmma_m64n64k8_tf32(float (&d)[32], const uint32
         "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
         "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
         "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
+#endif
+}
+
+// d += A B, one k-step of 16 with fp16 operands (see the top of the file), B in f16_core_index<kCols>
+// layout; b = smem_addr of its element (0, k0). As above, issued by the whole warpgroup, final
+// after wgmma_commit_and_wait.
+template <int kCols>
+__device__ __forceinline__ void wgmma_m64n64k16_f16(float (&d)[8][4], const uint32_t (&a)[4], SmemAddr b) {
+#ifdef KDA_SIMT_EMULATOR
+  emu::wgmma_m64n64k16_f16(reinterpret_cast<float(&)[32]>(d), a, reinterpret_cast<const void*>(b), kF16Lbo,
+                           kF16Sbo<kCols>);
+#else
+  const uint64_t desc = kmajor_descriptor<kF16Lbo, kF16Sbo<kCols>>(b);
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, 1, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+      "{%32, %33, %34, %35}, %36, p, 1, 1, 0;\n"
+      "}\n"
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]),
+        "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]),
+        "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]),
+        "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]),
+        "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
 #endif
 }

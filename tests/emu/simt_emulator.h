@@ -5,7 +5,7 @@
 // which runnable fibers are resumed is forward, reverse or pseudo-random (set_order), so a
 // missing barrier shows up as results that differ between orders. An mma.sync product gathers
 // the warp's fragments by their PTX layouts (mma_m16n8k8_tf32, mma_m16n8k16_f16), a wgmma product
-// the warpgroup's (wgmma_m64n64k8_tf32).
+// the warpgroup's (wgmma_m64n64k8_tf32, wgmma_m64n64k16_f16).
 //
 // What it checks: indexing, the algorithm, barrier placement (by comparing schedules),
 // rounding (tf32 conversions are applied where the code asks). What it cannot: timing,
@@ -279,41 +279,72 @@ inline void mma_m16n8k16_f16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
   mma_lane_outputs(A, B, C, lane, d);
 }
 
-// wgmma.mma_async.sync.aligned.m64n64k8.f32.tf32.tf32 with A from registers and B K-major in
-// shared memory without swizzle: element (k, n) of B at b + (n / 8) sbo + (k / 4) lbo + (n % 8) 16
-// + (k % 4) 4 bytes. Warp w of the warpgroup holds rows 16 w .. 16 w + 15 of A and D in the
-// m16n8k8 layouts (d[4 j + e]: the 8-column tile j). Every thread posts its A fragment; after the
-// warpgroup's barrier each computes its 32 outputs, D = D + A B, the products added in k order
-// (as mma_lane_outputs). B is read at once: the program must leave it unchanged until its wait.
-inline void wgmma_m64n64k8_tf32(float (&d)[32], const uint32_t (&a)[4], const void* b, int lbo, int sbo) {
+// A warpgroup product D[64 x 64] += A[64 x K] B[K x 64], A from registers, B from shared memory
+// (b, 16-byte aligned): every thread posts its A fragment's K / 2 values (post), after the
+// warpgroup's barrier each gathers A (place: lane l's posted values into rows r, r + 8, columns
+// from t = l % 4) and computes its 32 outputs, the products added in k order (as
+// mma_lane_outputs). Warp w holds rows 16 w .. 16 w + 15 of A and D (d[4 j + e]: the 8-column
+// tile j). B(k, n) reads B at once: the program must leave it unchanged until its wait.
+template <int K, class Post, class Place, class BAt>
+inline void wgmma_product(float (&d)[32], const void* b, Post post, Place place, BAt B) {
   Block& blk = *g_blk;
   if (blk.threads % 128 != 0) fail("wgmma: the block is not a whole number of warpgroups");
   const int tid = g_thread.x, wg = tid / 128, w = tid % 128 / 32, lane = tid % 32;
   if (reinterpret_cast<uintptr_t>(b) % 16 != 0) fail("wgmma: B is not 16-byte aligned");
-  float* mine = &blk.frag[(size_t)tid * kFragValues];
-  for (int i = 0; i < 4; ++i) mine[i] = tf32(a[i]);
+  post(&blk.frag[(size_t)tid * kFragValues]);
   const int bar = 1 + blk.threads / 32 + wg;
   barrier(bar, 128);
-  float A[64][8];
-  for (int l = 0; l < 128; ++l) {
-    const float* f = &blk.frag[(size_t)(wg * 128 + l) * kFragValues];
-    const int r = 16 * (l / 32) + l % 32 / 4, t = l % 4;
-    A[r][t] = f[0]; A[r + 8][t] = f[1]; A[r][t + 4] = f[2]; A[r + 8][t + 4] = f[3];
-  }
+  float A[64][K];
+  for (int l = 0; l < 128; ++l)
+    place(&blk.frag[(size_t)(wg * 128 + l) * kFragValues], A, 16 * (l / 32) + l % 32 / 4, l % 4);
   barrier(bar, 128);
-  auto B = [&](int k, int n) {
-    uint32_t bits;
-    std::memcpy(&bits, static_cast<const char*>(b) + (n / 8) * sbo + (k / 4) * lbo + (n % 8) * 16 + (k % 4) * 4, 4);
-    return tf32(bits);
-  };
   const int g = lane / 4, t = lane % 4;
   for (int j = 0; j < 8; ++j)
     for (int e = 0; e < 4; ++e) {
       const int r = 16 * w + g + (e >= 2 ? 8 : 0), c = 8 * j + 2 * t + (e & 1);
       float acc = d[4 * j + e];
-      for (int k = 0; k < 8; ++k) acc += A[r][k] * B(k, c);
+      for (int k = 0; k < K; ++k) acc += A[r][k] * B(k, c);
       d[4 * j + e] = acc;
     }
+}
+
+// wgmma.mma_async.sync.aligned.m64n64k8.f32.tf32.tf32 with A from registers (the m16n8k8 layout)
+// and B K-major in shared memory without swizzle: element (k, n) of B at b + (n / 8) sbo + (k / 4)
+// lbo + (n % 8) 16 + (k % 4) 4 bytes.
+inline void wgmma_m64n64k8_tf32(float (&d)[32], const uint32_t (&a)[4], const void* b, int lbo, int sbo) {
+  wgmma_product<8>(
+      d, b, [&](float* mine) { for (int i = 0; i < 4; ++i) mine[i] = tf32(a[i]); },
+      [](const float* f, float (&A)[64][8], int r, int t) {
+        A[r][t] = f[0]; A[r + 8][t] = f[1]; A[r][t + 4] = f[2]; A[r + 8][t + 4] = f[3];
+      },
+      [&](int k, int n) {
+        uint32_t bits;
+        std::memcpy(&bits, static_cast<const char*>(b) + (n / 8) * sbo + (k / 4) * lbo + (n % 8) * 16 + (k % 4) * 4, 4);
+        return tf32(bits);
+      });
+}
+
+// wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 with A from registers (the m16n8k16 layout,
+// two fp16 values per register, the lower column in the low half) and B K-major in shared memory
+// without swizzle: element (k, n) at b + (n / 8) sbo + (k / 8) lbo + (n % 8) 16 + (k % 8) 2 bytes
+// (core matrices of 8 columns n x 8 fp16 k). A product equals mma_m16n8k16_f16's on the same
+// operands.
+inline void wgmma_m64n64k16_f16(float (&d)[32], const uint32_t (&a)[4], const void* b, int lbo, int sbo) {
+  auto lo = [](uint32_t bits) { return __half2float(__ushort_as_half((unsigned short)(bits & 0xffffu))); };
+  auto hi = [](uint32_t bits) { return __half2float(__ushort_as_half((unsigned short)(bits >> 16))); };
+  wgmma_product<16>(
+      d, b, [&](float* mine) { for (int i = 0; i < 4; ++i) { mine[2 * i] = lo(a[i]); mine[2 * i + 1] = hi(a[i]); } },
+      [](const float* f, float (&A)[64][16], int r, int t) {
+        for (int e = 0; e < 2; ++e) {
+          A[r][2 * t + e] = f[e]; A[r + 8][2 * t + e] = f[2 + e];
+          A[r][2 * t + 8 + e] = f[4 + e]; A[r + 8][2 * t + 8 + e] = f[6 + e];
+        }
+      },
+      [&](int k, int n) {
+        uint16_t bits;
+        std::memcpy(&bits, static_cast<const char*>(b) + (n / 8) * sbo + (k / 8) * lbo + (n % 8) * 16 + (k % 8) * 2, 2);
+        return __half2float(__ushort_as_half(bits));
+      });
 }
 
 // ldmatrix.sync.aligned.m8n8.x4(.trans).shared.b16: lane L gives the address of row L % 8 of
