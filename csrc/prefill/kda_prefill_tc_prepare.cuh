@@ -443,7 +443,10 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
       // orders these reads of Qr and Kb before phase 6a overwrites them.
       if (warp < kStoreWarps) {
         store_rows_half<true>(rec_half(rec, kRecQe), &sm.Qr[0][0], kLdK, kK, &sm.pre[0][0], tid, kStoreWarps * 32);
-        store_rows_half(rec_half(rec, kRecKd), &sm.Kb[0][0], kLdK, kK, &sm.post[0][0], tid, kStoreWarps * 32);
+        if constexpr (kKdChannelMajor)
+          store_cols_half(rec_half(rec, kRecKd), &sm.Kb[0][0], kLdK, &sm.post[0][0], tid, kStoreWarps * 32);
+        else
+          store_rows_half(rec_half(rec, kRecKd), &sm.Kb[0][0], kLdK, kK, &sm.post[0][0], tid, kStoreWarps * 32);
       }
       // A_qk's blocks above the diagonal go to the record as zeros (the state pass multiplies the
       // whole matrix), 4 per store; A_kk's are never read (4a and 4b take its blocks on and below

@@ -232,5 +232,23 @@ __device__ __forceinline__ void store_rows_half(__half* dst, const float* src, i
   }
 }
 
+// The same for Kd^T (kKdChannelMajor): a [64 x 128] shared fp32 array (row pitch ld) times scale
+// ([kNB x 128], row = the token's block) to an fp16 record field stored channel-major, [128 x 64].
+// A thread takes 8 tokens of one channel (consecutive threads on consecutive channels, so the
+// shared reads hit distinct banks) and stores them as one 16-byte piece.
+__device__ __forceinline__ void store_cols_half(__half* dst, const float* src, int ld, const float* scale, int thread,
+                                                int threads) {
+#pragma unroll 1
+  for (int idx = thread; idx < kK * kC / 8; idx += threads) {
+    const int c = idx % kK, i0 = idx / kK * 8;
+    const float sc = scale[i0 / kBlk * kK + c];
+    float v[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) v[e] = src[(i0 + e) * ld + c] * sc;
+    *reinterpret_cast<uint4*>(dst + c * kC + i0) =
+        make_uint4(half2_bits(v[0], v[1]), half2_bits(v[2], v[3]), half2_bits(v[4], v[5]), half2_bits(v[6], v[7]));
+  }
+}
+
 }  // namespace tc
 }  // namespace kda

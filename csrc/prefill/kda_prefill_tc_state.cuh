@@ -26,12 +26,9 @@
 #include "kda_prefill_tc_units.cuh"
 #include "kda_prefill_tc_wgmma.cuh"
 
-// KDA_TC_STATE_WGMMA=1: CTAs of 128 value rows run S W^T, S Qe^T and U^T A_qk^T as wgmma
-// m64n64k16 (fp16) per warpgroup, W, Qe and A_qk copied into wgmma's core-matrix layout
-// (f16_core_index); opt-in until timed.
-#ifndef KDA_TC_STATE_WGMMA
-#define KDA_TC_STATE_WGMMA 0
-#endif
+// KDA_TC_STATE_WGMMA=1 (kda_prefill_tc_common.cuh): CTAs of 128 value rows run S W^T, S Qe^T,
+// U^T A_qk^T and U^T Kd as wgmma m64n64k16 (fp16) per warpgroup, W, Qe, A_qk and Kd^T copied into
+// wgmma's core-matrix layout (f16_core_index); every state CTA then reads Kd^T.
 
 namespace kda {
 namespace tc {
@@ -64,7 +61,9 @@ struct alignas(128) StateSmem {
   struct Record {  // chunk j's in rec[j % 2]
     __half Qe[kC][kLdR];
     __half W[kC][kLdR];  // w = T beta Ke
-    __half Kd[kC][kLdR];
+    // Kd [tokens][channels] in rows of pitch kLdR, or (kKdChannelMajor) Kd^T [channels][tokens]
+    // in rows of pitch kLdA (ldmatrix rows on distinct banks, as A_qk's).
+    __half Kd[kKdChannelMajor ? kK : kC][kKdChannelMajor ? kLdA : kLdR];
     float U[kC][G::kLdU];  // u (this CTA's value rows)
     __half Aqk[kC][kLdA];
     float EL[kK];
@@ -86,11 +85,11 @@ __device__ __forceinline__ void copy_half_rows_async(__half* dst, const float* s
   copy_tile_async<kC, kCols / 2, kLd / 2, kCols / 2>(reinterpret_cast<float*>(dst), src);
 }
 
-// An fp16 [64 x kCols] record field into wgmma's core matrices (f16_core_index), one 16-byte piece
-// (8 values of a row) per copy.
-template <int kCols>
+// An fp16 [kRows x kCols] record field into wgmma's core matrices (f16_core_index), one 16-byte
+// piece (8 values of a row) per copy.
+template <int kRows, int kCols>
 __device__ __forceinline__ void copy_half_cores_async(__half* dst, const float* src) {
-  constexpr int kPerRow = kCols / 8, kPieces = kC * kPerRow;
+  constexpr int kPerRow = kCols / 8, kPieces = kRows * kPerRow;
   static_assert(kPieces % kThr == 0, "whole rounds of copies");
 #pragma unroll
   for (int i = 0; i < kPieces / kThr; ++i) {
@@ -100,24 +99,30 @@ __device__ __forceinline__ void copy_half_cores_async(__half* dst, const float* 
 }
 
 // A chunk's record into one buffer: w, Kd, EL, this CTA's columns of u (none for transition rows,
-// whose u is 0) and, for a CTA that writes outputs, Qe and A_qk. W and Qe in rows of pitch kLdR,
-// or in wgmma's layout (kStateWgmma; the arrays are large enough for either).
+// whose u is 0) and, for a CTA that writes outputs, Qe and A_qk. W, Qe, Kd and A_qk in padded
+// rows, or in wgmma's layout (kStateWgmma; the arrays are large enough for either).
 template <int BV>
 __device__ __forceinline__ void load_record(typename StateSmem<BV>::Record& r, const float* rec, int v0, bool outp,
                                             bool with_u) {
   if constexpr (kStateWgmma<BV>) {
-    static_assert(sizeof(r.W) >= kC * kK * sizeof(__half) && sizeof(r.Aqk) >= kC * kC * sizeof(__half),
+    static_assert(sizeof(r.W) >= kC * kK * sizeof(__half) && sizeof(r.Aqk) >= kC * kC * sizeof(__half) &&
+                      sizeof(r.Kd) >= kK * kC * sizeof(__half),
                   "room for the core-matrix layout");
-    if (outp) copy_half_cores_async<kK>(&r.Qe[0][0], rec + kRecQe);
-    copy_half_cores_async<kK>(&r.W[0][0], rec + kRecW);
+    if (outp) copy_half_cores_async<kC, kK>(&r.Qe[0][0], rec + kRecQe);
+    copy_half_cores_async<kC, kK>(&r.W[0][0], rec + kRecW);
   } else {
     if (outp) copy_half_rows_async<kK, kLdR>(&r.Qe[0][0], rec + kRecQe);
     copy_half_rows_async<kK, kLdR>(&r.W[0][0], rec + kRecW);
   }
-  copy_half_rows_async<kK, kLdR>(&r.Kd[0][0], rec + kRecKd);
+  if constexpr (kStateWgmma<BV>)
+    copy_half_cores_async<kK, kC>(&r.Kd[0][0], rec + kRecKd);
+  else if constexpr (kKdChannelMajor)
+    copy_tile_async<kK, kC / 2, kLdA / 2, kC / 2>(reinterpret_cast<float*>(&r.Kd[0][0]), rec + kRecKd);
+  else
+    copy_half_rows_async<kK, kLdR>(&r.Kd[0][0], rec + kRecKd);
   if (with_u) copy_tile_async<kC, BV, StateTiling<BV>::kLdU, kK>(&r.U[0][0], rec + kRecU + v0);
   if (outp) {
-    if constexpr (kStateWgmma<BV>) copy_half_cores_async<kC>(&r.Aqk[0][0], rec + kRecAqk);
+    if constexpr (kStateWgmma<BV>) copy_half_cores_async<kC, kC>(&r.Aqk[0][0], rec + kRecAqk);
     else copy_half_rows_async<kC, kLdA>(&r.Aqk[0][0], rec + kRecAqk);
   }
   copy_tile_async<1, kK, kK, kK>(&r.EL[0], rec + kRecEL);
@@ -336,7 +341,8 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
             for (int i = 0; i < 4; ++i) {
               const int k0 = 16 * (4 * round + i);
               wgmma_m64n64k16_f16<kK>(x, a[i], bw + 2 * f16_core_index<kK>(0, k0));
-              if constexpr (decltype(with_y)::value) wgmma_m64n64k16_f16<kK>(y, a[i], bq + 2 * f16_core_index<kK>(0, k0));
+              if constexpr (decltype(with_y)::value)
+                wgmma_m64n64k16_f16<kK>(y, a[i], bq + 2 * f16_core_index<kK>(0, k0));
             }
             wgmma_commit_and_wait();
           }
@@ -396,29 +402,27 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
       scale_tiles(y, q0.scale, q1.scale);
       scale_tiles(s, q0.scale, q1.scale);
       if constexpr (kStateWgmma<BV>) {
-        // Y^T += U^T A_qk^T per warpgroup on wgmma (A_qk's zero blocks above the diagonal taken
-        // too), running while the warp's mma.sync products update the state from the same A
-        // registers.
+        // Y^T += U^T A_qk^T and S += U^T Kd per warpgroup on wgmma (A_qk's zero blocks above the
+        // diagonal taken too), A = U^T from the same registers, the state tiles the accumulators.
         uint32_t a[4][4];
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) a_of_tiles(x[2 * kk], x[2 * kk + 1], q0, q1, a[kk]);
+        wgmma_fence();
         if (outp) {
-          wgmma_fence();
           const SmemAddr ba = smem_addr(&rs.Aqk[0][0]);
 #pragma unroll
           for (int kk = 0; kk < 4; ++kk) wgmma_m64n64k16_f16<kC>(y, a[kk], ba + 2 * f16_core_index<kC>(0, 16 * kk));
-          wgmma_commit();
         }
+        // The state's channels 0..63 (tiles 0..7) and 64..127 (tiles 8..15), Kd^T's rows n.
+        auto& s_lo = *reinterpret_cast<float(*)[8][4]>(&s[0][0]);
+        auto& s_hi = *reinterpret_cast<float(*)[8][4]>(&s[8][0]);
+        const SmemAddr bk = smem_addr(&rs.Kd[0][0]);
 #pragma unroll
-        for (int kk = 0; kk < 4; ++kk)
-#pragma unroll
-          for (int j = 0; j < G::kSN; j += 2) {
-            uint32_t b[4];
-            ldsm_x4<true>(b, b_rows<kLdR, true>(&rs.Kd[0][0], 8 * j, 16 * kk, lane));
-            mma_f16(s[j], a[kk], b[0], b[1]);
-            mma_f16(s[j + 1], a[kk], b[2], b[3]);
-          }
-        if (outp) wgmma_wait_all();
+        for (int kk = 0; kk < 4; ++kk) {
+          wgmma_m64n64k16_f16<kC>(s_lo, a[kk], bk + 2 * f16_core_index<kC>(0, 16 * kk));
+          wgmma_m64n64k16_f16<kC>(s_hi, a[kk], bk + 2 * f16_core_index<kC>(64, 16 * kk));
+        }
+        wgmma_commit_and_wait();
       } else {
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) {
@@ -523,7 +527,10 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
         const float i0 = sm.Uinv[kk][vr], i1 = sm.Uinv[kk][vr + 8];
 #pragma unroll
         for (int j = 0; j < G::kSN; j += 2) {  // two state tiles at a time: few live partials
-          ldsm_x4<true>(b, b_rows<kLdR, true>(&rs.Kd[0][0], cw0 + 8 * j, 16 * kk, lane));
+          if constexpr (kKdChannelMajor)  // Kd^T: rows n
+            ldsm_x4<false>(b, b_rows<kLdA, false>(&rs.Kd[0][0], cw0 + 8 * j, 16 * kk, lane));
+          else
+            ldsm_x4<true>(b, b_rows<kLdR, true>(&rs.Kd[0][0], cw0 + 8 * j, 16 * kk, lane));
           float t[2][4] = {};
           mma_f16(t[0], a, b[0], b[1]);
           mma_f16(t[1], a, b[2], b[3]);

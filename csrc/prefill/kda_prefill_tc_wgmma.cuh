@@ -1,8 +1,9 @@
 // Warpgroup tensor-core products (wgmma, sm_90a), A from registers and B from shared memory:
 //  - the prepare pass's WY factors (phase 6b, opt-in KDA_TC_WY_WGMMA): D[64 x 64] += A[64 x 8]
 //    B[8 x 64] with TF32 operands;
-//  - the state pass's X^T = S W^T, Y^T = S Qe^T and Y^T += U^T A_qk^T with 128 value rows
-//    (opt-in KDA_TC_STATE_WGMMA): D[64 x 64] += A[64 x 16] B[16 x 64] with fp16 operands.
+//  - the state pass's X^T = S W^T, Y^T = S Qe^T, Y^T += U^T A_qk^T and S += U^T Kd (two products
+//    of 64 channels) with 128 value rows (opt-in KDA_TC_STATE_WGMMA): D[64 x 64] += A[64 x 16]
+//    B[16 x 64] with fp16 operands.
 //
 // A: each warp of the warpgroup holds 16 rows (warp w: rows 16 w .. 16 w + 15) in the mma.sync A
 // fragment layout of the same type (TF32: a = A[g][t], A[g+8][t], A[g][t+4], A[g+8][t+4]; fp16:

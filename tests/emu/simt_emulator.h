@@ -324,11 +324,11 @@ inline void wgmma_m64n64k8_tf32(float (&d)[32], const uint32_t (&a)[4], const vo
       });
 }
 
-// wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 with A from registers (the m16n8k16 layout,
-// two fp16 values per register, the lower column in the low half) and B K-major in shared memory
-// without swizzle: element (k, n) at b + (n / 8) sbo + (k / 8) lbo + (n % 8) 16 + (k % 8) 2 bytes
-// (core matrices of 8 columns n x 8 fp16 k). A product equals mma_m16n8k16_f16's on the same
-// operands.
+// wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 with A from registers (the
+// m16n8k16 layout, two fp16 values per register, the lower column in the low half) and B K-major in
+// shared memory without swizzle: element (k, n) at b + (n / 8) sbo + (k / 8) lbo + (n % 8) 16 +
+// (k % 8) 2 bytes (core matrices of 8 columns n x 8 fp16 k). A product equals mma_m16n8k16_f16's
+// on the same operands.
 inline void wgmma_m64n64k16_f16(float (&d)[32], const uint32_t (&a)[4], const void* b, int lbo, int sbo) {
   auto lo = [](uint32_t bits) { return __half2float(__ushort_as_half((unsigned short)(bits & 0xffffu))); };
   auto hi = [](uint32_t bits) { return __half2float(__ushort_as_half((unsigned short)(bits >> 16))); };
