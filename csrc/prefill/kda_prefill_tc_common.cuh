@@ -31,6 +31,14 @@ static_assert(kC == kCheckpointEvery, "a chunk ends on every checkpoint");
 constexpr int kLdK = kK + 4;    // [64 x 128] arrays: Qr/Qe, Kq/Ke, Kb/Kd, beta v
 constexpr int kLdC = kC + 4;    // [64 x 64] arrays: A_qk, A_kk, T
 
+// KDA_TC_STATE_WGMMA=1 (opt-in until timed): the state pass's 128-row CTAs run their products on
+// wgmma (kda_prefill_tc_state.cuh), which takes Kd as a K-major B operand only channel-major, so
+// the record then holds Kd^T [128 channels x 64 tokens] (kKdChannelMajor) for every state CTA.
+#ifndef KDA_TC_STATE_WGMMA
+#define KDA_TC_STATE_WGMMA 0
+#endif
+constexpr bool kKdChannelMajor = KDA_TC_STATE_WGMMA;
+
 // One workspace record per (chunk, head), unpadded rows (kda_prefill.h kTcRecordFloats; offsets in
 // 4-byte units): what the state pass needs of a chunk, computed by the prepare pass. Qe, Kd, w and
 // A_qk, which the state pass only multiplies on tensor cores, are stored as fp16: its 10-bit
@@ -40,14 +48,6 @@ constexpr int kLdC = kC + 4;    // [64 x 64] arrays: A_qk, A_kk, T
 // stays fp32, as EL: fp16 under a power of two per 16-token tile and value row (0745975) made the
 // prepare pass's tail (the column maxima and scaling in 6b) slower by more than the state pass
 // gained from the smaller record (61086cc, H100; docs/kernels.md).
-// KDA_TC_STATE_WGMMA=1 (opt-in until timed): the state pass's 128-row CTAs run their products on
-// wgmma (kda_prefill_tc_state.cuh), which takes Kd as a K-major B operand only channel-major, so
-// the record then holds Kd^T [128 channels x 64 tokens] (kKdChannelMajor) for every state CTA.
-#ifndef KDA_TC_STATE_WGMMA
-#define KDA_TC_STATE_WGMMA 0
-#endif
-constexpr bool kKdChannelMajor = KDA_TC_STATE_WGMMA;
-
 constexpr int kRecQe = 0;                      // fp16 [64 x 128] q decayed to the chunk start
 constexpr int kRecKd = kRecQe + kC * kK / 2;   // fp16 [64 x 128] k decayed to the chunk end (or its transpose)
 constexpr int kRecW = kRecKd + kC * kK / 2;    // fp16 [64 x 128] w = T beta Ke

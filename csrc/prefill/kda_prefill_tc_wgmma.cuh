@@ -28,10 +28,10 @@ __host__ __device__ constexpr int wy_core_index(int n, int k) {
   return n / 8 * (kWySbo / 4) + k / 4 * (kWyLbo / 4) + n % 8 * 4 + k % 4;
 }
 
-// An fp16 [n rows x kCols k] B operand (n = token; k = channel for the state pass's W and Qe,
-// kCols = 128, or token j for its A_qk, kCols = 64) in K-major core matrices of 8 rows x 8 values:
-// adjacent in k 128 bytes apart, in n kCols / 8 x 128 bytes. Element (n, k) at
-// f16_core_index<kCols>(n, k), in fp16 elements.
+// An fp16 [n rows x kCols k] B operand in K-major core matrices of 8 rows x 8 values: adjacent in
+// k 128 bytes apart, in n kCols / 8 x 128 bytes. Element (n, k) at f16_core_index<kCols>(n, k), in
+// fp16 elements. The state pass's W, Qe (n = token, k = channel, kCols = 128), A_qk (n = token i,
+// k = token j, kCols = 64) and Kd^T (n = channel, k = token, kCols = 64).
 constexpr int kF16Lbo = 128;
 template <int kCols>
 constexpr int kF16Sbo = kCols / 8 * kF16Lbo;
