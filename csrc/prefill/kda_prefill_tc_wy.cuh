@@ -6,8 +6,8 @@
 // area (Qe is out) and beta Ke = beta Kq pre into the Kb area (Kd is out), TF32-rounded; then a
 // barrier; then 6b (wy_products) multiplies. Two builds:
 //  - default: 6b on mma.sync m16n8k8 per warp (wy_stage_mma / wy_products_mma);
-//  - KDA_TC_WY_WGMMA=1: 6b on wgmma m64n64k8 per warpgroup (kda_prefill_tc_wgmma.cuh), its B
-//    operands in K-major core matrices. Same bits in the emulator; passed the tc-selected GPU
+//  - KDA_TC_WY_WGMMA=1 (common/build_options.h): 6b on wgmma m64n64k8 per warpgroup
+//    (kda_prefill_tc_wgmma.cuh), its B operands in K-major core matrices. Same bits in the emulator; passed the tc-selected GPU
 //    tests (261) as the default of an H100 build, but not yet timed against the mma.sync build in
 //    one call, so it is opt-in (scripts/profile_tc_phases.cu takes -DKDA_TC_WY_WGMMA=1 for A/Bs).
 #pragma once
@@ -15,10 +15,6 @@
 #include "kda_prefill_tc_common.cuh"
 #include "kda_prefill_tc_prepare_io.cuh"
 #include "kda_prefill_tc_wgmma.cuh"
-
-#ifndef KDA_TC_WY_WGMMA
-#define KDA_TC_WY_WGMMA 0
-#endif
 
 namespace kda {
 namespace tc {

@@ -25,6 +25,15 @@ def load() -> bool:
     return _loaded
 
 
+def build_options() -> dict[str, int] | None:
+    """The opt-in build defines the loaded extension was compiled with ({define: 0 or 1}), or None
+    without an extension (or one built before it reported them)."""
+    if not load() or not hasattr(torch.ops.kda_serving, "build_options"):
+        return None
+    from ..build_defines import names
+    return names(int(torch.ops.kda_serving.build_options()))
+
+
 def available(device=None) -> bool:
     """Extension built, CUDA present and the device is Hopper (sm_90) or newer."""
     if not load() or not torch.cuda.is_available():

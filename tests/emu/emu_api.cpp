@@ -31,6 +31,8 @@ extern "C" cudaError_t cudaGetLastError(void) { return cudaSuccess; }
 
 extern "C" void emu_set_order(int order, uint64_t seed) { emu::set_order(order, seed); }
 
+extern "C" int emu_build_options() { return kda::kBuildOptions; }
+
 extern "C" int emu_prefill(int kind, const kda::KdaPrefillParams* p) {
   switch (kind) {
     case 0: return kda::kda_prefill_launch(*p, nullptr);

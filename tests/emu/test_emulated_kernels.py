@@ -219,6 +219,14 @@ def test_tensor_core_prefill_wgmma_build_same_bits(lib, bv, order, define):
         assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1]), (lens, H)
 
 
+def test_build_options_report_the_defines(lib):
+    """kBuildOptions (csrc/common/build_options.h), which the extension reports, names each define."""
+    from kda_serving.build_defines import names
+    assert names(lib.emu_build_options()) == {"KDA_TC_WY_WGMMA": 0, "KDA_TC_STATE_WGMMA": 0}
+    wg = emulated.build(("-DKDA_TC_STATE_WGMMA=1",))
+    assert names(wg.emu_build_options()) == {"KDA_TC_WY_WGMMA": 0, "KDA_TC_STATE_WGMMA": 1}
+
+
 def decode_inputs(B, T, H):
     q, k, v = (torch.randn(B, T, H, D).bfloat16() for _ in range(3))
     g = (torch.rand(B, T, H, D) * 16 - 8).bfloat16()
