@@ -16,7 +16,8 @@
 # long-context prefill benchmark (extra arguments in LONG_ARGS, e.g. "--heads 8 --max-tokens 131072") and
 # the 128K-token split tests. profile: the tensor-core prefill's cycles per phase
 # (scripts/profile_tc_phases.cu) at H96 1x8192, H32 1x32768 and H8 1x131072 (unsplit), for this
-# tree (also with KDA_SERVING_TC_DIAG=exact and with the bounded gate) and the trees in PROFILE_TREES.
+# tree (also with KDA_SERVING_TC_DIAG=exact and with the bounded gate), the trees in PROFILE_TREES
+# and this tree built with each define in PROFILE_DEFINES.
 # tests-tc: only the GPU tests of the tensor-core prefill, the conv kernels and the split prefill
 # (about 260, three minutes on an H100). ab: the timing-only builds (-DKDA_TC_TIMING_ONLY) of
 # profile_tc_phases.cu and profile_conv.cu for this tree and each tree in AB_TREES (directories
@@ -71,12 +72,16 @@ fi
 if has profile; then
   # PROFILE_TREES: other source trees to time beside this one, case by case in the same call,
   # each a directory with csrc/ and scripts/profile_tc_phases.cu (here:
-  # mkdir -p T && git archive COMMIT csrc scripts/profile_tc_phases.cu | tar -x -C T).
-  trees=". ${PROFILE_TREES:-}"
+  # mkdir -p T && git archive COMMIT csrc scripts/profile_tc_phases.cu | tar -x -C T);
+  # PROFILE_DEFINES: this tree built with each define too (e.g. -DKDA_TC_STATE_WGMMA=1).
+  variants=(".:")
+  for t in ${PROFILE_TREES:-}; do variants+=("$t:"); done
+  for d in ${PROFILE_DEFINES:-}; do variants+=(".:$d"); done
   n=0
-  for t in $trees; do
-    step "profile-build-$n" nvcc -std=c++20 -O3 -gencode arch=compute_90a,code=sm_90a -I"$t/csrc" "$t/scripts/profile_tc_phases.cu" \
-      -o "$OUT/.profile_tc_$n"
+  for v in "${variants[@]}"; do
+    t=${v%%:*} d=${v#*:}
+    step "profile-build-$n" nvcc -std=c++20 -O3 -gencode arch=compute_90a,code=sm_90a $d -I"$t/csrc" \
+      "$t/scripts/profile_tc_phases.cu" -o "$OUT/.profile_tc_$n"
     n=$((n + 1))
   done
   for shape in "1 8192 96" "1 32768 32" "1 131072 8"; do
@@ -85,8 +90,8 @@ if has profile; then
     echo "### . KDA_SERVING_PROFILE_GATE=bounded $shape" >>"$OUT/profile-tc.log"
     KDA_SERVING_PROFILE_GATE=bounded "$OUT/.profile_tc_0" $shape >>"$OUT/profile-tc.log" 2>&1 || rc=1
     n=0
-    for t in $trees; do
-      echo "### $t $shape" >>"$OUT/profile-tc.log"
+    for v in "${variants[@]}"; do
+      echo "### ${v%:} $shape" >>"$OUT/profile-tc.log"
       "$OUT/.profile_tc_$n" $shape >>"$OUT/profile-tc.log" 2>&1 || rc=1
       n=$((n + 1))
     done
