@@ -7,6 +7,7 @@ barrier makes them differ."""
 
 import ctypes as C
 import math
+import os
 import random
 
 import pytest
@@ -220,11 +221,13 @@ def test_tensor_core_prefill_wgmma_build_same_bits(lib, bv, order, define):
 
 
 def test_build_options_report_the_defines(lib):
-    """kBuildOptions (csrc/common/build_options.h), which the extension reports, names each define."""
-    from kda_serving.build_defines import names
-    assert names(lib.emu_build_options()) == {"KDA_TC_WY_WGMMA": 0, "KDA_TC_STATE_WGMMA": 0}
+    """kBuildOptions (csrc/common/build_options.h), which the extension reports, names each define
+    (``lib`` has those of KDA_SERVING_EMU_FLAGS, if any)."""
+    from kda_serving.build_defines import OPTIONS, names
+    flags = os.environ.get("KDA_SERVING_EMU_FLAGS", "").split()
+    assert names(lib.emu_build_options()) == {n: int(f"-D{n}=1" in flags) for n in OPTIONS}
     wg = emulated.build(("-DKDA_TC_STATE_WGMMA=1",))
-    assert names(wg.emu_build_options()) == {"KDA_TC_WY_WGMMA": 0, "KDA_TC_STATE_WGMMA": 1}
+    assert names(wg.emu_build_options()) == {n: int(n == "KDA_TC_STATE_WGMMA" or f"-D{n}=1" in flags) for n in OPTIONS}
 
 
 def decode_inputs(B, T, H):
