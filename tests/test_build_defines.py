@@ -1,6 +1,8 @@
 """KDA_SERVING_BUILD_DEFINES (kda_serving/build_defines.py): what setup.py accepts, and how a
 build's options mask reads back."""
 
+from pathlib import Path
+
 import pytest
 
 from kda_serving import build_defines as bd
@@ -21,8 +23,7 @@ def test_parse_refuses_anything_else_and_names_it(text, bad):
 
 
 def test_mask_bits_follow_build_options_h():
-    text = (bd.__file__.rsplit("kda_serving", 1)[0] + "csrc/common/build_options.h")
-    src = open(text).read()
+    src = (Path(__file__).resolve().parents[1] / "csrc" / "common" / "build_options.h").read_text()
     for i, name in enumerate(bd.OPTIONS):
         assert f"({name} ? {1 << i} : 0)" in src
     assert bd.names(0) == {n: 0 for n in bd.OPTIONS}
