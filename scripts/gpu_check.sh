@@ -43,6 +43,14 @@ step() {  # step NAME CMD...: run (at most STEP_TIMEOUT s), log to OUT/NAME.log,
   echo "== $name ($((SECONDS - t0)) s)"; tail -n "${TAIL:-6}" "$OUT/$name.log"
 }
 
+# variants=("TREE:DEFINE" ...): this tree, each tree in $1, and this tree built with each define in
+# $2 (the profile and ab stages).
+set_variants() {
+  variants=(".:")
+  for t in $1; do variants+=("$t:"); done
+  for d in $2; do variants+=(".:$d"); done
+}
+
 if has build; then
   if [[ -n "${KDA_SERVING_REBUILD:-}" ]] || ! ls kda_serving/_C*.so >/dev/null 2>&1; then
     step build env KDA_SERVING_CUDA=1 python3 setup.py build_ext --inplace
@@ -74,9 +82,7 @@ if has profile; then
   # each a directory with csrc/ and scripts/profile_tc_phases.cu (here:
   # mkdir -p T && git archive COMMIT csrc scripts/profile_tc_phases.cu | tar -x -C T);
   # PROFILE_DEFINES: this tree built with each define too (e.g. -DKDA_TC_STATE_WGMMA=1).
-  variants=(".:")
-  for t in ${PROFILE_TREES:-}; do variants+=("$t:"); done
-  for d in ${PROFILE_DEFINES:-}; do variants+=(".:$d"); done
+  set_variants "${PROFILE_TREES:-}" "${PROFILE_DEFINES:-}"
   n=0
   for v in "${variants[@]}"; do
     t=${v%%:*} d=${v#*:}
@@ -108,9 +114,7 @@ fi
 if has ab; then
   # Variants: this tree, each tree in AB_TREES, and this tree built with each define in AB_DEFINES
   # (e.g. AB_DEFINES="-DKDA_TC_WY_WGMMA=1"); "tree:define" each, named so in ab.txt.
-  variants=(".:")
-  for t in ${AB_TREES:-}; do variants+=("$t:"); done
-  for d in ${AB_DEFINES:-}; do variants+=(".:$d"); done
+  set_variants "${AB_TREES:-}" "${AB_DEFINES:-}"
   n=0; pids=()
   for v in "${variants[@]}"; do
     t=${v%%:*} d=${v#*:}

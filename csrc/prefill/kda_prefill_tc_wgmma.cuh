@@ -56,21 +56,12 @@ __device__ __forceinline__ void wgmma_fence() {
 #endif
 }
 
-// Commits the products issued so far (as one group), and waits for every committed group: D is
-// final after the wait.
-__device__ __forceinline__ void wgmma_commit() {
+// Commits the products issued so far and waits for all of them: D is final after it.
+__device__ __forceinline__ void wgmma_commit_and_wait() {
 #ifndef KDA_SIMT_EMULATOR
   asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void wgmma_wait_all() {
-#ifndef KDA_SIMT_EMULATOR
   asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
 #endif
-}
-__device__ __forceinline__ void wgmma_commit_and_wait() {
-  wgmma_commit();
-  wgmma_wait_all();
 }
 
 // The shared-memory matrix descriptor of a K-major, unswizzled B at b (16-byte aligned): start
