@@ -44,7 +44,9 @@ step() {  # step NAME CMD...: run (at most STEP_TIMEOUT s), log to OUT/NAME.log,
 }
 
 # variants=("TREE:DEFINE" ...): this tree, each tree in $1, and this tree built with each define in
-# $2 (the profile and ab stages).
+# $2 (the profile and ab stages); a comma joins defines into one variant
+# (-DKDA_TC_STATE_BULK=1,-DKDA_TC_STATE_WGMMA=1), which variant_flags splits for nvcc.
+variant_flags() { local d=${1#*:}; echo "${d//,/ }"; }
 set_variants() {
   variants=(".:")
   for t in $1; do variants+=("$t:"); done
@@ -85,7 +87,7 @@ if has profile; then
   set_variants "${PROFILE_TREES:-}" "${PROFILE_DEFINES:-}"
   n=0
   for v in "${variants[@]}"; do
-    t=${v%%:*} d=${v#*:}
+    t=${v%%:*} d=$(variant_flags "$v")
     step "profile-build-$n" nvcc -std=c++20 -O3 -gencode arch=compute_90a,code=sm_90a $d -I"$t/csrc" \
       "$t/scripts/profile_tc_phases.cu" -o "$OUT/.profile_tc_$n"
     n=$((n + 1))
@@ -117,7 +119,7 @@ if has ab; then
   set_variants "${AB_TREES:-}" "${AB_DEFINES:-}"
   n=0; pids=()
   for v in "${variants[@]}"; do
-    t=${v%%:*} d=${v#*:}
+    t=${v%%:*} d=$(variant_flags "$v")
     nvcc -std=c++17 -O3 -gencode arch=compute_90a,code=sm_90a -DKDA_TC_TIMING_ONLY $d -I"$t/csrc" "$t/scripts/profile_tc_phases.cu" \
       -o "$OUT/.ab_tc_$n" >"$OUT/.ab_build_tc_$n.log" 2>&1 & pids+=($!)
     nvcc -std=c++17 -O3 -gencode arch=compute_90a,code=sm_90a $d -I"$t/csrc" "$t/scripts/profile_conv.cu" \
