@@ -45,7 +45,7 @@ step() {  # step NAME CMD...: run (at most STEP_TIMEOUT s), log to OUT/NAME.log,
 
 # variants=("TREE:DEFINE" ...): this tree, each tree in $1, and this tree built with each define in
 # $2 (the profile and ab stages); a comma joins defines into one variant
-# (-DKDA_TC_STATE_BULK=1,-DKDA_TC_STATE_WGMMA=1), which variant_flags splits for nvcc.
+# (-DKDA_TC_WY_WGMMA=1,-DKDA_TC_STATE_WGMMA=1), which variant_flags splits for nvcc.
 variant_flags() { local d=${1#*:}; echo "${d//,/ }"; }
 set_variants() {
   variants=(".:")

@@ -27,5 +27,4 @@ def test_mask_bits_follow_build_options_h():
     for i, name in enumerate(bd.OPTIONS):
         assert f"({name} ? {1 << i} : 0)" in src
     assert bd.names(0) == {n: 0 for n in bd.OPTIONS}
-    assert bd.names(2) == {"KDA_TC_WY_WGMMA": 0, "KDA_TC_STATE_WGMMA": 1, "KDA_TC_STATE_BULK": 0}
-    assert bd.names(5) == {"KDA_TC_WY_WGMMA": 1, "KDA_TC_STATE_WGMMA": 0, "KDA_TC_STATE_BULK": 1}
+    assert bd.names(2) == {"KDA_TC_WY_WGMMA": 0, "KDA_TC_STATE_WGMMA": 1}

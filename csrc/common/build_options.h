@@ -10,13 +10,10 @@
 #ifndef KDA_TC_STATE_WGMMA
 #define KDA_TC_STATE_WGMMA 0  // the 128-row state pass's products on wgmma (kda_prefill_tc_state.cuh)
 #endif
-#ifndef KDA_TC_STATE_BULK
-#define KDA_TC_STATE_BULK 0  // the state pass's record loads as bulk copies (kda_prefill_tc_state.cuh)
-#endif
 
 namespace kda {
 
-// Bit 0: KDA_TC_WY_WGMMA, bit 1: KDA_TC_STATE_WGMMA, bit 2: KDA_TC_STATE_BULK.
-constexpr int kBuildOptions = (KDA_TC_WY_WGMMA ? 1 : 0) | (KDA_TC_STATE_WGMMA ? 2 : 0) | (KDA_TC_STATE_BULK ? 4 : 0);
+// Bit 0: KDA_TC_WY_WGMMA, bit 1: KDA_TC_STATE_WGMMA.
+constexpr int kBuildOptions = (KDA_TC_WY_WGMMA ? 1 : 0) | (KDA_TC_STATE_WGMMA ? 2 : 0);
 
 }  // namespace kda

@@ -22,7 +22,6 @@
 
 #include <type_traits>
 
-#include "../common/bulk_copy.cuh"
 #include "kda_prefill_tc_common.cuh"
 #include "kda_prefill_tc_units.cuh"
 #include "kda_prefill_tc_wgmma.cuh"
@@ -36,14 +35,6 @@ namespace tc {
 
 template <int BV>
 constexpr bool kStateWgmma = KDA_TC_STATE_WGMMA && BV == 128;
-
-// KDA_TC_STATE_BULK=1 (opt-in until timed): the record's rows come in as bulk copies
-// (cp.async.bulk, common/bulk_copy.cuh) that one warp issues, completed on one mbarrier per
-// buffer, instead of 16-byte cp.async from every thread (at 32 rows about 16 per thread and chunk,
-// issued through the load/store pipeline that step 1's ldmatrix also waits on). Not for the wgmma
-// layout, whose 16-byte pieces scatter into core matrices.
-template <int BV>
-constexpr bool kStateBulk = KDA_TC_STATE_BULK && !kStateWgmma<BV>;
 
 // Row pitches (in fp16 elements) of the fp16 record arrays in shared memory: rows 4 banks apart,
 // so that the 4-byte loads of S W^T's B fragments (8 rows x 4 words per warp), the 2-byte loads of
@@ -77,7 +68,6 @@ struct alignas(128) StateSmem {
     __half Aqk[kC][kLdA];
     float EL[kK];
   } rec[2];
-  MBarrier full[2];  // kStateBulk: rec[b]'s copies complete on full[b], chunk j's in phase j / 2
   // kNCW > 1: the state as step 1's fp16 B operand (rows of pitch kLdR, like W's: a B fragment's
   // 8 rows x 4 channel pairs hit distinct banks); row r's channels of warp slice q are times
   // 1 / Sinv[q][r] (row_scales).
@@ -136,29 +126,6 @@ __device__ __forceinline__ void load_record(typename StateSmem<BV>::Record& r, c
     else copy_half_rows_async<kC, kLdA>(&r.Aqk[0][0], rec + kRecAqk);
   }
   copy_tile_async<1, kK, kK, kK>(&r.EL[0], rec + kRecEL);
-}
-
-// load_record's rows as bulk copies, issued by the lanes of one warp; lane 0 announces the bytes on
-// m (one arrival per phase).
-template <int BV>
-__device__ __forceinline__ void load_record_bulk(typename StateSmem<BV>::Record& r, const float* rec, int v0,
-                                                 bool outp, bool with_u, MBarrier* m, int lane) {
-  constexpr uint32_t kHalfRow = kK * 2, kAqkRow = kC * 2, kURow = BV * 4, kKdBytes = kK * kC * 2;
-  if (lane == 0)
-    mbarrier_arrive_expect_tx(m, (outp ? kC * (kHalfRow + kAqkRow) : 0) + kC * kHalfRow + kKdBytes +
-                                     (with_u ? kC * kURow : 0) + kK * 4);
-  for (int t = lane; t < kC; t += 32) {
-    if (outp) {
-      bulk_copy_g2s(&r.Qe[t][0], rec_half(rec, kRecQe) + t * kK, kHalfRow, m);
-      bulk_copy_g2s(&r.Aqk[t][0], rec_half(rec, kRecAqk) + t * kC, kAqkRow, m);
-    }
-    bulk_copy_g2s(&r.W[t][0], rec_half(rec, kRecW) + t * kK, kHalfRow, m);
-    if constexpr (!kKdChannelMajor) bulk_copy_g2s(&r.Kd[t][0], rec_half(rec, kRecKd) + t * kK, kHalfRow, m);
-    if (with_u) bulk_copy_g2s(&r.U[t][0], rec + kRecU + t * kK + v0, kURow, m);
-  }
-  if constexpr (kKdChannelMajor)  // Kd^T: 128 channel rows of 64 tokens
-    for (int c = lane; c < kK; c += 32) bulk_copy_g2s(&r.Kd[c][0], rec_half(rec, kRecKd) + c * kC, kAqkRow, m);
-  if (lane == 0) bulk_copy_g2s(&r.EL[0], rec + kRecEL, kK * 4, m);
 }
 
 // Lane L's row for ldsm_x4 of the m16n8k16 B fragments of two 8-wide n tiles n0, n0 + 8 over
@@ -328,25 +295,9 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
 #pragma unroll
     for (int j = 0; j < G::kSN; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
   }
-  // Chunk j's record into rec[j % 2].
-  auto load_chunk = [&](int j) {
-    const float* rec = chunk_record(p, cbase + j, h);
-    if constexpr (kStateBulk<BV>) {
-      if (warp == 0) load_record_bulk<BV>(sm.rec[j & 1], rec, v0, outp, !unit.transition, &sm.full[j & 1], lane);
-    } else {
-      load_record<BV>(sm.rec[j & 1], rec, v0, outp, !unit.transition);
-    }
-  };
-  if constexpr (kStateBulk<BV>) {
-    if (tid == 0) {
-      mbarrier_init(&sm.full[0], 1);
-      mbarrier_init(&sm.full[1], 1);
-    }
-    __syncthreads();
-  }
-  if (len > 0) load_chunk(0);
+  if (len > 0) load_record<BV>(sm.rec[0], chunk_record(p, cbase, h), v0, outp, !unit.transition);
   if constexpr (G::kNCW > 1) store_state_half<G::kSN>(sm.S, sm.Sinv[q], vr, cs, t4, s);
-  if constexpr (!kStateBulk<BV>) cp_async_wait_all();
+  cp_async_wait_all();
   if constexpr (kStateWgmma<BV>) fence_smem_for_wgmma();  // this thread's copies, for the wgmma reads
   __syncthreads();
 
@@ -354,10 +305,10 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
   for (int t0 = 0, j = 0; t0 < len; t0 += kC, ++j) {
     const int nt = min(kC, len - t0);
     auto& rs = sm.rec[j & 1];
-    if constexpr (kStateBulk<BV>) mbarrier_wait_parity(&sm.full[j & 1], (j >> 1) & 1);  // this chunk's record
     // The next chunk's record into the other buffer, whose last reads (step 3) were before the
-    // previous chunk's final barrier; waited for at this chunk's end (bulk: at the next one's start).
-    if (t0 + kC < len) load_chunk(j + 1);
+    // previous chunk's final barrier; waited for at this chunk's end.
+    if (t0 + kC < len)
+      load_record<BV>(sm.rec[(j + 1) & 1], chunk_record(p, cbase + j + 1, h), v0, outp, !unit.transition);
 
     if constexpr (G::kNCW == 1) {
       // A warp holds all 128 channels of its 16 value rows: X^T = S W^T and Y^T = S Qe^T,
@@ -630,7 +581,7 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
     const int tend = t0 + nt;
     if (ckpt && tend % kCheckpointEvery == 0)
       store_state_tiles(ckpt + (int64_t)(tend / kCheckpointEvery - 1) * p.inter_ss, vr, cs, s);
-    if constexpr (!kStateBulk<BV>) cp_async_wait_all();  // the next chunk's record (this thread's copies)
+    cp_async_wait_all();  // the next chunk's record (this thread's copies)
     if constexpr (kStateWgmma<BV>) fence_smem_for_wgmma();
     __syncthreads();      // this chunk's buffer free for the one after; the next chunk's record visible
     KDA_TC_MARK(kPrepPhases + 2);

@@ -64,22 +64,6 @@ struct Fiber {
 
 constexpr int kFragValues = 16;  // a, b, c of the largest product (m16n8k16: 8 + 4 + 4)
 
-// An mbarrier of a block's shared memory as the emulator tracks it: the arrivals a phase needs,
-// those still missing, the transaction bytes expected (arrive.expect_tx) and the bulk copies issued
-// (not yet done) in the current phase, and how many phases have completed.
-struct BulkCopy {
-  void* dst;
-  const void* src;
-  uint32_t bytes;
-};
-struct MBarrier {
-  const void* addr;
-  int count, pending;
-  int64_t tx;
-  uint32_t phase;
-  std::vector<BulkCopy> copies;
-};
-
 struct Block {
   int threads = 0;
   std::vector<Fiber> fibers;
@@ -87,7 +71,6 @@ struct Block {
   std::vector<uint32_t> shfl;    // one 32-bit slot per thread
   std::vector<float> frag;       // one mma.sync fragment set (a, b, c: up to 16 values) per thread
   std::vector<const void*> rows;  // one ldmatrix row address per thread
-  std::vector<MBarrier> mbars;   // the block's mbarriers (bulk copies), by address
   ucontext_t sched_ctx;
   jmp_buf sched;
   int current = 0;
@@ -394,49 +377,6 @@ inline void ldmatrix_x2(uint32_t* r, const void* row) {
     r[m] = (uint32_t)rp[2 * t] | (uint32_t)rp[2 * t + 1] << 16;
   }
   warp_barrier();
-}
-
-// mbarriers and bulk asynchronous copies (cp.async.bulk ... mbarrier::complete_tx::bytes). A copy
-// is done at the first wait on its barrier's phase, the latest moment the hardware may do it, so a
-// read of the destination without that wait sees the old bytes (poison, in the tests). A wait
-// fails where the hardware would hang or run on: arrivals missing, or transaction bytes that differ
-// from those expected.
-inline MBarrier& mbarrier_at(const void* addr) {
-  for (auto& m : g_blk->mbars)
-    if (m.addr == addr) return m;
-  fail("mbarrier: not initialised");
-  return g_blk->mbars.front();
-}
-inline void mbarrier_init(const void* addr, int count) {
-  if (reinterpret_cast<uintptr_t>(addr) % 8 != 0) fail("mbarrier: not 8-byte aligned");
-  for (auto& m : g_blk->mbars)
-    if (m.addr == addr) { m = MBarrier{addr, count, count, 0, 0, {}}; return; }
-  g_blk->mbars.push_back(MBarrier{addr, count, count, 0, 0, {}});
-}
-inline void mbarrier_arrive_expect_tx(const void* addr, uint32_t bytes) {
-  MBarrier& m = mbarrier_at(addr);
-  if (m.pending == 0) fail("mbarrier: more arrivals than its count in one phase");
-  --m.pending;
-  m.tx += bytes;
-}
-inline void bulk_copy(void* dst, const void* src, uint32_t bytes, const void* addr) {
-  if (reinterpret_cast<uintptr_t>(dst) % 16 != 0 || reinterpret_cast<uintptr_t>(src) % 16 != 0 || bytes % 16 != 0 ||
-      bytes == 0)
-    fail("cp.async.bulk: addresses and size must be multiples of 16 bytes");
-  mbarrier_at(addr).copies.push_back(BulkCopy{dst, src, bytes});
-}
-inline void mbarrier_wait_parity(const void* addr, uint32_t parity) {
-  MBarrier& m = mbarrier_at(addr);
-  if ((m.phase & 1u) != (parity & 1u)) return;  // that phase has completed
-  if (m.pending != 0) fail("mbarrier wait: arrivals of the phase are missing (the GPU would hang)");
-  for (const BulkCopy& c : m.copies) {
-    std::memcpy(c.dst, c.src, c.bytes);
-    m.tx -= c.bytes;
-  }
-  if (m.tx != 0) fail("mbarrier wait: the bulk copies' bytes differ from those the phase expects");
-  m.copies.clear();
-  m.pending = m.count;
-  ++m.phase;
 }
 
 // The warp's predicates as a bit mask (lane L in bit L), as __ballot_sync with a full mask.

@@ -194,18 +194,15 @@ def test_prefill_is_independent_of_the_thread_schedule(lib, kind, bv):
         assert torch.equal(out, results[0][0]) and torch.equal(pool, results[0][1])
 
 
-# The opt-in builds, the same bits as the default build: the prepare pass's phase 6b on wgmma
-# (kda_prefill_tc_wy.cuh, -DKDA_TC_WY_WGMMA=1), the 128-row state pass's products on wgmma
-# (kda_prefill_tc_state.cuh, -DKDA_TC_STATE_WGMMA=1, whose record holds Kd^T for every state CTA)
-# and the state pass's record as bulk copies (-DKDA_TC_STATE_BULK=1, alone and beside the wgmma
-# state pass, whose 32- and 64-row CTAs then copy Kd^T's rows), on mixed lengths and gates, both
-# pools, several items per CTA (bv 128), under a pass order and a greedy one (the warpgroup
-# products' barriers).
-@pytest.mark.parametrize("define", ["-DKDA_TC_WY_WGMMA=1", "-DKDA_TC_STATE_WGMMA=1", "-DKDA_TC_STATE_BULK=1",
-                                    "-DKDA_TC_STATE_BULK=1 -DKDA_TC_STATE_WGMMA=1"])
+# The opt-in wgmma builds, the same bits as the default mma.sync build: the prepare pass's phase 6b
+# (kda_prefill_tc_wy.cuh, -DKDA_TC_WY_WGMMA=1) and the 128-row state pass's products
+# (kda_prefill_tc_state.cuh, -DKDA_TC_STATE_WGMMA=1, whose record holds Kd^T for every state CTA),
+# on mixed lengths and gates, both pools, several items per CTA (bv 128), under a pass order and a
+# greedy one (the warpgroup products' barriers).
+@pytest.mark.parametrize("define", ["-DKDA_TC_WY_WGMMA=1", "-DKDA_TC_STATE_WGMMA=1"])
 @pytest.mark.parametrize("bv,order", [(32, 0), (128, 3)])
 def test_tensor_core_prefill_wgmma_build_same_bits(lib, bv, order, define):
-    wg = emulated.build(tuple(define.split()))
+    wg = emulated.build((define,))
     for lens, H, lb, pool_dtype, spike in (([0, 1, 17, 130, 9, 64, 200], 3, None, torch.float32, 1.0),
                                            ([5, 129, 64, 3], 2, -5.0, torch.bfloat16, 1.0),
                                            ([150, 70], 2, None, torch.float32, 30.0)):
