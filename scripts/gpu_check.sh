@@ -26,13 +26,21 @@
 # AB_DEFINES="-DKDA_TC_WY_WGMMA=1", the prepare pass's opt-in wgmma phase 6b), built side by side
 # and run interleaved, case by case, into OUTDIR/ab.txt (medians of 7 runs per case) and
 # OUTDIR/ab.json (scripts/ab_json.py; a variant without a result is a row with "error").
-# Set KDA_SERVING_COMMIT to name the commit in the JSON when the tree has no .git.
+# Set KDA_SERVING_COMMIT to name the commit in the JSON when the tree has no .git. WHEELS=DIR
+# installs the wheels in DIR (e.g. flash-linear-attention and fla-core 0.6.0, the benchmarks'
+# baseline) into WHEELS_TARGET (default /tmp/kda-wheels) first and puts it on PYTHONPATH, for a
+# machine without network (scripts/install_wheels_offline.sh).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-gpu-check-out}
 shift || true
 STAGES=${*:-build tests bench long}
 mkdir -p "$OUT"
+if [[ -n "${WHEELS:-}" ]]; then
+  target=${WHEELS_TARGET:-/tmp/kda-wheels}
+  scripts/install_wheels_offline.sh "$WHEELS" "$target" >"$OUT/wheels.log" 2>&1 || { echo "wheels failed: $OUT/wheels.log"; exit 1; }
+  export PYTHONPATH="$target${PYTHONPATH:+:$PYTHONPATH}"
+fi
 export MAX_JOBS=${MAX_JOBS:-$(nproc)} PYTHONUNBUFFERED=1
 rc=0
 has() { [[ " $STAGES " == *" $1 "* ]]; }
