@@ -32,10 +32,10 @@ static_assert(kC == kCheckpointEvery, "a chunk ends on every checkpoint");
 constexpr int kLdK = kK + 4;    // [64 x 128] arrays: Qr/Qe, Kq/Ke, Kb/Kd, beta v
 constexpr int kLdC = kC + 4;    // [64 x 64] arrays: A_qk, A_kk, T
 
-// KDA_TC_STATE_WGMMA=1 (opt-in until timed, common/build_options.h): the state pass's 128-row CTAs
-// run their products on wgmma (kda_prefill_tc_state.cuh), which takes Kd as a K-major B operand
-// only channel-major, so the record then holds Kd^T [128 channels x 64 tokens] (kKdChannelMajor)
-// for every state CTA.
+// KDA_TC_STATE_WGMMA=1 (opt-in, measured slower; common/build_options.h): the state pass's
+// 128-row CTAs run their products on wgmma (kda_prefill_tc_state.cuh), which takes Kd as a
+// K-major B operand only channel-major, so the record then holds Kd^T [128 channels x 64 tokens]
+// (kKdChannelMajor) for every state CTA.
 constexpr bool kKdChannelMajor = KDA_TC_STATE_WGMMA;
 
 // One workspace record per (chunk, head), unpadded rows (kda_prefill.h kTcRecordFloats; offsets in

@@ -8,9 +8,8 @@
 //  - default: 6b on mma.sync m16n8k8 per warp (wy_stage_mma / wy_products_mma);
 //  - KDA_TC_WY_WGMMA=1 (common/build_options.h): 6b on wgmma m64n64k8 per warpgroup
 //    (kda_prefill_tc_wgmma.cuh), its B operands in K-major core matrices. Same bits in the
-//    emulator; passed the tc-selected GPU tests (261) as the default of an H100 build, but not yet
-//    timed against the mma.sync build in one call, so it is opt-in (scripts/profile_tc_phases.cu
-//    takes -DKDA_TC_WY_WGMMA=1 for A/Bs).
+//    emulator; passed the tc-selected GPU tests (261) on an H100, and timed side by side with the
+//    mma.sync build (6bbb7c8) it was no faster, so it stays opt-in (docs/kernels.md).
 #pragma once
 
 #include "kda_prefill_tc_common.cuh"
