@@ -1,8 +1,10 @@
 """How the tensor-core prefill's record precision moves its error against the fp64 gold, on the CPU.
 
 Runs the torch mirror of the kernel (kda_serving/ops/tensorcore_mirror.py) with the record fields
-Qe, Kd, w, A_qk rounded to TF32, fp16 (what the kernel stores) or bf16, and u kept fp32 (what the
-kernel stores), rounded to bf16 or to fp16 under a power of two per 16-token tile and value row, over the cases of tests/ops/test_tensorcore_mirror.py plus v scaled by 1000; prints the
+Qe, Kd, w, A_qk rounded to TF32, fp16 (what the kernel stores) or bf16, and u = T beta v kept fp32
+(the kernel forms it in fp32 in its state pass; until its record held T beta, the prepare pass
+stored it in fp32), rounded to bf16 or to fp16 under a power of two per 16-token tile and value
+row, over the cases of tests/ops/test_tensorcore_mirror.py plus v scaled by 1000; prints the
 worst relative RMS error of outputs and final states per variant and the largest magnitude of each
 field, and writes them as JSON (--out). The numbers quoted in docs/kernels.md come from this script.
 
@@ -47,13 +49,13 @@ def u_fp16_tiles(u: torch.Tensor) -> torch.Tensor:
 def patched_mirror():
     """The mirror's source with its record-field rounding (_fp16, u) routed through hooks."""
     src = Path(tensorcore_mirror.__file__).read_text()
-    u_line = "    u = T_op @ _tf32(beta.t()[:, :, None] * v.permute(1, 0, 2))       # [H, C, V]\n"
+    u_line = "    u = _tf32(T_op * beta.t()[:, None, :]) @ v.permute(1, 0, 2)       # [H, C, V]; v bf16, exact\n"
     assert src.count("_fp16(") == 5 and u_line in src, "tensorcore_mirror.py changed: update this script"
     src = src.replace("def _fp16(", "def _fp16_unused(")
     for name in FIELDS:  # the call sites, in source order
         src = src.replace("_fp16(", f"_F_{name}(", 1)
-    src = src.replace(u_line, u_line.replace("= T_op @ _tf32(beta.t()[:, :, None] * v.permute(1, 0, 2))",
-                                             "= _U(T_op @ _tf32(beta.t()[:, :, None] * v.permute(1, 0, 2)))"))
+    src = src.replace(u_line, u_line.replace("= _tf32(T_op * beta.t()[:, None, :]) @ v.permute(1, 0, 2)",
+                                             "= _U(_tf32(T_op * beta.t()[:, None, :]) @ v.permute(1, 0, 2))"))
     src = src.replace("from .gates import", "from kda_serving.ops.gates import")
     ns = {"__name__": "mirror_record_precision_patched"}
     exec(compile(src, "tensorcore_mirror (patched)", "exec"), ns)

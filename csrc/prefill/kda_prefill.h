@@ -56,10 +56,11 @@ struct KdaPrefillParams {
 constexpr int kCheckpointEvery = 64;
 
 // The tensor-core kernel's workspace: one record of kTcRecordFloats (4-byte units; three fp16
-// [64 x 128] fields, an fp32 one, an fp16 [64 x 64] one and 128 floats, kda_prefill_tc_common.cuh)
+// [64 x 128] fields, an fp32 [64 x 64] one, an fp16 [64 x 64] one and 128 floats,
+// kda_prefill_tc_common.cuh)
 // per (chunk slot, head); floor(Ttot / 64) + N chunk slots cover any split of Ttot tokens into N
 // sequences (kda_prefill_tc_common.cuh chunk_base).
-constexpr int64_t kTcRecordFloats = 3 * 64 * 128 / 2 + 64 * 128 + 64 * 64 / 2 + 128;
+constexpr int64_t kTcRecordFloats = 3 * 64 * 128 / 2 + 64 * 64 + 64 * 64 / 2 + 128;
 inline int64_t tc_chunk_slots(int64_t total_tokens, int64_t N) { return total_tokens / 64 + N; }
 inline int64_t tc_workspace_floats(int64_t total_tokens, int64_t N, int64_t H) {
   return tc_chunk_slots(total_tokens, N) * H * kTcRecordFloats;

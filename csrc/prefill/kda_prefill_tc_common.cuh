@@ -5,6 +5,10 @@
 
 #include <cuda_fp16.h>
 
+#ifdef KDA_SIMT_EMULATOR
+#include <cstdlib>
+#endif
+
 #include "../common/build_options.h"
 #include "prefill_sequence.cuh"
 
@@ -43,15 +47,15 @@ constexpr bool kKdChannelMajor = KDA_TC_STATE_WGMMA;
 // A_qk, which the state pass only multiplies on tensor cores, are stored as fp16: its 10-bit
 // mantissa is TF32's, so they enter the TF32 products exactly as TF32-rounded fp32 would, at half
 // the bytes (the torch mirror measured the same error against fp64 with fp16 fields as with TF32
-// ones; they are bounded, Qe, A_qk by the attention scale and Kd, w by about 1). u scales with v and
-// stays fp32, as EL: fp16 under a power of two per 16-token tile and value row (0745975) made the
-// prepare pass's tail (the column maxima and scaling in 6b) slower by more than the state pass
-// gained from the smaller record (61086cc, H100; docs/kernels.md).
+// ones; they are bounded, Qe, A_qk by the attention scale and Kd, w by about 1). The record holds
+// T beta = T diag(beta) (fp32, TF32-rounded; only its blocks on and below the diagonal are written
+// and read) in place of u = T beta v: the state pass forms u from v itself, which the prepare pass
+// then never reads, and T beta is half u's bytes (docs/kernels.md, "u from v in the state pass").
 constexpr int kRecQe = 0;                      // fp16 [64 x 128] q decayed to the chunk start
 constexpr int kRecKd = kRecQe + kC * kK / 2;   // fp16 [64 x 128] k decayed to the chunk end (or its transpose)
 constexpr int kRecW = kRecKd + kC * kK / 2;    // fp16 [64 x 128] w = T beta Ke
-constexpr int kRecU = kRecW + kC * kK / 2;     // fp32 [64 x 128 value rows] u = T beta v
-constexpr int kRecAqk = kRecU + kC * kK;       // fp16 [64 x 64] A_qk
+constexpr int kRecTb = kRecW + kC * kK / 2;    // fp32 [64 x 64] T diag(beta), TF32-rounded, lower blocks
+constexpr int kRecAqk = kRecTb + kC * kC;      // fp16 [64 x 64] A_qk
 constexpr int kRecEL = kRecAqk + kC * kC / 2;  // fp32 [128] the chunk's total decay per channel
 static_assert(kRecEL + kK == kTcRecordFloats, "kda_prefill.h's record size");
 
@@ -153,6 +157,30 @@ __device__ unsigned long long kda_tc_phase_cycles[kPhases];
   do {                       \
   } while (0)
 #endif
+
+// 4 / 8 consecutive bf16 values as loaded (bf16 pairs in 32-bit words, first in the low half):
+// one 8- / 16-byte load when vec (the caller checked the alignment), else 2-byte loads packed,
+// which wait for their data here.
+__device__ __forceinline__ uint2 ld_raw4(const __nv_bfloat16* src, bool vec) {
+  if (vec) {
+#ifdef KDA_SIMT_EMULATOR
+    if (reinterpret_cast<uintptr_t>(src) % 8 != 0) std::abort();  // the CPU would not notice
+#endif
+    return *reinterpret_cast<const uint2*>(src);
+  }
+  const unsigned short* h = reinterpret_cast<const unsigned short*>(src);
+  return make_uint2(h[0] | (unsigned)h[1] << 16, h[2] | (unsigned)h[3] << 16);
+}
+__device__ __forceinline__ uint4 ld_raw8(const __nv_bfloat16* src, bool vec) {
+  if (vec) {
+#ifdef KDA_SIMT_EMULATOR
+    if (reinterpret_cast<uintptr_t>(src) % 16 != 0) std::abort();
+#endif
+    return *reinterpret_cast<const uint4*>(src);
+  }
+  const uint2 lo = ld_raw4(src, false), hi = ld_raw4(src + 4, false);
+  return make_uint4(lo.x, lo.y, hi.x, hi.y);
+}
 
 // Round to TF32 as the tensor cores' operands (cvt.rna: nearest, ties away from zero), as float.
 // For a finite x (every operand here) adding half a TF32 unit to the bit pattern and dropping the

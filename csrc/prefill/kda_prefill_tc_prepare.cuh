@@ -1,9 +1,9 @@
 // Tensor-core chunked prefill, pass 1 of 2: everything of a 64-token chunk that does not depend
 // on the state, for all chunks of all sequences at once. A work item is a (chunk slot, head), one
-// CTA of kPrepWarp (16) warps per SM walks items; an item reads the chunk's q, k, g, beta, v once
+// CTA of kPrepWarp (16) warps per SM walks items; an item reads the chunk's q, k, g, beta once
 // and writes one workspace record (kda_prefill_tc_common.cuh): Qe, Kd, A_qk, the chunk's total
-// decay EL, and the WY factors u = T beta v and w = T beta Ke, so that the serial state pass
-// (kda_prefill_tc_state.cuh) is left with U = u - w S^T, O = Qe S^T + A_qk U and
+// decay EL, the WY factor w = T beta Ke and T beta, so that the serial state pass
+// (kda_prefill_tc_state.cuh) is left with u = T beta v, U = u - w S^T, O = Qe S^T + A_qk U and
 // S <- S diag(EL) + U^T Kd.
 //
 // With a_t = exp(g_t) <= 1 per channel, Ploc/Rloc the forward/backward running products of a_t
@@ -33,7 +33,7 @@ namespace kda {
 namespace tc {
 
 struct alignas(128) PrepSmem {
-  float Qr[kC][kLdK];  // q Ploc (stored as Qe = Qr pre), then beta v (6a, kda_prefill_tc_wy.cuh)
+  float Qr[kC][kLdK];  // q Ploc (stored as Qe = Qr pre)
   float Kq[kC][kLdK];  // k Ploc
   float Kb[kC][kLdK];  // k Rloc (stored as Kd = Kb post), then beta Ke = beta Kq pre (6a)
   union {
@@ -54,7 +54,6 @@ struct alignas(128) PrepSmem {
   float EL[kK];
   float beta[kC];
   float dqk[kC];  // q_i . k_i (scale in q) in fp32: A_qk's diagonal entries on the fast path
-  uint4 vq[kC][kK / 8];  // the item's v as loaded (bf16), for 6a (issue_v_copies)
   PrepItem items[2];  // item j of the CTA's walk in items[j % 2] (the lookup lane writes j + 2 in 3b)
 };
 
@@ -99,7 +98,7 @@ __device__ __forceinline__ void off_diag_block(int job, int& I, int& J) {
 // are issued as soon as this item's are unpacked, so their latency overlaps this item's work
 // instead of stalling the CTA (one per SM); that takes 8-byte aligned rows (qkg_rows_aligned),
 // else the 2-byte loads wait where they are issued.
-// kAligned: every q, k, g row 8-byte and every v row 16-byte aligned (prep_rows_aligned, checked by
+// kAligned: every q, k, g row 8-byte aligned (prep_rows_aligned, checked by
 // the launcher), so only vector loads are built; else each sequence's rows are checked here.
 template <bool kAligned>
 __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel(const KdaPrefillParams p) {
@@ -193,7 +192,6 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
       if (lane < kPer) sm.beta[bi] = bsig;
       KDA_TC_MARK(0);  // the profile build's thread 0 only: no barrier at these two marks
       issue_item_loads(sm.items[(it + 1) & 1]);
-      issue_v_copies(p, tv, t0, nt, tid / 16, tid % 16 * 8, kAligned || rows_aligned(tv.v, p.v_st, 16), sm.vq);
       KDA_TC_MARK(1);
       // The gate's form and a token's liveness are the same in every lane: tested per token, not
       // per element.
@@ -492,10 +490,9 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
 #endif
     // 5. The record's A_qk (fp16) and EL, final since 3b: out now, while threads 0..63 solve (the
     // rest start on it at once), so that the stores drain during 4a and 4b instead of queueing
-    // ahead of u and w in phase 6.
+    // ahead of T beta and w in phase 6.
     store_rows_half(rec_half(rec, kRecAqk), &sm.Aqk[0][0], kLdC, kC, nullptr, tid, kPrepThr);
     if (tid < kK) rec[kRecEL + tid] = sm.EL[tid];
-    cp_async_wait_all();  // this thread's v copies (issued in 1b), for any thread's 6a after the barrier
     __syncthreads();
     KDA_TC_MARK(7);
 
@@ -548,12 +545,13 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
       }
     }
 
-    // 6a, 6b. The WY factors u = T (beta v) and w = T (beta Ke) into the record
-    //     (kda_prefill_tc_wy.cuh): 6a writes beta v and beta Ke as B operands, every thread (warps
-    //     0..2 after their 4b), 6b multiplies them by T on tensor cores.
+    // 6a, 6b. T beta and the WY factor w = T (beta Ke) into the record (kda_prefill_tc_wy.cuh):
+    //     6a writes beta Ke as the B operand, every thread (warps 0..2 after their 4b); 6b stores
+    //     T beta (its stores drain during the product) and multiplies beta Ke by T on tensor cores.
     wy_stage(sm, tid);
     __syncthreads();
     KDA_TC_MARK(8);
+    store_t_beta(sm, rec, tid);
     wy_products(sm, rec, warp, lane);
     KDA_TC_MARK(9);  // (the barrier before the next item's writes sits in its phase 1)
   }

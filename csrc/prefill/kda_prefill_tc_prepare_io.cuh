@@ -1,40 +1,12 @@
 // The tensor-core prepare pass's global-memory traffic (kda_prefill_tc_prepare.cuh): a chunk's
-// q, k, g, beta and v loads (vector loads where every row is aligned, else 2-byte loads), kept
-// raw until used, and the coalesced stores of its workspace record.
+// q, k, g and beta loads (vector loads where every row is aligned, else 2-byte loads), kept raw
+// until used, and the coalesced stores of its workspace record.
 #pragma once
-
-#ifdef KDA_SIMT_EMULATOR
-#include <cstdlib>
-#endif
 
 #include "kda_prefill_tc_common.cuh"
 
 namespace kda {
 namespace tc {
-
-// 4 / 8 consecutive bf16 values as loaded (bf16 pairs in 32-bit words, first in the low half):
-// one 8- / 16-byte load when vec (the caller checked the alignment), else 2-byte loads packed,
-// which wait for their data here.
-__device__ __forceinline__ uint2 ld_raw4(const __nv_bfloat16* src, bool vec) {
-  if (vec) {
-#ifdef KDA_SIMT_EMULATOR
-    if (reinterpret_cast<uintptr_t>(src) % 8 != 0) std::abort();  // the CPU would not notice
-#endif
-    return *reinterpret_cast<const uint2*>(src);
-  }
-  const unsigned short* h = reinterpret_cast<const unsigned short*>(src);
-  return make_uint2(h[0] | (unsigned)h[1] << 16, h[2] | (unsigned)h[3] << 16);
-}
-__device__ __forceinline__ uint4 ld_raw8(const __nv_bfloat16* src, bool vec) {
-  if (vec) {
-#ifdef KDA_SIMT_EMULATOR
-    if (reinterpret_cast<uintptr_t>(src) % 16 != 0) std::abort();
-#endif
-    return *reinterpret_cast<const uint4*>(src);
-  }
-  const uint2 lo = ld_raw4(src, false), hi = ld_raw4(src + 4, false);
-  return make_uint4(lo.x, lo.y, hi.x, hi.y);
-}
 
 constexpr float kLog2e = 1.4426950408889634f;  // e^x = 2^(x kLog2e): the MUFU forms below
 
@@ -83,12 +55,10 @@ __host__ __device__ __forceinline__ bool qkg_rows_aligned(const KdaPrefillParams
          head_rows_aligned(p.g, p.g_st, p.g_sh, 8);
 }
 
-// And v's rows 16-byte aligned (phase 6a's 8-value loads): the launcher then runs the prepare
-// kernel built for aligned rows, which holds no 2-byte load path. With a runtime flag both paths'
-// loads were issued, one set predicated off: four times the load instructions the inputs need.
-inline bool prep_rows_aligned(const KdaPrefillParams& p) {
-  return qkg_rows_aligned(p) && head_rows_aligned(p.v, p.v_st, p.v_sh, 16);
-}
+// The launcher then runs the prepare kernel built for aligned rows, which holds no 2-byte load
+// path. With a runtime flag both paths' loads were issued, one set predicated off: four times the
+// load instructions the inputs need.
+inline bool prep_rows_aligned(const KdaPrefillParams& p) { return qkg_rows_aligned(p); }
 
 // A chunk's q, k, g, beta as loaded (bf16), one warp per token t0 + warp + kPrepWarp m, 4 channels
 // per lane from c4, zero past the end, and its head's dt_bias, A_log: kept raw so that the loads
@@ -178,28 +148,6 @@ __device__ __forceinline__ PrepItem find_prep_item(const KdaPrefillParams& p, co
     e.t0 = (int)(e.cslot - chunk_base(p, n, base_tok)) * kC;
   }
   return e;
-}
-
-// The v copies: thread tid copies value rows r8 .. r8+7 (r8 = tid % 16 * 8) of the kVPer tokens
-// tid / 16 + kVStride m (phase 6a reads them with another mapping, after a barrier).
-constexpr int kVStride = kPrepThr / 16, kVPer = kC / kVStride;
-
-// Phase 6a's v into shared memory (dst[token][8-value group], raw bf16), issued at the item's
-// start: value rows r8 .. r8+7 of tokens t0 + i0 + kVStride m, zero past the end; every thread
-// waits for its own (cp_async_wait_all) before the barrier that ends phase 5, and 6a reads them
-// after it. vec: 16-byte asynchronous copies (rows 16-byte aligned); else 2-byte loads, which
-// wait here. Held in registers from 4a on (before), the loads were still in flight when 6a
-// needed them.
-__device__ __forceinline__ void issue_v_copies(const KdaPrefillParams& p, const TokenView& tv, int t0, int nt, int i0,
-                                               int r8, bool vec, uint4 (*dst)[kK / 8]) {
-  const __nv_bfloat16* vp = tv.v + (int64_t)(t0 + i0) * p.v_st + r8;
-#pragma unroll
-  for (int m = 0; m < kVPer; ++m, vp += kVStride * p.v_st) {
-    uint4* d = &dst[i0 + kVStride * m][r8 / 8];
-    if (i0 + kVStride * m >= nt) *d = make_uint4(0u, 0u, 0u, 0u);
-    else if (vec) cp_async16(d, vp);
-    else *d = ld_raw8(vp, false);
-  }
 }
 
 // A [64 x cols] shared fp32 array (row pitch ld) to an fp16 record field, coalesced, by threads

@@ -1,10 +1,12 @@
 // Tensor-core chunked prefill, pass 2 of 2: the serial part. One CTA per (sequence, head, block
 // of BV = 128, 64 or 32 value rows), 8 warps; the launcher picks BV. Per 64-token chunk it reads
-// the record the prepare pass wrote (kda_prefill_tc_prepare.cuh; Qe, w, Kd, A_qk in fp16) and
-// computes, with fp32 accumulation,
-//   U = u - w S^T;  O = Qe S^T + A_qk U;  S <- S diag(EL) + U^T Kd
-// all four on fp16 tensor cores (mma.sync m16n8k16; fp16 has TF32's mantissa, so only the range
-// needs care): the state times a power of two per value row (RowScale), and U per value row too,
+// the record the prepare pass wrote (kda_prefill_tc_prepare.cuh; Qe, w, Kd, A_qk in fp16, T beta
+// in fp32) and the chunk's v, and computes, with fp32 accumulation,
+//   U = T beta v - w S^T;  O = Qe S^T + A_qk U;  S <- S diag(EL) + U^T Kd
+// u = T beta v on TF32 tensor cores (v's bf16 values are exact TF32 operands; the product does not
+// depend on the state, so it only adds to the chunk's work, not to its dependent chain), the rest
+// on fp16 tensor cores (mma.sync m16n8k16; fp16 has TF32's mantissa, so only the range needs
+// care): the state times a power of two per value row (RowScale), and U per value row too,
 // with 128 rows under one scale that also fits the sums it joins, with fewer rows per (16-token
 // tile, value row), each tile's partial product scaled back on its own. Operands come from
 // ldmatrix.
@@ -42,6 +44,9 @@ constexpr bool kStateWgmma = KDA_TC_STATE_WGMMA && BV == 128;
 // word).
 constexpr int kLdR = kK + 8;
 constexpr int kLdA = kC + 8;
+// T beta's rows (floats) 8 banks apart: the 8-byte loads of its fragments (8 rows x 4 column
+// pairs per half-warp) hit 32 distinct banks.
+constexpr int kLdTb = kC + 8;
 
 template <int BV>
 struct StateTiling {
@@ -50,7 +55,7 @@ struct StateTiling {
   static constexpr int kCW = kK / kNCW;         // channels of the state a warp holds
   static constexpr int kSN = kCW / 8;           // its 8-channel state tiles
   static constexpr int kUnits = BV / 32;        // steps 1 and 3: (16 tokens x 16 rows) units per warp
-  static constexpr int kLdU = BV + 8;           // u rows 8 banks apart, like kLdR
+  static constexpr int kLdV = BV + 8;           // bf16 v rows: 16-byte aligned, ldmatrix rows on distinct banks
   static constexpr int kLdUh = BV + 8;          // fp16 U rows: 16-byte aligned, ldmatrix rows on distinct banks
   static_assert(kVT * kNCW == kWarp && kUnits * kWarp * 256 == kC * BV, "BV = 128, 64 or 32");
 };
@@ -64,7 +69,8 @@ struct alignas(128) StateSmem {
     // Kd [tokens][channels] in rows of pitch kLdR, or (kKdChannelMajor) Kd^T [channels][tokens]
     // in rows of pitch kLdA (ldmatrix rows on distinct banks, as A_qk's).
     __half Kd[kKdChannelMajor ? kK : kC][kKdChannelMajor ? kLdA : kLdR];
-    float U[kC][G::kLdU];  // u (this CTA's value rows)
+    float Tb[kC][kLdTb];   // T beta, blocks on and below the diagonal
+    __nv_bfloat16 V[kC][G::kLdV];  // the chunk's v (this CTA's value rows), zero past the end
     __half Aqk[kC][kLdA];
     float EL[kK];
   } rec[2];
@@ -98,12 +104,42 @@ __device__ __forceinline__ void copy_half_cores_async(__half* dst, const float* 
   }
 }
 
-// A chunk's record into one buffer: w, Kd, EL, this CTA's columns of u (none for transition rows,
-// whose u is 0) and, for a CTA that writes outputs, Qe and A_qk. W, Qe, Kd and A_qk in padded
-// rows, or in wgmma's layout (kStateWgmma; the arrays are large enough for either).
+// T beta's blocks on and below the diagonal (those above are never written or read) into shared
+// rows of pitch kLdTb: round r copies block row r, 16 rows x 16 (r + 1) floats.
+__device__ __forceinline__ void copy_t_beta_async(float (*dst)[kLdTb], const float* src) {
+  const int i = threadIdx.x / 16, c = threadIdx.x % 16 * 4;
+  static_assert(kThr == 16 * kBlk, "a round is one block row");
+#pragma unroll
+  for (int r = 0; r < kNB; ++r)
+    if (c / kBlk <= r) cp_async16(&dst[kBlk * r + i][c], src + (kBlk * r + i) * kC + c);
+}
+
+// The chunk's v rows t0 .. t0 + nt - 1 (BV values from the TokenView's column) into shared rows,
+// 16 bytes a piece: asynchronous copies where v's rows are 16-byte aligned (vec), else 2-byte
+// loads that wait here; rows past the end zero, so that T beta's zero columns there meet zeros.
 template <int BV>
-__device__ __forceinline__ void load_record(typename StateSmem<BV>::Record& r, const float* rec, int v0, bool outp,
-                                            bool with_u) {
+__device__ __forceinline__ void copy_v_rows(__nv_bfloat16 (*dst)[StateTiling<BV>::kLdV], const TokenView& tv, int t0,
+                                            int nt, bool vec) {
+  constexpr int kPerRow = BV / 8, kPieces = kC * kPerRow;
+  static_assert(kPieces % kThr == 0, "whole rounds of copies");
+#pragma unroll
+  for (int m = 0; m < kPieces / kThr; ++m) {
+    const int piece = threadIdx.x + m * kThr, i = piece / kPerRow, c = piece % kPerRow * 8;
+    uint4* d = reinterpret_cast<uint4*>(&dst[i][c]);
+    const __nv_bfloat16* src = tv.v + (int64_t)(t0 + i) * tv.sv + c;
+    if (i >= nt) *d = make_uint4(0u, 0u, 0u, 0u);
+    else if (vec) cp_async16(d, src);
+    else *d = ld_raw8(src, false);
+  }
+}
+
+// A chunk's record into one buffer: w, Kd, EL, for all but transition rows (whose u is 0) T beta
+// and the chunk's v (tokens t0 .. t0 + nt - 1 of tv), and, for a CTA that writes outputs, Qe and
+// A_qk. W, Qe, Kd and A_qk in padded rows, or in wgmma's layout (kStateWgmma; the arrays are large
+// enough for either).
+template <int BV>
+__device__ __forceinline__ void load_record(typename StateSmem<BV>::Record& r, const float* rec, const TokenView& tv,
+                                            int t0, int nt, bool vec_v, bool outp, bool with_u) {
   if constexpr (kStateWgmma<BV>) {
     static_assert(sizeof(r.W) >= kC * kK * sizeof(__half) && sizeof(r.Aqk) >= kC * kC * sizeof(__half) &&
                       sizeof(r.Kd) >= kK * kC * sizeof(__half),
@@ -120,7 +156,10 @@ __device__ __forceinline__ void load_record(typename StateSmem<BV>::Record& r, c
     copy_tile_async<kK, kC / 2, kLdA / 2, kC / 2>(reinterpret_cast<float*>(&r.Kd[0][0]), rec + kRecKd);
   else
     copy_half_rows_async<kK, kLdR>(&r.Kd[0][0], rec + kRecKd);
-  if (with_u) copy_tile_async<kC, BV, StateTiling<BV>::kLdU, kK>(&r.U[0][0], rec + kRecU + v0);
+  if (with_u) {
+    copy_t_beta_async(r.Tb, rec + kRecTb);
+    copy_v_rows<BV>(r.V, tv, t0, nt, vec_v);
+  }
   if (outp) {
     if constexpr (kStateWgmma<BV>) copy_half_cores_async<kC, kC>(&r.Aqk[0][0], rec + kRecAqk);
     else copy_half_rows_async<kC, kLdA>(&r.Aqk[0][0], rec + kRecAqk);
@@ -247,6 +286,64 @@ __device__ __forceinline__ void store_state_half(__half (*S)[kLdR], float* sinv,
   }
 }
 
+// bf16 pairs (lower token in the low half) as two TF32 operands: a bf16 value's bits are the top
+// half of its fp32 bits, exact in TF32.
+__device__ __forceinline__ uint32_t bf16_lo_tf32(uint32_t pair) { return pair << 16; }
+__device__ __forceinline__ uint32_t bf16_hi_tf32(uint32_t pair) { return pair & 0xffff0000u; }
+
+// The u = T beta v products on TF32 tensor cores (m16n8k8), with the contraction over tokens in
+// the order ldmatrix .trans hands v out: k-slots t4 and t4 + 4 are tokens 8 ks + 2 t4 and
+// 8 ks + 2 t4 + 1 (one bf16 pair of v, one 8-byte load of T beta's row). T beta is 0 above its
+// diagonal, so token tile i sums over k-steps ks <= i only.
+//
+// 128-row CTAs: d[jt] += u^T [16 value rows vr0 .. x 8 tokens 8 jt ..] (the accumulator layout of
+// X^T), A = v^T (v's 16 x 8 tiles transposed as they load), B = T beta^T.
+template <int kLdV>
+__device__ __forceinline__ void add_u_rows(float (&d)[8][4], const __nv_bfloat16 (*V)[kLdV], const float (*Tb)[kLdTb],
+                                           int vr0, int lane) {
+  const int g = lane / 4, t4 = lane % 4, m = lane / 8;
+#pragma unroll
+  for (int kp = 0; kp < kC / 16; ++kp) {  // k-steps 2 kp, 2 kp + 1; matrices (k-step, rows lo / hi)
+    uint32_t r[4];
+    ldsm_x4<true>(r, reinterpret_cast<const __half*>(&V[16 * kp + 8 * (m / 2) + lane % 8][vr0 + 8 * (m % 2)]));
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int ks = 2 * kp + h;
+      const uint32_t a[4] = {bf16_lo_tf32(r[2 * h]), bf16_lo_tf32(r[2 * h + 1]), bf16_hi_tf32(r[2 * h]),
+                             bf16_hi_tf32(r[2 * h + 1])};
+#pragma unroll
+      for (int jt = ks; jt < 8; ++jt) {
+        const float2 b = *reinterpret_cast<const float2*>(&Tb[8 * jt + g][8 * ks + 2 * t4]);
+        mma_tf32(d[jt], a, __float_as_uint(b.x), __float_as_uint(b.y));
+      }
+    }
+  }
+}
+
+// Token-major units: d[nn] += u [16 tokens 16 tt .. x 8 value rows r0 + 8 nn ..] (the accumulator
+// layout of X), A = T beta (rows 16 tt + g, + 8), B = v (its 8 x 8 tiles transposed as they load).
+template <int kLdV>
+__device__ __forceinline__ void add_u_tokens(float (&d)[2][4], const __nv_bfloat16 (*V)[kLdV],
+                                             const float (*Tb)[kLdTb], int tt, int r0, int lane) {
+  const int g = lane / 4, t4 = lane % 4, m = lane / 8;
+#pragma unroll 1
+  for (int kp = 0; kp <= tt; ++kp) {  // k-steps 2 kp, 2 kp + 1; matrices (k-step, rows nn)
+    uint32_t r[4];
+    ldsm_x4<true>(r, reinterpret_cast<const __half*>(&V[16 * kp + 8 * (m / 2) + lane % 8][r0 + 8 * (m % 2)]));
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int k = 16 * kp + 8 * h + 2 * t4;
+      const float2 lo = *reinterpret_cast<const float2*>(&Tb[16 * tt + g][k]);
+      const float2 hi = *reinterpret_cast<const float2*>(&Tb[16 * tt + g + 8][k]);
+      const uint32_t a[4] = {__float_as_uint(lo.x), __float_as_uint(hi.x), __float_as_uint(lo.y),
+                             __float_as_uint(hi.y)};
+#pragma unroll
+      for (int nn = 0; nn < 2; ++nn)
+        mma_tf32(d[nn], a, bf16_lo_tf32(r[2 * h + nn]), bf16_hi_tf32(r[2 * h + nn]));
+    }
+  }
+}
+
 }  // namespace tc
 
 // grid = (V / BV, H, N), tc::kThr threads, dynamic smem sizeof(tc::StateSmem<BV>); runs after
@@ -295,7 +392,9 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
 #pragma unroll
     for (int j = 0; j < G::kSN; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
   }
-  if (len > 0) load_record<BV>(sm.rec[0], chunk_record(p, cbase, h), v0, outp, !unit.transition);
+  const bool vec_v = rows_aligned(tv.v, tv.sv, 16);  // v's rows take 16-byte copies
+  if (len > 0)
+    load_record<BV>(sm.rec[0], chunk_record(p, cbase, h), tv, 0, min(kC, len), vec_v, outp, !unit.transition);
   if constexpr (G::kNCW > 1) store_state_half<G::kSN>(sm.S, sm.Sinv[q], vr, cs, t4, s);
   cp_async_wait_all();
   if constexpr (kStateWgmma<BV>) fence_smem_for_wgmma();  // this thread's copies, for the wgmma reads
@@ -308,7 +407,8 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
     // The next chunk's record into the other buffer, whose last reads (step 3) were before the
     // previous chunk's final barrier; waited for at this chunk's end.
     if (t0 + kC < len)
-      load_record<BV>(sm.rec[(j + 1) & 1], chunk_record(p, cbase + j + 1, h), v0, outp, !unit.transition);
+      load_record<BV>(sm.rec[(j + 1) & 1], chunk_record(p, cbase + j + 1, h), tv, t0 + kC, min(kC, len - t0 - kC),
+                      vec_v, outp, !unit.transition);
 
     if constexpr (G::kNCW == 1) {
       // A warp holds all 128 channels of its 16 value rows: X^T = S W^T and Y^T = S Qe^T,
@@ -368,19 +468,13 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
           }
         }
       }
-      // U = u - X in fp32, kept in X's registers: the lane's U^T[vr][t], [vr][t+1], [vr+8][t],
-      // [vr+8][t+1], t = 8 jt + 2 t4, which for jt = 2kk, 2kk + 1 are the m16n8k16 A fragment of
-      // U^T over tokens 16kk .. 16kk + 15 as they stand, so U never goes to shared memory.
-      const bool zu = unit.transition;  // u = 0 (not loaded)
-#pragma unroll
-      for (int jt = 0; jt < 8; ++jt) {
-        const float* u0 = &rs.U[8 * jt + 2 * t4][vr];  // x[jt] = X^T[vr][t], [vr][t+1], [vr+8][t], [vr+8][t+1]
-        const float* u1 = u0 + G::kLdU;
-        x[jt][0] = (zu ? 0.f : u0[0]) - x[jt][0] * r0.inv;
-        x[jt][1] = (zu ? 0.f : u1[0]) - x[jt][1] * r0.inv;
-        x[jt][2] = (zu ? 0.f : u0[8]) - x[jt][2] * r1.inv;
-        x[jt][3] = (zu ? 0.f : u1[8]) - x[jt][3] * r1.inv;
-      }
+      // U = u - X in fp32, kept in X's registers: -X unscaled, then u = T beta v added on the
+      // tensor cores (add_u_rows; none for transition rows, whose u is 0). The lane's U^T[vr][t],
+      // [vr][t+1], [vr+8][t], [vr+8][t+1], t = 8 jt + 2 t4, which for jt = 2kk, 2kk + 1 are the
+      // m16n8k16 A fragment of U^T over tokens 16kk .. 16kk + 15 as they stand, so U never goes to
+      // shared memory.
+      scale_tiles(x, -r0.inv, -r1.inv);
+      if (!unit.transition) add_u_rows<G::kLdV>(x, rs.V, rs.Tb, vt * 16, lane);
       KDA_TC_MARK(kPrepPhases);  // thread 0 only: no barrier here
 
       // 2. O^T += U^T A_qk^T (A_qk is 0 above the diagonal: token tiles jt >= 2kk only) and
@@ -496,18 +590,20 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
           }
         }
         // x[nn] = X[m0][r], X[m0][r+1], X[m0+8][r], X[m0+8][r+1] with r = rt*16 + nn*8 + 2 t4.
-        // U = u - X to the fp16 copy Uh, each value row's 16 tokens of this unit times their own
+        // U = u - X: -X, then u = T beta v added on the tensor cores (add_u_tokens; none for
+        // transition rows, whose u is 0). U to the fp16 copy Uh, each value row's 16 tokens of this unit times their own
         // power of two (RowScale; the 8 lanes of a t4 hold them), whose inverse goes to
         // Uinv[tt][r]: steps 2 and 3 contract over tokens one 16-token tile at a time, so each
         // tile's partial product is scaled back on its own.
-        const bool zu = unit.transition;  // u = 0 (not loaded)
+#pragma unroll
+        for (int nn = 0; nn < 2; ++nn)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) x[nn][e] = -x[nn][e];
+        if (!unit.transition) add_u_tokens<G::kLdV>(x, rs.V, rs.Tb, tt, rt * 16, lane);
 #pragma unroll
         for (int nn = 0; nn < 2; ++nn) {
           const int r = rt * 16 + nn * 8 + 2 * t4;
-          const float2 a = zu ? make_float2(0.f, 0.f) : *reinterpret_cast<const float2*>(&rs.U[m0][r]);
-          const float2 b = zu ? make_float2(0.f, 0.f) : *reinterpret_cast<const float2*>(&rs.U[m0 + 8][r]);
-          const float u[4] = {a.x - x[nn][0], a.y - x[nn][1], b.x - x[nn][2], b.y - x[nn][3]};
-          const ColumnHalves uh(u);
+          const ColumnHalves uh(x[nn]);
           *reinterpret_cast<uint32_t*>(&sm.Uh[m0][r]) = uh.lo;
           *reinterpret_cast<uint32_t*>(&sm.Uh[m0 + 8][r]) = uh.hi;
           if (g == 0) *reinterpret_cast<float2*>(&sm.Uinv[tt][r]) = uh.inv;

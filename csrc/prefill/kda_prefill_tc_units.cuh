@@ -43,10 +43,11 @@ __device__ __forceinline__ bool state_unit(const KdaPrefillParams& p, int r0, in
   return !u.transition || (u.flags & kUnitTransition);
 }
 
-// The unit's tokens of a sequence's TokenView: its output rows and length (the state pass reads
-// nothing else of it).
+// The unit's tokens of a sequence's TokenView: its v and output rows and its length (the state
+// pass reads nothing else of it).
 __device__ __forceinline__ void unit_tokens(TokenView& tv, const StateUnit& u) {
   const int64_t first = (int64_t)u.chunk0 * kC;
+  tv.v += first * tv.sv;
   tv.o += first * tv.so;
   const int64_t rest = tv.len - first;
   tv.len = (int)(rest < 0 ? 0 : rest < (int64_t)u.chunks * kC ? rest : (int64_t)u.chunks * kC);

@@ -84,7 +84,7 @@ prefill_chunked = _prefill_op("kda_prefill_chunked", "Chunked CUDA-core kernel (
 # The tensor-core kernel's workspace (csrc/prefill/kda_prefill.h): one record per (64-token chunk
 # slot, head) of TC_RECORD_FLOATS 4-byte units (fp16 and fp32 fields); a call of Ttot tokens in N
 # sequences uses (Ttot // 64 + N) * H records.
-TC_RECORD_FLOATS = 3 * 64 * 128 // 2 + 64 * 128 + 64 * 64 // 2 + 128
+TC_RECORD_FLOATS = 3 * 64 * 128 // 2 + 64 * 64 + 64 * 64 // 2 + 128
 TC_SCRATCH = DeviceScratch(torch.float32)  # the tensor-core prefill's workspaces
 DECODE_SCRATCH = DeviceScratch(torch.bfloat16)  # the fused decode's conv outputs
 

@@ -1,5 +1,5 @@
 """A bounded workspace for the tensor-core prefill (``_ext.prefill_tc``): its workspace grows with
-the call (one 88.5-KB record per 64-token chunk slot and head, 1.4 KB per token and head), so a call
+the call (one 72.5-KB record per 64-token chunk slot and head, 1.13 KB per token and head), so a call
 that would need more than ``KDA_SERVING_TC_WORKSPACE_MB`` (default 4096) runs as several calls over
 consecutive token windows instead. A sequence cut between windows is cut at a multiple of 64 of its
 own tokens, so every chunk stays whole; its state travels through its pool slot (the later piece

@@ -21,8 +21,9 @@ Per 64-token chunk, in 4 blocks of 16 tokens, with a_t = exp(g_t) <= 1 the per-t
   diagonal entries q_i . k_i are fp32 dot products in both cases;
 * T = (I + A_kk)^-1 by blocked forward substitution (``_blocked_inverse``; its diagonal blocks
   in fp32, the rest from TF32 products); the WY
-  factors u = T (beta v) and w = T (beta Ke) on tensor cores (the kernel's prepare pass, for all
-  chunks at once), then U = u - w S^T (its serial state pass);
+  factor w = T (beta Ke) and T beta = T diag(beta) (the kernel's prepare pass, for all chunks at
+  once), then u = (T beta) v on tensor cores (v's bf16 values are exact TF32 operands) and
+  U = u - w S^T (its serial state pass);
 * the state stays fp32; it is a tensor-core operand only in w S^T and Qe S^T, as fp16
   (``_fp16_scaled``: each value row times a power of two that fits its largest entry; fp16's
   mantissa is TF32's); U = u - w S^T enters A_qk U and U^T Kd as fp16 under a power of two per
@@ -30,13 +31,14 @@ Per 64-token chunk, in 4 blocks of 16 tokens, with a_t = exp(g_t) <= 1 the per-t
   do (64- and 32-row CTAs scale U per 16-token tile and value row, and each warp's slice of a
   state row on its own: the same rounding up to where the scales fall);
 * the workspace record's Qe, Kd, w and A_qk are fp16 (``_fp16``; fp16 values are exact TF32
-  operands), u fp32.
+  operands), T beta fp32 rounded to TF32.
 
 bf16 operands instead of TF32 measured 3.5-4.6e-3 relative RMS against fp64 here (the GPU tests
 allow 5e-3); TF32 measured about 6e-4, and fp16 record fields instead of TF32 ones the same
 (5.8e-4 at worst over this file's tests' cases and v x 1000; bf16 fields 2.8e-3, a bf16 u
 2.0e-3, an fp16 u scaled per 16-token tile and value row 6.2e-4, which the kernel stored from
-0745975 to 61086cc; scripts/mirror_record_precision.py).
+0745975 to 61086cc; scripts/mirror_record_precision.py; until the record held T beta, u = T beta v
+was formed by the prepare pass from TF32 operands and stored in fp32).
 """
 
 from __future__ import annotations
@@ -130,7 +132,7 @@ def _chunk(S, q, k, v, g, beta):
     T = _blocked_inverse(Akk)
     S_op = _fp16_scaled(S, S.abs().amax(dim=-1, keepdim=True))    # [H, V, K], a scale per value row
     T_op = _tf32(T)
-    u = T_op @ _tf32(beta.t()[:, :, None] * v.permute(1, 0, 2))       # [H, C, V]
+    u = _tf32(T_op * beta.t()[:, None, :]) @ v.permute(1, 0, 2)       # [H, C, V]; v bf16, exact
     w = T_op @ _tf32(beta.t()[:, :, None] * Ke.permute(1, 0, 2))      # [H, C, K]
     U = u - torch.einsum("hck,hvk->hcv", _fp16(w), S_op)
     Y = torch.einsum("chk,hvk->hcv", Qe, S_op)
