@@ -9,7 +9,7 @@ imports nothing from the package: setup.py loads it by path before anything is i
 from __future__ import annotations
 
 # Bit i of the extension's build_options() mask is OPTIONS[i] (kBuildOptions in build_options.h).
-OPTIONS = ("KDA_TC_WY_WGMMA", "KDA_TC_STATE_WGMMA")
+OPTIONS = ("KDA_TC_STATE_WGMMA",)
 ENV = "KDA_SERVING_BUILD_DEFINES"
 
 

@@ -28,7 +28,7 @@ export -f compile_one
 mapfile -t FILES < <(find csrc scripts -name '*.cu' | sort)
 if [ ${#FILES[@]} -eq 0 ]; then echo "no .cu files under csrc"; exit 1; fi
 # Opt-in builds that the extension does not compile by default.
-EXTRA=("csrc/prefill/kda_prefill_tc_launch.cu -DKDA_TC_WY_WGMMA=1" "csrc/prefill/kda_prefill_tc_launch.cu -DKDA_TC_STATE_WGMMA=1")
+EXTRA=("csrc/prefill/kda_prefill_tc_launch.cu -DKDA_TC_STATE_WGMMA=1")
 FILES+=("${EXTRA[@]}")
 start=$SECONDS
 printf '%s\n' "${FILES[@]}" | xargs -P "$JOBS" -I{} bash -c 'compile_one "$1" "$2" "$3"' _ {} "$OUT" "$NVCC"

@@ -23,7 +23,7 @@
 # profile_tc_phases.cu and profile_conv.cu for this tree and each tree in AB_TREES (directories
 # with csrc/ and scripts/: mkdir -p T/scripts && git archive COMMIT csrc | tar -x -C T && cp
 # scripts/profile_* T/scripts/) and of this tree with each define in AB_DEFINES (e.g.
-# AB_DEFINES="-DKDA_TC_WY_WGMMA=1", the prepare pass's opt-in wgmma phase 6b), built side by side
+# AB_DEFINES="-DKDA_TC_STATE_WGMMA=1", the state pass's opt-in wgmma products), built side by side
 # and run interleaved, case by case, into OUTDIR/ab.txt (medians of 7 runs per case) and
 # OUTDIR/ab.json (scripts/ab_json.py; a variant without a result is a row with "error").
 # Set KDA_SERVING_COMMIT to name the commit in the JSON when the tree has no .git. WHEELS=DIR
@@ -53,7 +53,7 @@ step() {  # step NAME CMD...: run (at most STEP_TIMEOUT s), log to OUT/NAME.log,
 
 # variants=("TREE:DEFINE" ...): this tree, each tree in $1, and this tree built with each define in
 # $2 (the profile and ab stages); a comma joins defines into one variant
-# (-DKDA_TC_WY_WGMMA=1,-DKDA_TC_STATE_WGMMA=1), which variant_flags splits for nvcc.
+# (-DKDA_TC_STATE_WGMMA=1,-DKDA_TC_PREP_WARPS=8), which variant_flags splits for nvcc.
 variant_flags() { local d=${1#*:}; echo "${d//,/ }"; }
 set_variants() {
   variants=(".:")
@@ -123,7 +123,7 @@ if has tests-tc; then
 fi
 if has ab; then
   # Variants: this tree, each tree in AB_TREES, and this tree built with each define in AB_DEFINES
-  # (e.g. AB_DEFINES="-DKDA_TC_WY_WGMMA=1"); "tree:define" each, named so in ab.txt.
+  # (e.g. AB_DEFINES="-DKDA_TC_STATE_WGMMA=1"); "tree:define" each, named so in ab.txt.
   set_variants "${AB_TREES:-}" "${AB_DEFINES:-}"
   n=0; pids=()
   for v in "${variants[@]}"; do

@@ -1,12 +1,12 @@
 """How the tensor-core prefill's record precision moves its error against the fp64 gold, on the CPU.
 
 Runs the torch mirror of the kernel (kda_serving/ops/tensorcore_mirror.py) with the record fields
-Qe, Kd, w, A_qk rounded to TF32, fp16 (what the kernel stores) or bf16, and u = T beta v kept fp32
-(the kernel forms it in fp32 in its state pass; until its record held T beta, the prepare pass
-stored it in fp32), rounded to bf16 or to fp16 under a power of two per 16-token tile and value
-row, over the cases of tests/ops/test_tensorcore_mirror.py plus v scaled by 1000; prints the
-worst relative RMS error of outputs and final states per variant and the largest magnitude of each
-field, and writes them as JSON (--out). The numbers quoted in docs/kernels.md come from this script.
+Qe, Ke, Kd, A_qk rounded to TF32, fp16 (what the kernel stores) or bf16 (T beta stays fp32 rounded
+to TF32, as stored), over the cases of tests/ops/test_tensorcore_mirror.py plus v scaled by 1000;
+prints the worst relative RMS error of outputs and final states per variant and the largest
+magnitude of each field, and writes them as JSON (--out). The numbers quoted in docs/kernels.md
+come from this script (those for an fp32, bf16 or fp16 u are from its earlier form, when the
+record held u = T beta v and w = T beta Ke in place of T beta and Ke).
 
     PYTHONPATH=. python scripts/mirror_record_precision.py --out benchmarks/results
 """
@@ -29,33 +29,19 @@ from kda_serving.ops.naive import naive_kda  # noqa: E402
 from tests.conftest import rel_rms  # noqa: E402
 from tests.ops.helpers import kda_inputs  # noqa: E402
 
-FIELDS = ("Qe", "Kd", "w", "Aqk")  # the order the mirror rounds them in
+FIELDS = ("Qe", "Ke", "Kd", "Aqk")  # the order the mirror rounds them in
 ROUND = {"tf32": tensorcore_mirror._tf32, "fp16": lambda x: x.float().half().float(),
-         "bf16": lambda x: x.float().bfloat16().float(), "fp32": lambda x: x,
-         "fp16 tiles": lambda u: u_fp16_tiles(u)}
-VARIANTS = {"fields tf32, u fp32": ("tf32", "fp32"), "fields fp16, u fp32": ("fp16", "fp32"),
-            "fields fp16, u bf16": ("fp16", "bf16"), "fields bf16, u fp32": ("bf16", "fp32"),
-            "fields fp16, u fp16 per tile and row": ("fp16", "fp16 tiles")}
-
-
-def u_fp16_tiles(u: torch.Tensor) -> torch.Tensor:
-    """u [H, C tokens, V] in fp16 under a power of two per 16-token tile and value row (the largest
-    |u| of the tile in that row), scaled back: the record's u from 0745975 to 61086cc."""
-    H, C, V = u.shape
-    x = u.reshape(H, C // tensorcore_mirror.BLOCK, tensorcore_mirror.BLOCK, V)
-    return tensorcore_mirror._fp16_scaled(x, x.abs().amax(dim=2, keepdim=True)).reshape(H, C, V)
+         "bf16": lambda x: x.float().bfloat16().float()}
+VARIANTS = {"fields tf32": "tf32", "fields fp16": "fp16", "fields bf16": "bf16"}
 
 
 def patched_mirror():
-    """The mirror's source with its record-field rounding (_fp16, u) routed through hooks."""
+    """The mirror's source with its record-field rounding (_fp16) routed through hooks."""
     src = Path(tensorcore_mirror.__file__).read_text()
-    u_line = "    u = _tf32(T_op * beta.t()[:, None, :]) @ v.permute(1, 0, 2)       # [H, C, V]; v bf16, exact\n"
-    assert src.count("_fp16(") == 5 and u_line in src, "tensorcore_mirror.py changed: update this script"
+    assert src.count("_fp16(") == 5, "tensorcore_mirror.py changed: update this script"
     src = src.replace("def _fp16(", "def _fp16_unused(")
     for name in FIELDS:  # the call sites, in source order
         src = src.replace("_fp16(", f"_F_{name}(", 1)
-    src = src.replace(u_line, u_line.replace("= _tf32(T_op * beta.t()[:, None, :]) @ v.permute(1, 0, 2)",
-                                             "= _U(_tf32(T_op * beta.t()[:, None, :]) @ v.permute(1, 0, 2))"))
     src = src.replace("from .gates import", "from kda_serving.ops.gates import")
     ns = {"__name__": "mirror_record_precision_patched"}
     exec(compile(src, "tensorcore_mirror (patched)", "exec"), ns)
@@ -96,8 +82,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     ns = patched_mirror()
     rows, peaks = [], {}
-    for name, (field, u) in VARIANTS.items():
-        ns.update({f"_F_{f}": ROUND[field] for f in FIELDS}, _U=ROUND[u])
+    for name, field in VARIANTS.items():
+        ns.update({f"_F_{f}": ROUND[field] for f in FIELDS})
         torch.manual_seed(0)
         worst = max(((*run(ns, inp, lb, init), cname) for cname, inp, lb, init in cases()), key=lambda r: max(r[:2]))
         rows.append(dict(variant=name, worst_out_rel_rms=worst[0], worst_state_rel_rms=worst[1], worst_case=worst[2]))
@@ -108,7 +94,7 @@ def main(argv=None):
             peaks[kind] = max(peaks.get(kind, 0.0), float(x.abs().max()))
             return x
         return hook
-    ns.update({f"_F_{f}": peak(f) for f in FIELDS}, _U=peak("u"))
+    ns.update({f"_F_{f}": peak(f) for f in FIELDS})
     torch.manual_seed(0)
     for _, inp, lb, init in cases():
         run(ns, inp, lb, init)

@@ -4,16 +4,14 @@
 // KDA_SERVING_BUILD_DEFINES (kda_serving/build_defines.py).
 #pragma once
 
-#ifndef KDA_TC_WY_WGMMA
-#define KDA_TC_WY_WGMMA 0  // the prepare pass's phase 6b on wgmma (kda_prefill_tc_wy.cuh)
-#endif
 #ifndef KDA_TC_STATE_WGMMA
 #define KDA_TC_STATE_WGMMA 0  // the 128-row state pass's products on wgmma (kda_prefill_tc_state.cuh)
 #endif
 
 namespace kda {
 
-// Bit 0: KDA_TC_WY_WGMMA, bit 1: KDA_TC_STATE_WGMMA.
-constexpr int kBuildOptions = (KDA_TC_WY_WGMMA ? 1 : 0) | (KDA_TC_STATE_WGMMA ? 2 : 0);
+// Bit 0: KDA_TC_STATE_WGMMA. (KDA_TC_WY_WGMMA, the prepare pass's WY product on wgmma, left with
+// that product.)
+constexpr int kBuildOptions = (KDA_TC_STATE_WGMMA ? 1 : 0);
 
 }  // namespace kda

@@ -43,18 +43,19 @@ constexpr int kLdC = kC + 4;    // [64 x 64] arrays: A_qk, A_kk, T
 constexpr bool kKdChannelMajor = KDA_TC_STATE_WGMMA;
 
 // One workspace record per (chunk, head), unpadded rows (kda_prefill.h kTcRecordFloats; offsets in
-// 4-byte units): what the state pass needs of a chunk, computed by the prepare pass. Qe, Kd, w and
+// 4-byte units): what the state pass needs of a chunk, computed by the prepare pass. Qe, Kd, Ke and
 // A_qk, which the state pass only multiplies on tensor cores, are stored as fp16: its 10-bit
 // mantissa is TF32's, so they enter the TF32 products exactly as TF32-rounded fp32 would, at half
 // the bytes (the torch mirror measured the same error against fp64 with fp16 fields as with TF32
-// ones; they are bounded, Qe, A_qk by the attention scale and Kd, w by about 1). The record holds
-// T beta = T diag(beta) (fp32, TF32-rounded; only its blocks on and below the diagonal are written
-// and read) in place of u = T beta v: the state pass forms u from v itself, which the prepare pass
-// then never reads, and T beta is half u's bytes (docs/kernels.md, "u from v in the state pass").
+// ones; they are bounded, Qe, A_qk by the attention scale and Kd, Ke by 1). T beta = T diag(beta)
+// (fp32, TF32-rounded; only its blocks on and below the diagonal are written and read) takes the
+// place of the WY factors u = T beta v and w = T beta Ke: the state pass forms
+// U = T beta (v - Ke S^T) from v itself, so the prepare pass neither reads v nor multiplies by T,
+// and the record is 72.5 KB where u and w made it 88.5 (docs/kernels.md, "U = T beta (v - Ke S^T)").
 constexpr int kRecQe = 0;                      // fp16 [64 x 128] q decayed to the chunk start
 constexpr int kRecKd = kRecQe + kC * kK / 2;   // fp16 [64 x 128] k decayed to the chunk end (or its transpose)
-constexpr int kRecW = kRecKd + kC * kK / 2;    // fp16 [64 x 128] w = T beta Ke
-constexpr int kRecTb = kRecW + kC * kK / 2;    // fp32 [64 x 64] T diag(beta), TF32-rounded, lower blocks
+constexpr int kRecKe = kRecKd + kC * kK / 2;   // fp16 [64 x 128] k decayed to the chunk start
+constexpr int kRecTb = kRecKe + kC * kK / 2;   // fp32 [64 x 64] T diag(beta), TF32-rounded, lower blocks
 constexpr int kRecAqk = kRecTb + kC * kC;      // fp16 [64 x 64] A_qk
 constexpr int kRecEL = kRecAqk + kC * kC / 2;  // fp32 [128] the chunk's total decay per channel
 static_assert(kRecEL + kK == kTcRecordFloats, "kda_prefill.h's record size");

@@ -1,9 +1,9 @@
 // Tensor-core chunked prefill, pass 1 of 2: everything of a 64-token chunk that does not depend
 // on the state, for all chunks of all sequences at once. A work item is a (chunk slot, head), one
 // CTA of kPrepWarp (16) warps per SM walks items; an item reads the chunk's q, k, g, beta once
-// and writes one workspace record (kda_prefill_tc_common.cuh): Qe, Kd, A_qk, the chunk's total
-// decay EL, the WY factor w = T beta Ke and T beta, so that the serial state pass
-// (kda_prefill_tc_state.cuh) is left with u = T beta v, U = u - w S^T, O = Qe S^T + A_qk U and
+// and writes one workspace record (kda_prefill_tc_common.cuh): Qe, Ke, Kd, A_qk, the chunk's
+// total decay EL and T beta = T diag(beta), so that the serial state pass
+// (kda_prefill_tc_state.cuh) is left with U = T beta (v - Ke S^T), O = Qe S^T + A_qk U and
 // S <- S diag(EL) + U^T Kd.
 //
 // With a_t = exp(g_t) <= 1 per channel, Ploc/Rloc the forward/backward running products of a_t
@@ -27,7 +27,6 @@
 
 #include "kda_prefill_tc_common.cuh"
 #include "kda_prefill_tc_prepare_io.cuh"
-#include "kda_prefill_tc_wy.cuh"
 
 namespace kda {
 namespace tc {
@@ -35,7 +34,7 @@ namespace tc {
 struct alignas(128) PrepSmem {
   float Qr[kC][kLdK];  // q Ploc (stored as Qe = Qr pre)
   float Kq[kC][kLdK];  // k Ploc
-  float Kb[kC][kLdK];  // k Rloc (stored as Kd = Kb post), then beta Ke = beta Kq pre (6a)
+  float Kb[kC][kLdK];  // k Rloc (stored as Kd = Kb post)
   union {
     float al[kC][kK];  // a_t, until the decayed operands are built (2c)
     struct {
@@ -435,12 +434,12 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
       }
       if (tid == kLookup)  // item it + 2, into the entry of item it (read by every thread before 1a's barrier)
         sm.items[it & 1] = find_prep_item(p, div, sm.items[(it + 1) & 1].item + stride, stride, items, base_tok);
-      // The record's Qe = Qr pre and Kd = Kb post (scaled as they are stored), final since 2c, by
-      // the warps of off-diagonal units once their product is done: in phase 5 they were 32 of
-      // the 40 KB that every warp stored there while threads 0..63 solved. The barrier after 3b
-      // orders these reads of Qr and Kb before phase 6a overwrites them.
+      // The record's Qe = Qr pre, Ke = Kq pre and Kd = Kb post (scaled as they are stored), final
+      // since 2c, by the warps of off-diagonal units once their product is done: in phase 5 they
+      // were 32 of the 40 KB that every warp stored there while threads 0..63 solved.
       if (warp < kStoreWarps) {
         store_rows_half<true>(rec_half(rec, kRecQe), &sm.Qr[0][0], kLdK, kK, &sm.pre[0][0], tid, kStoreWarps * 32);
+        store_rows_half<true>(rec_half(rec, kRecKe), &sm.Kq[0][0], kLdK, kK, &sm.pre[0][0], tid, kStoreWarps * 32);
         if constexpr (kKdChannelMajor)
           store_cols_half(rec_half(rec, kRecKd), &sm.Kb[0][0], kLdK, &sm.post[0][0], tid, kStoreWarps * 32);
         else
@@ -490,7 +489,7 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
 #endif
     // 5. The record's A_qk (fp16) and EL, final since 3b: out now, while threads 0..63 solve (the
     // rest start on it at once), so that the stores drain during 4a and 4b instead of queueing
-    // ahead of T beta and w in phase 6.
+    // ahead of T beta in phase 6.
     store_rows_half(rec_half(rec, kRecAqk), &sm.Aqk[0][0], kLdC, kC, nullptr, tid, kPrepThr);
     if (tid < kK) rec[kRecEL + tid] = sm.EL[tid];
     __syncthreads();
@@ -499,7 +498,7 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
     // 4b. T's blocks below the diagonal on tensor cores (mma.sync m16n8k8, TF32): warp J walks
     //     column J's blocks I = J+1 .. 3 in order, X = sum_{J<=M<I} A_IM T_MJ (only this column's
     //     blocks above I) into the warp's own 16 rows of the X area, then T_IJ = -T_II X. Nothing
-    //     crosses warps, so the other warps start on phase 6a meanwhile.
+    //     crosses warps until the barrier before phase 6.
     if (warp < kNB - 1) {
       const int J = warp;
       float(*Xw)[kLdC] = &sm.r1.tu.X[J * kBlk];
@@ -545,14 +544,10 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
       }
     }
 
-    // 6a, 6b. T beta and the WY factor w = T (beta Ke) into the record (kda_prefill_tc_wy.cuh):
-    //     6a writes beta Ke as the B operand, every thread (warps 0..2 after their 4b); 6b stores
-    //     T beta (its stores drain during the product) and multiplies beta Ke by T on tensor cores.
-    wy_stage(sm, tid);
+    // 6. T beta = T diag(beta) into the record, every thread, once 4b is done (the barrier).
     __syncthreads();
     KDA_TC_MARK(8);
     store_t_beta(sm, rec, tid);
-    wy_products(sm, rec, warp, lane);
     KDA_TC_MARK(9);  // (the barrier before the next item's writes sits in its phase 1)
   }
   KDA_TC_PROFILE_END();

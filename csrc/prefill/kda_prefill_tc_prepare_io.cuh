@@ -150,6 +150,22 @@ __device__ __forceinline__ PrepItem find_prep_item(const KdaPrefillParams& p, co
   return e;
 }
 
+// T beta into the record: T's blocks on and below the diagonal (those above are zero and never
+// read), each column j times beta_j (0 past the end), TF32-rounded as the state pass multiplies
+// it; 16-byte pieces, every thread. T is complete after the barrier that ends 4b.
+template <class Smem>
+__device__ __forceinline__ void store_t_beta(Smem& sm, float* rec, int tid) {
+#pragma unroll
+  for (int idx = tid; idx < kC * kC / 4; idx += kPrepThr) {
+    const int i = idx / (kC / 4), j = idx % (kC / 4) * 4;
+    if (j / kBlk > i / kBlk) continue;
+    const float4 t = *reinterpret_cast<const float4*>(&sm.r1.tu.T[i][j]);
+    const float4 b = *reinterpret_cast<const float4*>(&sm.beta[j]);
+    *reinterpret_cast<float4*>(rec + kRecTb + i * kC + j) =
+        make_float4(tf32_round(t.x * b.x), tf32_round(t.y * b.y), tf32_round(t.z * b.z), tf32_round(t.w * b.w));
+  }
+}
+
 // A [64 x cols] shared fp32 array (row pitch ld) to an fp16 record field, coalesced, by threads
 // `thread` of `threads`; with `scale` ([kNB x cols], row = the token's block) times scale first.
 // A thread takes 4 values at column c and 4 at c + cols / 2 (two 8-byte stores): the lanes of a

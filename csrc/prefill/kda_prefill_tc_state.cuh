@@ -1,12 +1,11 @@
 // Tensor-core chunked prefill, pass 2 of 2: the serial part. One CTA per (sequence, head, block
 // of BV = 128, 64 or 32 value rows), 8 warps; the launcher picks BV. Per 64-token chunk it reads
-// the record the prepare pass wrote (kda_prefill_tc_prepare.cuh; Qe, w, Kd, A_qk in fp16, T beta
+// the record the prepare pass wrote (kda_prefill_tc_prepare.cuh; Qe, Ke, Kd, A_qk in fp16, T beta
 // in fp32) and the chunk's v, and computes, with fp32 accumulation,
-//   U = T beta v - w S^T;  O = Qe S^T + A_qk U;  S <- S diag(EL) + U^T Kd
-// u = T beta v on TF32 tensor cores (v's bf16 values are exact TF32 operands; the product does not
-// depend on the state, so it only adds to the chunk's work, not to its dependent chain), the rest
-// on fp16 tensor cores (mma.sync m16n8k16; fp16 has TF32's mantissa, so only the range needs
-// care): the state times a power of two per value row (RowScale), and U per value row too,
+//   U = T beta (v - Ke S^T);  O = Qe S^T + A_qk U;  S <- S diag(EL) + U^T Kd
+// T beta Z on TF32 tensor cores (m16n8k8; Z = v - Ke S^T in fp32, rounded to TF32 as an operand),
+// the rest on fp16 tensor cores (mma.sync m16n8k16; fp16 has TF32's mantissa, so only the range
+// needs care): the state times a power of two per value row (RowScale), and U per value row too,
 // with 128 rows under one scale that also fits the sums it joins, with fewer rows per (16-token
 // tile, value row), each tile's partial product scaled back on its own. Operands come from
 // ldmatrix.
@@ -28,8 +27,8 @@
 #include "kda_prefill_tc_units.cuh"
 #include "kda_prefill_tc_wgmma.cuh"
 
-// KDA_TC_STATE_WGMMA=1 (kda_prefill_tc_common.cuh): CTAs of 128 value rows run S W^T, S Qe^T,
-// U^T A_qk^T and U^T Kd as wgmma m64n64k16 (fp16) per warpgroup, W, Qe, A_qk and Kd^T copied into
+// KDA_TC_STATE_WGMMA=1 (kda_prefill_tc_common.cuh): CTAs of 128 value rows run S Ke^T, S Qe^T,
+// U^T A_qk^T and U^T Kd as wgmma m64n64k16 (fp16) per warpgroup, Ke, Qe, A_qk and Kd^T copied into
 // wgmma's core-matrix layout (f16_core_index); every state CTA then reads Kd^T.
 
 namespace kda {
@@ -39,7 +38,7 @@ template <int BV>
 constexpr bool kStateWgmma = KDA_TC_STATE_WGMMA && BV == 128;
 
 // Row pitches (in fp16 elements) of the fp16 record arrays in shared memory: rows 4 banks apart,
-// so that the 4-byte loads of S W^T's B fragments (8 rows x 4 words per warp), the 2-byte loads of
+// so that the 4-byte loads of S Ke^T's B fragments (8 rows x 4 words per warp), the 2-byte loads of
 // Kd's (4 rows x 8 elements) and of A_qk's (8 rows x 4 elements) hit distinct banks (or share a
 // word).
 constexpr int kLdR = kK + 8;
@@ -56,6 +55,7 @@ struct StateTiling {
   static constexpr int kSN = kCW / 8;           // its 8-channel state tiles
   static constexpr int kUnits = BV / 32;        // steps 1 and 3: (16 tokens x 16 rows) units per warp
   static constexpr int kLdV = BV + 8;           // bf16 v rows: 16-byte aligned, ldmatrix rows on distinct banks
+  static constexpr int kLdZ = BV + 4;           // Z rows: a B fragment's loads (rows 2 t4, columns g) on 32 banks
   static constexpr int kLdUh = BV + 8;          // fp16 U rows: 16-byte aligned, ldmatrix rows on distinct banks
   static_assert(kVT * kNCW == kWarp && kUnits * kWarp * 256 == kC * BV, "BV = 128, 64 or 32");
 };
@@ -65,7 +65,7 @@ struct alignas(128) StateSmem {
   using G = StateTiling<BV>;
   struct Record {  // chunk j's in rec[j % 2]
     __half Qe[kC][kLdR];
-    __half W[kC][kLdR];  // w = T beta Ke
+    __half Ke[kC][kLdR];  // k decayed to the chunk start
     // Kd [tokens][channels] in rows of pitch kLdR, or (kKdChannelMajor) Kd^T [channels][tokens]
     // in rows of pitch kLdA (ldmatrix rows on distinct banks, as A_qk's).
     __half Kd[kKdChannelMajor ? kK : kC][kKdChannelMajor ? kLdA : kLdR];
@@ -74,12 +74,14 @@ struct alignas(128) StateSmem {
     __half Aqk[kC][kLdA];
     float EL[kK];
   } rec[2];
-  // kNCW > 1: the state as step 1's fp16 B operand (rows of pitch kLdR, like W's: a B fragment's
+  // kNCW > 1: the state as step 1's fp16 B operand (rows of pitch kLdR, like Ke's: a B fragment's
   // 8 rows x 4 channel pairs hit distinct banks); row r's channels of warp slice q are times
   // 1 / Sinv[q][r] (row_scales).
   __half S[G::kNCW > 1 ? BV : 1][kLdR];
   float Sinv[G::kNCW][G::kNCW > 1 ? BV : 1];
-  // kNCW > 1: U = u - w S^T as fp16 [tokens][value rows], each (16-token tile, row) times
+  // kNCW > 1: Z = v - Ke S^T [tokens][value rows] (fp32 as TF32 operands: T beta Z's B).
+  float Z[G::kNCW > 1 ? kC : 1][G::kLdZ];
+  // kNCW > 1: U = T beta Z as fp16 [tokens][value rows], each (16-token tile, row) times
   // 1 / Uinv[tile][row]: the A operand of U^T Kd and the B operand of A_qk U.
   __half Uh[G::kNCW > 1 ? kC : 1][G::kLdUh];
   float Uinv[kNB][G::kNCW > 1 ? BV : 1];
@@ -133,22 +135,22 @@ __device__ __forceinline__ void copy_v_rows(__nv_bfloat16 (*dst)[StateTiling<BV>
   }
 }
 
-// A chunk's record into one buffer: w, Kd, EL, for all but transition rows (whose u is 0) T beta
-// and the chunk's v (tokens t0 .. t0 + nt - 1 of tv), and, for a CTA that writes outputs, Qe and
-// A_qk. W, Qe, Kd and A_qk in padded rows, or in wgmma's layout (kStateWgmma; the arrays are large
+// A chunk's record into one buffer: Ke, Kd, T beta, EL, for all but transition rows (whose v is
+// taken as 0) the chunk's v (tokens t0 .. t0 + nt - 1 of tv), and, for a CTA that writes outputs,
+// Qe and A_qk. Ke, Qe, Kd and A_qk in padded rows, or in wgmma's layout (kStateWgmma; the arrays are large
 // enough for either).
 template <int BV>
 __device__ __forceinline__ void load_record(typename StateSmem<BV>::Record& r, const float* rec, const TokenView& tv,
-                                            int t0, int nt, bool vec_v, bool outp, bool with_u) {
+                                            int t0, int nt, bool vec_v, bool outp, bool with_v) {
   if constexpr (kStateWgmma<BV>) {
-    static_assert(sizeof(r.W) >= kC * kK * sizeof(__half) && sizeof(r.Aqk) >= kC * kC * sizeof(__half) &&
+    static_assert(sizeof(r.Ke) >= kC * kK * sizeof(__half) && sizeof(r.Aqk) >= kC * kC * sizeof(__half) &&
                       sizeof(r.Kd) >= kK * kC * sizeof(__half),
                   "room for the core-matrix layout");
     if (outp) copy_half_cores_async<kC, kK>(&r.Qe[0][0], rec + kRecQe);
-    copy_half_cores_async<kC, kK>(&r.W[0][0], rec + kRecW);
+    copy_half_cores_async<kC, kK>(&r.Ke[0][0], rec + kRecKe);
   } else {
     if (outp) copy_half_rows_async<kK, kLdR>(&r.Qe[0][0], rec + kRecQe);
-    copy_half_rows_async<kK, kLdR>(&r.W[0][0], rec + kRecW);
+    copy_half_rows_async<kK, kLdR>(&r.Ke[0][0], rec + kRecKe);
   }
   if constexpr (kStateWgmma<BV>)
     copy_half_cores_async<kK, kC>(&r.Kd[0][0], rec + kRecKd);
@@ -156,10 +158,8 @@ __device__ __forceinline__ void load_record(typename StateSmem<BV>::Record& r, c
     copy_tile_async<kK, kC / 2, kLdA / 2, kC / 2>(reinterpret_cast<float*>(&r.Kd[0][0]), rec + kRecKd);
   else
     copy_half_rows_async<kK, kLdR>(&r.Kd[0][0], rec + kRecKd);
-  if (with_u) {
-    copy_t_beta_async(r.Tb, rec + kRecTb);
-    copy_v_rows<BV>(r.V, tv, t0, nt, vec_v);
-  }
+  copy_t_beta_async(r.Tb, rec + kRecTb);
+  if (with_v) copy_v_rows<BV>(r.V, tv, t0, nt, vec_v);
   if (outp) {
     if constexpr (kStateWgmma<BV>) copy_half_cores_async<kC, kC>(&r.Aqk[0][0], rec + kRecAqk);
     else copy_half_rows_async<kC, kLdA>(&r.Aqk[0][0], rec + kRecAqk);
@@ -168,7 +168,7 @@ __device__ __forceinline__ void load_record(typename StateSmem<BV>::Record& r, c
 }
 
 // Lane L's row for ldsm_x4 of the m16n8k16 B fragments of two 8-wide n tiles n0, n0 + 8 over
-// k0 .. k0 + 15, from a row-major fp16 array of pitch kLd: by rows n (B^T stored, as W, Qe and
+// k0 .. k0 + 15, from a row-major fp16 array of pitch kLd: by rows n (B^T stored, as Ke, Qe and
 // A_qk are: r = b0, b1 of tile n0, then of tile n0 + 8), or by rows k with kTrans (as Kd is).
 template <int kLd, bool kTrans>
 __device__ __forceinline__ const __half* b_rows(const __half* a, int n0, int k0, int lane) {
@@ -291,56 +291,71 @@ __device__ __forceinline__ void store_state_half(__half (*S)[kLdR], float* sinv,
 __device__ __forceinline__ uint32_t bf16_lo_tf32(uint32_t pair) { return pair << 16; }
 __device__ __forceinline__ uint32_t bf16_hi_tf32(uint32_t pair) { return pair & 0xffff0000u; }
 
-// The u = T beta v products on TF32 tensor cores (m16n8k8), with the contraction over tokens in
-// the order ldmatrix .trans hands v out: k-slots t4 and t4 + 4 are tokens 8 ks + 2 t4 and
-// 8 ks + 2 t4 + 1 (one bf16 pair of v, one 8-byte load of T beta's row). T beta is 0 above its
-// diagonal, so token tile i sums over k-steps ks <= i only.
+// The U = T beta Z products on TF32 tensor cores (m16n8k8), with the contraction over tokens in the
+// order ldmatrix .trans hands v out: k-slots t4 and t4 + 4 are tokens 8 ks + 2 t4 and
+// 8 ks + 2 t4 + 1 (one 8-byte load of T beta's row). T beta is 0 above its diagonal, so token
+// tile i sums over k-steps ks <= i only.
 //
-// 128-row CTAs: d[jt] += u^T [16 value rows vr0 .. x 8 tokens 8 jt ..] (the accumulator layout of
-// X^T), A = v^T (v's 16 x 8 tiles transposed as they load), B = T beta^T.
+// 128-row CTAs: d[jt] (the accumulator layout of X^T: value rows vr0 + g (+ 8) x tokens
+// 8 jt + 2 t4 (+ 1)) += v^T, from v's 8 x 8 tiles transposed as they load.
 template <int kLdV>
-__device__ __forceinline__ void add_u_rows(float (&d)[8][4], const __nv_bfloat16 (*V)[kLdV], const float (*Tb)[kLdTb],
-                                           int vr0, int lane) {
-  const int g = lane / 4, t4 = lane % 4, m = lane / 8;
+__device__ __forceinline__ void add_v_rows(float (&d)[8][4], const __nv_bfloat16 (*V)[kLdV], int vr0, int lane) {
+  const int m = lane / 8;
 #pragma unroll
-  for (int kp = 0; kp < kC / 16; ++kp) {  // k-steps 2 kp, 2 kp + 1; matrices (k-step, rows lo / hi)
+  for (int kp = 0; kp < kC / 16; ++kp) {  // token tiles 2 kp, 2 kp + 1; matrices (tile, rows lo / hi)
     uint32_t r[4];
     ldsm_x4<true>(r, reinterpret_cast<const __half*>(&V[16 * kp + 8 * (m / 2) + lane % 8][vr0 + 8 * (m % 2)]));
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const int ks = 2 * kp + h;
-      const uint32_t a[4] = {bf16_lo_tf32(r[2 * h]), bf16_lo_tf32(r[2 * h + 1]), bf16_hi_tf32(r[2 * h]),
-                             bf16_hi_tf32(r[2 * h + 1])};
-#pragma unroll
-      for (int jt = ks; jt < 8; ++jt) {
-        const float2 b = *reinterpret_cast<const float2*>(&Tb[8 * jt + g][8 * ks + 2 * t4]);
-        mma_tf32(d[jt], a, __float_as_uint(b.x), __float_as_uint(b.y));
-      }
+      float(&t)[4] = d[2 * kp + h];
+      t[0] += __uint_as_float(bf16_lo_tf32(r[2 * h]));
+      t[1] += __uint_as_float(bf16_hi_tf32(r[2 * h]));
+      t[2] += __uint_as_float(bf16_lo_tf32(r[2 * h + 1]));
+      t[3] += __uint_as_float(bf16_hi_tf32(r[2 * h + 1]));
     }
   }
 }
 
-// Token-major units: d[nn] += u [16 tokens 16 tt .. x 8 value rows r0 + 8 nn ..] (the accumulator
-// layout of X), A = T beta (rows 16 tt + g, + 8), B = v (its 8 x 8 tiles transposed as they load).
-template <int kLdV>
-__device__ __forceinline__ void add_u_tokens(float (&d)[2][4], const __nv_bfloat16 (*V)[kLdV],
-                                             const float (*Tb)[kLdTb], int tt, int r0, int lane) {
-  const int g = lane / 4, t4 = lane % 4, m = lane / 8;
-#pragma unroll 1
-  for (int kp = 0; kp <= tt; ++kp) {  // k-steps 2 kp, 2 kp + 1; matrices (k-step, rows nn)
-    uint32_t r[4];
-    ldsm_x4<true>(r, reinterpret_cast<const __half*>(&V[16 * kp + 8 * (m / 2) + lane % 8][r0 + 8 * (m % 2)]));
+// 128-row CTAs: Z^T (d, as add_v_rows leaves it) -> U^T = Z^T (T beta)^T in place: A = Z^T from
+// the registers (an accumulator tile's entries 0..3 are the A fragment's k-slots t4, t4 + 4 of
+// rows g, g + 8 in the token order above), B = T beta^T. Token tile jt needs tiles ks <= jt, so
+// the tiles are overwritten from the last one down.
+__device__ __forceinline__ void t_beta_rows(float (&d)[8][4], const float (*Tb)[kLdTb], int lane) {
+  const int g = lane / 4, t4 = lane % 4;
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int k = 16 * kp + 8 * h + 2 * t4;
-      const float2 lo = *reinterpret_cast<const float2*>(&Tb[16 * tt + g][k]);
-      const float2 hi = *reinterpret_cast<const float2*>(&Tb[16 * tt + g + 8][k]);
-      const uint32_t a[4] = {__float_as_uint(lo.x), __float_as_uint(hi.x), __float_as_uint(lo.y),
-                             __float_as_uint(hi.y)};
+  for (int ks = 0; ks < 8; ++ks)
 #pragma unroll
-      for (int nn = 0; nn < 2; ++nn)
-        mma_tf32(d[nn], a, bf16_lo_tf32(r[2 * h + nn]), bf16_hi_tf32(r[2 * h + nn]));
+    for (int e = 0; e < 4; ++e) d[ks][e] = tf32_bump(d[ks][e]);
+#pragma unroll
+  for (int jt = 7; jt >= 0; --jt) {
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int ks = 0; ks <= jt; ++ks) {
+      const uint32_t a[4] = {__float_as_uint(d[ks][0]), __float_as_uint(d[ks][2]), __float_as_uint(d[ks][1]),
+                             __float_as_uint(d[ks][3])};
+      const float2 b = *reinterpret_cast<const float2*>(&Tb[8 * jt + g][8 * ks + 2 * t4]);
+      mma_tf32(acc, a, __float_as_uint(b.x), __float_as_uint(b.y));
     }
+#pragma unroll
+    for (int e = 0; e < 4; ++e) d[jt][e] = acc[e];
+  }
+}
+
+// Token-major units: d[nn] += U [16 tokens 16 tt .. x 8 value rows r0 + 8 nn ..] (the accumulator
+// layout of X), A = T beta (rows 16 tt + g, + 8), B = Z from shared memory (TF32 bits as stored).
+template <int kLdZ>
+__device__ __forceinline__ void t_beta_unit(float (&d)[2][4], const float (*Z)[kLdZ], const float (*Tb)[kLdTb], int tt,
+                                            int r0, int lane) {
+  const int g = lane / 4, t4 = lane % 4;
+#pragma unroll 2
+  for (int ks = 0; ks < 2 * (tt + 1); ++ks) {
+    const int k = 8 * ks + 2 * t4;
+    const float2 lo = *reinterpret_cast<const float2*>(&Tb[16 * tt + g][k]);
+    const float2 hi = *reinterpret_cast<const float2*>(&Tb[16 * tt + g + 8][k]);
+    const uint32_t a[4] = {__float_as_uint(lo.x), __float_as_uint(hi.x), __float_as_uint(lo.y), __float_as_uint(hi.y)};
+#pragma unroll
+    for (int nn = 0; nn < 2; ++nn)
+      mma_tf32(d[nn], a, __float_as_uint(Z[k][r0 + 8 * nn + g]), __float_as_uint(Z[k + 1][r0 + 8 * nn + g]));
   }
 }
 
@@ -411,12 +426,12 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
                       vec_v, outp, !unit.transition);
 
     if constexpr (G::kNCW == 1) {
-      // A warp holds all 128 channels of its 16 value rows: X^T = S W^T and Y^T = S Qe^T,
+      // A warp holds all 128 channels of its 16 value rows: X^T = S Ke^T and Y^T = S Qe^T,
       // [16 rows x 64 tokens] as 8 token tiles, are whole, and U's rows it writes are the only
       // ones its update and output read, so the chunk needs no barrier until its end.
       // On fp16 tensor cores (m16n8k16): A = the state tiles 2kk, 2kk + 1 (channels 16kk .. 16kk
       // + 15 in order) times a power of two per value row (RowScale; the four lanes of a row hold
-      // its 128 channels), B = W / Qe as stored (fp16 pairs of adjacent channels); the products
+      // its 128 channels), B = Ke / Qe as stored (fp16 pairs of adjacent channels); the products
       // are scaled back exactly. Half the TF32 form's instructions, with no conversion of B.
       RowScale r0, r1;
       row_scales(s, r0, r1);
@@ -429,7 +444,7 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
         // The same products per warpgroup (warps 4 w' .. 4 w' + 3: value rows 64 w' ..), x and y
         // as its accumulators, A from the same registers, in two rounds of four k-steps (a product
         // reads its A registers until the wait).
-        const SmemAddr bw = smem_addr(&rs.W[0][0]), bq = smem_addr(&rs.Qe[0][0]);
+        const SmemAddr bw = smem_addr(&rs.Ke[0][0]), bq = smem_addr(&rs.Qe[0][0]);
         auto products = [&](auto with_y) {
 #pragma unroll
           for (int round = 0; round < 2; ++round) {
@@ -457,7 +472,7 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
 #pragma unroll
           for (int jt = 0; jt < 8; jt += 2) {  // B fragments of token tiles jt, jt + 1: one ldmatrix
             uint32_t b[4];
-            ldsm_x4<false>(b, b_rows<kLdR, false>(&rs.W[0][0], 8 * jt, 16 * kk, lane));
+            ldsm_x4<false>(b, b_rows<kLdR, false>(&rs.Ke[0][0], 8 * jt, 16 * kk, lane));
             mma_f16(x[jt], a, b[0], b[1]);
             mma_f16(x[jt + 1], a, b[2], b[3]);
             if (outp) {
@@ -468,13 +483,14 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
           }
         }
       }
-      // U = u - X in fp32, kept in X's registers: -X unscaled, then u = T beta v added on the
-      // tensor cores (add_u_rows; none for transition rows, whose u is 0). The lane's U^T[vr][t],
-      // [vr][t+1], [vr+8][t], [vr+8][t+1], t = 8 jt + 2 t4, which for jt = 2kk, 2kk + 1 are the
-      // m16n8k16 A fragment of U^T over tokens 16kk .. 16kk + 15 as they stand, so U never goes to
-      // shared memory.
+      // U^T = Z^T (T beta)^T, Z = v - X, in fp32 in X's registers: -X unscaled, v added (none for
+      // transition rows: v = 0), then the product on TF32 tensor cores in place (t_beta_rows).
+      // The lane's U^T[vr][t], [vr][t+1], [vr+8][t], [vr+8][t+1], t = 8 jt + 2 t4, which for
+      // jt = 2kk, 2kk + 1 are the m16n8k16 A fragment of U^T over tokens 16kk .. 16kk + 15 as they
+      // stand, so U never goes to shared memory.
       scale_tiles(x, -r0.inv, -r1.inv);
-      if (!unit.transition) add_u_rows<G::kLdV>(x, rs.V, rs.Tb, vt * 16, lane);
+      if (!unit.transition) add_v_rows<G::kLdV>(x, rs.V, vt * 16, lane);
+      t_beta_rows(x, rs.Tb, lane);
       KDA_TC_MARK(kPrepPhases);  // thread 0 only: no barrier here
 
       // 2. O^T += U^T A_qk^T (A_qk is 0 above the diagonal: token tiles jt >= 2kk only) and
@@ -550,12 +566,12 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
         if (t + 1 < nt) { o[p.o_st] = __float2bfloat16(y[jt][1]); o[p.o_st + 8] = __float2bfloat16(y[jt][3]); }
       }
     } else {
-      // 1. X = w S^T and Y = Qe S^T in token-major form, [64 tokens x BV value rows] as units of
+      // 1. X = Ke S^T and Y = Qe S^T in token-major form, [64 tokens x BV value rows] as units of
       //    16 tokens (tt) x 16 rows (rt), whole products over the 128 channels, so no partial sums
-      //    cross warps, on fp16 tensor cores (m16n8k16): A = w / Qe as stored, B = the shared fp16
+      //    cross warps, on fp16 tensor cores (m16n8k16): A = Ke / Qe as stored, B = the shared fp16
       //    state. Each warp slice q of the channels carries its own row scales, so its partial
-      //    products are scaled back (Sinv) and summed in fp32. Then U = u - X to shared memory as
-      //    fp16 (below); Y stays in registers for step 3.
+      //    products are scaled back (Sinv) and summed in fp32. Then Z = v - X to shared memory and,
+      //    after a barrier, U = T beta Z as fp16 (below); Y stays in registers for step 3.
       float y[G::kUnits][2][4];
 #pragma unroll
       for (int ui = 0; ui < G::kUnits; ++ui) {
@@ -571,9 +587,9 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
           float xs[2][4] = {}, ys[2][4] = {};
 #pragma unroll
           for (int k0 = qs * G::kCW; k0 < (qs + 1) * G::kCW; k0 += 16) {
-            // A = w / Qe, tokens tt*16 .. tt*16 + 15 over channels k0 .. k0 + 15.
+            // A = Ke / Qe, tokens tt*16 .. tt*16 + 15 over channels k0 .. k0 + 15.
             uint32_t aw[4], aq[4] = {0u, 0u, 0u, 0u}, b[4];
-            ldsm_a<kLdR, false>(aw, &rs.W[0][0], tt * 16, k0, lane);
+            ldsm_a<kLdR, false>(aw, &rs.Ke[0][0], tt * 16, k0, lane);
             if (outp) ldsm_a<kLdR, false>(aq, &rs.Qe[0][0], tt * 16, k0, lane);
             ldsm_x4<false>(b, b_rows<kLdR, false>(&sm.S[0][0], rt * 16, k0, lane));  // value rows nn = 0, 1
 #pragma unroll
@@ -590,20 +606,38 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
           }
         }
         // x[nn] = X[m0][r], X[m0][r+1], X[m0+8][r], X[m0+8][r+1] with r = rt*16 + nn*8 + 2 t4.
-        // U = u - X: -X, then u = T beta v added on the tensor cores (add_u_tokens; none for
-        // transition rows, whose u is 0). U to the fp16 copy Uh, each value row's 16 tokens of this unit times their own
-        // power of two (RowScale; the 8 lanes of a t4 hold them), whose inverse goes to
-        // Uinv[tt][r]: steps 2 and 3 contract over tokens one 16-token tile at a time, so each
-        // tile's partial product is scaled back on its own.
-#pragma unroll
-        for (int nn = 0; nn < 2; ++nn)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) x[nn][e] = -x[nn][e];
-        if (!unit.transition) add_u_tokens<G::kLdV>(x, rs.V, rs.Tb, tt, rt * 16, lane);
+        // Z = v - X (v = 0 for transition rows) to shared memory, rounded as TF32 operands.
 #pragma unroll
         for (int nn = 0; nn < 2; ++nn) {
           const int r = rt * 16 + nn * 8 + 2 * t4;
-          const ColumnHalves uh(x[nn]);
+          uint32_t v0 = 0u, v1 = 0u;  // bf16 pairs: value rows r, r + 1 of tokens m0, m0 + 8
+          if (!unit.transition) {
+            v0 = *reinterpret_cast<const uint32_t*>(&rs.V[m0][r]);
+            v1 = *reinterpret_cast<const uint32_t*>(&rs.V[m0 + 8][r]);
+          }
+          *reinterpret_cast<float2*>(&sm.Z[m0][r]) =
+              make_float2(tf32_bump(__uint_as_float(bf16_lo_tf32(v0)) - x[nn][0]),
+                          tf32_bump(__uint_as_float(bf16_hi_tf32(v0)) - x[nn][1]));
+          *reinterpret_cast<float2*>(&sm.Z[m0 + 8][r]) =
+              make_float2(tf32_bump(__uint_as_float(bf16_lo_tf32(v1)) - x[nn][2]),
+                          tf32_bump(__uint_as_float(bf16_hi_tf32(v1)) - x[nn][3]));
+        }
+      }
+      __syncthreads();  // Z complete
+      // U = T beta Z per unit (t_beta_unit) to the fp16 copy Uh, each value row's 16 tokens of this
+      // unit times their own power of two (RowScale; the 8 lanes of a t4 hold them), whose inverse
+      // goes to Uinv[tt][r]: steps 2 and 3 contract over tokens one 16-token tile at a time, so
+      // each tile's partial product is scaled back on its own.
+#pragma unroll
+      for (int ui = 0; ui < G::kUnits; ++ui) {
+        const int tt = unit_tokens_tile(ui, warp), rt = warp / 4 + 2 * ui;
+        const int m0 = tt * 16 + g;
+        float u[2][4] = {};
+        t_beta_unit<G::kLdZ>(u, sm.Z, rs.Tb, tt, rt * 16, lane);
+#pragma unroll
+        for (int nn = 0; nn < 2; ++nn) {
+          const int r = rt * 16 + nn * 8 + 2 * t4;
+          const ColumnHalves uh(u[nn]);
           *reinterpret_cast<uint32_t*>(&sm.Uh[m0][r]) = uh.lo;
           *reinterpret_cast<uint32_t*>(&sm.Uh[m0 + 8][r]) = uh.hi;
           if (g == 0) *reinterpret_cast<float2*>(&sm.Uinv[tt][r]) = uh.inv;

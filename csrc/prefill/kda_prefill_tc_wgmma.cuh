@@ -1,19 +1,16 @@
-// Warpgroup tensor-core products (wgmma, sm_90a), A from registers and B from shared memory:
-//  - the prepare pass's WY factors (phase 6b, opt-in KDA_TC_WY_WGMMA): D[64 x 64] += A[64 x 8]
-//    B[8 x 64] with TF32 operands;
-//  - the state pass's X^T = S W^T, Y^T = S Qe^T, Y^T += U^T A_qk^T and S += U^T Kd (two products
-//    of 64 channels) with 128 value rows (opt-in KDA_TC_STATE_WGMMA): D[64 x 64] += A[64 x 16]
-//    B[16 x 64] with fp16 operands.
+// Warpgroup tensor-core products (wgmma, sm_90a), A from registers and B from shared memory: the
+// state pass's X^T = S Ke^T, Y^T = S Qe^T, Y^T += U^T A_qk^T and S += U^T Kd (two products of 64
+// channels) with 128 value rows (opt-in KDA_TC_STATE_WGMMA): D[64 x 64] += A[64 x 16] B[16 x 64]
+// with fp16 operands. (The prepare pass's WY product on TF32 wgmma, opt-in KDA_TC_WY_WGMMA, went
+// with that product.)
 //
 // A: each warp of the warpgroup holds 16 rows (warp w: rows 16 w .. 16 w + 15) in the mma.sync A
-// fragment layout of the same type (TF32: a = A[g][t], A[g+8][t], A[g][t+4], A[g+8][t+4]; fp16:
-// mma_f16's, two values per register), g = lane / 4, t = lane % 4.
+// fragment layout (mma_f16's, two values per register), g = lane / 4, t = lane % 4.
 // D: per warp its 16 rows, d[4 j .. 4 j + 3] = D[g][8 j + 2t], D[g][8 j + 2t + 1], D[g+8][8 j + 2t],
 // D[g+8][8 j + 2t + 1] (mma.sync's accumulator layout, eight 8-column tiles).
 // B: K-major core matrices of 8 columns n x 16 bytes of consecutive k, 128 contiguous bytes, no
-// swizzle; the core matrices adjacent in k are LBO bytes apart, those adjacent in n SBO bytes.
-// 6b's [128 columns x 64 tokens] TF32 operands: element (k, n) at wy_core_index(n, k) (32 KB
-// each). The state pass's fp16 operands: f16_core_index below.
+// swizzle; the core matrices adjacent in k are LBO bytes apart, those adjacent in n SBO bytes
+// (f16_core_index below).
 #pragma once
 
 #include "kda_prefill_tc_common.cuh"
@@ -21,16 +18,9 @@
 namespace kda {
 namespace tc {
 
-constexpr int kWyLbo = 128;               // bytes between core matrices adjacent in k (tokens)
-constexpr int kWySbo = (kC / 4) * kWyLbo;  // bytes between core matrices adjacent in n (columns)
-
-__host__ __device__ constexpr int wy_core_index(int n, int k) {
-  return n / 8 * (kWySbo / 4) + k / 4 * (kWyLbo / 4) + n % 8 * 4 + k % 4;
-}
-
 // An fp16 [n rows x kCols k] B operand in K-major core matrices of 8 rows x 8 values: adjacent in
 // k 128 bytes apart, in n kCols / 8 x 128 bytes. Element (n, k) at f16_core_index<kCols>(n, k), in
-// fp16 elements. The state pass's W, Qe (n = token, k = channel, kCols = 128), A_qk (n = token i,
+// fp16 elements. The state pass's Ke, Qe (n = token, k = channel, kCols = 128), A_qk (n = token i,
 // k = token j, kCols = 64) and Kd^T (n = channel, k = token, kCols = 64).
 constexpr int kF16Lbo = 128;
 template <int kCols>
@@ -69,30 +59,6 @@ __device__ __forceinline__ void wgmma_commit_and_wait() {
 template <int kLbo, int kSbo>
 __device__ __forceinline__ uint64_t kmajor_descriptor(SmemAddr b) {
   return (uint64_t)((b & 0x3FFFFu) >> 4) | (uint64_t)(kLbo >> 4) << 16 | (uint64_t)(kSbo >> 4) << 32;
-}
-
-// d += A B, one k-step of 8 (see the top of the file); b = smem_addr of element (0, k0) of B.
-// All 128 threads of the warpgroup issue it together; d is final only after wgmma_commit_and_wait.
-__device__ __forceinline__ void wgmma_m64n64k8_tf32(float (&d)[32], const uint32_t (&a)[4], SmemAddr b) {
-#ifdef KDA_SIMT_EMULATOR
-  emu::wgmma_m64n64k8_tf32(d, a, reinterpret_cast<const void*>(b), kWyLbo, kWySbo);
-#else
-  const uint64_t desc = kmajor_descriptor<kWyLbo, kWySbo>(b);
-  asm volatile(
-      "{\n"
-      ".reg .pred p;\n"
-      "setp.ne.b32 p, 1, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k8.f32.tf32.tf32 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
-      "{%32, %33, %34, %35}, %36, p, 1, 1;\n"
-      "}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
-#endif
 }
 
 // d += A B, one k-step of 16 with fp16 operands (see the top of the file), B in f16_core_index<kCols>

@@ -20,25 +20,25 @@ Per 64-token chunk, in 4 blocks of 16 tokens, with a_t = exp(g_t) <= 1 the per-t
   on CUDA cores with running products E_ij = prod_{j<t<=i} a_t, so no input overflows; A_qk's
   diagonal entries q_i . k_i are fp32 dot products in both cases;
 * T = (I + A_kk)^-1 by blocked forward substitution (``_blocked_inverse``; its diagonal blocks
-  in fp32, the rest from TF32 products); the WY
-  factor w = T (beta Ke) and T beta = T diag(beta) (the kernel's prepare pass, for all chunks at
-  once), then u = (T beta) v on tensor cores (v's bf16 values are exact TF32 operands) and
-  U = u - w S^T (its serial state pass);
-* the state stays fp32; it is a tensor-core operand only in w S^T and Qe S^T, as fp16
+  in fp32, the rest from TF32 products); T beta = T diag(beta) (the kernel's prepare pass, for all
+  chunks at once), then U = T beta (v - Ke S^T) on tensor cores, Z = v - Ke S^T rounded to TF32
+  (its serial state pass; the WY form u - w S^T, with u = T beta v and w = T beta Ke formed by
+  the prepare pass as the kernel did before, is the same product regrouped);
+* the state stays fp32; it is a tensor-core operand only in Ke S^T and Qe S^T, as fp16
   (``_fp16_scaled``: each value row times a power of two that fits its largest entry; fp16's
-  mantissa is TF32's); U = u - w S^T enters A_qk U and U^T Kd as fp16 under a power of two per
+  mantissa is TF32's); U enters A_qk U and U^T Kd as fp16 under a power of two per
   value row that fits U and the sums it joins (S diag(EL), Qe S^T), as the kernel's 128-row CTAs
   do (64- and 32-row CTAs scale U per 16-token tile and value row, and each warp's slice of a
   state row on its own: the same rounding up to where the scales fall);
-* the workspace record's Qe, Kd, w and A_qk are fp16 (``_fp16``; fp16 values are exact TF32
+* the workspace record's Qe, Ke, Kd and A_qk are fp16 (``_fp16``; fp16 values are exact TF32
   operands), T beta fp32 rounded to TF32.
 
 bf16 operands instead of TF32 measured 3.5-4.6e-3 relative RMS against fp64 here (the GPU tests
 allow 5e-3); TF32 measured about 6e-4, and fp16 record fields instead of TF32 ones the same
 (5.8e-4 at worst over this file's tests' cases and v x 1000; bf16 fields 2.8e-3, a bf16 u
 2.0e-3, an fp16 u scaled per 16-token tile and value row 6.2e-4, which the kernel stored from
-0745975 to 61086cc; scripts/mirror_record_precision.py; until the record held T beta, u = T beta v
-was formed by the prepare pass from TF32 operands and stored in fp32).
+0745975 to 61086cc; scripts/mirror_record_precision.py; those were measured with the WY form's
+record, Qe, Kd, w, A_qk and u).
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def _chunk(S, q, k, v, g, beta):
     qb, kb = q.view(nb, BLOCK, H, K), k.view(nb, BLOCK, H, K)
 
     Qe = _fp16((qb * pre[:, None] * Ploc).view(C, H, K))
-    Ke = (kb * pre[:, None] * Ploc).view(C, H, K)                    # fp32: only beta Ke is an operand
+    Ke = _fp16((kb * pre[:, None] * Ploc).view(C, H, K))
     Kd = _fp16((kb * Rloc * post[:, None]).view(C, H, K))
     EL = Ptot.prod(0)                                                 # [H, K]
     # a block whose decay is >= DIAG_TC_MIN in every channel (per head) keeps its operands times
@@ -131,10 +131,9 @@ def _chunk(S, q, k, v, g, beta):
 
     T = _blocked_inverse(Akk)
     S_op = _fp16_scaled(S, S.abs().amax(dim=-1, keepdim=True))    # [H, V, K], a scale per value row
-    T_op = _tf32(T)
-    u = _tf32(T_op * beta.t()[:, None, :]) @ v.permute(1, 0, 2)       # [H, C, V]; v bf16, exact
-    w = T_op @ _tf32(beta.t()[:, :, None] * Ke.permute(1, 0, 2))      # [H, C, K]
-    U = u - torch.einsum("hck,hvk->hcv", _fp16(w), S_op)
+    Tb = _tf32(_tf32(T) * beta.t()[:, None, :])                       # T diag(beta), [H, C, C]
+    Z = v.permute(1, 0, 2) - torch.einsum("chk,hvk->hcv", Ke, S_op)    # [H, C, V]
+    U = Tb @ _tf32(Z)
     Y = torch.einsum("chk,hvk->hcv", Qe, S_op)
     S_dec = S * EL[:, None, :]
     # U's scale per value row also fits the sums it is added to (S EL and Y), as 128-row CTAs do.

@@ -5,7 +5,7 @@
 // which runnable fibers are resumed is forward, reverse or pseudo-random (set_order), so a
 // missing barrier shows up as results that differ between orders. An mma.sync product gathers
 // the warp's fragments by their PTX layouts (mma_m16n8k8_tf32, mma_m16n8k16_f16), a wgmma product
-// the warpgroup's (wgmma_m64n64k8_tf32, wgmma_m64n64k16_f16).
+// the warpgroup's (wgmma_m64n64k16_f16).
 //
 // What it checks: indexing, the algorithm, barrier placement (by comparing schedules),
 // rounding (tf32 conversions are applied where the code asks). What it cannot: timing,
@@ -306,22 +306,6 @@ inline void wgmma_product(float (&d)[32], const void* b, Post post, Place place,
       for (int k = 0; k < K; ++k) acc += A[r][k] * B(k, c);
       d[4 * j + e] = acc;
     }
-}
-
-// wgmma.mma_async.sync.aligned.m64n64k8.f32.tf32.tf32 with A from registers (the m16n8k8 layout)
-// and B K-major in shared memory without swizzle: element (k, n) of B at b + (n / 8) sbo + (k / 4)
-// lbo + (n % 8) 16 + (k % 4) 4 bytes.
-inline void wgmma_m64n64k8_tf32(float (&d)[32], const uint32_t (&a)[4], const void* b, int lbo, int sbo) {
-  wgmma_product<8>(
-      d, b, [&](float* mine) { for (int i = 0; i < 4; ++i) mine[i] = tf32(a[i]); },
-      [](const float* f, float (&A)[64][8], int r, int t) {
-        A[r][t] = f[0]; A[r + 8][t] = f[1]; A[r][t + 4] = f[2]; A[r + 8][t + 4] = f[3];
-      },
-      [&](int k, int n) {
-        uint32_t bits;
-        std::memcpy(&bits, static_cast<const char*>(b) + (n / 8) * sbo + (k / 4) * lbo + (n % 8) * 16 + (k % 4) * 4, 4);
-        return tf32(bits);
-      });
 }
 
 // wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 with A from registers (the

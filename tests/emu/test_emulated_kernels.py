@@ -194,12 +194,11 @@ def test_prefill_is_independent_of_the_thread_schedule(lib, kind, bv):
         assert torch.equal(out, results[0][0]) and torch.equal(pool, results[0][1])
 
 
-# The opt-in wgmma builds, the same bits as the default mma.sync build: the prepare pass's phase 6b
-# (kda_prefill_tc_wy.cuh, -DKDA_TC_WY_WGMMA=1) and the 128-row state pass's products
-# (kda_prefill_tc_state.cuh, -DKDA_TC_STATE_WGMMA=1, whose record holds Kd^T for every state CTA),
-# on mixed lengths and gates, both pools, several items per CTA (bv 128), under a pass order and a
-# greedy one (the warpgroup products' barriers).
-@pytest.mark.parametrize("define", ["-DKDA_TC_WY_WGMMA=1", "-DKDA_TC_STATE_WGMMA=1"])
+# The opt-in wgmma build, the same bits as the default mma.sync build: the 128-row state pass's
+# products (kda_prefill_tc_state.cuh, -DKDA_TC_STATE_WGMMA=1, whose record holds Kd^T for every
+# state CTA), on mixed lengths and gates, both pools, several items per CTA (bv 128), under a pass
+# order and a greedy one (the warpgroup products' barriers).
+@pytest.mark.parametrize("define", ["-DKDA_TC_STATE_WGMMA=1"])
 @pytest.mark.parametrize("bv,order", [(32, 0), (128, 3)])
 def test_tensor_core_prefill_wgmma_build_same_bits(lib, bv, order, define):
     wg = emulated.build((define,))
