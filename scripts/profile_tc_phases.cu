@@ -141,7 +141,16 @@ int main(int argc, char** argv) {
   CHECK(cudaMalloc(&ws, (size_t)kda::tc_workspace_floats((int64_t)T, N, H) * sizeof(float)));
   p.tc_workspace = ws;
 
-  CHECK(kda::launch_kda_prefill_tc_prepare(p, 0));  // warm-up
+  // The records the state CTAs of `rows` rows read (Ke or w: tc_record_w); trees from before
+  // that choice have only launch_kda_prefill_tc_prepare.
+  auto launch_prepare = [&]() {
+#ifdef KDA_TC_RECORD_KW
+    return kda::launch_kda_prefill_tc_prepare_for(p, rows, 0);
+#else
+    return kda::launch_kda_prefill_tc_prepare(p, 0);
+#endif
+  };
+  CHECK(launch_prepare());  // warm-up
   CHECK(launch_state());
   CHECK(cudaDeviceSynchronize());
 #ifdef KDA_TC_PHASE_CYCLES
@@ -154,7 +163,7 @@ int main(int argc, char** argv) {
   std::vector<float> t_prep, t_state;
   for (int r = 0; r < reps; ++r) {
     CHECK(cudaEventRecord(ev[0]));
-    CHECK(kda::launch_kda_prefill_tc_prepare(p, 0));
+    CHECK(launch_prepare());
     CHECK(cudaEventRecord(ev[1]));
     CHECK(launch_state());
     CHECK(cudaEventRecord(ev[2]));

@@ -43,21 +43,28 @@ constexpr int kLdC = kC + 4;    // [64 x 64] arrays: A_qk, A_kk, T
 constexpr bool kKdChannelMajor = KDA_TC_STATE_WGMMA;
 
 // One workspace record per (chunk, head), unpadded rows (kda_prefill.h kTcRecordFloats; offsets in
-// 4-byte units): what the state pass needs of a chunk, computed by the prepare pass. Qe, Kd, Ke and
-// A_qk, which the state pass only multiplies on tensor cores, are stored as fp16: its 10-bit
+// 4-byte units): what the state pass needs of a chunk, computed by the prepare pass. Qe, Kd, Ke / w
+// and A_qk, which the state pass only multiplies on tensor cores, are stored as fp16: its 10-bit
 // mantissa is TF32's, so they enter the TF32 products exactly as TF32-rounded fp32 would, at half
 // the bytes (the torch mirror measured the same error against fp64 with fp16 fields as with TF32
-// ones; they are bounded, Qe, A_qk by the attention scale and Kd, Ke by 1). T beta = T diag(beta)
-// (fp32, TF32-rounded; only its blocks on and below the diagonal are written and read) takes the
-// place of the WY factors u = T beta v and w = T beta Ke: the state pass forms
-// U = T beta (v - Ke S^T) from v itself, so the prepare pass neither reads v nor multiplies by T,
-// and the record is 72.5 KB where u and w made it 88.5 (docs/kernels.md, "U = T beta (v - Ke S^T)").
+// ones; they are bounded, Qe, A_qk by the attention scale and Kd, Ke, w by about 1). T beta =
+// T diag(beta) (fp32, TF32-rounded; only its blocks on and below the diagonal are written and read)
+// takes the place of u = T beta v, which the state pass forms from v itself, so the prepare pass
+// never reads v. State CTAs of 128 value rows take Ke (k decayed to the chunk start) and compute
+// U = T beta (v - Ke S^T), so that the prepare pass does no product with T at all; those of 64 or
+// 32 rows, whose token-major units would need a barrier more per chunk for that, take the WY factor
+// w = T beta Ke in the same field and compute U = u - w S^T (docs/kernels.md,
+// "U = T beta (v - Ke S^T)"). The launcher tells the prepare pass which (tc_record_w).
 constexpr int kRecQe = 0;                      // fp16 [64 x 128] q decayed to the chunk start
 constexpr int kRecKd = kRecQe + kC * kK / 2;   // fp16 [64 x 128] k decayed to the chunk end (or its transpose)
-constexpr int kRecKe = kRecKd + kC * kK / 2;   // fp16 [64 x 128] k decayed to the chunk start
-constexpr int kRecTb = kRecKe + kC * kK / 2;   // fp32 [64 x 64] T diag(beta), TF32-rounded, lower blocks
+constexpr int kRecKw = kRecKd + kC * kK / 2;   // fp16 [64 x 128] Ke (128-row state CTAs) or w = T beta Ke
+constexpr int kRecTb = kRecKw + kC * kK / 2;   // fp32 [64 x 64] T diag(beta), TF32-rounded, lower blocks
 constexpr int kRecAqk = kRecTb + kC * kC;      // fp16 [64 x 64] A_qk
 constexpr int kRecEL = kRecAqk + kC * kC / 2;  // fp32 [128] the chunk's total decay per channel
+
+// Whether state CTAs of bv value rows take w (true) or Ke in the record's kRecKw field.
+__host__ __device__ constexpr bool tc_record_w(int bv) { return bv < 128; }
+#define KDA_TC_RECORD_KW 1  // tc_record_w exists (scripts/profile_tc_phases.cu builds older trees too)
 static_assert(kRecEL + kK == kTcRecordFloats, "kda_prefill.h's record size");
 
 __device__ __forceinline__ __half* rec_half(float* rec, int field) { return reinterpret_cast<__half*>(rec + field); }

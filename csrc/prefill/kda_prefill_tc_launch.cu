@@ -14,18 +14,27 @@ static cudaError_t allow_smem(Kernel kernel, int bytes) {
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
 }
 
-cudaError_t launch_kda_prefill_tc_prepare(const KdaPrefillParams& p, cudaStream_t stream) {
+int tc_state_rows(const KdaPrefillParams& p);
+
+// state_rows: the value rows per state-pass CTA that will read the records (tc_state_rows), which
+// decides whether they hold Ke or w (tc::tc_record_w).
+cudaError_t launch_kda_prefill_tc_prepare_for(const KdaPrefillParams& p, int state_rows, cudaStream_t stream) {
   constexpr int smem = (int)sizeof(tc::PrepSmem);
   static_assert(smem <= 227 * 1024, "shared memory of one CTA exceeds what Hopper grants");
   if (p.N == 0 || p.H == 0 || p.tc_chunk_slots == 0) return cudaSuccess;
-  const auto kernel =
-      tc::prep_rows_aligned(p) ? kda_prefill_tc_prepare_kernel<true> : kda_prefill_tc_prepare_kernel<false>;
+  const bool aligned = tc::prep_rows_aligned(p), wy = tc::tc_record_w(state_rows);
+  const auto kernel = aligned ? (wy ? kda_prefill_tc_prepare_kernel<true, true> : kda_prefill_tc_prepare_kernel<true, false>)
+                              : (wy ? kda_prefill_tc_prepare_kernel<false, true> : kda_prefill_tc_prepare_kernel<false, false>);
   const cudaError_t attr = allow_smem(kernel, smem);
   if (attr != cudaSuccess) return attr;
   const int64_t items = p.tc_chunk_slots * p.H;  // persistent: at most one CTA per SM
   const int64_t grid = p.num_sms > 0 && p.num_sms < items ? p.num_sms : items;
   kernel<<<(unsigned)grid, tc::kPrepThr, smem, stream>>>(p);
   return cudaGetLastError();
+}
+
+cudaError_t launch_kda_prefill_tc_prepare(const KdaPrefillParams& p, cudaStream_t stream) {
+  return launch_kda_prefill_tc_prepare_for(p, tc_state_rows(p), stream);
 }
 
 // rows: value rows per (unit, head), V or (a split call's first pass) 2 V; z: sequences or units.

@@ -1,10 +1,10 @@
 // Tensor-core chunked prefill, pass 1 of 2: everything of a 64-token chunk that does not depend
 // on the state, for all chunks of all sequences at once. A work item is a (chunk slot, head), one
 // CTA of kPrepWarp (16) warps per SM walks items; an item reads the chunk's q, k, g, beta once
-// and writes one workspace record (kda_prefill_tc_common.cuh): Qe, Ke, Kd, A_qk, the chunk's
-// total decay EL and T beta = T diag(beta), so that the serial state pass
-// (kda_prefill_tc_state.cuh) is left with U = T beta (v - Ke S^T), O = Qe S^T + A_qk U and
-// S <- S diag(EL) + U^T Kd.
+// and writes one workspace record (kda_prefill_tc_common.cuh): Qe, Kd, A_qk, the chunk's total
+// decay EL, T beta = T diag(beta) and Ke (kWy false) or the WY factor w = T beta Ke (kWy), so that
+// the serial state pass (kda_prefill_tc_state.cuh) is left with U = T beta (v - Ke S^T), or
+// U = T beta v - w S^T, then O = Qe S^T + A_qk U and S <- S diag(EL) + U^T Kd.
 //
 // With a_t = exp(g_t) <= 1 per channel, Ploc/Rloc the forward/backward running products of a_t
 // inside a 16-token block, Ptot the block totals and pre_I / post_J the products of the totals
@@ -27,6 +27,7 @@
 
 #include "kda_prefill_tc_common.cuh"
 #include "kda_prefill_tc_prepare_io.cuh"
+#include "kda_prefill_tc_wy.cuh"
 
 namespace kda {
 namespace tc {
@@ -34,7 +35,7 @@ namespace tc {
 struct alignas(128) PrepSmem {
   float Qr[kC][kLdK];  // q Ploc (stored as Qe = Qr pre)
   float Kq[kC][kLdK];  // k Ploc
-  float Kb[kC][kLdK];  // k Rloc (stored as Kd = Kb post)
+  float Kb[kC][kLdK];  // k Rloc (stored as Kd = Kb post), then (kWy) beta Ke (6a, kda_prefill_tc_wy.cuh)
   union {
     float al[kC][kK];  // a_t, until the decayed operands are built (2c)
     struct {
@@ -99,7 +100,8 @@ __device__ __forceinline__ void off_diag_block(int job, int& I, int& J) {
 // else the 2-byte loads wait where they are issued.
 // kAligned: every q, k, g row 8-byte aligned (prep_rows_aligned, checked by
 // the launcher), so only vector loads are built; else each sequence's rows are checked here.
-template <bool kAligned>
+// kWy: the record's kRecKw field takes w = T beta Ke (state CTAs of 64 or 32 rows) instead of Ke.
+template <bool kAligned, bool kWy>
 __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel(const KdaPrefillParams p) {
   using namespace tc;
   constexpr int kPer = kC / kPrepWarp;  // tokens per warp in the per-token passes
@@ -434,12 +436,14 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
       }
       if (tid == kLookup)  // item it + 2, into the entry of item it (read by every thread before 1a's barrier)
         sm.items[it & 1] = find_prep_item(p, div, sm.items[(it + 1) & 1].item + stride, stride, items, base_tok);
-      // The record's Qe = Qr pre, Ke = Kq pre and Kd = Kb post (scaled as they are stored), final
-      // since 2c, by the warps of off-diagonal units once their product is done: in phase 5 they
-      // were 32 of the 40 KB that every warp stored there while threads 0..63 solved.
+      // The record's Qe = Qr pre, Kd = Kb post and (unless kWy) Ke = Kq pre (scaled as they are
+      // stored), final since 2c, by the warps of off-diagonal units once their product is done: in
+      // phase 5 they were 32 of the 40 KB that every warp stored there while threads 0..63 solved.
+      // With kWy the barrier after 3b orders these reads of Kb before phase 6a overwrites it.
       if (warp < kStoreWarps) {
         store_rows_half<true>(rec_half(rec, kRecQe), &sm.Qr[0][0], kLdK, kK, &sm.pre[0][0], tid, kStoreWarps * 32);
-        store_rows_half<true>(rec_half(rec, kRecKe), &sm.Kq[0][0], kLdK, kK, &sm.pre[0][0], tid, kStoreWarps * 32);
+        if constexpr (!kWy)
+          store_rows_half<true>(rec_half(rec, kRecKw), &sm.Kq[0][0], kLdK, kK, &sm.pre[0][0], tid, kStoreWarps * 32);
         if constexpr (kKdChannelMajor)
           store_cols_half(rec_half(rec, kRecKd), &sm.Kb[0][0], kLdK, &sm.post[0][0], tid, kStoreWarps * 32);
         else
@@ -498,7 +502,7 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
     // 4b. T's blocks below the diagonal on tensor cores (mma.sync m16n8k8, TF32): warp J walks
     //     column J's blocks I = J+1 .. 3 in order, X = sum_{J<=M<I} A_IM T_MJ (only this column's
     //     blocks above I) into the warp's own 16 rows of the X area, then T_IJ = -T_II X. Nothing
-    //     crosses warps until the barrier before phase 6.
+    //     crosses warps until the barrier before phase 6 (with kWy the other warps start on 6a).
     if (warp < kNB - 1) {
       const int J = warp;
       float(*Xw)[kLdC] = &sm.r1.tu.X[J * kBlk];
@@ -544,10 +548,15 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
       }
     }
 
-    // 6. T beta = T diag(beta) into the record, every thread, once 4b is done (the barrier).
+    // 6. T beta = T diag(beta) into the record, every thread, once 4b is done (the barrier); with
+    //    kWy also w = T (beta Ke) (kda_prefill_tc_wy.cuh): 6a writes beta Ke as the B operand,
+    //    every thread (warps 0..2 after their 4b), 6b multiplies it by T on tensor cores while the
+    //    T beta stores drain.
+    if constexpr (kWy) wy_stage(sm, tid);
     __syncthreads();
     KDA_TC_MARK(8);
     store_t_beta(sm, rec, tid);
+    if constexpr (kWy) wy_products(sm, rec, warp, lane);
     KDA_TC_MARK(9);  // (the barrier before the next item's writes sits in its phase 1)
   }
   KDA_TC_PROFILE_END();

@@ -1,18 +1,19 @@
 // Tensor-core chunked prefill, pass 2 of 2: the serial part. One CTA per (sequence, head, block
 // of BV = 128, 64 or 32 value rows), 8 warps; the launcher picks BV. Per 64-token chunk it reads
-// the record the prepare pass wrote (kda_prefill_tc_prepare.cuh; Qe, Ke, Kd, A_qk in fp16, T beta
-// in fp32) and the chunk's v, and computes, with fp32 accumulation,
-//   U = T beta (v - Ke S^T);  O = Qe S^T + A_qk U;  S <- S diag(EL) + U^T Kd
-// T beta Z on TF32 tensor cores (m16n8k8; Z = v - Ke S^T in fp32, rounded to TF32 as an operand),
-// the rest on fp16 tensor cores (mma.sync m16n8k16; fp16 has TF32's mantissa, so only the range
-// needs care): the state times a power of two per value row (RowScale), and U per value row too,
+// the record the prepare pass wrote (kda_prefill_tc_prepare.cuh; Qe, Kd, A_qk and Ke or w in fp16,
+// T beta in fp32) and the chunk's v, and computes, with fp32 accumulation,
+//   U = T beta (v - Ke S^T)  (128 rows)  or  U = T beta v - w S^T  (64, 32 rows);
+//   O = Qe S^T + A_qk U;  S <- S diag(EL) + U^T Kd
+// the products with T beta on TF32 tensor cores (m16n8k8; v's bf16 values are exact TF32 operands,
+// v - Ke S^T is rounded to TF32), the rest on fp16 tensor cores (mma.sync m16n8k16; fp16 has
+// TF32's mantissa, so only the range needs care): the state times a power of two per value row (RowScale), and U per value row too,
 // with 128 rows under one scale that also fits the sums it joins, with fewer rows per (16-token
 // tile, value row), each tile's partial product scaled back on its own. Operands come from
 // ldmatrix.
 // The fp32 state stays in registers, as the accumulator fragments of the update: warp (vt, q)
 // holds value rows vt*16 .. vt*16+15 and channels q*kCW .. q*kCW+kCW-1, where the kNCW warps of a
 // value tile split the channels. With 128 rows (kNCW = 1) a warp's tiles are the A fragments of
-// w S^T and Qe S^T for its rows over all channels, and U's A fragments stay in the registers that
+// Ke S^T and Qe S^T for its rows over all channels, and U's A fragments stay in the registers that
 // computed it: one barrier per chunk. With fewer rows the state also goes to shared memory as
 // fp16 (scaled per row and warp slice) after each update, and the products with it are computed
 // token-major, per unit of 16 tokens x 16 value rows over all 128 channels, so no partial sums
@@ -55,7 +56,6 @@ struct StateTiling {
   static constexpr int kSN = kCW / 8;           // its 8-channel state tiles
   static constexpr int kUnits = BV / 32;        // steps 1 and 3: (16 tokens x 16 rows) units per warp
   static constexpr int kLdV = BV + 8;           // bf16 v rows: 16-byte aligned, ldmatrix rows on distinct banks
-  static constexpr int kLdZ = BV + 4;           // Z rows: a B fragment's loads (rows 2 t4, columns g) on 32 banks
   static constexpr int kLdUh = BV + 8;          // fp16 U rows: 16-byte aligned, ldmatrix rows on distinct banks
   static_assert(kVT * kNCW == kWarp && kUnits * kWarp * 256 == kC * BV, "BV = 128, 64 or 32");
 };
@@ -65,7 +65,7 @@ struct alignas(128) StateSmem {
   using G = StateTiling<BV>;
   struct Record {  // chunk j's in rec[j % 2]
     __half Qe[kC][kLdR];
-    __half Ke[kC][kLdR];  // k decayed to the chunk start
+    __half Kw[kC][kLdR];  // Ke, k decayed to the chunk start (128 rows), or w = T beta Ke (tc_record_w)
     // Kd [tokens][channels] in rows of pitch kLdR, or (kKdChannelMajor) Kd^T [channels][tokens]
     // in rows of pitch kLdA (ldmatrix rows on distinct banks, as A_qk's).
     __half Kd[kKdChannelMajor ? kK : kC][kKdChannelMajor ? kLdA : kLdR];
@@ -79,9 +79,7 @@ struct alignas(128) StateSmem {
   // 1 / Sinv[q][r] (row_scales).
   __half S[G::kNCW > 1 ? BV : 1][kLdR];
   float Sinv[G::kNCW][G::kNCW > 1 ? BV : 1];
-  // kNCW > 1: Z = v - Ke S^T [tokens][value rows] (fp32 as TF32 operands: T beta Z's B).
-  float Z[G::kNCW > 1 ? kC : 1][G::kLdZ];
-  // kNCW > 1: U = T beta Z as fp16 [tokens][value rows], each (16-token tile, row) times
+  // kNCW > 1: U = u - w S^T as fp16 [tokens][value rows], each (16-token tile, row) times
   // 1 / Uinv[tile][row]: the A operand of U^T Kd and the B operand of A_qk U.
   __half Uh[G::kNCW > 1 ? kC : 1][G::kLdUh];
   float Uinv[kNB][G::kNCW > 1 ? BV : 1];
@@ -135,22 +133,22 @@ __device__ __forceinline__ void copy_v_rows(__nv_bfloat16 (*dst)[StateTiling<BV>
   }
 }
 
-// A chunk's record into one buffer: Ke, Kd, T beta, EL, for all but transition rows (whose v is
+// A chunk's record into one buffer: Ke or w, Kd, T beta, EL, for all but transition rows (whose v is
 // taken as 0) the chunk's v (tokens t0 .. t0 + nt - 1 of tv), and, for a CTA that writes outputs,
-// Qe and A_qk. Ke, Qe, Kd and A_qk in padded rows, or in wgmma's layout (kStateWgmma; the arrays are large
+// Qe and A_qk. Ke / w, Qe, Kd and A_qk in padded rows, or in wgmma's layout (kStateWgmma; the arrays are large
 // enough for either).
 template <int BV>
 __device__ __forceinline__ void load_record(typename StateSmem<BV>::Record& r, const float* rec, const TokenView& tv,
                                             int t0, int nt, bool vec_v, bool outp, bool with_v) {
   if constexpr (kStateWgmma<BV>) {
-    static_assert(sizeof(r.Ke) >= kC * kK * sizeof(__half) && sizeof(r.Aqk) >= kC * kC * sizeof(__half) &&
+    static_assert(sizeof(r.Kw) >= kC * kK * sizeof(__half) && sizeof(r.Aqk) >= kC * kC * sizeof(__half) &&
                       sizeof(r.Kd) >= kK * kC * sizeof(__half),
                   "room for the core-matrix layout");
     if (outp) copy_half_cores_async<kC, kK>(&r.Qe[0][0], rec + kRecQe);
-    copy_half_cores_async<kC, kK>(&r.Ke[0][0], rec + kRecKe);
+    copy_half_cores_async<kC, kK>(&r.Kw[0][0], rec + kRecKw);
   } else {
     if (outp) copy_half_rows_async<kK, kLdR>(&r.Qe[0][0], rec + kRecQe);
-    copy_half_rows_async<kK, kLdR>(&r.Ke[0][0], rec + kRecKe);
+    copy_half_rows_async<kK, kLdR>(&r.Kw[0][0], rec + kRecKw);
   }
   if constexpr (kStateWgmma<BV>)
     copy_half_cores_async<kK, kC>(&r.Kd[0][0], rec + kRecKd);
@@ -341,21 +339,28 @@ __device__ __forceinline__ void t_beta_rows(float (&d)[8][4], const float (*Tb)[
   }
 }
 
-// Token-major units: d[nn] += U [16 tokens 16 tt .. x 8 value rows r0 + 8 nn ..] (the accumulator
-// layout of X), A = T beta (rows 16 tt + g, + 8), B = Z from shared memory (TF32 bits as stored).
-template <int kLdZ>
-__device__ __forceinline__ void t_beta_unit(float (&d)[2][4], const float (*Z)[kLdZ], const float (*Tb)[kLdTb], int tt,
-                                            int r0, int lane) {
-  const int g = lane / 4, t4 = lane % 4;
-#pragma unroll 2
-  for (int ks = 0; ks < 2 * (tt + 1); ++ks) {
-    const int k = 8 * ks + 2 * t4;
-    const float2 lo = *reinterpret_cast<const float2*>(&Tb[16 * tt + g][k]);
-    const float2 hi = *reinterpret_cast<const float2*>(&Tb[16 * tt + g + 8][k]);
-    const uint32_t a[4] = {__float_as_uint(lo.x), __float_as_uint(hi.x), __float_as_uint(lo.y), __float_as_uint(hi.y)};
+// Token-major units (64 and 32 rows, record w): d[nn] += u = T beta v [16 tokens 16 tt .. x 8 value
+// rows r0 + 8 nn ..] (the accumulator layout of X), A = T beta (rows 16 tt + g, + 8), B = v (its
+// 8 x 8 tiles transposed as they load).
+template <int kLdV>
+__device__ __forceinline__ void add_u_tokens(float (&d)[2][4], const __nv_bfloat16 (*V)[kLdV],
+                                             const float (*Tb)[kLdTb], int tt, int r0, int lane) {
+  const int g = lane / 4, t4 = lane % 4, m = lane / 8;
+#pragma unroll 1
+  for (int kp = 0; kp <= tt; ++kp) {  // k-steps 2 kp, 2 kp + 1; matrices (k-step, rows nn)
+    uint32_t r[4];
+    ldsm_x4<true>(r, reinterpret_cast<const __half*>(&V[16 * kp + 8 * (m / 2) + lane % 8][r0 + 8 * (m % 2)]));
 #pragma unroll
-    for (int nn = 0; nn < 2; ++nn)
-      mma_tf32(d[nn], a, __float_as_uint(Z[k][r0 + 8 * nn + g]), __float_as_uint(Z[k + 1][r0 + 8 * nn + g]));
+    for (int h = 0; h < 2; ++h) {
+      const int k = 16 * kp + 8 * h + 2 * t4;
+      const float2 lo = *reinterpret_cast<const float2*>(&Tb[16 * tt + g][k]);
+      const float2 hi = *reinterpret_cast<const float2*>(&Tb[16 * tt + g + 8][k]);
+      const uint32_t a[4] = {__float_as_uint(lo.x), __float_as_uint(hi.x), __float_as_uint(lo.y),
+                             __float_as_uint(hi.y)};
+#pragma unroll
+      for (int nn = 0; nn < 2; ++nn)
+        mma_tf32(d[nn], a, bf16_lo_tf32(r[2 * h + nn]), bf16_hi_tf32(r[2 * h + nn]));
+    }
   }
 }
 
@@ -426,6 +431,7 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
                       vec_v, outp, !unit.transition);
 
     if constexpr (G::kNCW == 1) {
+      static_assert(!tc_record_w(BV), "128-row CTAs read Ke");
       // A warp holds all 128 channels of its 16 value rows: X^T = S Ke^T and Y^T = S Qe^T,
       // [16 rows x 64 tokens] as 8 token tiles, are whole, and U's rows it writes are the only
       // ones its update and output read, so the chunk needs no barrier until its end.
@@ -444,7 +450,7 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
         // The same products per warpgroup (warps 4 w' .. 4 w' + 3: value rows 64 w' ..), x and y
         // as its accumulators, A from the same registers, in two rounds of four k-steps (a product
         // reads its A registers until the wait).
-        const SmemAddr bw = smem_addr(&rs.Ke[0][0]), bq = smem_addr(&rs.Qe[0][0]);
+        const SmemAddr bw = smem_addr(&rs.Kw[0][0]), bq = smem_addr(&rs.Qe[0][0]);
         auto products = [&](auto with_y) {
 #pragma unroll
           for (int round = 0; round < 2; ++round) {
@@ -472,7 +478,7 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
 #pragma unroll
           for (int jt = 0; jt < 8; jt += 2) {  // B fragments of token tiles jt, jt + 1: one ldmatrix
             uint32_t b[4];
-            ldsm_x4<false>(b, b_rows<kLdR, false>(&rs.Ke[0][0], 8 * jt, 16 * kk, lane));
+            ldsm_x4<false>(b, b_rows<kLdR, false>(&rs.Kw[0][0], 8 * jt, 16 * kk, lane));
             mma_f16(x[jt], a, b[0], b[1]);
             mma_f16(x[jt + 1], a, b[2], b[3]);
             if (outp) {
@@ -566,17 +572,21 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
         if (t + 1 < nt) { o[p.o_st] = __float2bfloat16(y[jt][1]); o[p.o_st + 8] = __float2bfloat16(y[jt][3]); }
       }
     } else {
-      // 1. X = Ke S^T and Y = Qe S^T in token-major form, [64 tokens x BV value rows] as units of
+      // 1. X = w S^T and Y = Qe S^T in token-major form, [64 tokens x BV value rows] as units of
       //    16 tokens (tt) x 16 rows (rt), whole products over the 128 channels, so no partial sums
-      //    cross warps, on fp16 tensor cores (m16n8k16): A = Ke / Qe as stored, B = the shared fp16
+      //    cross warps, on fp16 tensor cores (m16n8k16): A = w / Qe as stored, B = the shared fp16
       //    state. Each warp slice q of the channels carries its own row scales, so its partial
-      //    products are scaled back (Sinv) and summed in fp32. Then Z = v - X to shared memory and,
-      //    after a barrier, U = T beta Z as fp16 (below); Y stays in registers for step 3.
+      //    products are scaled back (Sinv) and summed in fp32. u = T beta v, which does not depend
+      //    on the state, comes first (add_u_tokens; none for transition rows, whose u is 0), so
+      //    that it is off the chunk's dependent chain. Then U = u - X to shared memory as fp16
+      //    (below); Y stays in registers for step 3.
+      static_assert(tc_record_w(BV), "token-major CTAs read w");
       float y[G::kUnits][2][4];
 #pragma unroll
       for (int ui = 0; ui < G::kUnits; ++ui) {
         const int tt = unit_tokens_tile(ui, warp), rt = warp / 4 + 2 * ui;
-        float x[2][4] = {};
+        float x[2][4] = {}, u[2][4] = {};
+        if (!unit.transition) add_u_tokens<G::kLdV>(u, rs.V, rs.Tb, tt, rt * 16, lane);
 #pragma unroll
         for (int nn = 0; nn < 2; ++nn)
 #pragma unroll
@@ -587,9 +597,9 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
           float xs[2][4] = {}, ys[2][4] = {};
 #pragma unroll
           for (int k0 = qs * G::kCW; k0 < (qs + 1) * G::kCW; k0 += 16) {
-            // A = Ke / Qe, tokens tt*16 .. tt*16 + 15 over channels k0 .. k0 + 15.
+            // A = w / Qe, tokens tt*16 .. tt*16 + 15 over channels k0 .. k0 + 15.
             uint32_t aw[4], aq[4] = {0u, 0u, 0u, 0u}, b[4];
-            ldsm_a<kLdR, false>(aw, &rs.Ke[0][0], tt * 16, k0, lane);
+            ldsm_a<kLdR, false>(aw, &rs.Kw[0][0], tt * 16, k0, lane);
             if (outp) ldsm_a<kLdR, false>(aq, &rs.Qe[0][0], tt * 16, k0, lane);
             ldsm_x4<false>(b, b_rows<kLdR, false>(&sm.S[0][0], rt * 16, k0, lane));  // value rows nn = 0, 1
 #pragma unroll
@@ -606,38 +616,15 @@ __global__ void __launch_bounds__(tc::kThr, 1) kda_prefill_tc_state_kernel(const
           }
         }
         // x[nn] = X[m0][r], X[m0][r+1], X[m0+8][r], X[m0+8][r+1] with r = rt*16 + nn*8 + 2 t4.
-        // Z = v - X (v = 0 for transition rows) to shared memory, rounded as TF32 operands.
+        // U = u - X to the fp16 copy Uh, each value row's 16 tokens of this unit times their own
+        // power of two (RowScale; the 8 lanes of a t4 hold them), whose inverse goes to
+        // Uinv[tt][r]: steps 2 and 3 contract over tokens one 16-token tile at a time, so each
+        // tile's partial product is scaled back on its own.
 #pragma unroll
         for (int nn = 0; nn < 2; ++nn) {
           const int r = rt * 16 + nn * 8 + 2 * t4;
-          uint32_t v0 = 0u, v1 = 0u;  // bf16 pairs: value rows r, r + 1 of tokens m0, m0 + 8
-          if (!unit.transition) {
-            v0 = *reinterpret_cast<const uint32_t*>(&rs.V[m0][r]);
-            v1 = *reinterpret_cast<const uint32_t*>(&rs.V[m0 + 8][r]);
-          }
-          *reinterpret_cast<float2*>(&sm.Z[m0][r]) =
-              make_float2(tf32_bump(__uint_as_float(bf16_lo_tf32(v0)) - x[nn][0]),
-                          tf32_bump(__uint_as_float(bf16_hi_tf32(v0)) - x[nn][1]));
-          *reinterpret_cast<float2*>(&sm.Z[m0 + 8][r]) =
-              make_float2(tf32_bump(__uint_as_float(bf16_lo_tf32(v1)) - x[nn][2]),
-                          tf32_bump(__uint_as_float(bf16_hi_tf32(v1)) - x[nn][3]));
-        }
-      }
-      __syncthreads();  // Z complete
-      // U = T beta Z per unit (t_beta_unit) to the fp16 copy Uh, each value row's 16 tokens of this
-      // unit times their own power of two (RowScale; the 8 lanes of a t4 hold them), whose inverse
-      // goes to Uinv[tt][r]: steps 2 and 3 contract over tokens one 16-token tile at a time, so
-      // each tile's partial product is scaled back on its own.
-#pragma unroll
-      for (int ui = 0; ui < G::kUnits; ++ui) {
-        const int tt = unit_tokens_tile(ui, warp), rt = warp / 4 + 2 * ui;
-        const int m0 = tt * 16 + g;
-        float u[2][4] = {};
-        t_beta_unit<G::kLdZ>(u, sm.Z, rs.Tb, tt, rt * 16, lane);
-#pragma unroll
-        for (int nn = 0; nn < 2; ++nn) {
-          const int r = rt * 16 + nn * 8 + 2 * t4;
-          const ColumnHalves uh(u[nn]);
+          const float d[4] = {u[nn][0] - x[nn][0], u[nn][1] - x[nn][1], u[nn][2] - x[nn][2], u[nn][3] - x[nn][3]};
+          const ColumnHalves uh(d);
           *reinterpret_cast<uint32_t*>(&sm.Uh[m0][r]) = uh.lo;
           *reinterpret_cast<uint32_t*>(&sm.Uh[m0 + 8][r]) = uh.hi;
           if (g == 0) *reinterpret_cast<float2*>(&sm.Uinv[tt][r]) = uh.inv;
