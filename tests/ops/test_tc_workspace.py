@@ -10,7 +10,8 @@ from kda_serving.ops import _ext
 
 
 def test_size_formula():
-    assert _ext.TC_RECORD_FLOATS == 3 * 64 * 128 // 2 + 64 * 128 + 64 * 64 // 2 + 128  # fp16 Qe, Kd, w, A_qk
+    # fp16 Qe, Kd, Ke / w, A_qk; fp32 T beta [64 x 64] and EL [128]
+    assert _ext.TC_RECORD_FLOATS == 3 * 64 * 128 // 2 + 64 * 64 + 64 * 64 // 2 + 128
     # chunk slots: floor(T / 64) + N, whatever the split of T into N sequences
     assert _ext.tc_workspace_floats(8192, 1, 96) == (128 + 1) * 96 * _ext.TC_RECORD_FLOATS
     assert _ext.tc_workspace_floats(0, 3, 2) == 3 * 2 * _ext.TC_RECORD_FLOATS
