@@ -492,8 +492,8 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
     }
 #endif
     // 5. The record's A_qk (fp16) and EL, final since 3b: out now, while threads 0..63 solve (the
-    // rest start on it at once), so that the stores drain during 4a and 4b instead of queueing
-    // ahead of T beta in phase 6.
+    // rest start on it at once), so that the stores drain during 4a and 4b instead of queueing at
+    // the item's end.
     store_rows_half(rec_half(rec, kRecAqk), &sm.Aqk[0][0], kLdC, kC, nullptr, tid, kPrepThr);
     if (tid < kK) rec[kRecEL + tid] = sm.EL[tid];
     __syncthreads();
@@ -501,8 +501,11 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
 
     // 4b. T's blocks below the diagonal on tensor cores (mma.sync m16n8k8, TF32): warp J walks
     //     column J's blocks I = J+1 .. 3 in order, X = sum_{J<=M<I} A_IM T_MJ (only this column's
-    //     blocks above I) into the warp's own 16 rows of the X area, then T_IJ = -T_II X. Nothing
-    //     crosses warps until the barrier before phase 6 (with kWy the other warps start on 6a).
+    //     blocks above I) into the warp's own 16 rows of the X area, then T_IJ = -T_II X, which it
+    //     also stores into the record as T beta. Meanwhile the other warps store T beta's diagonal
+    //     blocks and go on (with kWy to 6a, else to the next item, whose shared-memory writes wait
+    //     at the barrier in its phase 1): nothing crosses warps here.
+    if (warp >= kNB - 1) store_t_beta_diagonal(sm, rec, tid - (kNB - 1) * 32, kPrepThr - (kNB - 1) * 32);
     if (warp < kNB - 1) {
       const int J = warp;
       float(*Xw)[kLdC] = &sm.r1.tu.X[J * kBlk];
@@ -539,24 +542,27 @@ __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel
 #pragma unroll
         for (int nt = 0; nt < 2; ++nt) {
           const int r = I * kBlk + g, c = J * kBlk + 8 * nt + 2 * t4;
-          *reinterpret_cast<float2*>(&sm.r1.tu.T[r][c]) =
-              make_float2(tf32_round(-tij[nt][0]), tf32_round(-tij[nt][1]));
-          *reinterpret_cast<float2*>(&sm.r1.tu.T[r + 8][c]) =
-              make_float2(tf32_round(-tij[nt][2]), tf32_round(-tij[nt][3]));
+          const float t[4] = {tf32_round(-tij[nt][0]), tf32_round(-tij[nt][1]), tf32_round(-tij[nt][2]),
+                              tf32_round(-tij[nt][3])};
+          *reinterpret_cast<float2*>(&sm.r1.tu.T[r][c]) = make_float2(t[0], t[1]);
+          *reinterpret_cast<float2*>(&sm.r1.tu.T[r + 8][c]) = make_float2(t[2], t[3]);
+          const float2 be = *reinterpret_cast<const float2*>(&sm.beta[c]);
+          t_beta_pair(rec, r, c, t[0], t[1], be);
+          t_beta_pair(rec, r + 8, c, t[2], t[3], be);
         }
         __syncwarp();  // T_IJ is the next block's operand; X is rewritten
       }
     }
 
-    // 6. T beta = T diag(beta) into the record, every thread, once 4b is done (the barrier); with
-    //    kWy also w = T (beta Ke) (kda_prefill_tc_wy.cuh): 6a writes beta Ke as the B operand,
-    //    every thread (warps 0..2 after their 4b), 6b multiplies it by T on tensor cores while the
-    //    T beta stores drain.
-    if constexpr (kWy) wy_stage(sm, tid);
-    __syncthreads();
-    KDA_TC_MARK(8);
-    store_t_beta(sm, rec, tid);
-    if constexpr (kWy) wy_products(sm, rec, warp, lane);
+    // 6 (kWy). w = T (beta Ke) into the record (kda_prefill_tc_wy.cuh): 6a writes beta Ke as the
+    //    B operand, every thread (warps 0..2 after their 4b); once T is complete (the barrier) 6b
+    //    multiplies it by T on tensor cores.
+    if constexpr (kWy) {
+      wy_stage(sm, tid);
+      __syncthreads();
+      KDA_TC_MARK(8);
+      wy_products(sm, rec, warp, lane);
+    }
     KDA_TC_MARK(9);  // (the barrier before the next item's writes sits in its phase 1)
   }
   KDA_TC_PROFILE_END();

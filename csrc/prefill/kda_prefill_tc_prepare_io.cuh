@@ -150,20 +150,26 @@ __device__ __forceinline__ PrepItem find_prep_item(const KdaPrefillParams& p, co
   return e;
 }
 
-// T beta into the record: T's blocks on and below the diagonal (those above are zero and never
-// read), each column j times beta_j (0 past the end), TF32-rounded as the state pass multiplies
-// it; 16-byte pieces, every thread. T is complete after the barrier that ends 4b.
+// T beta = T diag(beta), TF32-rounded as the state pass multiplies it, into the record: the
+// diagonal blocks here, by threads `thread` of `threads` (16-byte pieces; T's diagonal blocks are
+// final after 4a), the blocks below them by 4b as it forms them (t_beta_pair); those above are
+// zero and never read, so not written. beta is 0 past the end.
 template <class Smem>
-__device__ __forceinline__ void store_t_beta(Smem& sm, float* rec, int tid) {
-#pragma unroll
-  for (int idx = tid; idx < kC * kC / 4; idx += kPrepThr) {
-    const int i = idx / (kC / 4), j = idx % (kC / 4) * 4;
-    if (j / kBlk > i / kBlk) continue;
+__device__ __forceinline__ void store_t_beta_diagonal(Smem& sm, float* rec, int thread, int threads) {
+  constexpr int kPer = kBlk * kBlk / 4;  // pieces per block
+#pragma unroll 1
+  for (int idx = thread; idx < kNB * kPer; idx += threads) {
+    const int b = idx / kPer, i = b * kBlk + idx % kPer / (kBlk / 4), j = b * kBlk + idx % (kBlk / 4) * 4;
     const float4 t = *reinterpret_cast<const float4*>(&sm.r1.tu.T[i][j]);
-    const float4 b = *reinterpret_cast<const float4*>(&sm.beta[j]);
+    const float4 be = *reinterpret_cast<const float4*>(&sm.beta[j]);
     *reinterpret_cast<float4*>(rec + kRecTb + i * kC + j) =
-        make_float4(tf32_round(t.x * b.x), tf32_round(t.y * b.y), tf32_round(t.z * b.z), tf32_round(t.w * b.w));
+        make_float4(tf32_round(t.x * be.x), tf32_round(t.y * be.y), tf32_round(t.z * be.z), tf32_round(t.w * be.w));
   }
+}
+
+// Two entries T[i][j], T[i][j + 1] (TF32-rounded) times beta_j, beta_j+1 into the record.
+__device__ __forceinline__ void t_beta_pair(float* rec, int i, int j, float t0, float t1, float2 be) {
+  *reinterpret_cast<float2*>(rec + kRecTb + i * kC + j) = make_float2(tf32_round(t0 * be.x), tf32_round(t1 * be.y));
 }
 
 // A [64 x cols] shared fp32 array (row pitch ld) to an fp16 record field, coalesced, by threads
