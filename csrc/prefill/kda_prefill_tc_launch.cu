@@ -23,8 +23,10 @@ cudaError_t launch_kda_prefill_tc_prepare_for(const KdaPrefillParams& p, int sta
   static_assert(smem <= 227 * 1024, "shared memory of one CTA exceeds what Hopper grants");
   if (p.N == 0 || p.H == 0 || p.tc_chunk_slots == 0) return cudaSuccess;
   const bool aligned = tc::prep_rows_aligned(p), wy = tc::tc_record_w(state_rows);
-  const auto kernel = aligned ? (wy ? kda_prefill_tc_prepare_kernel<true, true> : kda_prefill_tc_prepare_kernel<true, false>)
-                              : (wy ? kda_prefill_tc_prepare_kernel<false, true> : kda_prefill_tc_prepare_kernel<false, false>);
+  const auto kernel = aligned ? (wy ? kda_prefill_tc_prepare_kernel<true, true>
+                                    : kda_prefill_tc_prepare_kernel<true, false>)
+                              : (wy ? kda_prefill_tc_prepare_kernel<false, true>
+                                    : kda_prefill_tc_prepare_kernel<false, false>);
   const cudaError_t attr = allow_smem(kernel, smem);
   if (attr != cudaSuccess) return attr;
   const int64_t items = p.tc_chunk_slots * p.H;  // persistent: at most one CTA per SM

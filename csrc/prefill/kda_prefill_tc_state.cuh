@@ -6,9 +6,10 @@
 //   O = Qe S^T + A_qk U;  S <- S diag(EL) + U^T Kd
 // the products with T beta on TF32 tensor cores (m16n8k8; v's bf16 values are exact TF32 operands,
 // v - Ke S^T is rounded to TF32), the rest on fp16 tensor cores (mma.sync m16n8k16; fp16 has
-// TF32's mantissa, so only the range needs care): the state times a power of two per value row (RowScale), and U per value row too,
-// with 128 rows under one scale that also fits the sums it joins, with fewer rows per (16-token
-// tile, value row), each tile's partial product scaled back on its own. Operands come from
+// TF32's mantissa, so only the range needs care): the state times a power of two per value row
+// (RowScale), and U per value row too, with 128 rows under one scale that also fits the sums it
+// joins, with fewer rows per (16-token tile, value row), each tile's partial product scaled back on
+// its own. Operands come from
 // ldmatrix.
 // The fp32 state stays in registers, as the accumulator fragments of the update: warp (vt, q)
 // holds value rows vt*16 .. vt*16+15 and channels q*kCW .. q*kCW+kCW-1, where the kNCW warps of a
@@ -133,10 +134,10 @@ __device__ __forceinline__ void copy_v_rows(__nv_bfloat16 (*dst)[StateTiling<BV>
   }
 }
 
-// A chunk's record into one buffer: Ke or w, Kd, T beta, EL, for all but transition rows (whose v is
-// taken as 0) the chunk's v (tokens t0 .. t0 + nt - 1 of tv), and, for a CTA that writes outputs,
-// Qe and A_qk. Ke / w, Qe, Kd and A_qk in padded rows, or in wgmma's layout (kStateWgmma; the arrays are large
-// enough for either).
+// A chunk's record into one buffer: Ke or w, Kd, T beta, EL, for all but transition rows (whose v
+// is taken as 0) the chunk's v (tokens t0 .. t0 + nt - 1 of tv), and, for a CTA that writes
+// outputs, Qe and A_qk. Ke / w, Qe, Kd and A_qk in padded rows, or in wgmma's layout (kStateWgmma;
+// the arrays are large enough for either).
 template <int BV>
 __device__ __forceinline__ void load_record(typename StateSmem<BV>::Record& r, const float* rec, const TokenView& tv,
                                             int t0, int nt, bool vec_v, bool outp, bool with_v) {
@@ -289,7 +290,7 @@ __device__ __forceinline__ void store_state_half(__half (*S)[kLdR], float* sinv,
 __device__ __forceinline__ uint32_t bf16_lo_tf32(uint32_t pair) { return pair << 16; }
 __device__ __forceinline__ uint32_t bf16_hi_tf32(uint32_t pair) { return pair & 0xffff0000u; }
 
-// The U = T beta Z products on TF32 tensor cores (m16n8k8), with the contraction over tokens in the
+// The products with T beta on TF32 tensor cores (m16n8k8), with the contraction over tokens in the
 // order ldmatrix .trans hands v out: k-slots t4 and t4 + 4 are tokens 8 ks + 2 t4 and
 // 8 ks + 2 t4 + 1 (one 8-byte load of T beta's row). T beta is 0 above its diagonal, so token
 // tile i sums over k-steps ks <= i only.
