@@ -14,7 +14,23 @@ static cudaError_t allow_smem(Kernel kernel, int bytes) {
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
 }
 
-int tc_state_rows(const KdaPrefillParams& p);
+// Value rows per state-pass CTA: fewer rows mean more CTAs (more SMs busy), each reading the
+// whole record per chunk and doing the products with Ke or w, Qe over fewer rows. Picks the fewest
+// waves, each weighted by the relative time of one CTA of that many rows (kRowCost).
+// A split call weighs its second pass's units (every unit there runs a whole segment).
+int tc_state_rows(const KdaPrefillParams& p) {
+  constexpr int kRows[3] = {128, 64, 32};
+  constexpr int kRowCost[3] = {16, 10, 7};  // tenths of a 64-row CTA's time per chunk
+  const int64_t seq_heads = (int64_t)p.H * (p.tc_units ? p.tc_units_b : p.N), sms = p.num_sms > 0 ? p.num_sms : 1;
+  int best = 0;
+  int64_t best_cost = -1;
+  for (int i = 0; i < 3; ++i) {
+    const int64_t ctas = seq_heads * (kHeadDim / kRows[i]);
+    const int64_t cost = (ctas + sms - 1) / sms * kRowCost[i];
+    if (best_cost < 0 || cost < best_cost) { best = i; best_cost = cost; }
+  }
+  return kRows[best];
+}
 
 // state_rows: the value rows per state-pass CTA that will read the records (tc_state_rows), which
 // decides whether they hold Ke or w (tc::tc_record_w).
@@ -22,7 +38,7 @@ cudaError_t launch_kda_prefill_tc_prepare_for(const KdaPrefillParams& p, int sta
   constexpr int smem = (int)sizeof(tc::PrepSmem);
   static_assert(smem <= 227 * 1024, "shared memory of one CTA exceeds what Hopper grants");
   if (p.N == 0 || p.H == 0 || p.tc_chunk_slots == 0) return cudaSuccess;
-  const bool aligned = tc::prep_rows_aligned(p), wy = tc::tc_record_w(state_rows);
+  const bool aligned = tc::qkg_rows_aligned(p), wy = tc::tc_record_w(state_rows);
   const auto kernel = aligned ? (wy ? kda_prefill_tc_prepare_kernel<true, true>
                                     : kda_prefill_tc_prepare_kernel<true, false>)
                               : (wy ? kda_prefill_tc_prepare_kernel<false, true>
@@ -50,24 +66,6 @@ static cudaError_t launch_state(const KdaPrefillParams& p, int rows, int z, cuda
   const dim3 grid(rows / BV, p.H, z);
   kda_prefill_tc_state_kernel<BV, StateT, kSplit><<<grid, tc::kThr, smem, stream>>>(p);
   return cudaGetLastError();
-}
-
-// Value rows per state-pass CTA: fewer rows mean more CTAs (more SMs busy), each reading the
-// whole record per chunk and doing the products with W, Qe over fewer rows. Picks the fewest
-// waves, each weighted by the relative time of one CTA of that many rows (kRowCost).
-// A split call weighs its second pass's units (every unit there runs a whole segment).
-int tc_state_rows(const KdaPrefillParams& p) {
-  constexpr int kRows[3] = {128, 64, 32};
-  constexpr int kRowCost[3] = {16, 10, 7};  // tenths of a 64-row CTA's time per chunk
-  const int64_t seq_heads = (int64_t)p.H * (p.tc_units ? p.tc_units_b : p.N), sms = p.num_sms > 0 ? p.num_sms : 1;
-  int best = 0;
-  int64_t best_cost = -1;
-  for (int i = 0; i < 3; ++i) {
-    const int64_t ctas = seq_heads * (kHeadDim / kRows[i]);
-    const int64_t cost = (ctas + sms - 1) / sms * kRowCost[i];
-    if (best_cost < 0 || cost < best_cost) { best = i; best_cost = cost; }
-  }
-  return kRows[best];
 }
 
 template <typename StateT, bool kSplit>

@@ -98,8 +98,8 @@ __device__ __forceinline__ void off_diag_block(int job, int& I, int& J) {
 // are issued as soon as this item's are unpacked, so their latency overlaps this item's work
 // instead of stalling the CTA (one per SM); that takes 8-byte aligned rows (qkg_rows_aligned),
 // else the 2-byte loads wait where they are issued.
-// kAligned: every q, k, g row 8-byte aligned (prep_rows_aligned, checked by
-// the launcher), so only vector loads are built; else each sequence's rows are checked here.
+// kAligned: every q, k, g row 8-byte aligned (qkg_rows_aligned, checked by the launcher), so only
+// vector loads are built; else each sequence's rows are checked here.
 // kWy: the record's kRecKw field takes w = T beta Ke (state CTAs of 64 or 32 rows) instead of Ke.
 template <bool kAligned, bool kWy>
 __global__ void __launch_bounds__(tc::kPrepThr, 1) kda_prefill_tc_prepare_kernel(const KdaPrefillParams p) {

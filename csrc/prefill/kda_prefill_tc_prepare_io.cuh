@@ -49,16 +49,14 @@ __host__ __device__ __forceinline__ bool head_rows_aligned(const void* base, int
 }
 
 // q, k, g rows of every sequence and head start 8-byte aligned: a lane's 4 channels are one
-// 8-byte load, which the prepare pass can keep in flight while it works on the previous chunk.
+// 8-byte load, which the prepare pass can keep in flight while it works on the previous chunk. The
+// launcher then runs the prepare kernel built for aligned rows, which holds no 2-byte load path
+// (with a runtime flag both paths' loads were issued, one set predicated off: four times the load
+// instructions the inputs need).
 __host__ __device__ __forceinline__ bool qkg_rows_aligned(const KdaPrefillParams& p) {
   return head_rows_aligned(p.q, p.q_st, p.q_sh, 8) && head_rows_aligned(p.k, p.k_st, p.k_sh, 8) &&
          head_rows_aligned(p.g, p.g_st, p.g_sh, 8);
 }
-
-// The launcher then runs the prepare kernel built for aligned rows, which holds no 2-byte load
-// path. With a runtime flag both paths' loads were issued, one set predicated off: four times the
-// load instructions the inputs need.
-inline bool prep_rows_aligned(const KdaPrefillParams& p) { return qkg_rows_aligned(p); }
 
 // A chunk's q, k, g, beta as loaded (bf16), one warp per token t0 + warp + kPrepWarp m, 4 channels
 // per lane from c4, zero past the end, and its head's dt_bias, A_log: kept raw so that the loads

@@ -134,9 +134,9 @@ __device__ __forceinline__ void copy_v_rows(__nv_bfloat16 (*dst)[StateTiling<BV>
   }
 }
 
-// A chunk's record into one buffer: Ke or w, Kd, T beta, EL, for all but transition rows (whose v
-// is taken as 0) the chunk's v (tokens t0 .. t0 + nt - 1 of tv), and, for a CTA that writes
-// outputs, Qe and A_qk. Ke / w, Qe, Kd and A_qk in padded rows, or in wgmma's layout (kStateWgmma;
+// A chunk's record into one buffer: Ke or w, Kd, EL, for all but transition rows (whose v is
+// taken as 0) the chunk's v (tokens t0 .. t0 + nt - 1 of tv), T beta unless the CTA reads w and
+// has no v (u = 0: nothing multiplies T beta), and, for a CTA that writes outputs, Qe and A_qk. Ke / w, Qe, Kd and A_qk in padded rows, or in wgmma's layout (kStateWgmma;
 // the arrays are large enough for either).
 template <int BV>
 __device__ __forceinline__ void load_record(typename StateSmem<BV>::Record& r, const float* rec, const TokenView& tv,
@@ -157,7 +157,7 @@ __device__ __forceinline__ void load_record(typename StateSmem<BV>::Record& r, c
     copy_tile_async<kK, kC / 2, kLdA / 2, kC / 2>(reinterpret_cast<float*>(&r.Kd[0][0]), rec + kRecKd);
   else
     copy_half_rows_async<kK, kLdR>(&r.Kd[0][0], rec + kRecKd);
-  copy_t_beta_async(r.Tb, rec + kRecTb);
+  if (with_v || !tc_record_w(BV)) copy_t_beta_async(r.Tb, rec + kRecTb);
   if (with_v) copy_v_rows<BV>(r.V, tv, t0, nt, vec_v);
   if (outp) {
     if constexpr (kStateWgmma<BV>) copy_half_cores_async<kC, kC>(&r.Aqk[0][0], rec + kRecAqk);
